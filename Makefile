@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up first.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+export DBOOT_REHEARSAL_ONLY := 1
+
+.PHONY: setup demo test test-fast test-vm lint bench
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/dboot check tinybox /sbin/init
+	$(VENV)/bin/dboot-tui --rehearse
+
+# Every tier, the QEMU one included. pytest exits 5 when no test ran: that fails too.
+test: setup
+	$(PY) -m pytest -p no:cacheprovider
+
+# The tiers without QEMU, for a quick loop.
+test-fast: setup
+	$(PY) -m pytest -p no:cacheprovider -m "not vm"
+
+test-vm: setup
+	$(PY) -m pytest -p no:cacheprovider -m vm
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) tests/bench/bench_copyin.py

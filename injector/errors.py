@@ -1,0 +1,36 @@
+"""The error hierarchy, one class per exit code of the CLI contract.
+
+Every error carries one line that names the cause and, where there is one, the fix.
+Front-ends print ``str(error)`` and exit with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class DbootError(Exception):
+    """Base class. Its message is a single line a user can act on."""
+
+    exit_code: int = 1
+
+    def __init__(self, cause: str, fix: str | None = None) -> None:
+        self.cause = cause
+        self.fix = fix
+        super().__init__(f"{cause}: {fix}" if fix else cause)
+
+
+class BadInput(DbootError):
+    """Bad usage or bad input: unknown image, corrupt archive, non-absolute init... (exit 1)."""
+
+    exit_code = 1
+
+
+class EnvironmentFailure(DbootError):
+    """The environment cannot do it: not root, no engine, ptrace denied... (exit 2)."""
+
+    exit_code = 2
+
+
+class SafetyRefusal(DbootError):
+    """A safety check refused: lab mode, a preflight blocker, an unconfirmed switch (exit 3)."""
+
+    exit_code = 3
