@@ -1,0 +1,321 @@
+"""The ordered steps of a switch, as a stream of typed events.
+
+Both front-ends drive ``run(options)`` and render what it yields; neither holds logic of its
+own. Everything up to the injection is reversible: a failure or Ctrl-C before it unmounts
+the RAM root in the target's mount namespace and leaves the target untouched.
+
+A rehearsal, a ``--target-pid`` lab run and the real switch take the very same path; they
+differ only in which PID 1 is the target and in which host-only checks apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from initstage.launch import stage_argv, stage_files
+from initstage.plan import Plan, write_plan
+from injector import nsenter, preflight, ptrace
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.events import (
+    Console,
+    Event,
+    Fact,
+    Finished,
+    Injection,
+    Log,
+    Notice,
+    Progress,
+    StepDone,
+    StepStarted,
+)
+from injector.rootfs import RamRoot, add_host_files, tmpfs_size_for
+from injector.sandbox import Sandbox
+from injector.sources import open_source
+
+DEFAULT_STATE_DIR = Path("/run/dboot")
+LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
+
+# Notices that describe the host's own userspace. They matter for a real switch and are
+# facts to learn from in a rehearsal, whose target is a sandbox and not the host.
+HOST_ONLY_NOTICE_PREFIXES = ("swap", "process", "session", "pid1", "container")
+
+Mode = Literal["switch", "target", "rehearse"]
+
+
+@dataclasses.dataclass
+class SwitchOptions:
+    image: str
+    init_argv: list[str]
+    state_dir: Path = DEFAULT_STATE_DIR
+    grace: float = 3.0
+    tmpfs_size: int | None = None
+    api_mounts: bool = True
+    dry_run: bool = False
+    target_pid: int | None = None
+    rehearse: bool = False
+    docker_host: str | None = None
+    force: bool = False
+    # Asked after the preflight passed, before anything is changed on a real switch. The CLI
+    # prompts for the hostname; the wizard has its own modal and passes ``yes=True``.
+    confirm: Callable[[preflight.Report], bool] | None = None
+    yes: bool = False
+    # Called just before the point of no return on a real switch: "this terminal will close".
+    last_words: Callable[[str], None] | None = None
+    services: int = 3
+
+    @property
+    def mode(self) -> Mode:
+        if self.rehearse:
+            return "rehearse"
+        return "target" if self.target_pid is not None else "switch"
+
+
+def lab_mode() -> bool:
+    """True when this machine must never have its own PID 1 replaced (labs, tests, CI)."""
+    return os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0") or LAB_MODE_FLAG.exists()
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentFailure(
+            "dboot needs root (mounts, namespaces and ptrace)", "run it again with sudo"
+        )
+
+
+def _validate_options(options: SwitchOptions) -> None:
+    if not options.init_argv:
+        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
+    if not options.init_argv[0].startswith("/"):
+        raise BadInput(
+            f"init {options.init_argv[0]!r} is not an absolute path",
+            "give the full path inside the image, e.g. /sbin/init",
+        )
+    if options.grace < 0:
+        raise BadInput(f"grace period {options.grace} is negative", "use --grace 0 or more")
+    # The real PID 1 of this machine: refused outright in lab mode, before anything else runs.
+    if options.mode == "switch" and not options.dry_run and lab_mode():
+        raise SafetyRefusal(
+            "lab mode is on (DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only): "
+            "this machine's PID 1 will not be replaced",
+            "use `dboot rehearse`, or --target-pid with the PID 1 of a namespace you made",
+        )
+
+
+def run(options: SwitchOptions) -> Iterator[Event]:
+    """Perform (or rehearse, or dry-run) a switch, yielding events as it goes."""
+    _validate_options(options)
+    _require_root()
+    with open_source(options.image, options.docker_host) as source:
+        yield StepStarted("source", f"Reading image {options.image}")
+        details = source.details()
+        yield Fact("image", "id", details.id)
+        yield Fact("image", "tags", details.tags)
+        yield Fact("image", "architecture", details.architecture)
+        index = source.scan()
+        yield Fact("image", "files", index.file_count)
+        yield Fact("image", "estimated_bytes", index.estimated_bytes)
+        preflight.validate_init(index, options.init_argv)
+        yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
+
+        if options.mode == "rehearse":
+            with Sandbox(services=options.services, console="capture") as sandbox:
+                yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
+                yield from _switch_target(options, source, index, sandbox.pid, sandbox)
+        else:
+            target = options.target_pid if options.target_pid is not None else 1
+            yield from _switch_target(options, source, index, target, None)
+
+
+def _switch_target(
+    options: SwitchOptions,
+    source: object,
+    index: object,
+    target: int,
+    sandbox: Sandbox | None,
+) -> Iterator[Event]:
+    mode = options.mode
+    if mode != "switch" and not ptrace.is_pid1_of_its_namespace(target):
+        raise EnvironmentFailure(
+            f"pid {target} is not PID 1 of its own PID namespace",
+            "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
+        )
+
+    # --- Preflight: facts first, then verdicts. ---------------------------------------
+    yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
+    tmpfs_size = options.tmpfs_size or tmpfs_size_for(index.estimated_bytes)  # type: ignore[attr-defined]
+    report = preflight.gather(
+        index,  # type: ignore[arg-type]
+        options.init_argv,
+        target_pid=target,
+        tmpfs_size=tmpfs_size,
+    )
+    yield from preflight.report_events(report)
+    blockers = [n for n in report.notices if n.level == "blocker" and _applies(n, mode)]
+    if blockers and not options.force:
+        names = ", ".join(n.code for n in blockers)
+        raise SafetyRefusal(f"preflight found blockers: {names}", "fix them, or pass --force")
+    yield StepDone(
+        "preflight", f"{len(blockers)} blockers, {_count_warnings(report, mode)} warnings"
+    )
+
+    # --- Confirmation: the last moment a real switch can be called off cheaply. ---------
+    if mode == "switch" and not options.dry_run and not options.yes:
+        if options.confirm is None or not options.confirm(report):
+            raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
+
+    # --- Disk swap off: its pages must come back into RAM while the old disk is still there.
+    if mode == "switch" and not options.dry_run:
+        yield StepStarted("swap", "Turning off disk swap")
+        turned_off = preflight.swapoff_disk_swaps(report)
+        yield StepDone("swap", ", ".join(turned_off) or "no disk swap in use")
+
+    # --- RAM root and plan, prepared inside the target's mount namespace. ----------------
+    plan_path = options.state_dir / "plan.json"
+    yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
+    prepare = _Prepare(options, source, tmpfs_size, plan_path, mode)
+    used = yield from _stream(nsenter.run_in_mount_namespace(target, prepare))
+    estimate = index.estimated_bytes  # type: ignore[attr-defined]
+    yield Fact("ram", "actual_bytes", used)
+    yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
+    yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
+
+    try:
+        if options.dry_run:
+            yield Finished("dry-run", detail="stopped before the injection; everything undone")
+            return
+        yield from _inject(options, target, plan_path, mode)
+    except BaseException:
+        # Still before the point of no return (or rolled back): take the RAM root away again.
+        nsenter.run_in_mount_namespace(target, _Undo(options.state_dir))
+        raise
+    finally:
+        if options.dry_run:
+            nsenter.run_in_mount_namespace(target, _Undo(options.state_dir))
+
+    if sandbox is not None:
+        yield from _relay_until_exit(sandbox)
+    elif mode == "target":
+        yield Finished("injected", detail=f"pid {target} now runs the init stage")
+    else:
+        yield Finished("switched")
+
+
+def _applies(notice: Notice, mode: Mode) -> bool:
+    """In a rehearsal the host's own processes, swap and session are facts, not blockers."""
+    return mode != "rehearse" or not notice.code.startswith(HOST_ONLY_NOTICE_PREFIXES)
+
+
+def _count_warnings(report: preflight.Report, mode: Mode) -> int:
+    return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode))
+
+
+def _stream(result: nsenter.Streamed[int]) -> Iterator[Event]:  # type: ignore[name-defined]
+    """Re-yield the events a namespace child posts, then return its result."""
+    for posted in result:
+        yield posted
+    return result.value
+
+
+@dataclasses.dataclass
+class _Prepare:
+    """Runs in the target's mount namespace: tmpfs, copy-in, host files, plan."""
+
+    options: SwitchOptions
+    source: object
+    tmpfs_size: int
+    plan_path: Path
+    mode: Mode
+
+    def __call__(self, send: Callable[[Event], None]) -> int:
+        state_dir = self.options.state_dir
+        if self.mode == "rehearse":
+            # A private tmpfs over the state dir keeps the plan out of the host's /run: it
+            # vanishes with the sandbox's mount namespace, so a rehearsal leaves nothing behind.
+            nsenter.mount_private_state_dir(state_dir)
+        root = RamRoot(state_dir, self.tmpfs_size)
+        with root:
+            last_sent = 0
+
+            def progress(done: int, total: int) -> None:
+                nonlocal last_sent
+                if done - last_sent >= 4 << 20 or done >= total:
+                    last_sent = done
+                    send(Progress("ramroot", done, total))
+
+            self.source.copy_into(root.path, progress)  # type: ignore[attr-defined]
+            for added in add_host_files(root.path):
+                send(Log(f"added host file {added}"))
+            plan = Plan(
+                new_root=str(root.path),
+                init_argv=list(self.options.init_argv),
+                init_env={},
+                console="vt" if self.mode == "switch" else "inherit",
+                grace_seconds=self.options.grace,
+                api_mounts=self.options.api_mounts,
+                minimal_dev=self.mode != "switch",
+            )
+            write_plan(plan, self.plan_path)
+            send(Log(f"plan written to {self.plan_path}"))
+            used = root.used_bytes()
+            root.keep()
+        return used
+
+
+@dataclasses.dataclass
+class _Undo:
+    """Runs in the target's mount namespace: unmount the RAM root and remove the plan."""
+
+    state_dir: Path
+
+    def __call__(self, send: Callable[[Event], None]) -> None:
+        nsenter.undo_state_dir(self.state_dir)
+
+
+def _inject(options: SwitchOptions, target: int, plan_path: Path, mode: Mode) -> Iterator[Event]:
+    # The stage runs with our interpreter and our copy of initstage: both must be reachable
+    # from the target's root, which may differ from ours (a container, PrivateTmp, a lab ns).
+    python = os.path.realpath(sys.executable)
+    for needed in [python, *stage_files(), str(plan_path)]:
+        if not Path(f"/proc/{target}/root{needed}").exists():
+            raise EnvironmentFailure(
+                f"{needed} is not reachable from pid {target}'s root",
+                "run dboot from a filesystem the target can see (not a private mount or container)",
+            )
+    argv = stage_argv(python, str(plan_path))
+    envp = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=linux"]
+
+    yield StepStarted("inject", f"Injecting execve into pid {target}")
+    if mode == "switch" and options.last_words is not None:
+        options.last_words(
+            f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the dboot "
+            "init stage. This terminal will now close; watch VT 3 or the serial console."
+        )
+    log_lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    report = ptrace.inject_execve(target, python, argv, envp, log=log_lines.put)
+    while not log_lines.empty():
+        yield Log(log_lines.get())
+    yield Injection(
+        pid=report.pid,
+        arch=report.arch,
+        interrupted_syscall=report.interrupted_syscall,
+        registers_before=report.registers_before,
+        registers_after=report.registers_after,
+        elapsed_ms=report.elapsed_ms,
+    )
+    yield StepDone("inject", f"pid {target} interrupted in {report.interrupted_syscall}")
+
+
+def _relay_until_exit(sandbox: Sandbox) -> Iterator[Event]:
+    yield StepStarted("stage", "The sandboxed PID 1 runs the init stage, then the image's init")
+    for line in sandbox.console_lines():
+        yield Console(line)
+    status = sandbox.wait(timeout=None)
+    yield StepDone("stage", f"sandboxed init exited with status {status}")
+    yield Finished("rehearsed", exit_status=status)
