@@ -1,0 +1,174 @@
+"""The CLI contract, end to end, as scripts use it: real engine, real tinybox image.
+
+Every `dboot` here runs as a subprocess of the installed console script with lab mode on,
+so no path can reach this machine's PID 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.engine]
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+LAB_ENV = {**os.environ, "DBOOT_REHEARSAL_ONLY": "1"}
+
+
+def dboot(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DBOOT, *args],
+        capture_output=True,
+        text=True,
+        env=env or LAB_ENV,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dboot: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def mountinfo() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+def test_images_json_lists_tinybox() -> None:
+    result = dboot("images", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    tinybox = [row for row in rows if row["repository"] == "tinybox"]
+    assert tinybox and tinybox[0]["tag"] == "latest"
+    assert tinybox[0]["id"].startswith("sha256:")
+    assert tinybox[0]["size"] > 1_000_000
+
+
+def test_images_human_has_header_and_tinybox() -> None:
+    result = dboot("images")
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:2] == ["REPOSITORY", "TAG"]
+    assert any(row.split()[:2] == ["tinybox", "latest"] for row in rows)
+
+
+def test_engine_down_is_one_line_exit_2() -> None:
+    result = dboot("images", env={**LAB_ENV, "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert_one_line_error(result, 2)
+
+
+def test_check_passes_on_tinybox_and_changes_nothing() -> None:
+    before = mountinfo()
+    result = dboot("check", "--json", "tinybox", "/sbin/init")
+    assert result.returncode in (0, 3), result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    verdict = events[-1]
+    assert verdict["event"] == "verdict"
+    assert result.returncode == (3 if verdict["blocked"] else 0)
+    sections = {e["section"] for e in events if e["event"] == "fact"}
+    assert {"ram", "swap", "processes", "pid1"} <= sections
+    assert mountinfo() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("check", "no-such-image:never"), 1, ("no-such-image",)),
+        (("check", "tinybox", "sbin/init"), 1, ("absolute",)),
+        (("check", "tinybox", "/sbin/no-such-init"), 1, ("/sbin/no-such-init",)),
+        (("check", "docker-archive:/nonexistent.tar"), 1, ("/nonexistent.tar",)),
+        (("switch", "--yes", "tinybox", "/sbin/init"), 3, ("lab mode",)),
+        (("switch", "--target-pid", "999999999", "--yes", "tinybox", "/sbin/init"), 2, ("999999999",)),
+        (("rehearse", "tinybox"), 1, ("init",)),
+    ],
+)
+def test_bad_input_exit_codes(args: tuple[str, ...], code: int, words: tuple[str, ...]) -> None:
+    assert_one_line_error(dboot(*args), code, *words)
+
+
+def test_corrupt_archive_is_bad_input(tmp_path: Path) -> None:
+    archive = tmp_path / "corrupt.tar"
+    archive.write_bytes(b"this is not a tar archive at all" * 100)
+    assert_one_line_error(dboot("check", f"rootfs:{archive}"), 1, str(archive))
+
+
+def test_truncated_docker_archive_is_bad_input(tmp_path: Path) -> None:
+    saved = tmp_path / "tinybox.tar"
+    subprocess.run(["docker", "save", "-o", str(saved), "tinybox:latest"], check=True)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(saved.read_bytes()[: saved.stat().st_size // 3])
+    assert_one_line_error(dboot("check", f"docker-archive:{truncated}"), 1, str(truncated))
+
+
+def test_not_root_exits_2() -> None:
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DBOOT, "check", "tinybox"],
+        capture_output=True,
+        text=True,
+        env=LAB_ENV,
+        timeout=60,
+    )
+    assert_one_line_error(result, 2, "root")
+
+
+def test_dry_run_undoes_everything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    before = mountinfo()
+    result = dboot("switch", "--dry-run", "--json", "--state-dir", str(state), "tinybox", "/sbin/init")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1] == {"event": "finished", "outcome": "dry-run", "exit_status": None,
+                          "detail": events[-1]["detail"]}
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"]
+    assert mountinfo() == before
+    assert not (state / "root").is_mount()
+    assert not (state / "plan.json").exists()
+
+
+def test_rehearse_runs_the_images_own_shell_as_pid_1() -> None:
+    before = mountinfo()
+    result = dboot("rehearse", "tinybox", "/bin/sh", "-c", "echo $$; cat /proc/1/cmdline; exit 7")
+    assert result.returncode == 7, result.stderr + result.stdout
+    lines = result.stdout.splitlines()
+    assert "1" in lines
+    assert any(line.startswith("/bin/sh") for line in lines), lines
+    assert mountinfo() == before
+
+
+def test_rehearse_json_reports_the_injection() -> None:
+    result = dboot("rehearse", "--json", "tinybox", "/bin/sh", "-c", "true")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    injection = next(e for e in events if e["event"] == "injection")
+    assert injection["interrupted_syscall"]
+    assert injection["registers_before"] != injection["registers_after"]
+    assert events[-1]["outcome"] == "rehearsed" and events[-1]["exit_status"] == 0
+
+
+def test_rootfs_tarball_source(tmp_path: Path) -> None:
+    exported = tmp_path / "tinybox-rootfs.tar"
+    container = subprocess.run(
+        ["docker", "create", "tinybox:latest"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["docker", "export", "-o", str(exported), container], check=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
+    with tarfile.open(exported) as archive:
+        assert "bin/busybox" in archive.getnames()
+    result = dboot("rehearse", f"rootfs:{exported}", "/bin/sh", "-c", "echo from-rootfs-tar")
+    assert result.returncode == 0, result.stderr
+    assert "from-rootfs-tar" in result.stdout
