@@ -1,0 +1,814 @@
+"""Preflight: the facts about this machine first, then the verdicts (blockers and warnings).
+
+Nothing here changes the system, except ``swapoff_disk_swaps``, which the real switch calls
+after the user confirmed. The report is plain data: the CLI prints it (or its events as
+JSON lines) and the wizard's Resources and Processes screens render the same dataclasses.
+
+What a verdict means: a *blocker* makes the switch fail or destroy the machine's usability
+outright (no room in RAM, ptrace impossible, an init that is not there); a *warning* is a
+risk the user must accept knowingly (``--force`` on the CLI); an *info* notice only explains.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import pwd
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from injector import procinfo
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.events import Event, Fact, Level, Notice
+from injector.procinfo import PROC, SwapDevice, Unreadable
+
+__all__ = [
+    "IndexView",
+    "Pid1Facts",
+    "ProcessInfo",
+    "RamFacts",
+    "Report",
+    "SessionFacts",
+    "SwapDevice",
+    "gather",
+    "processes_by_service",
+    "report_events",
+    "swapoff_disk_swaps",
+    "swaps_to_turn_off",
+    "validate_init",
+]
+
+MiB = 1 << 20
+
+# Kept free while the image is copied in, on top of the image itself. MemAvailable already
+# leaves out the kernel's watermark reserve, but it is an estimate: it counts page cache and
+# reclaimable slab as if all of it could be dropped, and the old system keeps running (and
+# allocating) during the copy, as does the copier itself. The error grows with the size of
+# the machine, hence a share of MemTotal (1/32, about 3%) with a floor of 128 MiB.
+COPY_MARGIN_FLOOR = 128 * MiB
+COPY_MARGIN_SHARE = 32
+
+# Below this much RAM left after the copy the new system is "tight": a minimal busybox
+# system runs in a few MiB, but a systemd boot with a few services wants 200-300 MiB. The
+# share (1/10 of MemTotal) keeps the warning meaningful on big machines. The processes that
+# are killed free their memory too, which the warning's text mentions rather than counts:
+# their RSS shares pages (libraries, page cache) that do not all come back.
+TIGHT_FLOOR = 256 * MiB
+TIGHT_SHARE = 10
+
+# Where an SSH server lives in the usual images (OpenSSH, Dropbear, Dropbear's multi-call).
+SSH_SERVER_PATHS = (
+    "/usr/sbin/sshd",
+    "/usr/bin/sshd",
+    "/sbin/sshd",
+    "/usr/sbin/dropbear",
+    "/usr/bin/dropbear",
+    "/sbin/dropbear",
+    "/usr/bin/dropbearmulti",
+    "/usr/sbin/dropbearmulti",
+)
+
+# Process names that carry a remote login: a session chain through one of them is remote.
+# sshd-session is OpenSSH 9.8+'s per-connection process.
+REMOTE_LOGIN_COMMS = frozenset({"sshd", "sshd-session", "dropbear", "mosh-server"})
+
+# Hints that PID 1 of our PID namespace is a container's init, not the machine's.
+CONTAINER_FILES = ("/.dockerenv", "/run/.containerenv")
+CONTAINER_CGROUP_WORDS = ("docker", "kubepods", "libpod", "lxc", "containerd", "machine.slice")
+
+LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
+
+_LEVEL_ORDER: dict[Level, int] = {"blocker": 0, "warning": 1, "info": 2}
+
+
+class IndexView(Protocol):
+    """What preflight needs from ``injector.rootfs.ImageIndex`` (the image's scanned tree)."""
+
+    @property
+    def estimated_bytes(self) -> int: ...
+
+    def lookup(self, path: str) -> object | None: ...
+
+    def executable(self, path: str) -> bool: ...
+
+
+# --- The facts -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RamFacts:
+    """Bytes. ``remaining_bytes`` is what MemAvailable leaves once the image sits in the tmpfs
+    (negative when it does not fit). ``available_bytes`` is 0 when /proc/meminfo was
+    unreadable (a ``ram-unknown`` warning says so)."""
+
+    estimated_bytes: int
+    available_bytes: int
+    total_bytes: int
+    tmpfs_size: int
+    remaining_bytes: int
+
+
+@dataclasses.dataclass
+class ProcessInfo:
+    """A process the switch will kill. ``service`` is its systemd unit (``-`` when none);
+    ``session_chain`` marks the user's own chain (our shell, sudo, sshd...); ``writing`` lists
+    regular files it holds open for writing (a data-loss risk)."""
+
+    pid: int
+    ppid: int
+    user: str
+    command: str
+    rss_bytes: int
+    service: str
+    session_chain: bool
+    writing: list[str]
+
+
+@dataclasses.dataclass
+class SessionFacts:
+    """``via``: how we know (``ssh from 10.0.0.1``, ``sshd[812] in the session chain``,
+    ``console /dev/tty1``, ``no terminal``)."""
+
+    remote: bool
+    via: str
+    image_has_ssh: bool
+
+
+@dataclasses.dataclass
+class Pid1Facts:
+    """The target: the machine's PID 1, or a namespace's PID 1 given by ``--target-pid``.
+    ``exe`` reads ``unreadable (...)`` when the kernel would not show it."""
+
+    pid: int
+    exe: str
+    cmdline: list[str]
+    ptrace_allowed: bool
+    ptrace_reason: str
+    in_container: bool
+    container_hint: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    ram: RamFacts
+    swap: list[SwapDevice]
+    processes: list[ProcessInfo]
+    session: SessionFacts
+    pid1: Pid1Facts
+    init_argv: list[str]
+    notices: list[Notice]
+    # What could not be read (not root, hidepid, protected files): facts may be incomplete.
+    unreadable: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return any(notice.level == "blocker" for notice in self.notices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "blocked": self.blocked}
+
+
+def processes_by_service(processes: list[ProcessInfo]) -> dict[str, list[ProcessInfo]]:
+    """Group for display: services by name, processes without a unit (``-``) last."""
+    groups: dict[str, list[ProcessInfo]] = {}
+    for process in sorted(processes, key=lambda p: (p.service == "-", p.service, p.pid)):
+        groups.setdefault(process.service, []).append(process)
+    return groups
+
+
+# --- The init command --------------------------------------------------------------------------
+
+
+def validate_init(index: IndexView, init_argv: list[str]) -> None:
+    """The new PID 1 must be an absolute path to an executable file *inside the image*
+    (symlinks are resolved within the image by the index, never on the host)."""
+    if not init_argv or not init_argv[0]:
+        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
+    path = init_argv[0]
+    if not path.startswith("/"):
+        raise BadInput(
+            f"init {path!r} is not an absolute path",
+            "give the full path inside the image, e.g. /sbin/init or /bin/sh",
+        )
+    if index.lookup(path) is None:
+        raise BadInput(
+            f"init {path} does not exist in the image (or is a dangling symlink there)",
+            "pick a program the image has, e.g. /bin/sh",
+        )
+    if not index.executable(path):
+        raise BadInput(
+            f"init {path} is not an executable file in the image",
+            "pick a regular file with an x bit, e.g. /bin/sh",
+        )
+
+
+# --- Gathering ---------------------------------------------------------------------------------
+
+
+class _Gaps:
+    """What we could not read. Per-process failures are summarised, not listed one by one."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.fd_tables: list[int] = []
+
+    def summary(self) -> list[str]:
+        lines = list(self.files)
+        if self.fd_tables:
+            shown = ", ".join(str(pid) for pid in self.fd_tables[:5])
+            more = f" and {len(self.fd_tables) - 5} more" if len(self.fd_tables) > 5 else ""
+            lines.append(f"open files of {len(self.fd_tables)} processes (pids {shown}{more})")
+        return lines
+
+
+def gather(
+    index: IndexView,
+    init_argv: list[str],
+    *,
+    target_pid: int = 1,
+    tmpfs_size: int | None = None,
+    mem_available: int | None = None,
+    our_pid: int | None = None,
+    proc: Path = PROC,
+    environ: Mapping[str, str] | None = None,
+    host_root: Path = Path("/"),
+) -> Report:
+    """Read the facts and judge them. Changes nothing.
+
+    ``init_argv`` may be empty (``dboot check IMAGE``): the init is then not judged; otherwise
+    a bad init is a blocker here (``validate_init`` raises instead, for the CLI's exit 1).
+    ``tmpfs_size`` defaults to the estimate (callers pass ``rootfs.tmpfs_size_for(...)``).
+    ``proc``, ``environ`` and ``host_root`` exist for tests with crafted trees.
+    """
+    our_pid = os.getpid() if our_pid is None else our_pid
+    environ = os.environ if environ is None else environ
+    gaps = _Gaps()
+
+    stats = _read_stats(proc, gaps)
+    if target_pid not in stats:
+        raise BadInput(f"no process with pid {target_pid}", "check the --target-pid value")
+    chain = _ancestors(stats, our_pid)
+
+    ram = _ram_facts(index.estimated_bytes, tmpfs_size, mem_available, proc, gaps)
+    swap = _read_swaps(proc, gaps)
+    members = _doomed_pids(stats, target_pid, our_pid, proc)
+    processes = [
+        info
+        for pid in members
+        if (info := _process_info(stats[pid], pid in chain, proc, gaps)) is not None
+    ]
+    session = _session_facts(index, stats, chain, our_pid, proc, environ)
+    pid1 = _pid1_facts(target_pid, our_pid, proc, host_root, gaps)
+
+    report = Report(
+        ram=ram,
+        swap=swap,
+        processes=processes,
+        session=session,
+        pid1=pid1,
+        init_argv=list(init_argv),
+        notices=[],
+        unreadable=gaps.summary(),
+    )
+    report.notices = _verdicts(report, index, meminfo_total=ram.total_bytes)
+    return report
+
+
+def _read_stats(proc: Path, gaps: _Gaps) -> dict[int, procinfo.Stat]:
+    """Every process's stat line; processes that exit meanwhile are simply left out."""
+    stats = {}
+    for pid in procinfo.list_pids(proc):
+        try:
+            text = procinfo.read_text(proc / str(pid) / "stat")
+        except Unreadable as error:
+            gaps.files.append(str(error))
+            continue
+        if text is not None:
+            stats[pid] = procinfo.parse_stat(text)
+    return stats
+
+
+def _ancestors(stats: dict[int, procinfo.Stat], pid: int) -> list[int]:
+    """Our parent, its parent, ... up to PID 1: the user's session chain."""
+    chain: list[int] = []
+    current = stats.get(pid)
+    while current is not None and current.ppid > 0 and current.ppid not in chain:
+        chain.append(current.ppid)
+        current = stats.get(current.ppid)
+    return chain
+
+
+def _ram_facts(
+    estimated: int, tmpfs_size: int | None, mem_available: int | None, proc: Path, gaps: _Gaps
+) -> RamFacts:
+    meminfo: dict[str, int] = {}
+    try:
+        text = procinfo.read_text(proc / "meminfo")
+        meminfo = procinfo.parse_meminfo(text or "")
+    except Unreadable as error:
+        gaps.files.append(str(error))
+    available = mem_available if mem_available is not None else meminfo.get("MemAvailable", 0)
+    return RamFacts(
+        estimated_bytes=estimated,
+        available_bytes=available,
+        total_bytes=meminfo.get("MemTotal", 0),
+        tmpfs_size=estimated if tmpfs_size is None else tmpfs_size,
+        remaining_bytes=available - estimated,
+    )
+
+
+def _read_swaps(proc: Path, gaps: _Gaps) -> list[SwapDevice]:
+    try:
+        return procinfo.parse_swaps(procinfo.read_text(proc / "swaps") or "")
+    except Unreadable as error:
+        gaps.files.append(str(error))
+        return []
+
+
+def _doomed_pids(
+    stats: dict[int, procinfo.Stat], target_pid: int, our_pid: int, proc: Path
+) -> list[int]:
+    """The processes the init stage will kill: all userspace but the target and us.
+
+    For a namespace's PID 1 (``target_pid != 1``) that is the processes of its PID namespace,
+    and of namespaces nested in it, which show up as the target's descendants. Zombies are
+    already dead and left out.
+    """
+    userspace = {
+        pid
+        for pid, stat in stats.items()
+        if not stat.is_kernel_thread and stat.state != "Z" and pid not in (target_pid, our_pid)
+    }
+    if target_pid == 1:
+        return sorted(userspace)
+    target_ns = procinfo.pid_namespace(target_pid, proc)
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        children.setdefault(stat.ppid, []).append(pid)
+    members: set[int] = set()
+    pending = [target_pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in members:
+                members.add(child)
+                pending.append(child)
+    if target_ns is not None:
+        for pid in userspace - members:
+            try:
+                if procinfo.pid_namespace(pid, proc) == target_ns:
+                    members.add(pid)
+            except Unreadable:
+                continue
+    return sorted(members & userspace)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _process_info(
+    stat: procinfo.Stat, in_chain: bool, proc: Path, gaps: _Gaps
+) -> ProcessInfo | None:
+    """None when the process exited while we looked at it."""
+    base = proc / str(stat.pid)
+    try:
+        status_text = procinfo.read_text(base / "status")
+        cmdline = procinfo.read_text(base / "cmdline")
+        cgroup = procinfo.read_text(base / "cgroup")
+    except Unreadable as error:
+        gaps.files.append(str(error))
+        return None
+    if status_text is None or cmdline is None:
+        return None
+    try:
+        writing = procinfo.files_open_for_writing(stat.pid, proc)
+    except Unreadable:
+        gaps.fd_tables.append(stat.pid)
+        writing = []
+    status = procinfo.parse_status(status_text)
+    uid = int(status.get("Uid", "0").split()[0])
+    argv = [arg for arg in cmdline.split("\0") if arg]
+    return ProcessInfo(
+        pid=stat.pid,
+        ppid=stat.ppid,
+        user=_user_name(uid),
+        command=" ".join(argv) if argv else f"[{stat.comm}]",
+        rss_bytes=procinfo.status_kib(status, "VmRSS"),
+        service=procinfo.service_from_cgroup(cgroup or ""),
+        session_chain=in_chain,
+        writing=writing,
+    )
+
+
+def _session_facts(
+    index: IndexView,
+    stats: dict[int, procinfo.Stat],
+    chain: list[int],
+    our_pid: int,
+    proc: Path,
+    environ: Mapping[str, str],
+) -> SessionFacts:
+    image_has_ssh = any(index.executable(path) for path in SSH_SERVER_PATHS)
+    # sshd sets SSH_CONNECTION ("client_ip client_port server_ip server_port"); sudo keeps it
+    # only with env_keep, so the chain is the second witness (and survives `sudo -i`).
+    connection = environ.get("SSH_CONNECTION") or environ.get("SSH_CLIENT")
+    if connection:
+        return SessionFacts(True, f"ssh from {connection.split()[0]}", image_has_ssh)
+    for pid in chain:
+        comm = stats[pid].comm if pid in stats else ""
+        if comm in REMOTE_LOGIN_COMMS:
+            return SessionFacts(True, f"{comm}[{pid}] in the session chain", image_has_ssh)
+    try:
+        tty = procinfo.read_link(proc / str(our_pid) / "fd" / "0")
+    except Unreadable:
+        tty = None
+    if tty and tty.startswith("/dev/"):
+        return SessionFacts(False, f"console {tty}", image_has_ssh)
+    return SessionFacts(False, "no terminal", image_has_ssh)
+
+
+def _pid1_facts(
+    target_pid: int, our_pid: int, proc: Path, host_root: Path, gaps: _Gaps
+) -> Pid1Facts:
+    base = proc / str(target_pid)
+    try:
+        exe = procinfo.read_link(base / "exe") or "gone"
+    except Unreadable as error:
+        exe = f"unreadable ({error})"
+    try:
+        cmdline = [arg for arg in (procinfo.read_text(base / "cmdline") or "").split("\0") if arg]
+    except Unreadable as error:
+        gaps.files.append(str(error))
+        cmdline = []
+    allowed, reason = ptrace_permission(target_pid, our_pid, proc)
+    hint = container_hint(proc, host_root)
+    return Pid1Facts(
+        pid=target_pid,
+        exe=exe,
+        cmdline=cmdline,
+        ptrace_allowed=allowed,
+        ptrace_reason=reason,
+        in_container=bool(hint),
+        container_hint=hint,
+    )
+
+
+def ptrace_permission(target_pid: int, our_pid: int, proc: Path = PROC) -> tuple[bool, str]:
+    """Would PTRACE_SEIZE of the target be allowed? (Yama, an existing tracer, privileges.)
+
+    Read-only: it never attaches; it opens and closes ``/proc/PID/mem`` (see below).
+    ``injector.ptrace.check_attachable`` is the ptrace helper's own check right before the
+    injection; this one feeds the report.
+    """
+    try:
+        target_text = procinfo.read_text(proc / str(target_pid) / "status")
+        our_text = procinfo.read_text(proc / str(our_pid) / "status")
+        yama = procinfo.read_text(proc / "sys" / "kernel" / "yama" / "ptrace_scope")
+    except Unreadable as error:
+        return False, f"cannot tell: {error}"
+    if target_text is None:
+        return False, f"pid {target_pid} does not exist"
+    target = procinfo.parse_status(target_text)
+    ours = procinfo.parse_status(our_text or "")
+    tracer = int(target.get("TracerPid", "0"))
+    if tracer:
+        return False, f"already traced by pid {tracer}: a process has only one tracer"
+    privileged = procinfo.has_capability(ours, procinfo.CAP_SYS_PTRACE)
+    scope = (yama or "").strip()
+    if scope == "3":
+        return False, "Yama ptrace_scope is 3: no attaching at all until the next reboot"
+    if scope in ("1", "2") and not privileged:
+        return False, f"Yama ptrace_scope is {scope}: attaching needs CAP_SYS_PTRACE (run as root)"
+    # The kernel's own answer: opening /proc/PID/mem runs the same ptrace_may_access() check
+    # (PTRACE_MODE_ATTACH, LSMs and Yama included) as an attach, without touching the target.
+    try:
+        os.close(os.open(proc / str(target_pid) / "mem", os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        pass  # no such file in a crafted tree (or the process just exited): use the rules below
+    except OSError as error:
+        return False, (
+            f"the kernel refuses ptrace access (opening {proc}/{target_pid}/mem: "
+            f"{error.strerror}): a security module or a user namespace boundary"
+        )
+    same_user = target.get("Uid", "").split()[:1] == ours.get("Uid", "").split()[:1]
+    if not privileged and not same_user:
+        return False, "the target belongs to another user: attaching needs root"
+    if scope:
+        return True, f"Yama ptrace_scope is {scope}" + (", we have CAP_SYS_PTRACE" * privileged)
+    return True, "no Yama restriction" + (", we have CAP_SYS_PTRACE" if privileged else "")
+
+
+def container_hint(proc: Path = PROC, host_root: Path = Path("/")) -> str:
+    """Why we think we run in a container ('' when we don't). Looks at our filesystem and at
+    PID 1 of our PID namespace; none of these hints is certain, hence a warning only."""
+    for name in CONTAINER_FILES:
+        if (host_root / name.lstrip("/")).exists():
+            return f"{name} exists"
+    try:
+        environ = procinfo.read_text(proc / "1" / "environ") or ""
+    except Unreadable:
+        environ = ""  # a protected PID 1 environ; the other hints still apply
+    for variable in environ.split("\0"):
+        if variable.startswith("container="):
+            return f"PID 1 has {variable} in its environment"
+    try:
+        cgroup = procinfo.read_text(proc / "1" / "cgroup") or ""
+    except Unreadable:
+        cgroup = ""
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        for word in CONTAINER_CGROUP_WORDS:
+            if word in path:
+                return f"PID 1's cgroup is {path}"
+    return ""
+
+
+# --- Verdicts ----------------------------------------------------------------------------------
+
+
+def _human(size: int) -> str:
+    """1536 -> '1.5 KiB'; used in notice texts (front-ends format the facts themselves)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _verdicts(report: Report, index: IndexView, meminfo_total: int) -> list[Notice]:
+    notices: list[Notice] = []
+    ram_fits = _ram_verdicts(report.ram, report.processes, meminfo_total, notices)
+    _swap_verdicts(report.ram, report.swap, ram_fits, meminfo_total, notices)
+    _process_verdicts(report.processes, notices)
+    _session_verdicts(report.session, notices)
+    _pid1_verdicts(report.pid1, notices)
+    if report.init_argv:
+        try:
+            validate_init(index, report.init_argv)
+        except BadInput as error:
+            notices.append(Notice("blocker", "init-invalid", error.cause, error.fix or ""))
+    if report.unreadable:
+        notices.append(
+            Notice(
+                "warning",
+                "facts-incomplete",
+                "could not read: " + "; ".join(report.unreadable),
+                "run as root so that every process and file can be inspected",
+            )
+        )
+    # Blockers first, then warnings, then explanations; within a level, in section order.
+    return sorted(notices, key=lambda notice: _LEVEL_ORDER[notice.level])
+
+
+def copy_margin(total_bytes: int) -> int:
+    return max(COPY_MARGIN_FLOOR, total_bytes // COPY_MARGIN_SHARE)
+
+
+def tight_threshold(total_bytes: int) -> int:
+    return max(TIGHT_FLOOR, total_bytes // TIGHT_SHARE)
+
+
+def _ram_verdicts(
+    ram: RamFacts, processes: list[ProcessInfo], total: int, notices: list[Notice]
+) -> bool:
+    """Adds the RAM notices; True when the image fits (so swap can be judged on top)."""
+    if ram.available_bytes <= 0:
+        notices.append(
+            Notice(
+                "warning",
+                "ram-unknown",
+                "available memory is unknown (/proc/meminfo unreadable)",
+                "check `free -m` yourself against the image's estimated "
+                + _human(ram.estimated_bytes),
+            )
+        )
+        return False
+    fits = True
+    if ram.tmpfs_size < ram.estimated_bytes:
+        notices.append(
+            Notice(
+                "blocker",
+                "ram-tmpfs-too-small",
+                f"the tmpfs size {_human(ram.tmpfs_size)} is below the image's estimated "
+                f"{_human(ram.estimated_bytes)}: the copy would run out of space",
+                "raise --tmpfs-size, or leave it unset to size the tmpfs from the estimate",
+            )
+        )
+    margin = copy_margin(total)
+    if ram.estimated_bytes + margin > ram.available_bytes:
+        fits = False
+        notices.append(
+            Notice(
+                "blocker",
+                "ram-does-not-fit",
+                f"the image needs ~{_human(ram.estimated_bytes)} of RAM plus "
+                f"{_human(margin)} for the running system during the copy, but only "
+                f"{_human(ram.available_bytes)} is available",
+                "stop memory-hungry services, pick a smaller image, or add RAM",
+            )
+        )
+    elif ram.remaining_bytes < tight_threshold(total):
+        freed = sum(process.rss_bytes for process in processes)
+        notices.append(
+            Notice(
+                "warning",
+                "ram-tight",
+                f"only {_human(ram.remaining_bytes)} would remain for the new system "
+                f"(the killed processes free up to {_human(freed)} more at the switch)",
+                "pick a smaller image or make sure the new system is small",
+            )
+        )
+    return fits
+
+
+def swaps_to_turn_off(devices: list[SwapDevice]) -> list[SwapDevice]:
+    """Disk partitions and swap files go off before a switch (they live on the disks the
+    new system may repartition, and the new system does not know them); zram stays."""
+    return [device for device in devices if device.must_go_off]
+
+
+def _swap_verdicts(
+    ram: RamFacts, swap: list[SwapDevice], ram_fits: bool, total: int, notices: list[Notice]
+) -> None:
+    disk = swaps_to_turn_off(swap)
+    if not disk:
+        return
+    names = ", ".join(device.path for device in disk)
+    swapped_out = sum(device.used_bytes for device in disk)
+    # swapoff pulls every swapped-out page back into RAM while the old system (whose pages
+    # they are) still runs and the image sits in the tmpfs: all three at once, for a moment.
+    room = ram.available_bytes - ram.estimated_bytes - copy_margin(total)
+    if ram_fits and swapped_out > room:
+        notices.append(
+            Notice(
+                "blocker",
+                "swap-cannot-absorb",
+                f"disk swap ({names}) holds {_human(swapped_out)} that must come back into RAM "
+                f"before the switch, but only {_human(max(room, 0))} is left next to the image",
+                "stop services to shrink what is swapped out, or pick a smaller image",
+            )
+        )
+        return
+    absorb = (
+        f"RAM can absorb its {_human(swapped_out)} in use"
+        if ram_fits
+        else f"{_human(swapped_out)} of it in use"
+    )
+    notices.append(
+        Notice(
+            "warning",
+            "swap-disk-active",
+            f"disk swap ({names}) will be turned off before the switch; {absorb}",
+            "nothing to do: the switch runs swapoff; zram swap may stay",
+        )
+    )
+
+
+def _process_verdicts(processes: list[ProcessInfo], notices: list[Notice]) -> None:
+    writers = [process for process in processes if process.writing]
+    if not writers:
+        return
+    shown = ", ".join(
+        f"{process.pid} {process.command.split(' ')[0]} ({process.writing[0]})"
+        for process in writers[:3]
+    )
+    more = f" and {len(writers) - 3} more" if len(writers) > 3 else ""
+    units = sorted({process.service for process in writers if process.service != "-"})
+    stop = f"systemctl stop {' '.join(units)}" if units else "stop them"
+    notices.append(
+        Notice(
+            "warning",
+            "processes-writing",
+            f"{len(writers)} processes hold files open for writing and will be killed: "
+            f"{shown}{more}",
+            f"{stop} cleanly first; the switch only syncs, then kills",
+        )
+    )
+
+
+def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
+    # A warning, not a blocker: a remote switch to an image without SSH is legitimate (a
+    # serial or KVM console, an image that phones home, a lab) and the switch is deliberate
+    # (typed confirmation); the warning makes the CLI demand --force.
+    if not session.remote:
+        return
+    if not session.image_has_ssh:
+        notices.append(
+            Notice(
+                "warning",
+                "session-remote-no-ssh",
+                f"this is a remote session ({session.via}) and the image has no SSH server: "
+                "you will lose access to this machine",
+                "switch from a local console, or use an image with sshd or dropbear and your keys",
+            )
+        )
+    else:
+        notices.append(
+            Notice(
+                "info",
+                "session-remote-ends",
+                f"this remote session ({session.via}) ends at the switch",
+                "reconnect once the new system's init has started its SSH server",
+            )
+        )
+
+
+def _pid1_verdicts(pid1: Pid1Facts, notices: list[Notice]) -> None:
+    if not pid1.ptrace_allowed:
+        notices.append(
+            Notice(
+                "blocker",
+                "ptrace-denied",
+                f"cannot attach to pid {pid1.pid}: {pid1.ptrace_reason}",
+                "run as root; with Yama ptrace_scope 3 only a reboot allows it again",
+            )
+        )
+    # Only the machine's own PID 1 is affected by where we run; a namespace target is not.
+    if pid1.in_container and pid1.pid == 1:
+        notices.append(
+            Notice(
+                "warning",
+                "container-detected",
+                f"dboot seems to run inside a container ({pid1.container_hint}): PID 1 here is "
+                "the container's init, so only the container's userspace would be replaced",
+                "run dboot on the host itself to switch the machine",
+            )
+        )
+
+
+# --- Events ----------------------------------------------------------------------------------
+
+
+def report_events(report: Report) -> Iterator[Event]:
+    """The report as events, in a stable order: every Fact (ram, swap, processes, session,
+    pid1, init, preflight), then every Notice (blockers, warnings, info)."""
+    yield from _dataclass_facts("ram", report.ram)
+    yield Fact("swap", "devices", [dataclasses.asdict(device) for device in report.swap])
+    yield from _process_facts(report.processes)
+    yield from _dataclass_facts("session", report.session)
+    yield from _dataclass_facts("pid1", report.pid1)
+    yield Fact("init", "argv", list(report.init_argv))
+    yield Fact("preflight", "unreadable", list(report.unreadable))
+    yield from report.notices
+
+
+def _dataclass_facts(section: str, facts: Any) -> Iterator[Fact]:
+    for key, value in dataclasses.asdict(facts).items():
+        yield Fact(section, key, value)
+
+
+def _process_facts(processes: list[ProcessInfo]) -> Iterator[Fact]:
+    yield Fact("processes", "count", len(processes))
+    yield Fact("processes", "rss_bytes", sum(p.rss_bytes for p in processes))
+    yield Fact("processes", "services", sorted({p.service for p in processes}))
+    yield Fact("processes", "session_chain", [p.pid for p in processes if p.session_chain])
+    yield Fact("processes", "writing", [p.pid for p in processes if p.writing])
+    yield Fact("processes", "list", [dataclasses.asdict(p) for p in processes])
+
+
+# --- Disk swap off (the real switch only) ------------------------------------------------------
+
+
+def _lab_mode() -> bool:
+    # Same rule as injector.switch.lab_mode (which imports us, hence not imported from there).
+    return os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0") or LAB_MODE_FLAG.exists()
+
+
+def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
+    """Turn off every disk partition and swap file (zram stays); returns their paths.
+
+    ``/proc/swaps`` is read again: an area gone since the preflight needs nothing, and one
+    added since (which the preflight did not judge) stops the switch. Refused in lab mode,
+    so no test can turn off the host's swap. swapoff blocks until every page is back in RAM;
+    the preflight checked that they fit.
+    """
+    if _lab_mode():
+        raise SafetyRefusal(
+            "lab mode is on: the host's swap is left alone",
+            "only the real switch turns swap off; unset DBOOT_REHEARSAL_ONLY on a real host",
+        )
+    current = swaps_to_turn_off(procinfo.parse_swaps(procinfo.read_text(proc / "swaps") or ""))
+    judged = {device.path for device in report.swap}
+    unjudged = [device.path for device in current if device.path not in judged]
+    if unjudged:
+        raise EnvironmentFailure(
+            f"disk swap {', '.join(unjudged)} appeared after the preflight",
+            "start the switch again so that the preflight can judge it",
+        )
+    libc = ctypes.CDLL(None, use_errno=True)
+    turned_off = []
+    for device in current:
+        if libc.swapoff(os.fsencode(device.path)) != 0:
+            error = ctypes.get_errno()
+            raise EnvironmentFailure(
+                f"swapoff {device.path} failed: {os.strerror(error)}",
+                "free RAM so its pages fit, or run `swapoff` yourself, then retry",
+            )
+        turned_off.append(device.path)
+    return turned_off

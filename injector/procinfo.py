@@ -1,0 +1,256 @@
+"""Reading ``/proc``: small parsers of its text formats and tolerant readers of its files.
+
+Everything here takes the proc root as a parameter (``proc=Path("/proc")`` by default), so a
+test can hand it a crafted tree of the same shape. Parsers take text and never touch the
+filesystem; readers return ``None`` for a process that vanished and raise ``Unreadable`` for a
+file the kernel refused to show us (not root, ``hidepid=``, a PID 1 whose ``environ`` is
+protected), so that the caller can say what it could not see instead of crashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Literal
+
+PROC = Path("/proc")
+
+# include/linux/sched.h: set on every kernel thread, including kthreadd itself.
+PF_KTHREAD = 0x00200000
+KTHREADD_PID = 2
+CAP_SYS_PTRACE = 19
+
+SwapKind = Literal["disk", "zram", "file"]
+
+
+class Unreadable(Exception):
+    """A /proc file exists but the kernel would not let us read it (the message says why)."""
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text; ``None`` when it is gone (a process that exited meanwhile)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="surrogateescape")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as error:
+        # ESRCH shows up for files of a process that is exiting; treat it as gone.
+        if error.errno == errno.ESRCH:
+            return None
+        raise Unreadable(f"{path}: {error.strerror or error}") from error
+
+
+def read_link(path: Path) -> str | None:
+    """``readlink``, with the same conventions as ``read_text``."""
+    try:
+        return os.readlink(path)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as error:
+        if error.errno == errno.ESRCH:
+            return None
+        raise Unreadable(f"{path}: {error.strerror or error}") from error
+
+
+# --- /proc/meminfo ---------------------------------------------------------------------------
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """``MemAvailable:  24181676 kB`` -> ``{"MemAvailable": 24761036800}`` (bytes)."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if not fields or not fields[0].isdigit():
+            continue
+        unit = 1024 if len(fields) > 1 and fields[1] == "kB" else 1
+        values[key.strip()] = int(fields[0]) * unit
+    return values
+
+
+# --- /proc/swaps -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SwapDevice:
+    """One active swap area, as listed by ``/proc/swaps``."""
+
+    path: str
+    kind: SwapKind
+    size_bytes: int
+    used_bytes: int
+
+    @property
+    def must_go_off(self) -> bool:
+        """Disk partitions and swap files live on the disks the switch leaves behind; zram is
+        RAM and may stay."""
+        return self.kind != "zram"
+
+
+def _unescape_octal(name: str) -> str:
+    # The kernel's seq_file escapes blanks in paths as \040 (mangle_path); undo it.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), name)
+
+
+def classify_swap(path: str, swap_type: str) -> SwapKind:
+    if re.fullmatch(r"/dev/zram\d+", path):
+        return "zram"
+    return "file" if swap_type == "file" else "disk"
+
+
+def parse_swaps(text: str) -> list[SwapDevice]:
+    """Parse ``/proc/swaps`` (header line, then ``Filename Type Size Used Priority`` in KiB)."""
+    devices = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        path = _unescape_octal(fields[0])
+        devices.append(
+            SwapDevice(
+                path=path,
+                kind=classify_swap(path, fields[1]),
+                size_bytes=int(fields[2]) * 1024,
+                used_bytes=int(fields[3]) * 1024,
+            )
+        )
+    return devices
+
+
+# --- /proc/PID/stat, status, cgroup ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """The few fields of ``/proc/PID/stat`` that preflight needs."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD) or KTHREADD_PID in (self.pid, self.ppid)
+
+
+def parse_stat(text: str) -> Stat:
+    """``/proc/PID/stat``. The command may contain blanks and parentheses, so split on the
+    *last* ``)``."""
+    head, _, tail = text.rpartition(")")
+    pid_text, _, comm = head.partition(" (")
+    fields = tail.split()
+    # After the comm: state(3) ppid(4) pgrp session tty_nr tpgid flags(9).
+    return Stat(
+        pid=int(pid_text), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6])
+    )
+
+
+def parse_status(text: str) -> dict[str, str]:
+    """``/proc/PID/status`` as ``{"Uid": "0\\t0\\t0\\t0", ...}``."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    return fields
+
+
+def status_kib(status: dict[str, str], key: str) -> int:
+    """``VmRSS: 1234 kB`` -> bytes; 0 when absent (kernel threads, zombies)."""
+    value = status.get(key, "0 kB").split()
+    return int(value[0]) * 1024 if value and value[0].isdigit() else 0
+
+
+def has_capability(status: dict[str, str], capability: int) -> bool:
+    return bool(int(status.get("CapEff", "0"), 16) >> capability & 1)
+
+
+# Only these unit types hold processes; slices are just the tree around them.
+_UNIT_SUFFIXES = (".service", ".scope")
+
+
+def service_from_cgroup(text: str) -> str:
+    """The systemd unit a process runs in, from ``/proc/PID/cgroup``; ``-`` when none.
+
+    Prefer the unified (v2, ``0::``) path, else the ``name=systemd`` v1 hierarchy. The unit is
+    the *deepest* ``.service``/``.scope`` component: a user's services sit below
+    ``user@1000.service`` and a delegated service may create sub-cgroups below its unit.
+    """
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths[parts[1]] = parts[2]
+    for controllers in ("", "name=systemd"):
+        path = paths.get(controllers, "")
+        units = [part for part in path.split("/") if part.endswith(_UNIT_SUFFIXES)]
+        if units:
+            return units[-1]
+    return "-"
+
+
+# --- /proc/PID/fd + fdinfo: files held open for writing ------------------------------------
+
+# Pseudo filesystems: writing there is not data on a disk.
+_NOT_DATA_PREFIXES = ("/dev/", "/proc/", "/sys/", "/memfd:")
+
+
+def fdinfo_writable(text: str) -> bool:
+    """``flags:\\t0100002`` (octal) -> opened O_WRONLY or O_RDWR."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "flags":
+            return (int(value.strip(), 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+    return False
+
+
+def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
+    """Regular files the process holds open for writing: what a kill may leave half-written.
+
+    Pipes, sockets and anonymous inodes have no ``/`` path; pseudo filesystems and deleted
+    files (nobody can see them after the switch anyway) are left out. Raises ``Unreadable``
+    when the fd table is hidden from us.
+    """
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    except OSError as error:
+        raise Unreadable(f"{fd_dir}: {error.strerror or error}") from error
+    found = set()
+    for fd in fds:
+        target = read_link(fd_dir / fd)
+        if (
+            target is None
+            or not target.startswith("/")
+            or target.startswith(_NOT_DATA_PREFIXES)
+            or target.endswith(" (deleted)")
+        ):
+            continue
+        info = read_text(proc / str(pid) / "fdinfo" / fd)
+        if info is None or not fdinfo_writable(info):
+            continue
+        # stat through the magic link: the open file itself, even if its path was reused.
+        try:
+            if not stat.S_ISREG(os.stat(fd_dir / fd).st_mode):
+                continue
+        except OSError:
+            continue
+        found.add(target)
+    return sorted(found)
+
+
+def list_pids(proc: Path = PROC) -> list[int]:
+    return sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+
+
+def pid_namespace(pid: int, proc: Path = PROC) -> str | None:
+    """``pid:[4026531836]``: equal strings mean the same PID namespace."""
+    return read_link(proc / str(pid) / "ns" / "pid")
