@@ -36,6 +36,7 @@ __all__ = [
     "processes_by_service",
     "report_events",
     "swapoff_disk_swaps",
+    "swaps_still_to_turn_off",
     "swaps_to_turn_off",
     "validate_init",
 ]
@@ -780,6 +781,20 @@ def _lab_mode() -> bool:
     return os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0") or LAB_MODE_FLAG.exists()
 
 
+def swaps_still_to_turn_off(report: Report, swaps_text: str) -> list[SwapDevice]:
+    """The disk swaps active now (``swaps_text`` is a fresh /proc/swaps). One that the
+    preflight did not see was added since and was never judged: stop rather than guess."""
+    current = swaps_to_turn_off(procinfo.parse_swaps(swaps_text))
+    judged = {device.path for device in report.swap}
+    unjudged = [device.path for device in current if device.path not in judged]
+    if unjudged:
+        raise EnvironmentFailure(
+            f"disk swap {', '.join(unjudged)} appeared after the preflight",
+            "start the switch again so that the preflight can judge it",
+        )
+    return current
+
+
 def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
     """Turn off every disk partition and swap file (zram stays); returns their paths.
 
@@ -793,14 +808,7 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
             "lab mode is on: the host's swap is left alone",
             "only the real switch turns swap off; unset DBOOT_REHEARSAL_ONLY on a real host",
         )
-    current = swaps_to_turn_off(procinfo.parse_swaps(procinfo.read_text(proc / "swaps") or ""))
-    judged = {device.path for device in report.swap}
-    unjudged = [device.path for device in current if device.path not in judged]
-    if unjudged:
-        raise EnvironmentFailure(
-            f"disk swap {', '.join(unjudged)} appeared after the preflight",
-            "start the switch again so that the preflight can judge it",
-        )
+    current = swaps_still_to_turn_off(report, procinfo.read_text(proc / "swaps") or "")
     libc = ctypes.CDLL(None, use_errno=True)
     turned_off = []
     for device in current:

@@ -1,0 +1,157 @@
+"""The /proc parsers and readers behind preflight, on crafted text and crafted trees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from injector import procinfo
+from injector.procinfo import SwapDevice
+
+
+def test_meminfo_in_bytes() -> None:
+    text = "MemTotal:       24684096 kB\nMemAvailable:   1024 kB\nHugePages_Total:       0\n"
+    assert procinfo.parse_meminfo(text) == {
+        "MemTotal": 24684096 * 1024,
+        "MemAvailable": 1024 * 1024,
+        "HugePages_Total": 0,
+    }
+
+
+SWAPS = (
+    "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+    "/dev/sda3                               partition\t8388604\t\t102400\t\t-2\n"
+    "/swap\\040file                           file\t\t1048572\t\t0\t\t-3\n"
+    "/dev/zram0                              partition\t4194300\t\t2048\t\t100\n"
+    "/dev/dm-1                               partition\t1024\t\t0\t\t-4\n"
+)
+
+
+def test_swaps_are_classified_and_sized() -> None:
+    assert procinfo.parse_swaps(SWAPS) == [
+        SwapDevice("/dev/sda3", "disk", 8388604 * 1024, 102400 * 1024),
+        # The kernel escapes the blank as \040.
+        SwapDevice("/swap file", "file", 1048572 * 1024, 0),
+        SwapDevice("/dev/zram0", "zram", 4194300 * 1024, 2048 * 1024),
+        SwapDevice("/dev/dm-1", "disk", 1024 * 1024, 0),
+    ]
+
+
+def test_only_zram_may_stay_on() -> None:
+    kinds = {device.path: device.must_go_off for device in procinfo.parse_swaps(SWAPS)}
+    assert kinds == {"/dev/sda3": True, "/swap file": True, "/dev/zram0": False, "/dev/dm-1": True}
+
+
+def test_no_swap_is_an_empty_list() -> None:
+    assert procinfo.parse_swaps("Filename\tType\tSize\tUsed\tPriority\n") == []
+
+
+def test_stat_with_a_hostile_command_name() -> None:
+    # comm may hold blanks and parentheses: the fields start after the *last* ')'.
+    stat = procinfo.parse_stat("4242 (a) b (c) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0")
+    assert (stat.pid, stat.comm, stat.state, stat.ppid, stat.flags) == (
+        4242,
+        "a) b (c",
+        "S",
+        17,
+        4194560,
+    )
+    assert not stat.is_kernel_thread
+
+
+@pytest.mark.parametrize(
+    ("line", "kernel"),
+    [
+        ("2 (kthreadd) S 0 0 0 0 -1 2129984 0", True),  # kthreadd: PF_KTHREAD, ppid 0
+        ("15 (rcu_preempt) I 2 0 0 0 -1 2129984 0", True),
+        ("99 (odd) S 2 0 0 0 -1 0 0", True),  # a child of kthreadd even without the flag
+        ("1 (systemd) S 0 1 1 0 -1 4194560 0", False),
+        ("812 (sshd) S 1 812 812 0 -1 4194560 0", False),
+    ],
+)
+def test_kernel_threads(line: str, kernel: bool) -> None:
+    assert procinfo.parse_stat(line).is_kernel_thread is kernel
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "service"),
+    [
+        ("0::/system.slice/ssh.service\n", "ssh.service"),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
+        # A user's own services sit below user@UID.service: the deepest unit wins.
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service\n", "foo.service"),
+        # A delegated service may create sub-cgroups below its unit.
+        ("0::/system.slice/docker.service/payload\n", "docker.service"),
+        ("0::/init.scope\n", "init.scope"),
+        # cgroup v1 (or hybrid): the name=systemd hierarchy.
+        ("4:memory:/\n1:name=systemd:/system.slice/cron.service\n", "cron.service"),
+        ("12:pids:/\n1:name=systemd:/system.slice/cron.service\n0::/\n", "cron.service"),
+        ("0::/\n", "-"),
+        ("4:memory:/process_api/761aad8c\n0::/\n", "-"),
+        ("", "-"),
+    ],
+)
+def test_service_from_cgroup(cgroup: str, service: str) -> None:
+    assert procinfo.service_from_cgroup(cgroup) == service
+
+
+@pytest.mark.parametrize(
+    ("flags", "writable"),
+    [
+        ("0100000", False),  # O_RDONLY|O_LARGEFILE
+        ("02101", True),  # O_WRONLY|O_APPEND|O_CREAT... (octal)
+        ("0100002", True),  # O_RDWR|O_LARGEFILE
+        ("02000000", False),  # O_CLOEXEC only: read-only
+    ],
+)
+def test_fdinfo_access_mode(flags: str, writable: bool) -> None:
+    assert procinfo.fdinfo_writable(f"pos:\t0\nflags:\t{flags}\nmnt_id:\t25\n") is writable
+
+
+def _fd(proc: Path, pid: int, fd: int, target: str, flags: str) -> None:
+    (proc / str(pid) / "fd").mkdir(parents=True, exist_ok=True)
+    (proc / str(pid) / "fdinfo").mkdir(parents=True, exist_ok=True)
+    os.symlink(target, proc / str(pid) / "fd" / str(fd))
+    (proc / str(pid) / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t{flags}\n")
+
+
+def test_only_regular_files_open_for_writing_are_data_at_risk(tmp_path: Path) -> None:
+    # A crafted /proc/PID/fd: the links point at real objects so that stat() works as on /proc.
+    proc = tmp_path / "proc"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "db").write_text("x")
+    (data / "config").write_text("x")
+    _fd(proc, 7, 3, str(data / "db"), "0100002")  # O_RDWR: flagged
+    _fd(proc, 7, 4, str(data / "db"), "0100001")  # the same file twice: listed once
+    _fd(proc, 7, 5, str(data / "config"), "0100000")  # read-only
+    _fd(proc, 7, 6, "pipe:[4242]", "01")
+    _fd(proc, 7, 7, "socket:[4243]", "02")
+    _fd(proc, 7, 8, "/dev/null", "0100002")
+    _fd(proc, 7, 9, str(data / "gone") + " (deleted)", "0100002")
+    _fd(proc, 7, 10, str(data), "0200000")  # a directory
+    assert procinfo.files_open_for_writing(7, proc) == [str(data / "db")]
+
+
+def test_a_process_that_is_gone_holds_nothing(tmp_path: Path) -> None:
+    assert procinfo.files_open_for_writing(4242, tmp_path) == []
+
+
+def test_an_unreadable_file_is_named_not_raised_as_oserror(tmp_path: Path) -> None:
+    # Root reads through chmod 000, so a directory where a file should be stands in for the
+    # EACCES that an unprivileged user gets (the real case is in tests/sandbox).
+    (tmp_path / "status").mkdir()
+    with pytest.raises(procinfo.Unreadable, match="status"):
+        procinfo.read_text(tmp_path / "status")
+    assert procinfo.read_text(tmp_path / "missing") is None
+
+
+def test_status_fields() -> None:
+    status = procinfo.parse_status("Name:\tsshd\nUid:\t0\t0\t0\t0\nVmRSS:\t    5120 kB\n")
+    assert status["Name"] == "sshd"
+    assert procinfo.status_kib(status, "VmRSS") == 5120 * 1024
+    assert procinfo.status_kib(status, "VmSwap") == 0
+    assert procinfo.has_capability({"CapEff": "000001ffffffffff"}, procinfo.CAP_SYS_PTRACE)
+    assert not procinfo.has_capability({"CapEff": "0000000000000000"}, procinfo.CAP_SYS_PTRACE)
