@@ -1,0 +1,176 @@
+"""The stand-in init: PID 1 of a rehearsal sandbox, the process a rehearsal injects into.
+
+Run as ``python -I -S standin.py ...`` by ``injector.sandbox``: stdlib only, imports nothing
+from this package (``-I`` leaves the script's folder off ``sys.path``). It behaves like a
+small, slightly careless init so that the init stage meets the same things it meets on a
+real host:
+
+- it names its system (``--hostname``) and starts a few child "services", each a forked
+  copy of itself named ``svc-<kind>`` (``/proc/PID/comm``):
+    ``stubborn``  ignores SIGTERM: only the stage's SIGKILL ends it;
+    ``zombies``   forks a short-lived child every ``--zombie-period`` seconds and never
+                  reaps it (a buggy daemon): its zombies pile up under it, at most
+                  ``MAX_ZOMBIES``; when it dies they are reparented to PID 1, which reaps them;
+    ``plain``     exits on SIGTERM like a well-behaved daemon;
+- it then idles in a blocking syscall, where ptrace finds it:
+    ``--idle wait``  ``wait4(-1)``: reaps every child and orphan and says so (the default);
+    ``--idle read``  ``read(0)``: echoes what arrives on stdin as ``standin: read b'...'``
+                     (the line ``exit N`` makes it exit N); reaps in a SIGCHLD handler; on
+                     end of file it falls back to ``wait``.
+
+Test hook: SIGUSR1 makes it exit with status ``EXIT_ON_SIGUSR1`` (7). PID 1 of a PID
+namespace only receives the signals it has a handler for, so nothing else can end it
+short of SIGKILL from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+EXIT_ON_SIGUSR1 = 7
+MAX_ZOMBIES = 5
+SERVICE_KINDS = ("stubborn", "zombies", "plain")
+READY_LINE = "ready"
+
+
+def say(text: str) -> None:
+    """One line on the console. A single unbuffered write: the console is usually a pipe,
+    and the SIGCHLD handler may say something while the main loop is saying something else."""
+    os.write(1, f"standin: {text}\n".encode())
+
+
+def become_service(kind: str) -> None:
+    """Turn a freshly forked child into a service: its name and signal dispositions."""
+    for sig in (signal.SIGUSR1, signal.SIGCHLD, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    if kind == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(f"svc-{kind}")
+
+
+def serve(kind: str, zombie_period: float) -> None:
+    """The body of one service; never returns."""
+    if kind != "zombies":
+        while True:
+            signal.pause()
+    zombies: list[int] = []
+    while True:
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        zombies.append(child)
+        # Bounded, so a long rehearsal cannot run the namespace out of pids.
+        if len(zombies) > MAX_ZOMBIES:
+            os.waitpid(zombies.pop(0), 0)
+        time.sleep(zombie_period)
+
+
+def spawn_services(kinds: list[str], zombie_period: float, ready_fd: int) -> list[int]:
+    """Fork the services; return once each has taken its name and signal dispositions."""
+    started_read, started_write = os.pipe()
+    pids = []
+    for kind in kinds:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_fd)
+                os.close(started_read)
+                become_service(kind)
+                os.write(started_write, b".")
+                os.close(started_write)
+                serve(kind, zombie_period)
+            finally:
+                os._exit(1)
+        pids.append(pid)
+    os.close(started_write)
+    started = b""
+    while len(started) < len(kinds) and (byte := os.read(started_read, 1)):
+        started += byte
+    os.close(started_read)
+    return pids
+
+
+def describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def reap_all(block: bool) -> None:
+    """Reap children (services and orphans reparented to us), blocking in wait4 if asked."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            if not block:
+                return
+            # No child left: wait for one (an orphan reparented to us) without spinning.
+            signal.pause()
+            continue
+        if pid == 0:
+            return
+        say(f"reaped pid {pid} ({describe(status)})")
+
+
+def idle_reading(reaper: Callable[[int, object], None]) -> None:
+    signal.signal(signal.SIGCHLD, reaper)
+    while True:
+        data = os.read(0, 4096)
+        if not data:
+            say("stdin closed, idling in wait4")
+            return
+        say(f"read {data!r}")
+        words = data.split()
+        if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
+            sys.exit(int(words[1]))
+
+
+def ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing: SIGCHLD then wakes pause() (SIG_DFL would not)."""
+
+
+def on_sigusr1(signum: int, frame: object) -> None:
+    say(f"SIGUSR1: exiting {EXIT_ON_SIGUSR1}")
+    sys.exit(EXIT_ON_SIGUSR1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="stand-in init for a dboot rehearsal")
+    parser.add_argument("--hostname", default="dboot-rehearsal")
+    parser.add_argument("--services", default="", help="comma-separated kinds")
+    parser.add_argument("--zombie-period", type=float, default=0.2)
+    parser.add_argument("--idle", choices=("wait", "read"), default="wait")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args()
+    kinds = [kind for kind in args.services.split(",") if kind]
+
+    # Safety: everything below assumes new namespaces; as anything but a namespace's PID 1
+    # (someone running this file by hand) it would rename the host.
+    if os.getpid() != 1:
+        print("standin: refusing to run: not PID 1 of a PID namespace", file=sys.stderr)
+        sys.exit(3)
+    signal.signal(signal.SIGUSR1, on_sigusr1)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, ignore)
+    socket.sethostname(args.hostname)
+    pids = spawn_services(kinds, args.zombie_period, args.ready_fd)
+    listing = "".join(f" {kind}={pid}" for kind, pid in zip(kinds, pids, strict=True))
+    say(f"pid 1 on {socket.gethostname()}, {len(pids)} services{listing}")
+    os.write(args.ready_fd, f"{READY_LINE}\n".encode())
+    os.close(args.ready_fd)
+
+    if args.idle == "read":
+        idle_reading(lambda signum, frame: reap_all(block=False))
+        signal.signal(signal.SIGCHLD, ignore)
+    reap_all(block=True)
+
+
+if __name__ == "__main__":
+    main()
