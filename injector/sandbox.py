@@ -1,0 +1,470 @@
+"""Rehearsal sandboxes: a stand-in init as PID 1 of fresh namespaces, to inject into.
+
+A rehearsal runs the real switch against the PID 1 of a :class:`Sandbox` instead of the
+host's. The sandbox has new PID, mount, UTS, IPC and network namespaces; its PID 1 is
+``injector/standin.py`` (see there for its services and test hooks), with its own ``/proc``,
+private mount propagation, hostname ``dboot-rehearsal`` and only a loopback interface.
+
+How it is built, and why:
+
+- **PID 1 is our direct child**, so :meth:`Sandbox.wait` sees its exit status itself, not a
+  relay's copy. ``unshare(CLONE_NEWPID)`` does not move the caller, it makes the caller's
+  next child PID 1 of a new namespace; and it changes only the calling *thread*. So a
+  dedicated owner thread unshares and spawns, which leaves every other thread's children
+  where they were. The owner thread then lives exactly as long as PID 1: it blocks in
+  ``waitpid`` and records the status.
+- The child execs ``setpriv --pdeathsig KILL`` (PID 1 dies with its owner thread, hence
+  with our process, even on SIGKILL) and then ``unshare --mount --uts --ipc --net
+  --propagation private --mount-proc`` (util-linux; without ``--fork`` it execs in place,
+  so the stand-in stays PID 1).
+- **Nothing is left behind.** When the PID 1 of a PID namespace dies, the kernel kills
+  every other process in it before PID 1 can be reaped; and a mount namespace, with every
+  mount in it, is freed with its last process. So ending a sandbox is: SIGKILL our own
+  child through a pidfd (no pid-reuse race), reap it, join the console thread.
+- The child starts a new session, so a Ctrl-C typed at the terminal reaches us and not
+  the sandbox; we then kill it on the way out.
+
+Console: ``relay`` inherits our stdin, stdout and stderr (what ``dboot rehearse`` shows
+on the terminal); ``capture`` sends stdout+stderr into a pipe read by a thread (lines go
+to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a pipe fed by
+:meth:`Sandbox.send`.
+
+``python -m injector.sandbox`` starts one in relay mode and prints its pid, for labs with
+``dboot switch --target-pid``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+
+from injector import standin
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+
+ConsoleMode = Literal["relay", "capture"]
+IdleMode = Literal["wait", "read"]
+
+CLONE_NEWPID = 0x20000000
+DEFAULT_HOSTNAME = "dboot-rehearsal"
+STANDIN_SCRIPT = Path(standin.__file__).resolve()
+EXIT_ON_SIGUSR1 = standin.EXIT_ON_SIGUSR1
+START_TIMEOUT = 15.0
+CONSOLE_DRAIN_TIMEOUT = 5.0
+
+
+def default_kinds(count: int) -> list[str]:
+    """``count`` services: one that ignores SIGTERM, one that makes zombies, then plain ones."""
+    return (["stubborn", "zombies"] + ["plain"] * count)[:count]
+
+
+def namespace_of(pid: int | str, kind: str) -> str:
+    """The identity of a namespace, e.g. ``pid:[4026531836]`` (``pid`` may be ``"self"``)."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def nspid_chain(pid: int) -> list[int]:
+    """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(field) for field in line.split()[1:]]
+    raise EnvironmentFailure(f"/proc/{pid}/status has no NSpid line", "needs Linux 4.1 or later")
+
+
+def pids_in_namespace(kind: str, identity: str) -> list[int]:
+    """Every process whose ``kind`` namespace is ``identity``: what a sandbox left behind."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if namespace_of(entry, kind) == identity:
+                found.append(int(entry))
+        except OSError:  # exited while we looked, or a kernel thread
+            continue
+    return found
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Host pid -> comm of every child of ``pid``, zombies included."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # comm is in parentheses and may itself contain spaces or parentheses.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == pid:
+            children[int(entry)] = comm
+    return children
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of a process (``S``, ``R``, ``Z``...), or ``""`` once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def _unshare_pid_namespace_for_this_thread() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWPID) != 0:
+        errno = ctypes.get_errno()
+        raise EnvironmentFailure(
+            f"cannot create a PID namespace: {os.strerror(errno)}",
+            "run as root (sudo), outside a container that forbids namespaces",
+        )
+
+
+class Sandbox:
+    """A stand-in init as PID 1 of new PID, mount, UTS, IPC and network namespaces.
+
+    ``with Sandbox() as sandbox:`` starts it (``sandbox.pid``; ``start()`` returns the same
+    pid); leaving the block, by any path, kills the sandbox and everything in it.
+    """
+
+    def __init__(
+        self,
+        services: int = 3,
+        console: ConsoleMode = "capture",
+        *,
+        on_line: Callable[[str], None] | None = None,
+        kinds: Sequence[str] | None = None,
+        idle: IdleMode = "wait",
+        hostname: str = DEFAULT_HOSTNAME,
+        zombie_period: float = 0.2,
+        python: str = sys.executable,
+    ) -> None:
+        """``kinds`` overrides ``services`` with an explicit list of service kinds
+        (``stubborn``, ``zombies``, ``plain``), e.g. 50 plain ones for a downtime bench."""
+        self.kinds = list(kinds) if kinds is not None else default_kinds(services)
+        if services < 0 or any(kind not in standin.SERVICE_KINDS for kind in self.kinds):
+            raise BadInput(
+                f"bad sandbox services {services} {self.kinds}",
+                f"use a count >= 0 or kinds from {', '.join(standin.SERVICE_KINDS)}",
+            )
+        if console not in ("relay", "capture"):
+            raise BadInput(f"unknown console mode {console!r}", "use 'relay' or 'capture'")
+        self.console: ConsoleMode = console
+        self.idle: IdleMode = idle
+        self.hostname = hostname
+        self.zombie_period = zombie_period
+        self.python = python
+        self._on_line = on_line
+
+        self._pid: int | None = None
+        self._pidfd: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._status: int | None = None
+        self._exited = threading.Event()
+        self._owner: threading.Thread | None = None
+        self._relay: threading.Thread | None = None
+        self._text: list[str] = []
+        self._lines: list[str] = []
+        self._console_changed = threading.Condition()
+        self._console_closed = False
+        self.pid_namespace = ""
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        """Start the sandbox (if :meth:`start` was not called yet)."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> int:
+        """Start the sandbox; return the host pid of its PID 1 once the services run.
+
+        Starting a started sandbox returns its pid; a sandbox is started only once."""
+        if self._pid is not None:
+            return self._pid
+        if self._owner is not None:
+            raise BadInput("this sandbox already ended or failed to start", "use a new Sandbox")
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> int:
+        ready_read, ready_write = os.pipe()
+        spawned = threading.Event()
+        failure: list[BaseException] = []
+
+        def own() -> None:
+            try:
+                _unshare_pid_namespace_for_this_thread()
+                self._process = self._spawn(ready_write)
+                self._pid = self._process.pid
+                try:
+                    self._pidfd = os.pidfd_open(self._pid)
+                except OSError:
+                    self._process.kill()  # our unreaped child: no pid-reuse race here
+                    self._process.wait()
+                    raise
+            except BaseException as error:
+                failure.append(error)
+                return
+            finally:
+                spawned.set()
+            self._status = self._process.wait()
+            self._exited.set()
+
+        self._owner = threading.Thread(target=own, name="dboot-sandbox-owner", daemon=True)
+        self._owner.start()
+        spawned.wait()
+        os.close(ready_write)
+        try:
+            if failure:
+                raise failure[0]
+            assert self._process is not None
+            if self.console == "capture":
+                self._relay = threading.Thread(
+                    target=self._read_console, name="dboot-sandbox-console", daemon=True
+                )
+                self._relay.start()
+            self._await_ready(ready_read)
+        finally:
+            os.close(ready_read)
+        return self._check_isolated()
+
+    def _spawn(self, ready_fd: int) -> subprocess.Popen[bytes]:
+        argv = [
+            "setpriv", "--pdeathsig", "KILL", "--",
+            "unshare", "--mount", "--uts", "--ipc", "--net",
+            "--propagation", "private", "--mount-proc", "--",
+            self.python, "-I", "-S", str(STANDIN_SCRIPT),
+            "--hostname", self.hostname,
+            "--services", ",".join(self.kinds),
+            "--zombie-period", str(self.zombie_period),
+            "--idle", self.idle,
+            "--ready-fd", str(ready_fd),
+        ]  # fmt: skip
+        capture = self.console == "capture"
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if capture else None,
+                stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.STDOUT if capture else None,
+                pass_fds=(ready_fd,),
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise EnvironmentFailure(
+                f"cannot start the sandbox: {error}", "install util-linux (setpriv, unshare)"
+            ) from error
+
+    def _await_ready(self, ready_read: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([ready_read], [], [], left)
+            if readable:
+                if os.read(ready_read, 64).decode().strip() == standin.READY_LINE:
+                    return
+                break  # EOF: the stand-in died before it was ready
+        if self._exited.wait(1.0):
+            tail = " | ".join(self.output().strip().splitlines()[-3:])
+            raise EnvironmentFailure(
+                f"the sandbox exited with status {self.wait()} before it was ready"
+                + (f" ({tail})" if tail else ""),
+                "check that util-linux and namespaces work here: unshare --pid --fork true",
+            )
+        raise EnvironmentFailure(
+            f"the sandbox was not ready after {START_TIMEOUT:.0f} s", "check the machine's load"
+        )
+
+    def _check_isolated(self) -> int:
+        """SAFETY: the pid we hand out must be PID 1 of a namespace that is not ours."""
+        pid = self.pid
+        self.pid_namespace = namespace_of(pid, "pid")
+        if pid == 1 or self.pid_namespace == namespace_of("self", "pid"):
+            raise SafetyRefusal(
+                f"the sandbox (pid {pid}) shares our PID namespace", "this is a bug: report it"
+            )
+        if nspid_chain(pid)[-1] != 1:
+            raise SafetyRefusal(
+                f"the sandbox (pid {pid}) is not PID 1 of its namespace", "this is a bug: report it"
+            )
+        return pid
+
+    def close(self) -> None:
+        """Kill the sandbox (SIGKILL to PID 1 ends its whole namespace), reap it, and join the
+        console thread. Idempotent; safe after a failed start."""
+        if self._pidfd is not None:
+            try:
+                if not self._exited.is_set():
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already dead
+            self._exited.wait()
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._owner is not None:
+            self._owner.join()
+        self._join_console()
+        if self._process is not None and self._process.stdin is not None:
+            self._process.stdin.close()
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """Host pid of the sandbox's PID 1."""
+        if self._pid is None:
+            raise BadInput("the sandbox is not started", "call start() first")
+        return self._pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Exit status of the sandbox's PID 1; 128+N when signal N killed it, like a shell.
+
+        Raises TimeoutError when it is still running after ``timeout`` seconds."""
+        if self._owner is None:
+            raise BadInput("the sandbox is not started", "call start() first")
+        if not self._exited.wait(timeout):
+            raise TimeoutError(f"the sandbox (pid {self._pid}) still runs after {timeout} s")
+        self._join_console()
+        assert self._status is not None
+        return self._status if self._status >= 0 else 128 - self._status
+
+    def running(self) -> bool:
+        return self._owner is not None and not self._exited.is_set()
+
+    def services(self) -> dict[int, str]:
+        """Host pid -> kind of the stand-in's services still alive (zombies excluded)."""
+        found = {}
+        for child, comm in children_of(self.pid).items():
+            if comm.startswith("svc-") and process_state(child) not in ("Z", ""):
+                found[child] = comm.removeprefix("svc-")
+        return found
+
+    def service_pids(self) -> list[int]:
+        """Host pids of the stand-in's services."""
+        return sorted(self.services())
+
+    def signal_service(self, pid: int, signum: int) -> None:
+        """Send ``signum`` to a process of this sandbox, refusing anything outside it."""
+        # SAFETY: a pid that is not in the sandbox's namespace (the host's PID 1 above all)
+        # is refused, whatever the caller passes.
+        if pid == 1 or not self.running() or namespace_of(pid, "pid") != self.pid_namespace:
+            raise SafetyRefusal(
+                f"pid {pid} is not a process of the sandbox {self._pid}",
+                "signal only processes inside the sandbox",
+            )
+        os.kill(pid, signum)
+
+    # -- console --------------------------------------------------------------------------
+
+    def _read_console(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        partial = ""
+        try:
+            while chunk := os.read(self._process.stdout.fileno(), 65536):
+                text = decoder.decode(chunk)
+                *complete, partial = (partial + text).split("\n")
+                self._publish(text, complete)
+            self._publish(decoder.decode(b"", final=True), [partial] if partial else [])
+        finally:
+            with self._console_changed:
+                self._console_closed = True
+                self._console_changed.notify_all()
+            self._process.stdout.close()
+
+    def _publish(self, text: str, lines: list[str]) -> None:
+        with self._console_changed:
+            self._text.append(text)
+            self._lines.extend(lines)
+            self._console_changed.notify_all()
+        if self._on_line is not None:
+            for line in lines:
+                self._on_line(line)
+
+    def _join_console(self) -> None:
+        if self._relay is not None:
+            self._relay.join(CONSOLE_DRAIN_TIMEOUT)
+
+    def output(self) -> str:
+        """Everything the sandbox wrote so far (capture mode), partial last line included."""
+        with self._console_changed:
+            return "".join(self._text)
+
+    def console_lines(self, timeout: float | None = None) -> Iterator[str]:
+        """Console lines from the first one on, as they arrive, until the console closes
+        (or nothing arrives for ``timeout`` seconds)."""
+        index = 0
+        while True:
+            with self._console_changed:
+                arrived = self._console_changed.wait_for(self._more_than(index), timeout)
+                batch = self._lines[index:]
+                finished = self._console_closed or not arrived
+            index += len(batch)
+            yield from batch
+            if finished and not batch:
+                return
+
+    def _more_than(self, seen: int) -> Callable[[], bool]:
+        return lambda: len(self._lines) > seen or self._console_closed
+
+    def wait_for_output(self, text: str, timeout: float = 5.0) -> bool:
+        """Whether ``text`` shows up on the console within ``timeout`` seconds."""
+        with self._console_changed:
+            return self._console_changed.wait_for(
+                lambda: text in "".join(self._text) or self._console_closed, timeout
+            ) and text in "".join(self._text)
+
+    def send(self, text: str) -> None:
+        """Write ``text`` to the sandbox's stdin (capture mode)."""
+        stdin = self._stdin()
+        stdin.write(text.encode())
+        stdin.flush()
+
+    def close_stdin(self) -> None:
+        """End of file on the sandbox's stdin (capture mode)."""
+        self._stdin().close()
+
+    def _stdin(self) -> IO[bytes]:
+        if self._process is None or self._process.stdin is None:
+            raise BadInput("this sandbox has no stdin pipe", "use console='capture'")
+        return self._process.stdin
+
+
+def main() -> None:
+    """``python -m injector.sandbox [SERVICES]``: a sandbox to aim ``--target-pid`` at."""
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    with Sandbox(count, console="relay") as sandbox:
+        pid = sandbox.start()
+        print(f"sandbox PID 1 is host pid {pid}; Ctrl-C ends it", file=sys.stderr, flush=True)
+        try:
+            status = sandbox.wait()
+        except KeyboardInterrupt:
+            return
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
