@@ -337,7 +337,7 @@ def test_pid1_identity(tmp_path: Path) -> None:
         ("1", 0, 0, True, "Yama ptrace_scope is 1, we have CAP_SYS_PTRACE"),
         ("2", 0, 0, True, "Yama ptrace_scope is 2, we have CAP_SYS_PTRACE"),
         ("3", 0, 0, False, "Yama ptrace_scope is 3"),
-        ("1", 65534, 0, False, "needs CAP_SYS_PTRACE"),
+        ("1", 65534, 0, False, "Yama ptrace_scope is 1: attaching needs CAP_SYS_PTRACE"),
         (None, 65534, 0, False, "another user"),
         (None, 0, 4242, False, "already traced by pid 4242"),
     ],
@@ -351,6 +351,7 @@ def test_ptrace_permission(
     assert reason in report.pid1.ptrace_reason
     assert ("ptrace-denied" in codes(report)) is not allowed
     assert report.blocked is not allowed
+    assert bool(report.pid1.ptrace_fix) is not allowed
 
 
 def test_container_hint_from_a_marker_file(tmp_path: Path) -> None:
@@ -589,6 +590,7 @@ def test_report_events_are_facts_then_notices_in_a_stable_order(tmp_path: Path) 
         ("pid1", "ptrace_reason"),
         ("pid1", "in_container"),
         ("pid1", "container_hint"),
+        ("pid1", "ptrace_fix"),
         ("init", "argv"),
         ("preflight", "unreadable"),
     ]
@@ -635,7 +637,7 @@ def test_report_to_json(tmp_path: Path) -> None:
         "code": "ptrace-denied",
         "message": "cannot attach to pid 1: Yama ptrace_scope is 3: "
         "no attaching at all until the next reboot",
-        "fix": "run as root; with Yama ptrace_scope 3 only a reboot allows it again",
+        "fix": "reboot (scope 3 cannot be lowered at run time), with kernel.yama.ptrace_scope<=2",
     }
 
 
