@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Base layer of the VM test bed: a Debian 12 tree made by debootstrap, holding its own kernel and
+# initramfs. Slow (a minute or two), so tests/vm/build.py caches it by the hash of this script, the
+# package list, the suite and the mirror; the fast final layer is rebuilt on top of a copy of it.
+#
+# Usage: base.sh TREE PACKAGES_FILE SUITE MIRROR
+# Only Debian's own packages, fetched from MIRROR by debootstrap and apt.
+set -euo pipefail
+
+tree=$1 packages_file=$2 suite=$3 mirror=$4
+log() { printf 'vm-base: %s\n' "$*" >&2; }
+
+packages=$(grep -v '^[[:space:]]*\(#\|$\)' "$packages_file" | paste -sd, -)
+log "debootstrap $suite (minbase + $packages) from $mirror"
+debootstrap --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >"$tree.debootstrap.log" 2>&1 ||
+    { tail -n 30 "$tree.debootstrap.log" >&2; log "debootstrap failed (full log: $tree.debootstrap.log)"; exit 2; }
+
+# A small initramfs: the VM only needs virtio and ext4 to find its root, and every megabyte of
+# initramfs costs boot time under software emulation (TCG decompresses it instruction by instruction).
+cat >"$tree/etc/initramfs-tools/conf.d/dboot-vm.conf" <<'CONF'
+MODULES=list
+COMPRESS=gzip
+CONF
+printf '%s\n' virtio_pci virtio_blk ext4 >"$tree/etc/initramfs-tools/modules"
+chroot "$tree" update-initramfs -u -k all >/dev/null 2>&1
+
+# Identity and a way in for whoever debugs a run by hand: no root password on the serial getty.
+echo dboot-vm >"$tree/etc/hostname"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tdboot-vm\n' >"$tree/etc/hosts"
+chroot "$tree" passwd -d root >/dev/null
+
+# Nothing in the tests needs the network, apt's timers or its package lists.
+rm -f "$tree"/etc/systemd/system/timers.target.wants/apt-daily*.timer
+chroot "$tree" apt-get clean
+rm -rf "$tree"/var/lib/apt/lists/* "$tree.debootstrap.log"
+log "done: $(du -sh "$tree" | cut -f1)"
