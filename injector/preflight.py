@@ -274,7 +274,7 @@ def gather(
         notices=[],
         unreadable=gaps.summary(),
     )
-    report.notices = _verdicts(report, index, meminfo_total=ram.total_bytes)
+    report.notices = _verdicts(report, index)
     return report
 
 
@@ -345,7 +345,10 @@ def _doomed_pids(
     }
     if target_pid == 1:
         return sorted(userspace)
-    target_ns = procinfo.pid_namespace(target_pid, proc)
+    try:
+        target_ns = procinfo.pid_namespace(target_pid, proc)
+    except Unreadable:
+        target_ns = None  # not root: the target's descendants are all we can tell
     children: dict[int, list[int]] = {}
     for pid, stat in stats.items():
         children.setdefault(stat.ppid, []).append(pid)
@@ -487,9 +490,13 @@ def ptrace_permission(target_pid: int, our_pid: int, proc: Path = PROC) -> Ptrac
     ours = procinfo.parse_status(our_text or "")
     tracer = int(target.get("TracerPid", "0"))
     if tracer:
+        try:
+            name = (procinfo.read_text(proc / str(tracer) / "comm") or "gone").strip()
+        except Unreadable:
+            name = "unknown"
         return PtraceVerdict(
             False,
-            f"already traced by pid {tracer}: a process has only one tracer",
+            f"already traced by pid {tracer} ({name}): a process has only one tracer",
             f"end the debugger or strace that traces it (pid {tracer}), then retry",
         )
     privileged = procinfo.has_capability(ours, procinfo.CAP_SYS_PTRACE)
@@ -564,10 +571,10 @@ def _human(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _verdicts(report: Report, index: IndexView, meminfo_total: int) -> list[Notice]:
+def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     notices: list[Notice] = []
-    ram_fits = _ram_verdicts(report.ram, report.processes, meminfo_total, notices)
-    _swap_verdicts(report.ram, report.swap, ram_fits, meminfo_total, notices)
+    ram_fits = _ram_verdicts(report.ram, report.processes, notices)
+    _swap_verdicts(report.ram, report.swap, ram_fits, notices)
     _process_verdicts(report.processes, notices)
     _session_verdicts(report.session, notices)
     _pid1_verdicts(report.pid1, notices)
@@ -597,9 +604,7 @@ def tight_threshold(total_bytes: int) -> int:
     return max(TIGHT_FLOOR, total_bytes // TIGHT_SHARE)
 
 
-def _ram_verdicts(
-    ram: RamFacts, processes: list[ProcessInfo], total: int, notices: list[Notice]
-) -> bool:
+def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Notice]) -> bool:
     """Adds the RAM notices; True when the image fits (so swap can be judged on top)."""
     if ram.available_bytes <= 0:
         notices.append(
@@ -623,7 +628,7 @@ def _ram_verdicts(
                 "raise --tmpfs-size, or leave it unset to size the tmpfs from the estimate",
             )
         )
-    margin = copy_margin(total)
+    margin = copy_margin(ram.total_bytes)
     if ram.estimated_bytes + margin > ram.available_bytes:
         fits = False
         notices.append(
@@ -636,7 +641,7 @@ def _ram_verdicts(
                 "stop memory-hungry services, pick a smaller image, or add RAM",
             )
         )
-    elif ram.remaining_bytes < tight_threshold(total):
+    elif ram.remaining_bytes < tight_threshold(ram.total_bytes):
         freed = sum(process.rss_bytes for process in processes)
         notices.append(
             Notice(
@@ -657,7 +662,7 @@ def swaps_to_turn_off(devices: list[SwapDevice]) -> list[SwapDevice]:
 
 
 def _swap_verdicts(
-    ram: RamFacts, swap: list[SwapDevice], ram_fits: bool, total: int, notices: list[Notice]
+    ram: RamFacts, swap: list[SwapDevice], ram_fits: bool, notices: list[Notice]
 ) -> None:
     disk = swaps_to_turn_off(swap)
     if not disk:
@@ -666,7 +671,7 @@ def _swap_verdicts(
     swapped_out = sum(device.used_bytes for device in disk)
     # swapoff pulls every swapped-out page back into RAM while the old system (whose pages
     # they are) still runs and the image sits in the tmpfs: all three at once, for a moment.
-    room = ram.available_bytes - ram.estimated_bytes - copy_margin(total)
+    room = ram.available_bytes - ram.estimated_bytes - copy_margin(ram.total_bytes)
     if ram_fits and swapped_out > room:
         notices.append(
             Notice(
