@@ -1,0 +1,237 @@
+"""Everything the wizard asks of the engine, behind one small protocol.
+
+The wizard renders the engine's own data (``ImageSummary``, ``ImageDetails``, the preflight
+``Report`` and the ``Event`` stream of ``injector.switch.run``); it decides nothing about a
+switch itself. ``EngineBackend`` is the real thing; the tests pass a fake with fixed data
+through ``create_app`` so that snapshots are deterministic.
+
+The engine modules are imported lazily, inside the methods: a broken or missing engine
+module then becomes an ``EnvironmentFailure`` the Images screen can show, instead of a
+traceback before Textual even starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.events import Event, Notice
+
+if TYPE_CHECKING:
+    from injector.preflight import Report
+    from injector.sources import ImageDetails, ImageSource, ImageSummary
+
+# Executables tried, in order, to pre-fill the init command: the image's own init first.
+INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+FALLBACK_SHELL = "/bin/sh"
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSuggestion:
+    """What the Init screen pre-fills, and a one-line hint that says why."""
+
+    argv: list[str]
+    hint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """What the Confirm modal decided: which image, which init, rehearsal or the real thing."""
+
+    image: str
+    init_argv: list[str]
+    rehearse: bool
+
+
+class Backend(Protocol):
+    """The wizard's whole view of the engine. Every method may block: call it from a worker."""
+
+    def list_images(self) -> list[ImageSummary]:
+        """Local engine images. Engine down: ``EnvironmentFailure`` naming how to start it."""
+        ...
+
+    def details(self, ref: str) -> ImageDetails:
+        """Tags, history, CMD/ENTRYPOINT, architecture; ``BadInput`` for an unknown ref."""
+        ...
+
+    def suggest_init(self, ref: str) -> InitSuggestion:
+        """The init command to pre-fill, found in the image's own file index."""
+        ...
+
+    def validate_init(self, ref: str, argv: list[str]) -> str | None:
+        """``None`` when ``argv[0]`` is an executable inside the image, else why not."""
+        ...
+
+    def check(self, ref: str, init_argv: list[str]) -> Report:
+        """The preflight report: RAM, swap, processes, session, PID 1, notices."""
+        ...
+
+    def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
+        """The report's blockers that stop this kind of run (a rehearsal ignores host ones)."""
+        ...
+
+    def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
+        """Rehearse or switch, yielding events. Iterate it from ONE thread: ptrace is per thread.
+
+        ``last_words`` is called just before the point of no return of a real switch.
+        """
+        ...
+
+    def hostname(self) -> str:
+        """What the user must type to confirm a real switch."""
+        ...
+
+    def lab_mode(self) -> bool:
+        """True when this machine's PID 1 must never be replaced: the wizard only rehearses."""
+        ...
+
+    def close(self) -> None:
+        """Release temporary containers and mounts held for browsing images."""
+        ...
+
+
+@contextlib.contextmanager
+def _engine_module() -> Iterator[None]:
+    """Turn a missing or broken engine module into one line the wizard can show."""
+    try:
+        yield
+    except ImportError as error:
+        raise EnvironmentFailure(
+            f"the engine module {error.name or 'injector'} cannot be imported ({error})",
+            "reinstall docker-boot (pip install -e . in its checkout)",
+        ) from error
+
+
+class EngineBackend:
+    """The real engine: ``injector.sources``, ``injector.preflight`` and ``injector.switch``."""
+
+    def __init__(
+        self,
+        *,
+        docker_host: str | None = None,
+        state_dir: Path | None = None,
+        mem_available: int | None = None,
+        tmpfs_size: int | None = None,
+    ) -> None:
+        self.docker_host = docker_host
+        self.state_dir = state_dir
+        # Overrides MemAvailable in the preflight: tests use it to force the RAM blocker.
+        self.mem_available = mem_available
+        self.tmpfs_size = tmpfs_size
+        # Browsing keeps ONE image source open (its index is cached there); workers on
+        # several threads may ask about it, so access is serialised.
+        self._lock = threading.Lock()
+        self._source: ImageSource | None = None
+
+    # --- images ------------------------------------------------------------------------
+    def list_images(self) -> list[ImageSummary]:
+        with _engine_module():
+            from injector import sources
+        return sources.list_images(self.docker_host)
+
+    def _with_source(self, ref: str, use: Callable[[ImageSource], T]) -> T:
+        with _engine_module():
+            from injector import sources
+        with self._lock:
+            if self._source is None or self._source.ref != ref:
+                self._close_locked()
+                source = sources.open_source(ref, self.docker_host)
+                source.__enter__()
+                self._source = source
+            return use(self._source)
+
+    def details(self, ref: str) -> ImageDetails:
+        return self._with_source(ref, lambda source: source.details())
+
+    # --- init command --------------------------------------------------------------------
+    def suggest_init(self, ref: str) -> InitSuggestion:
+        index = self._with_source(ref, lambda source: source.scan())
+        for candidate in INIT_CANDIDATES:
+            if index.executable(candidate):
+                return InitSuggestion([candidate], f"{candidate} is the image's own init")
+        return InitSuggestion(
+            [FALLBACK_SHELL],
+            "no init in the image: a shell works as PID 1, but the system stops when it exits",
+        )
+
+    def validate_init(self, ref: str, argv: list[str]) -> str | None:
+        with _engine_module():
+            from injector import preflight
+        index = self._with_source(ref, lambda source: source.scan())
+        try:
+            preflight.validate_init(index, argv)
+        except BadInput as error:
+            return str(error)
+        return None
+
+    # --- preflight -----------------------------------------------------------------------
+    def check(self, ref: str, init_argv: list[str]) -> Report:
+        with _engine_module():
+            from injector import preflight, rootfs
+        index = self._with_source(ref, lambda source: source.scan())
+        tmpfs_size = self.tmpfs_size or rootfs.tmpfs_size_for(index.estimated_bytes)
+        return preflight.gather(
+            index, init_argv, tmpfs_size=tmpfs_size, mem_available=self.mem_available
+        )
+
+    def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
+        with _engine_module():
+            from injector import switch
+        # The engine decides which blockers a rehearsal ignores (the host's own swap,
+        # processes and session); the wizard only asks.
+        mode: Literal["rehearse", "switch"] = "rehearse" if rehearse else "switch"
+        return [n for n in report.notices if n.level == "blocker" and switch._applies(n, mode)]
+
+    # --- the run ---------------------------------------------------------------------------
+    def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
+        with _engine_module():
+            from injector import switch
+        # Defence in depth: the engine refuses too, but the wizard never even asks.
+        if not request.rehearse and self.lab_mode():
+            raise SafetyRefusal(
+                "lab mode is on (--rehearse, DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only)",
+                "choose Rehearse: this machine's PID 1 will not be replaced",
+            )
+        options = switch.SwitchOptions(
+            image=request.image,
+            init_argv=list(request.init_argv),
+            rehearse=request.rehearse,
+            docker_host=self.docker_host,
+            tmpfs_size=self.tmpfs_size,
+            # The wizard's Confirm modal asked for the typed hostname already.
+            yes=True,
+            last_words=last_words,
+        )
+        if self.state_dir is not None:
+            options.state_dir = self.state_dir
+        # The run opens its own source: release the one held for browsing first.
+        self.close()
+        yield from switch.run(options)
+
+    # --- host ------------------------------------------------------------------------------
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    def lab_mode(self) -> bool:
+        try:
+            from injector import switch
+        except ImportError:
+            return True  # No engine, no switch: the safe answer.
+        return switch.lab_mode()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()

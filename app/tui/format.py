@@ -1,0 +1,49 @@
+"""Pure text helpers for the wizard: sizes, ids, dates, durations. No Textual, no engine."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'. Binary units: RAM and tmpfs sizes are page-based, not decimal."""
+    value = float(count)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def short_id(image_id: str) -> str:
+    """'sha256:c091039dab46...' -> 'c091039dab46', as `docker images` shows it."""
+    return image_id.removeprefix("sha256:")[:12]
+
+
+def short_created(created: str) -> str:
+    """ISO 8601 (any offset) -> 'YYYY-MM-DD HH:MM' in UTC; unparsable text is shown as is."""
+    try:
+        moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        return created
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def human_seconds(seconds: float) -> str:
+    """42 -> '42 s', 125 -> '2 min 5 s'."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes} min {rest} s"
+
+
+def image_label(repository: str, tag: str, image_id: str) -> str:
+    """The reference a user would type: 'repo:tag', or the short id for an untagged image."""
+    if repository == "<none>" or tag == "<none>":
+        return short_id(image_id)
+    return f"{repository}:{tag}"

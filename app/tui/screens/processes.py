@@ -1,0 +1,113 @@
+"""Step 4: every process a real switch kills, grouped by service, yours highlighted."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from app.tui.format import human_bytes
+from app.tui.screens.base import StepScreen
+
+if TYPE_CHECKING:
+    from injector.preflight import ProcessInfo, Report
+
+COMMAND_WIDTH = 30
+
+
+def note_for(process: ProcessInfo) -> Text:
+    text = Text()
+    if process.session_chain:
+        text.append("◀ you ", style="bold yellow")
+    if process.writing:
+        text.append(f"✎ writes {len(process.writing)}", style="bold red")
+    return text
+
+
+class ProcessesScreen(StepScreen):
+    STEP = 3
+
+    def body(self) -> ComposeResult:
+        yield Static("", id="processes-summary")
+        yield Static("", id="processes-warning")
+        yield DataTable(id="processes", cursor_type="row")
+
+    def on_mount(self) -> None:
+        report = self.wizard.choices.report
+        assert report is not None, "the Resources step produced the report"
+        self.show_summary(report)
+        self.fill(report)
+        self.unblock("Enter: confirm (one more question first)")
+        self.query_one("#processes", DataTable).focus()
+
+    def show_summary(self, report: Report) -> None:
+        services = {p.service for p in report.processes}
+        rss = sum(p.rss_bytes for p in report.processes)
+        writers = sum(1 for p in report.processes if p.writing)
+        text = Text()
+        text.append(f"{len(report.processes)} processes", style="bold")
+        text.append(f" in {len(services)} services, {human_bytes(rss)} resident; ")
+        text.append(f"{writers} hold files open for writing", style="red" if writers else "")
+        text.append(".\n")
+        if self.wizard.rehearse_only:
+            text.append(
+                "A rehearsal leaves them all running: it replaces a sandbox's PID 1 instead.",
+                style="dim",
+            )
+        else:
+            text.append("A real switch kills all of them; a rehearsal none.", style="dim")
+        self.query_one("#processes-summary", Static).update(text)
+        session = report.session
+        warning = self.query_one("#processes-warning", Static)
+        if session.remote and not session.image_has_ssh:
+            warning.update(
+                Text(
+                    f"! You are connected remotely ({session.via}) and the image has no SSH "
+                    "server: after a real switch you lose this connection for good.",
+                    style="bold yellow",
+                )
+            )
+        else:
+            warning.display = False
+
+    def fill(self, report: Report) -> None:
+        table: DataTable[str | Text] = self.query_one("#processes", DataTable)
+        table.add_column("PID", key="pid")
+        table.add_column("User", key="user")
+        table.add_column("RSS", key="rss")
+        table.add_column("Command", key="command", width=COMMAND_WIDTH)
+        table.add_column("", key="note")
+        # The engine groups (by systemd unit, unit-less processes last); we only draw.
+        from injector.preflight import processes_by_service
+
+        for service, processes in processes_by_service(report.processes).items():
+            rss = sum(p.rss_bytes for p in processes)
+            table.add_row(
+                Text("▾", style="bold"),
+                "",
+                Text(human_bytes(rss), style="bold", justify="right"),
+                Text(f"{service} ({len(processes)})", style="bold cyan"),
+                "",
+                key=f"service:{service}",
+            )
+            for process in processes:
+                style = "yellow" if process.session_chain else "red" if process.writing else ""
+                table.add_row(
+                    Text(str(process.pid), style=style, justify="right"),
+                    Text(process.user, style=style),
+                    Text(human_bytes(process.rss_bytes), justify="right"),
+                    Text(_clip(process.command, COMMAND_WIDTH), style=style),
+                    note_for(process),
+                    key=f"pid:{process.pid}",
+                )
+
+    @on(DataTable.RowSelected, "#processes")
+    def selected(self, event: DataTable.RowSelected) -> None:
+        self.action_next()
+
+
+def _clip(command: str, width: int) -> str:
+    return command if len(command) <= width else command[: width - 1] + "…"

@@ -1,0 +1,226 @@
+"""Step 6: the run itself, rendered from the engine's event stream as it happens.
+
+The whole ``backend.run`` iteration happens in ONE worker thread: ptrace requests belong
+to the thread that attached, so the injection must never hop between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import ClassVar
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Label, ProgressBar, RichLog
+
+from app.tui.backend import RunRequest
+from app.tui.format import human_bytes, human_seconds
+from app.tui.messages import EngineEvent, LastWords, RunEnded
+from app.tui.screens.base import StepScreen
+from app.tui.widgets.run_panels import StepList, TeachingPanel
+from app.tui.wizard import Outcome, Wizard
+from injector.errors import DbootError
+from injector.events import (
+    Console,
+    Fact,
+    Finished,
+    Injection,
+    Log,
+    Notice,
+    Progress,
+    StepDone,
+    StepFailed,
+    StepStarted,
+)
+
+logger = logging.getLogger(__name__)
+
+# Progress events can come for every chunk copied; the screen needs a few per second.
+PROGRESS_INTERVAL_S = 0.1
+
+
+class EtaClock:
+    """Bytes per second since the first Progress of a step, from the wizard's clock."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self.start: tuple[str, datetime, int] | None = None
+
+    def describe(self, event: Progress) -> str:
+        now = self.clock()
+        if self.start is None or self.start[0] != event.step:
+            self.start = (event.step, now, event.done)
+        _, since, done_then = self.start
+        amount = f"{human_bytes(event.done)} of {human_bytes(event.total)}"
+        elapsed = (now - since).total_seconds()
+        rate = (event.done - done_then) / elapsed if elapsed > 0 else 0.0
+        if event.done >= event.total:
+            return f"{amount} · done"
+        if rate <= 0:
+            return f"{amount} · ETA …"
+        remaining = human_seconds((event.total - event.done) / rate)
+        return f"{amount} · {human_bytes(int(rate))}/s · ETA {remaining}"
+
+
+def expect_next(init_argv: list[str]) -> str:
+    return (
+        "When the injection succeeds this terminal closes. The init stage takes over the "
+        "console on VT 3 (Alt+F3, or the serial console), logs each step there and to "
+        "/dev/kmsg, stops every old process, pivots into the RAM root and starts "
+        f"`{' '.join(init_argv)}` as PID 1. If anything fails it opens a recovery shell there."
+    )
+
+
+class RunScreen(StepScreen):
+    STEP = 5
+    NEXT_LABEL = "Quit"
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("n", "next", "Quit")]
+
+    def __init__(self, wizard: Wizard, request: RunRequest) -> None:
+        super().__init__(wizard)
+        self.request = request
+        self.running = True
+        self.eta = EtaClock(wizard.clock)
+        self._last_progress = 0.0
+
+    def body(self) -> ComposeResult:
+        with Horizontal(id="run-top"):
+            with Vertical(id="run-left"):
+                yield StepList(id="run-steps")
+                yield ProgressBar(total=100, show_eta=False, id="run-bar")
+                yield Label("", id="run-bytes")
+            with VerticalScroll(id="run-teach-box"):
+                yield TeachingPanel(id="run-teach")
+        with Horizontal(id="run-bottom"):
+            yield RichLog(id="run-log", wrap=True, min_width=20, markup=False, highlight=False)
+            yield RichLog(id="run-console", wrap=True, min_width=20, markup=False, highlight=False)
+
+    def on_mount(self) -> None:
+        rehearse = self.request.rehearse
+        self.query_one("#run-steps").border_title = "Steps"
+        self.query_one("#run-teach-box").border_title = "What is happening"
+        self.query_one("#run-log").border_title = "Log"
+        console = self.query_one("#run-console", RichLog)
+        console.border_title = "Sandbox console" if rehearse else "What to expect next"
+        if not rehearse:
+            console.write(Text(expect_next(self.request.init_argv), style="bold"))
+        what = "Rehearsing" if rehearse else "Switching to"
+        self.block(f"{what} {self.request.image}…")
+        self.drive(self.request)
+
+    # --- the one thread that drives the engine ---------------------------------------------
+    @work(thread=True, exclusive=True, group="run")
+    def drive(self, request: RunRequest) -> None:
+        def last_words(text: str) -> None:
+            self.post_message(LastWords(text))
+
+        try:
+            for event in self.wizard.backend.run(request, last_words):
+                if isinstance(event, Progress) and not self._progress_due(event):
+                    continue
+                self.post_message(EngineEvent(event))
+        except DbootError as error:
+            self.post_message(RunEnded(str(error)))
+        except Exception as error:
+            logger.exception("the run failed unexpectedly")
+            name = type(error).__name__
+            self.post_message(RunEnded(f"unexpected {name}: {error} (see the log file)"))
+        else:
+            self.post_message(RunEnded(None))
+
+    def _progress_due(self, event: Progress) -> bool:
+        now = time.monotonic()
+        if event.done >= event.total or now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            return True
+        return False
+
+    # --- rendering the events ------------------------------------------------------------
+    def log_line(self, text: str, style: str = "") -> None:
+        logger.info("%s", text)
+        self.query_one("#run-log", RichLog).write(Text(text, style=style))
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        event = message.event
+        steps = self.query_one(StepList)
+        teach = self.query_one(TeachingPanel)
+        match event:
+            case StepStarted(step=step, title=title):
+                steps.started(step, title)
+                teach.step(step, title)
+                self.log_line(f"▶ {title}", "bold")
+            case StepDone(step=step, detail=detail):
+                steps.finished(step, failed=False, detail=detail)
+                self.log_line(f"✓ {step}: {detail}", "green")
+            case StepFailed(step=step, error=error):
+                steps.finished(step, failed=True, detail=error)
+                self.log_line(f"✗ {step}: {error}", "bold red")
+            case Progress():
+                bar = self.query_one("#run-bar", ProgressBar)
+                bar.update(total=event.total, progress=event.done)
+                self.query_one("#run-bytes", Label).update(self.eta.describe(event))
+            case Fact(section=section, key=key, value=value):
+                if section == "pid1" and key in ("pid", "exe"):
+                    teach.identity(key, str(value))
+                self.log_line(f"{section}.{key} = {value}", "dim")
+            case Notice(level=level, message=text, fix=fix):
+                self.log_line(f"{level}: {text}" + (f" → {fix}" if fix else ""), "yellow")
+            case Log(text=text):
+                self.log_line(text, "dim")
+            case Injection():
+                teach.injected(event)
+                self.log_line(
+                    f"injected execve into pid {event.pid}: it was in "
+                    f"{event.interrupted_syscall}(), {event.elapsed_ms:.1f} ms",
+                    "bold",
+                )
+            case Console(text=text):
+                self.query_one("#run-console", RichLog).write(Text(text))
+            case Finished():
+                self.finished(event)
+
+    def finished(self, event: Finished) -> None:
+        if event.outcome == "rehearsed":
+            status = event.exit_status
+            line = f"Rehearsal finished: the sandboxed init exited with status {status}."
+            self.log_line(line, "bold green" if status == 0 else "bold yellow")
+            self.query_one("#run-console", RichLog).write(
+                Text(f"── exit status {status} ──", style="bold")
+            )
+        else:
+            self.log_line(f"Finished: {event.outcome}. {event.detail}", "bold green")
+
+    def on_last_words(self, message: LastWords) -> None:
+        console = self.query_one("#run-console", RichLog)
+        console.write(Text(message.text, style="bold yellow"))
+        console.write(Text(expect_next(self.request.init_argv), style="bold"))
+
+    def on_run_ended(self, message: RunEnded) -> None:
+        self.running = False
+        if message.error is not None:
+            self.log_line(f"✗ {message.error}", "bold red")
+            self.query_one(StepList).fail_running(message.error)
+            self.unblock("failed (see the log) · b: back · Enter: quit")
+        else:
+            self.unblock("done · b: back to change something · Enter: quit")
+        self.refresh_bindings()
+
+    # --- leaving: never while the engine is still working --------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("back", "next") and self.running:
+            return None
+        return super().check_action(action, parameters)
+
+    def action_back(self) -> None:
+        if not self.running:
+            self.leave(Outcome.BACK)
+
+    def action_next(self) -> None:
+        if not self.running:
+            self.app.exit()
