@@ -55,7 +55,15 @@ PR_SET_PDEATHSIG = 1
 
 
 def shares_mount_namespace(pid: int) -> bool:
-    return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    """Whether ``pid`` lives in our mount namespace (then nothing needs entering)."""
+    try:
+        theirs = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError as error:
+        raise EnvironmentFailure(
+            f"cannot see the mount namespace of pid {pid}: {error.strerror}",
+            "check that the target process exists and that we run as root",
+        ) from error
+    return theirs == os.readlink("/proc/self/ns/mnt")
 
 
 def run_in_mount_namespace(pid: int, fn: Callable[[Send], T], on_event: Send | None = None) -> T:
