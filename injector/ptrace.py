@@ -1,0 +1,742 @@
+"""Make a PID 1 call execve() on our behalf, or leave it exactly as it was.
+
+The sequence, for one target and all from the calling thread (ptrace belongs to the thread
+that attached):
+
+1. ``PTRACE_SEIZE`` with TRACESYSGOOD|TRACEEXEC, then ``PTRACE_INTERRUPT``. No EXITKILL:
+   if this process dies half-way, the kernel detaches and PID 1 lives on.
+2. Step with ``PTRACE_SYSCALL`` to a confirmed syscall-*entry* stop (``PTRACE_GET_SYSCALL_INFO``
+   says which side of the call a stop is on). Signals that arrive meanwhile are handed back
+   to the target; group-stops and our own interrupt stop are stepped over.
+3. Save the registers and the stack bytes below the red zone, write path, argv and envp
+   there, and swap the system call for execve.
+4. Step to the other side. An exec event means it worked: detach. A syscall-exit stop means
+   execve failed: put the bytes and the registers back with the instruction pointer moved
+   back over the system call instruction, so that the target re-runs the call it was about
+   to make, then detach. It never sees an error.
+
+``check_attachable`` and ``is_pid1_of_its_namespace`` only read /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from injector import arch as archmod
+from injector.arch import Arch, RegisterEdit
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.events import Injection
+
+# --- ptrace(2) requests, options and events (<linux/ptrace.h>) ---------------------------
+PTRACE_SYSCALL = 24
+PTRACE_DETACH = 17
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_GET_SYSCALL_INFO = 0x420E
+
+PTRACE_O_TRACESYSGOOD = 0x01  # syscall stops report SIGTRAP|0x80, unlike a real SIGTRAP
+PTRACE_O_TRACEEXEC = 0x10  # a successful execve stops with PTRACE_EVENT_EXEC
+SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEEXEC
+
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_STOP = 128
+
+PTRACE_SYSCALL_INFO_ENTRY = 1
+PTRACE_SYSCALL_INFO_EXIT = 2
+
+SYSCALL_STOP_SIGNAL = signal.SIGTRAP | 0x80
+WAIT_ALL = 0x40000000  # __WALL: a tracee is reported whatever kind of child it is
+
+_REQUEST_NAMES = {
+    PTRACE_SYSCALL: "PTRACE_SYSCALL",
+    PTRACE_DETACH: "PTRACE_DETACH",
+    PTRACE_GETREGSET: "PTRACE_GETREGSET",
+    PTRACE_SETREGSET: "PTRACE_SETREGSET",
+    PTRACE_SEIZE: "PTRACE_SEIZE",
+    PTRACE_INTERRUPT: "PTRACE_INTERRUPT",
+    PTRACE_GET_SYSCALL_INFO: "PTRACE_GET_SYSCALL_INFO",
+}
+
+# Lab mode: the CLI contract's switch for "never touch this machine's PID 1".
+REHEARSAL_ENV = "DBOOT_REHEARSAL_ONLY"
+REHEARSAL_FLAG = Path("/etc/dboot/rehearsal-only")
+
+MAX_EXEC_BLOCK = 64 * 1024  # path+argv+envp; far below any stack, far above any init line
+ENTRY_TIMEOUT = 10.0  # seconds for the target to reach a system call
+EXECVE_TIMEOUT = 30.0  # seconds for execve itself (a slow disk, a network filesystem)
+
+# Signals that must not cut the injection in half while PID 1 holds our registers.
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class InjectionReport:
+    """What the injector did, for ``--json`` and the wizard's teaching panel."""
+
+    pid: int
+    arch: str
+    interrupted_syscall: str  # what the target was blocked in (or about to call)
+    registers_before: dict[str, int]  # at the syscall-entry stop
+    registers_after: dict[str, int]  # at the exec event, or as restored by the rollback
+    elapsed_ms: float  # seize to detach
+    replaced_syscall: str = ""  # the call execve took the place of (restart_syscall ...)
+    outcome: str = "executed"  # "executed" | "rolled-back"
+    error: str = ""  # execve's errno name on a rollback
+    reinjected_signals: list[str] = dataclasses.field(default_factory=list)
+    scratch_address: int = 0
+    scratch_bytes: int = 0
+
+    def to_event(self) -> Injection:
+        return Injection(
+            pid=self.pid,
+            arch=self.arch,
+            interrupted_syscall=self.interrupted_syscall,
+            registers_before=dict(self.registers_before),
+            registers_after=dict(self.registers_after),
+            elapsed_ms=self.elapsed_ms,
+        )
+
+
+class InjectionRolledBack(EnvironmentFailure):
+    """execve failed inside the target; its memory and registers were put back."""
+
+    def __init__(self, cause: str, fix: str | None, report: InjectionReport) -> None:
+        super().__init__(cause, fix)
+        self.report = report
+
+
+# --- the raw system call ---------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    """ptrace(2), raising OSError (with the request's name) on failure.
+
+    Every ptrace call of this module goes through here: the lab-mode test replaces it to
+    prove that a refusal happens before any of them.
+    """
+    result: int = _libc.ptrace(request, pid, ctypes.c_void_p(addr), ctypes.c_void_p(data))
+    if result == -1:
+        code = ctypes.get_errno()
+        name = _REQUEST_NAMES.get(request, hex(request))
+        raise OSError(code, f"{name}({pid}): {os.strerror(code)}")
+    return result
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _SyscallInfo(ctypes.Structure):
+    """``struct ptrace_syscall_info``: 24 bytes of header, then a union of six u64 args+."""
+
+    _fields_ = [
+        ("op", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("arch", ctypes.c_uint32),
+        ("instruction_pointer", ctypes.c_uint64),
+        ("stack_pointer", ctypes.c_uint64),
+        ("data", ctypes.c_uint64 * 8),  # entry: nr, args[6]; exit: rval, is_error
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stop:
+    """One waitpid() status of the tracee, decoded."""
+
+    status: int
+
+    @property
+    def gone(self) -> bool:
+        return os.WIFEXITED(self.status) or os.WIFSIGNALED(self.status)
+
+    @property
+    def signal(self) -> int:
+        return os.WSTOPSIG(self.status)
+
+    @property
+    def event(self) -> int:
+        return (self.status >> 16) & 0xFF
+
+    @property
+    def is_syscall(self) -> bool:
+        # Only TRACESYSGOOD's SIGTRAP|0x80 is a syscall stop; a plain SIGTRAP is a signal.
+        return os.WIFSTOPPED(self.status) and self.signal == SYSCALL_STOP_SIGNAL and not self.event
+
+    @property
+    def is_signal_delivery(self) -> bool:
+        """The target is about to receive signal ``self.signal``."""
+        return os.WIFSTOPPED(self.status) and not self.event and not self.is_syscall
+
+    def describe(self) -> str:
+        if os.WIFEXITED(self.status):
+            return f"exited with status {os.WEXITSTATUS(self.status)}"
+        if os.WIFSIGNALED(self.status):
+            return f"was killed by {signal.Signals(os.WTERMSIG(self.status)).name}"
+        return f"stopped (signal {self.signal}, event {self.event})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _errno_name(code: int) -> str:
+    return errno.errorcode.get(code, f"errno {code}")
+
+
+# --- /proc readers ------------------------------------------------------------------------
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {
+        key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())
+    }
+
+
+def is_pid1_of_its_namespace(pid: int) -> bool:
+    """True when ``pid`` is PID 1 inside its own PID namespace (NSpid's last field is 1)."""
+    try:
+        nspid = _status_fields(pid).get("NSpid", "")
+    except OSError:
+        return False
+    return nspid.split()[-1:] == ["1"]
+
+
+def lab_mode_on() -> bool:
+    """Lab mode (rehearsals only): DBOOT_REHEARSAL_ONLY set, or the flag file exists."""
+    return os.environ.get(REHEARSAL_ENV, "") not in ("", "0") or REHEARSAL_FLAG.exists()
+
+
+def _yama_scope() -> int | None:
+    try:
+        return int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        return None  # no Yama in this kernel: only the classic rules apply
+
+
+def _has_cap_sys_ptrace() -> bool:
+    cap_sys_ptrace = 19
+    return bool(int(_status_fields(os.getpid())["CapEff"], 16) >> cap_sys_ptrace & 1)
+
+
+def check_attachable(pid: int) -> tuple[bool, str]:
+    """Could we attach to ``pid``? Returns (allowed, one line saying why or why not)."""
+    if pid <= 0:
+        return False, f"{pid} is not a process id"
+    try:
+        fields = _status_fields(pid)
+    except FileNotFoundError:
+        return False, f"no process with PID {pid}"
+    except OSError as error:
+        return False, f"cannot read /proc/{pid}/status: {error.strerror}"
+
+    tracer = int(fields.get("TracerPid", "0"))
+    if tracer:
+        return False, f"PID {pid} is already traced by PID {tracer} ({_comm(tracer)})"
+
+    scope = _yama_scope()
+    if scope == 3:
+        return False, "Yama ptrace_scope is 3: no process may attach until the next reboot"
+    if not _has_cap_sys_ptrace():
+        return False, "no CAP_SYS_PTRACE: run as root"
+    where = "no Yama" if scope is None else f"Yama ptrace_scope {scope}"
+    return True, f"ptrace allowed ({where}, CAP_SYS_PTRACE held)"
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+
+
+def _mapping_holding(pid: int, start: int, end: int) -> str | None:
+    """The /proc/PID/maps line whose range holds [start, end), if it is writable."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        bounds, perms = line.split()[:2]
+        low, high = (int(part, 16) for part in bounds.split("-"))
+        if low <= start and end <= high and perms.startswith("rw"):
+            return line
+    return None
+
+
+def _signals_pending(pid: int) -> bool:
+    """Is a signal queued for ``pid`` that its mask lets through?"""
+    fields = _status_fields(pid)
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & ~int(fields["SigBlk"], 16))
+
+
+# --- one traced target ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """The target at a syscall-entry stop, as found."""
+
+    regs: ctypes.Structure
+    nr: int
+    name: str
+
+
+class _Tracee:
+    """The target while we trace it. Knows whether it is attached and whether it is stopped."""
+
+    def __init__(self, pid: int, arch: Arch, log: Log) -> None:
+        self.pid = pid
+        self.arch = arch
+        self.log = log
+        self.attached = False
+        self.stopped = False
+        self.blocked_in: int | None = None
+        self.last_stop: _Stop | None = None
+        self.reinjected: list[str] = []
+        self._mem_fd: int | None = None
+        self._have_syscall_info = True
+        self._next_syscall_stop_is_entry = True  # parity, for kernels without syscall info
+
+    # -- attach, wait, resume, detach
+
+    def seize(self) -> None:
+        try:
+            _ptrace(PTRACE_SEIZE, self.pid, 0, SEIZE_OPTIONS)
+        except OSError as error:
+            raise _attach_failure(self.pid, error) from None
+        self.attached = True
+        self.log(
+            f"seized PID {self.pid} (TRACESYSGOOD|TRACEEXEC; no EXITKILL, so PID {self.pid} "
+            "outlives us if we die)"
+        )
+        # SEIZE does not stop the target; INTERRUPT does, wherever it is.
+        _ptrace(PTRACE_INTERRUPT, self.pid)
+
+    def wait(self, deadline: float) -> _Stop:
+        """The next stop. Polls so that a target that never stops cannot hang us."""
+        pause = 0.00005
+        while True:
+            waited, status = os.waitpid(self.pid, WAIT_ALL | os.WNOHANG)
+            if waited == self.pid:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PID {self.pid} did not stop in time")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        stop = _Stop(status)
+        if stop.gone:
+            self.attached = self.stopped = False
+            raise EnvironmentFailure(
+                f"PID {self.pid} {stop.describe()} while being injected",
+                "see the target's own log; nothing of ours is left in it",
+            )
+        self.stopped = True
+        self.last_stop = stop
+        return stop
+
+    def resume(self, deliver: int = 0) -> None:
+        """Run to the next syscall stop, delivering ``deliver`` (a signal) if non-zero."""
+        _ptrace(PTRACE_SYSCALL, self.pid, 0, deliver)
+        self.stopped = False
+
+    def detach(self, deliver: int = 0) -> None:
+        _ptrace(PTRACE_DETACH, self.pid, 0, deliver)
+        self.attached = self.stopped = False
+        self.log(f"detached from PID {self.pid}")
+
+    def abandon(self) -> None:
+        """Best-effort detach after a failure, when nothing of ours is in the target."""
+        if not self.attached:
+            return
+        try:
+            if not self.stopped:
+                _ptrace(PTRACE_INTERRUPT, self.pid)
+                self.wait(time.monotonic() + 2.0)
+            # Do not swallow a signal the target was about to receive.
+            last = self.last_stop
+            self.detach(last.signal if last is not None and last.is_signal_delivery else 0)
+        except (OSError, TimeoutError, EnvironmentFailure) as error:
+            # Our exit detaches us anyway; the target keeps running either way.
+            self.log(f"could not detach cleanly ({error}); the kernel will when we exit")
+
+    def close(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+    # -- registers, syscall info and memory
+
+    def get_regs(self) -> ctypes.Structure:
+        regs = self.arch.regs_type()
+        self._regset(PTRACE_GETREGSET, archmod.NT_PRSTATUS, regs)
+        return regs
+
+    def set_regs(self, edit: RegisterEdit) -> None:
+        self._regset(PTRACE_SETREGSET, archmod.NT_PRSTATUS, edit.regs)
+        if edit.kernel_nr is not None and self.arch.kernel_nr_regset is not None:
+            self._regset(PTRACE_SETREGSET, self.arch.kernel_nr_regset, ctypes.c_int(edit.kernel_nr))
+
+    def kernel_nr(self, regs: ctypes.Structure) -> int:
+        if self.arch.kernel_nr_regset is None:
+            return archmod.kernel_nr_from(self.arch, regs, None)
+        value = ctypes.c_int()
+        self._regset(PTRACE_GETREGSET, self.arch.kernel_nr_regset, value)
+        return value.value
+
+    def _regset(self, request: int, note: int, buffer: ctypes.Structure | ctypes.c_int) -> None:
+        iov = _Iovec(ctypes.addressof(buffer), ctypes.sizeof(buffer))
+        _ptrace(request, self.pid, note, ctypes.addressof(iov))
+
+    def syscall_info(self) -> _SyscallInfo | None:
+        """PTRACE_GET_SYSCALL_INFO, or None on kernels before 5.3 (EIO)."""
+        if not self._have_syscall_info:
+            return None
+        info = _SyscallInfo()
+        try:
+            _ptrace(PTRACE_GET_SYSCALL_INFO, self.pid, ctypes.sizeof(info), ctypes.addressof(info))
+        except OSError as error:
+            if error.errno != errno.EIO:
+                raise
+            self._have_syscall_info = False
+            self.log(
+                "PTRACE_GET_SYSCALL_INFO missing (kernel < 5.3): telling entry from exit by order"
+            )
+            return None
+        return info
+
+    def _mem(self) -> int:
+        if self._mem_fd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._mem_fd
+
+    def read_mem(self, address: int, size: int) -> bytes:
+        data = os.pread(self._mem(), size, address)
+        if len(data) != size:
+            raise OSError(errno.EIO, f"short read of PID {self.pid}'s memory at {address:#x}")
+        return data
+
+    def write_mem(self, address: int, data: bytes) -> None:
+        if os.pwrite(self._mem(), data, address) != len(data):
+            raise OSError(errno.EIO, f"short write to PID {self.pid}'s memory at {address:#x}")
+
+    # -- stepping
+
+    def _step_over_until(self, wanted: Callable[[_Stop], bool], deadline: float) -> _Stop:
+        """Wait for a stop ``wanted`` accepts; resume past every other one.
+
+        Signals are handed back to the target (it must not lose a SIGCHLD because we
+        happened to be looking), group-stops and our interrupt stop are stepped over.
+        """
+        while True:
+            stop = self.wait(deadline)
+            if wanted(stop):
+                return stop
+            self.resume(self._deliverable(stop))
+
+    def _deliverable(self, stop: _Stop) -> int:
+        """The signal to pass on when resuming from ``stop`` (0 for none), logging the stop."""
+        if stop.is_syscall:
+            self.log("syscall-exit stop: stepping on to the next entry")
+            return 0
+        if stop.event != PTRACE_EVENT_EXEC:
+            self._next_syscall_stop_is_entry = True  # any other stop happens outside a call
+        if stop.event == PTRACE_EVENT_STOP and stop.signal == signal.SIGTRAP:
+            self._at_interrupt_stop()
+            return 0
+        if stop.event == PTRACE_EVENT_STOP:
+            self.log(f"group-stop ({_signal_name(stop.signal)}): resuming")
+            return 0
+        if stop.event:
+            self.log(f"ptrace event {stop.event}: resuming")
+            return 0
+        # A signal-delivery-stop: the target is about to receive this signal.
+        name = _signal_name(stop.signal)
+        self.reinjected.append(name)
+        self.log(f"signal-delivery-stop: {name} arrived; handing it back to the target")
+        return stop.signal
+
+    def _at_interrupt_stop(self) -> None:
+        """Our PTRACE_INTERRUPT landed: learn what the target was blocked in."""
+        regs = self.get_regs()
+        kernel_nr = self.kernel_nr(regs)
+        self.blocked_in = archmod.blocked_syscall(self.arch, regs, kernel_nr)
+        if self.blocked_in is None:
+            self.log("interrupt stop in userspace: stepping to its next system call")
+            return
+        name = archmod.syscall_name(self.arch, self.blocked_in)
+        self.log(f"interrupt stop: PID {self.pid} was blocked in {name}(); it will restart")
+        # A few waits answer a bare interrupt with EINTR instead of restarting. Unless a
+        # real signal explains the EINTR, rewind so that the wait simply runs again.
+        rewind = archmod.undo_spurious_eintr(self.arch, regs, kernel_nr)
+        if rewind is not None and not _signals_pending(self.pid):
+            self.set_regs(rewind)
+            self.log(f"{name}() got EINTR only from our interrupt: rewound it to run again")
+
+    def _is_entry(self, info: _SyscallInfo | None) -> bool:
+        if info is not None:
+            return int(info.op) == PTRACE_SYSCALL_INFO_ENTRY
+        is_entry = self._next_syscall_stop_is_entry
+        self._next_syscall_stop_is_entry = not is_entry
+        return is_entry
+
+    def stop_at_syscall_entry(self, deadline: float) -> _Entry:
+        """Step until the target sits at the entry of a system call; swap-ready."""
+        while True:
+            stop = self._step_over_until(lambda stop: stop.is_syscall, deadline)
+            info = self.syscall_info()
+            if not self._is_entry(info):
+                self.resume(self._deliverable(stop))
+                continue
+            if info is not None and info.arch != self.arch.audit_arch:
+                raise EnvironmentFailure(
+                    f"PID {self.pid} made a system call of another ABI (audit arch "
+                    f"{info.arch:#x}, expected {self.arch.name})",
+                    "only native 64-bit inits can be injected",
+                )
+            regs = self.get_regs()
+            nr = int(info.data[0]) if info is not None else self.kernel_nr(regs)
+            return _Entry(regs=regs, nr=nr, name=archmod.syscall_name(self.arch, nr))
+
+    def run_execve(self, deadline: float) -> int | None:
+        """Let the swapped call run. None: exec happened. Else execve's (negative) return."""
+        self.resume()
+        wanted = lambda stop: stop.is_syscall or stop.event == PTRACE_EVENT_EXEC  # noqa: E731
+        stop = self._step_over_until(wanted, deadline)
+        if stop.event == PTRACE_EVENT_EXEC:
+            return None
+        info = self.syscall_info()
+        if info is not None and info.op == PTRACE_SYSCALL_INFO_EXIT:
+            return archmod.signed64(int(info.data[0]))
+        return archmod.signed64(archmod.get_reg(self.get_regs(), self.arch.ret))
+
+
+def _attach_failure(pid: int, error: OSError) -> EnvironmentFailure:
+    if error.errno == errno.ESRCH:
+        return EnvironmentFailure(f"no process with PID {pid}", "check the PID")
+    if error.errno == errno.EPERM:
+        return EnvironmentFailure(
+            f"attaching to PID {pid} was denied (EPERM)",
+            "run as root; if kernel.yama.ptrace_scope is 2 or 3, or a security module "
+            "or kernel lockdown forbids ptrace, allow it and retry",
+        )
+    return EnvironmentFailure(f"attaching to PID {pid} failed: {error.strerror}")
+
+
+# --- the public entry point ---------------------------------------------------------------
+
+
+def _refuse_host_pid1_in_lab_mode(pid: int) -> None:
+    """Defence in depth: in lab mode, this machine's PID 1 is never touched."""
+    if pid == 1 and lab_mode_on():
+        raise SafetyRefusal(
+            "refusing to inject into this machine's PID 1 in lab mode "
+            f"({REHEARSAL_ENV}=1 or {REHEARSAL_FLAG})",
+            "target the PID 1 of a sandbox (--target-pid), or leave lab mode for a real switch",
+        )
+
+
+def _validate(path: str, argv: Sequence[str], envp: Sequence[str]) -> None:
+    if not path.startswith("/"):
+        raise BadInput(f"execve path {path!r} is not absolute", "give the full path")
+    if not argv:
+        raise BadInput("execve needs at least argv[0]", "pass the program name as argv[0]")
+    for text in (path, *argv, *envp):
+        if "\0" in text:
+            raise BadInput(f"{text!r} contains a NUL byte", "remove it")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and friends while the target holds our registers and bytes.
+
+    Dying between the swap and the rollback would leave PID 1 returning an error from a
+    call it never made. SIGKILL cannot be held; that window is a few microseconds.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def inject_execve(
+    pid: int,
+    path: str,
+    argv: list[str],
+    envp: list[str],
+    log: Callable[[str], None],
+    *,
+    entry_timeout: float = ENTRY_TIMEOUT,
+) -> InjectionReport:
+    """Make ``pid`` call ``execve(path, argv, envp)``.
+
+    Returns a report once the exec event is seen and the target is detached. If execve
+    fails inside the target, raises InjectionRolledBack (carrying the report) after
+    putting back its memory and registers so that it re-runs its own system call.
+    Attach denied, already traced, no such process: EnvironmentFailure.
+    """
+    _refuse_host_pid1_in_lab_mode(pid)  # before any ptrace call, on purpose
+    _validate(path, argv, envp)
+    allowed, reason = check_attachable(pid)
+    if not allowed:
+        raise EnvironmentFailure(reason, "pick an untraced target you may ptrace")
+    try:
+        arch = archmod.host_arch()
+    except archmod.UnsupportedArch as error:
+        raise EnvironmentFailure(str(error)) from None
+
+    size = archmod.exec_block_size(arch, path, argv, envp)
+    if size > MAX_EXEC_BLOCK:
+        raise BadInput(
+            f"path, argv and envp take {size} bytes", f"keep them under {MAX_EXEC_BLOCK}"
+        )
+
+    tracee = _Tracee(pid, arch, log)
+    started = time.monotonic()
+    try:
+        with _signals_deferred():
+            return _inject(tracee, path, argv, envp, started, entry_timeout)
+    finally:
+        tracee.close()
+
+
+def _inject(
+    tracee: _Tracee,
+    path: str,
+    argv: list[str],
+    envp: list[str],
+    started: float,
+    entry_timeout: float,
+) -> InjectionReport:
+    arch, pid, log = tracee.arch, tracee.pid, tracee.log
+
+    # 1-2. Seize and reach a syscall entry. Nothing of ours is in the target yet, so any
+    # failure here only needs a detach.
+    tracee.seize()
+    try:
+        entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
+    except TimeoutError:
+        tracee.abandon()
+        raise EnvironmentFailure(
+            f"PID {pid} made no system call within {entry_timeout:g} s",
+            "retry; a target spinning in userspace cannot be injected",
+        ) from None
+    except BaseException:
+        tracee.abandon()
+        raise
+    before = archmod.shown(arch, entry.regs)
+    interrupted = archmod.syscall_name(
+        arch, tracee.blocked_in if tracee.blocked_in is not None else entry.nr
+    )
+    log(f"syscall-entry stop: {entry.name}() at {arch.ip}={before[arch.ip]:#x}")
+
+    # 3. Place the block below the stack pointer, past the red zone, and swap the call.
+    sp = archmod.get_reg(entry.regs, arch.sp)
+    size = archmod.exec_block_size(arch, path, argv, envp)
+    base = archmod.scratch_base(arch, sp, size)
+    block = archmod.build_exec_block(arch, base, path, argv, envp)
+    saved: bytes | None = None
+    swapped = False
+    try:
+        if _mapping_holding(pid, base, base + size) is None:
+            raise EnvironmentFailure(
+                f"PID {pid}'s stack has no {size} writable bytes below {arch.sp}={sp:#x}",
+                "use a shorter init command line and environment",
+            )
+        saved = tracee.read_mem(base, size)
+        tracee.write_mem(base, block.data)
+        log(
+            f"wrote {size} bytes at {base:#x} ({arch.sp} - {sp - base}): path, "
+            f"{len(argv)} argv and {len(envp)} envp strings; the original bytes are saved"
+        )
+        swapped = True
+        tracee.set_regs(
+            archmod.substitute_execve(arch, entry.regs, block.path, block.argv, block.envp)
+        )
+        log(f"swapped {entry.name} ({entry.nr}) for execve ({arch.execve_nr}): {path}")
+    except BaseException:
+        _undo_at_entry(tracee, entry, base, saved, swapped)
+        raise
+
+    report = InjectionReport(
+        pid=pid,
+        arch=arch.name,
+        interrupted_syscall=interrupted,
+        registers_before=before,
+        registers_after={},
+        elapsed_ms=0.0,
+        replaced_syscall=entry.name,
+        reinjected_signals=tracee.reinjected,
+        scratch_address=base,
+        scratch_bytes=size,
+    )
+
+    # 4. Let execve run: an exec event, or its exit stop with an error.
+    try:
+        result = tracee.run_execve(time.monotonic() + EXECVE_TIMEOUT)
+    except TimeoutError:
+        raise EnvironmentFailure(
+            f"execve in PID {pid} did not return within {EXECVE_TIMEOUT:g} s",
+            "the target stays traced by us until this process exits; check the filesystem",
+        ) from None
+
+    if result is None:
+        # Success. The old image, our block with it, is gone: nothing to restore.
+        report.registers_after = archmod.shown(arch, tracee.get_regs())
+        log(f"exec event: PID {pid} now runs {path}")
+        tracee.detach()
+        report.elapsed_ms = (time.monotonic() - started) * 1000
+        return report
+
+    # Failure: the bytes back, then the registers as at the entry stop, rewound over the
+    # system call instruction so that the original call runs again after the detach.
+    error_name = _errno_name(-result)
+    log(f"execve failed with {error_name}: rolling back")
+    tracee.write_mem(base, saved)
+    tracee.set_regs(archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
+    report.registers_after = archmod.shown(arch, tracee.get_regs())
+    log(
+        f"restored {size} bytes and the registers; {arch.ip} "
+        f"{before[arch.ip]:#x} -> {report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
+        f"{entry.name}() will run again"
+    )
+    tracee.detach()
+    report.outcome = "rolled-back"
+    report.error = error_name
+    report.elapsed_ms = (time.monotonic() - started) * 1000
+    raise InjectionRolledBack(
+        f"execve({path}) failed in PID {pid} with {error_name}; PID {pid} was left as it was",
+        "check that the interpreter and the stage's files exist inside the target's root",
+        report,
+    )
+
+
+def _undo_at_entry(
+    tracee: _Tracee, entry: _Entry, base: int, saved: bytes | None, swapped: bool
+) -> None:
+    """Still at the entry stop: put back what we changed; the original call then runs."""
+    try:
+        if saved is not None:
+            tracee.write_mem(base, saved)
+        if swapped:
+            tracee.set_regs(archmod.restore_at_entry(tracee.arch, entry.regs, entry.nr))
+        tracee.detach()
+    except (OSError, EnvironmentFailure) as error:
+        tracee.log(f"undo at the entry stop failed ({error}); detaching as we exit")
