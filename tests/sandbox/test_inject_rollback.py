@@ -1,0 +1,133 @@
+"""A failed execve must leave PID 1 exactly as it was: it re-runs its own system call.
+
+Every target is PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from injector import arch as archmod
+from injector.ptrace import InjectionRolledBack, inject_execve
+from tests.sandbox.standin import EPOLL_ECHO, READ_ECHO, StandIn, syscall_in_progress
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace into a new PID namespace needs root"),
+]
+
+ARCH = archmod.host_arch()
+MISSING = "/nonexistent/dboot-rollback-test"
+
+
+def fail_to_inject(pid: int, log: Callable[[str], None] = lambda line: None) -> InjectionRolledBack:
+    """Inject an execve of a path that does not exist; return the rollback."""
+    with pytest.raises(InjectionRolledBack) as caught:
+        inject_execve(pid, MISSING, [MISSING, "--never"], ["DBOOT=1"], log)
+    return caught.value
+
+
+def test_failed_execve_rolls_back_so_read_reruns_100_times() -> None:
+    with StandIn(READ_ECHO) as init:
+        init.wait_blocked_in(archmod.syscall_number(ARCH, "read"))
+        before = init.pid
+        started = time.monotonic()
+        latencies = []
+        for round_ in range(100):
+            rolled = fail_to_inject(init.pid)
+            latencies.append(rolled.report.elapsed_ms)
+            # PID 1 gets exactly these bytes: no error, nothing lost or doubled.
+            message = f"ping {round_:03d};".encode()
+            assert init.echo(message) == message
+        total = time.monotonic() - started
+
+        report = rolled.report
+        assert init.pid == before and os.path.exists(f"/proc/{init.pid}")
+        assert rolled.exit_code == 2
+        assert report.outcome == "rolled-back" and report.error == "ENOENT"
+        assert report.interrupted_syscall == report.replaced_syscall == "read"
+        # The rewind: same stack, instruction pointer back over `syscall`, rax = read's
+        # number, orig_rax = -1 (no restart fix-ups), arguments as they were.
+        regs_before, regs_after = report.registers_before, report.registers_after
+        assert regs_after[ARCH.ip] == regs_before[ARCH.ip] - ARCH.syscall_insn_len
+        assert regs_after[ARCH.sp] == regs_before[ARCH.sp]
+        assert regs_after[ARCH.nr] == archmod.syscall_number(ARCH, "read")
+        assert all(regs_after[name] == regs_before[name] for name in ARCH.args[:3])
+        print(
+            f"\nrollback x100: {total:.2f} s total; injection {min(latencies):.2f}-"
+            f"{max(latencies):.2f} ms, mean {sum(latencies) / len(latencies):.2f} ms"
+        )
+        assert total < 30, f"100 rollbacks took {total:.1f} s"
+        assert syscall_in_progress(init.pid) == archmod.syscall_number(ARCH, "read")
+
+
+def test_rollback_restores_the_stack_bytes_it_borrowed() -> None:
+    with StandIn(READ_ECHO) as init:
+        init.wait_blocked_in(archmod.syscall_number(ARCH, "read"))
+        # Read the area the injector will borrow while PID 1 sleeps (it is not running, so
+        # the bytes are stable), then compare after the rollback.
+        sp = int(Path(f"/proc/{init.pid}/syscall").read_text().split()[-2], 16)
+        low = sp - 4096
+        with open(f"/proc/{init.pid}/mem", "rb") as mem:
+            mem.seek(low)
+            original = mem.read(4096)
+        rolled = fail_to_inject(init.pid)
+        assert low <= rolled.report.scratch_address < sp - ARCH.red_zone
+        with open(f"/proc/{init.pid}/mem", "rb") as mem:
+            mem.seek(low)
+            assert mem.read(4096) == original
+        assert init.echo(b"still here") == b"still here"
+
+
+def test_epoll_wait_sees_no_eintr_from_the_attach() -> None:
+    """epoll_wait answers a ptrace interrupt with EINTR (ptrace(2), BUGS); the injector
+    rewinds it at the interrupt stop, so PID 1 never sees the error."""
+    with StandIn(EPOLL_ECHO) as init:
+        init.wait_blocked_in(archmod.syscall_number(ARCH, "epoll_wait"))
+        for round_ in range(20):
+            log: list[str] = []
+            report = fail_to_inject(init.pid, log.append).report
+            assert report.interrupted_syscall == report.replaced_syscall == "epoll_wait"
+            assert any("rewound it to run again" in line for line in log), log
+            message = f"epoll {round_};".encode()
+            said = init.echo(message)
+            assert said == message, f"PID 1 saw {said!r}"
+
+
+@pytest.mark.parametrize("when", ["interrupt stop", "swapped"])
+def test_signals_arriving_during_injection_still_reach_pid1(when: str) -> None:
+    """SIGUSR1 sent while PID 1 is stopped under us: its handler must still run.
+
+    At the interrupt stop, the signal is delivered on the next resume: the injector sees
+    a signal-delivery-stop and hands the signal back. At the entry stop (after the swap),
+    it stays pending through the failed execve and arrives after the detach.
+    """
+    with StandIn(READ_ECHO) as init:
+        init.wait_blocked_in(archmod.syscall_number(ARCH, "read"))
+        sent: list[str] = []
+
+        def log(line: str) -> None:
+            if line.startswith(when) and not sent:
+                os.kill(init.pid, signal.SIGUSR1)
+                sent.append(line)
+
+        report = fail_to_inject(init.pid, log).report
+        assert sent, "the hook never fired"
+        said = init.echo(b"after the signal")
+        assert b"<usr1>" in said
+        if when == "interrupt stop":
+            assert report.reinjected_signals == ["SIGUSR1"]
+            # The handler's return (rt_sigreturn) was the next system call.
+            assert report.replaced_syscall == "rt_sigreturn"
+            # read() really was interrupted by a handled signal: EINTR is the truth here.
+            assert said.replace(b"<error 4>", b"") == b"<usr1>after the signal"
+        else:
+            assert report.reinjected_signals == []
+            # The restarted read() runs again after the handler, so no EINTR at all.
+            assert said == b"<usr1>after the signal"
