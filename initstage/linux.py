@@ -1,0 +1,181 @@
+"""Thin ctypes wrappers for the syscalls the stdlib lacks.
+
+Every wrapper raises ``OSError`` with the errno and a message that names the call and
+its path, e.g. ``[Errno 22] pivot_root('.', '.'): Invalid argument``. libc is loaded
+once, at import: the stage imports this module before the pivot, when the old root
+(and the libc file behind ``CDLL(None)``) is still reachable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# include/uapi/linux/mount.h
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+CLONE_NEWNS = 0x00020000
+
+# Magic numbers of include/uapi/linux/magic.h, for "is this already mounted here?".
+PROC_SUPER_MAGIC = 0x9FA0
+SYSFS_MAGIC = 0x62656572
+TMPFS_MAGIC = 0x01021994
+DEVPTS_SUPER_MAGIC = 0x1CD1
+RAMFS_MAGIC = 0x858458F6
+
+# Per-architecture syscall numbers. close_range is 436 in the generic table too.
+_SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {"pivot_root": 155, "close_range": 436},
+    "aarch64": {"pivot_root": 41, "close_range": 436},
+}
+MACHINE = os.uname().machine
+
+# Console and VT ioctls (include/uapi/linux/vt.h, kd.h, asm-generic/ioctls.h).
+VT_GETSTATE = 0x5603
+VT_ACTIVATE = 0x5606
+KDSETMODE = 0x4B3A
+KD_TEXT = 0x00
+TIOCSCTTY = 0x540E
+TIOCGDEV = 0x80045432
+
+# Reboot commands (include/uapi/linux/reboot.h).
+RB_POWER_OFF = 0x4321FEDC
+RB_AUTOBOOT = 0x01234567
+
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.reboot.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _fail(call: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def _b(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        raise _fail(f"mount({source!r} on {target!r}, type {fstype!r}, flags {flags:#x})")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    if _libc.umount2(_b(target), flags) != 0:
+        raise _fail(f"umount2({target!r}, {flags:#x})")
+
+
+def syscall_number(name: str) -> int:
+    try:
+        return _SYSCALLS[MACHINE][name]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"{name}: no syscall number known for {MACHINE}") from None
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = syscall_number("pivot_root")
+    if _libc.syscall(ctypes.c_long(number), _b(new_root), _b(put_old)) != 0:
+        raise _fail(f"pivot_root({new_root!r}, {put_old!r})")
+
+
+CLOSE_RANGE_CLOEXEC = 1 << 2
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) -> None:
+    """Close (or with ``cloexec`` mark close-on-exec) every fd in [first, last].
+
+    Kernels before 5.9 (close_range) or 5.11 (CLOSE_RANGE_CLOEXEC) get a loop instead.
+    """
+    number = syscall_number("close_range")
+    flags = CLOSE_RANGE_CLOEXEC if cloexec else 0
+    args = (ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
+    if _libc.syscall(ctypes.c_long(number), *args) == 0:
+        return
+    if ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL):
+        raise _fail(f"close_range({first}, {last:#x}, {flags:#x})")
+    for fd in range(first, min(last + 1, os.sysconf("SC_OPEN_MAX"))):
+        try:
+            if cloexec:
+                os.set_inheritable(fd, False)
+            else:
+                os.close(fd)
+        except OSError:
+            pass  # EBADF: not open
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        raise _fail(f"unshare({flags:#x})")
+
+
+def sync() -> None:
+    os.sync()
+
+
+def reboot(command: int) -> None:
+    if _libc.reboot(command) != 0:
+        raise _fail(f"reboot({command:#x})")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    if _libc.sethostname(raw, len(raw)) != 0:
+        raise _fail(f"sethostname({name!r})")
+
+
+def statfs_type(path: str) -> int:
+    """The filesystem magic of ``path`` (struct statfs starts with a long f_type)."""
+    buffer = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on 64-bit
+    if _libc.statfs(_b(path), buffer) != 0:
+        raise _fail(f"statfs({path!r})")
+    return int(ctypes.c_long.from_buffer(buffer).value)
+
+
+def ioctl_int(fd: int, request: int, arg: int, what: str) -> int:
+    """An ioctl taking an int argument; ``what`` names the device in the error."""
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as error:
+        raise OSError(error.errno, f"ioctl({what}, {request:#x}): {error.strerror}") from None
+
+
+def active_vt(fd: int) -> int:
+    """The number of the foreground VT (VT_GETSTATE fills struct vt_stat: 3 shorts)."""
+    try:
+        raw = fcntl.ioctl(fd, VT_GETSTATE, bytes(6))
+    except OSError as error:
+        raise OSError(error.errno, f"ioctl(VT_GETSTATE): {error.strerror}") from None
+    return int(struct.unpack("HHH", raw)[0])
+
+
+def tty_device(fd: int) -> tuple[int, int]:
+    """The (major, minor) of the real terminal behind ``fd``: /dev/console -> ttyS0, tty0 ..."""
+    raw = fcntl.ioctl(fd, TIOCGDEV, bytes(4))
+    device = struct.unpack("I", raw)[0]
+    return os.major(device), os.minor(device)

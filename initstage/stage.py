@@ -1,0 +1,567 @@
+"""The init stage: runs as PID 1 after the injected execve, and hands over to the image's init.
+
+Read top to bottom, :meth:`Stage.run` is the list of steps of the design. Two rules
+shape everything here:
+
+- **PID 1 never exits and never raises out of main.** If it does, the kernel panics
+  ("Attempted to kill init!"). Every failure ends in :meth:`Stage.recover`: a shell, or
+  failing that, a process that reaps children forever.
+- **Nothing is imported after the pivot.** The old root, which holds this interpreter's
+  stdlib, is detached by then (and the new root may hold a *different* Python at the same
+  paths). Every module is imported below, at the top; :class:`ImportGuard` logs any late
+  import before the pivot and refuses it after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, NoReturn
+
+from initstage import linux
+from initstage.console import Console, StageLog, retry_vt, take_console
+from initstage.plan import Plan, PlanError, read_plan
+from initstage.procs import KernelSignals, ProcTable, parse_stat, terminate_all
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
+STEPS = 8
+# How long to wait for SIGKILLed processes to be reaped before naming them and going
+# on. Anything still there after 2 s is stuck in the kernel and will not go faster.
+KILL_TIMEOUT = 2.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RECOVERY_SHELL = "/bin/sh"
+RESPAWN_DELAY = 1.0
+
+PROC_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+# (mount point, filesystem type, flags, options) in the order they must be mounted.
+API_MOUNTS = (
+    ("/proc", "proc", PROC_FLAGS, None),
+    ("/sys", "sysfs", PROC_FLAGS, None),
+    ("/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
+    # gid 5 is "tty" on Debian, Fedora and Alpine; systemd uses the same options.
+    ("/dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0620,gid=5,ptmxmode=0666"),
+)
+# The minimal /dev of a rehearsal: no host devices beyond the harmless ones.
+MINIMAL_DEV_NODES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+MINIMAL_DEV_LINKS = (
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+
+MIB = 1 << 20
+RLIMIT_LOCKS = 10  # include/uapi/asm-generic/resource.h; Python's resource module lacks it
+INF = resource.RLIM_INFINITY
+# The limits the kernel gives init at boot (include/asm-generic/resource.h, INIT_RLIMITS,
+# and fork_init() for NPROC/SIGPENDING), so the image's init starts as after a real boot
+# and not with whatever the old init set. Notably NOFILE is 1024:4096, not systemd's
+# 1024:524288: an init that wants more raises it itself (systemd does), and a soft limit
+# of 1024 keeps select()-based programs safe. MEMLOCK is 8 MiB since Linux 5.16.
+BOOT_RLIMITS: dict[int, tuple[int, int]] = {
+    resource.RLIMIT_CPU: (INF, INF),
+    resource.RLIMIT_FSIZE: (INF, INF),
+    resource.RLIMIT_DATA: (INF, INF),
+    resource.RLIMIT_STACK: (8 * MIB, INF),
+    resource.RLIMIT_CORE: (0, INF),
+    resource.RLIMIT_RSS: (INF, INF),
+    resource.RLIMIT_NOFILE: (1024, 4096),
+    resource.RLIMIT_MEMLOCK: (8 * MIB, 8 * MIB),
+    resource.RLIMIT_AS: (INF, INF),
+    RLIMIT_LOCKS: (INF, INF),
+    resource.RLIMIT_MSGQUEUE: (819200, 819200),
+    resource.RLIMIT_NICE: (0, 0),
+    resource.RLIMIT_RTPRIO: (0, 0),
+    resource.RLIMIT_RTTIME: (INF, INF),
+}
+THREAD_RLIMITS = (resource.RLIMIT_NPROC, resource.RLIMIT_SIGPENDING)  # threads-max / 2
+
+
+class StageError(Exception):
+    """A step cannot go on. The message names the cause."""
+
+
+class ImportGuard:
+    """A meta-path finder that sees every import the stage did not do up front."""
+
+    def __init__(self, log: StageLog) -> None:
+        self.log = log
+        self.sealed = False
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if self.sealed:
+            raise ImportError(
+                f"module {name} imported after the pivot; the stage must import it up front"
+            )
+        self.log(f"warning: late import of module {name}: the stage should import it up front")
+        return None  # let the normal finders load it while the old root is still there
+
+
+def running_as_machine_init() -> bool:
+    """True only for the PID 1 of the initial PID namespace: /proc is ours (self is 1) and
+    pid 2 is kthreadd. In any doubt, False: a sandbox is the careful answer."""
+    try:
+        if os.readlink("/proc/self") != "1":
+            return False
+        with open("/proc/2/stat", "rb") as kthreadd:
+            return parse_stat(2, kthreadd.read()).kernel_thread
+    except (OSError, ValueError):
+        return False
+
+
+def is_mounted(path: str) -> bool:
+    """A different filesystem than its parent's: true for every API filesystem we mount."""
+    try:
+        return os.stat(path).st_dev != os.stat(os.path.dirname(path.rstrip("/")) or "/").st_dev
+    except FileNotFoundError:
+        return False
+
+
+def is_mount_point(path: str) -> bool:
+    """Exactly a mount point, per /proc/self/mountinfo (a bind mount keeps its st_dev)."""
+    wanted = os.path.realpath(path)
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            mount_point = line.split()[4].decode("utf-8", "surrogateescape")
+            # mountinfo escapes space, tab, newline and backslash as \\ooo octal.
+            if _unescape_octal(mount_point) == wanted:
+                return True
+    return False
+
+
+def _unescape_octal(text: str) -> str:
+    parts = text.split("\\")
+    return parts[0] + "".join(chr(int(part[:3], 8)) + part[3:] for part in parts[1:])
+
+
+def describe_error(error: BaseException) -> list[str]:
+    """The error, then where it happened (innermost frames), without reading source files:
+    after the pivot the old root's sources are gone, and traceback would need linecache."""
+    lines = [f"{type(error).__name__}: {error}"]
+    frames: list[str] = []
+    trace: TracebackType | None = error.__traceback__
+    while trace is not None:
+        code = trace.tb_frame.f_code
+        frames.append(
+            f"  at {os.path.basename(code.co_filename)}:{trace.tb_lineno} in {code.co_name}"
+        )
+        trace = trace.tb_next
+    return lines + frames[-4:]
+
+
+def reset_signals() -> None:
+    """Default dispositions, then an empty mask: the old init's mask and ignored signals
+    survive execve (systemd blocks SIGTERM, SIGCHLD, SIGHUP ...), and must not reach the new."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        # Signals reserved by libc (32, 33) cannot be set, and need not be.
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def reset_rlimits(log: StageLog) -> None:
+    limits = dict(BOOT_RLIMITS)
+    try:
+        with open("/proc/sys/kernel/threads-max", "rb") as threads_max:
+            per_user = int(threads_max.read()) // 2
+        limits.update({limit: (per_user, per_user) for limit in THREAD_RLIMITS})
+    except (OSError, ValueError):
+        log("rlimits: no /proc/sys/kernel/threads-max: NPROC and SIGPENDING left as they are")
+    for limit, values in limits.items():
+        try:
+            resource.setrlimit(limit, values)
+        except (OSError, ValueError) as error:
+            log(f"warning: setrlimit({limit}, {values}) failed: {error}")
+
+
+class Stage:
+    """The steps, in order. Any exception leaves :meth:`run` and goes to :meth:`recover`."""
+
+    def __init__(self, plan_path: str, log: StageLog) -> None:
+        self.plan_path = plan_path
+        self.log = log
+        self.plan: Plan | None = None
+        self.console = Console()
+        # Known before anything can fail: recovery on the real machine differs.
+        self.machine_init = running_as_machine_init()
+        self.pivoted = False
+        self.old_root_fd: int | None = None  # to chroot back into the old root to recover
+        self.step_number = 0
+
+    def step(self, number: int, title: str) -> None:
+        self.step_number = number
+        self.log(f"step {number}/{STEPS}: {title}")
+
+    def run(self) -> NoReturn:
+        plan = self.read_and_check_plan()
+        self.step(2, f"console ({plan.console})")
+        self.console = take_console(plan.console, not self.machine_init, self.log)
+        self.step(3, f"sync, then end every other process (grace {plan.grace_seconds:g} s)")
+        self.terminate_everything(plan)
+        self.step(4, "hardware watchdog")
+        self.disarm_watchdog()
+        self.step(5, f"pivot_root into {plan.new_root}")
+        self.pivot(plan.new_root)
+        self.step(6, "API filesystems")
+        self.mount_api_filesystems(plan)
+        self.step(7, f"exec the image's init {plan.init_argv}")
+        self.exec_init(plan)
+
+    # Step 1 -------------------------------------------------------------------------
+    def read_and_check_plan(self) -> Plan:
+        self.step(1, f"read the plan {self.plan_path}")
+        self.log.open_kmsg()
+        self.plan = plan = read_plan(self.plan_path)
+        self.log(
+            f"plan: new root {plan.new_root}, init {plan.init_argv}, console {plan.console}, "
+            f"grace {plan.grace_seconds:g} s, api mounts {plan.api_mounts}, "
+            f"minimal /dev {plan.minimal_dev}"
+        )
+        if self.machine_init:
+            self.log("running as the machine's PID 1")
+        else:
+            self.isolate_sandbox()
+        return plan
+
+    def isolate_sandbox(self) -> None:
+        """PID 1 of a PID namespace (a rehearsal, a test). Take a mount namespace of our
+        own before any mount, so that neither the pivot nor a /proc mount can ever reach
+        a mount table shared with the host; then make sure /proc shows our namespace."""
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        proc_is_ours = os.path.isdir("/proc") and _readlink_or_none("/proc/self") == "1"
+        if not proc_is_ours:
+            linux.mount("proc", "/proc", "proc", PROC_FLAGS)
+        self.log(
+            "sandbox (PID 1 of a PID namespace): private mount namespace"
+            + ("" if proc_is_ours else ", /proc mounted for our PID namespace")
+        )
+
+    # Step 3 -------------------------------------------------------------------------
+    def terminate_everything(self, plan: Plan) -> None:
+        linux.sync()
+        report = terminate_all(
+            ProcTable(),
+            KernelSignals(),
+            grace=plan.grace_seconds,
+            kill_timeout=KILL_TIMEOUT,
+            log=self.log,
+            clock=time.monotonic,
+            sleep=time.sleep,
+        )
+        self.log(
+            f"{report.initial} processes at the start, SIGTERM phase"
+            f" {report.term_seconds * 1000:.1f} ms, {len(report.ignored_term)} needed SIGKILL,"
+            f" {len(report.survivors)} will not die, {report.reaped} reaped,"
+            f" {report.total_seconds * 1000:.1f} ms in all"
+        )
+        try:
+            retry_vt(self.console, self.log)
+        except OSError as error:
+            self.log(f"console: VT switch retry failed: {error}")
+
+    # Step 4 -------------------------------------------------------------------------
+    def disarm_watchdog(self) -> None:
+        """The old init's watchdog fd was close-on-exec: it closed without the magic 'V',
+        so an armed watchdog keeps counting and would reset the machine. Open, 'V', close.
+        A watchdog that is not running is left alone: opening it would start it."""
+        if not self.machine_init:
+            self.log("watchdog: a sandbox does not own the machine's watchdog: skipped")
+            return
+        if not os.path.exists("/dev/watchdog"):
+            self.log("watchdog: none")
+            return
+        sysfs = "/sys/class/watchdog/watchdog0"
+        if _read_text(f"{sysfs}/state") == "inactive":
+            self.log("watchdog: present but not running: left alone")
+            return
+        try:
+            fd = os.open("/dev/watchdog", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"V")
+            finally:
+                os.close(fd)
+        except OSError as error:
+            self.log(f"warning: watchdog: magic close failed ({error}): it may reset the machine")
+            return
+        if _read_text(f"{sysfs}/nowayout") == "1":
+            timeout = _read_text(f"{sysfs}/timeout") or "?"
+            self.log(
+                f"warning: watchdog has nowayout: the new init must ping it within {timeout} s"
+            )
+        else:
+            self.log("watchdog: magic close done, stopped")
+
+    # Step 5 -------------------------------------------------------------------------
+    def pivot(self, new_root: str) -> None:
+        if not os.path.isdir(new_root):
+            raise StageError(f"new root {new_root} is not a directory")
+        # Private first: pivot_root refuses shared mounts, and nothing we do from here on
+        # may propagate back into another mount namespace.
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        if not is_mount_point(new_root):
+            linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
+            self.log(f"{new_root} was not a mount point: bind-mounted onto itself")
+        self.old_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.chdir(new_root)
+        # The sys.modules we have is all we will ever have: seal the import system.
+        for finder in sys.meta_path:
+            if isinstance(finder, ImportGuard):
+                finder.sealed = True
+        try:
+            # pivot_root(".", ".") stacks the old root on top of the new one, so it
+            # needs no put_old directory in the image; umount2(".") then detaches it.
+            linux.pivot_root(".", ".")
+            linux.umount2(".", linux.MNT_DETACH)
+            how = "pivot_root, old root detached"
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            # EINVAL: the root is rootfs (an initramfs) or otherwise not pivotable. Do
+            # what switch_root does: move the new root over / and chroot into it.
+            linux.mount(".", "/", None, linux.MS_MOVE)
+            os.chroot(".")
+            how = f"pivot_root impossible ({error.strerror}): MS_MOVE + chroot"
+        os.chdir("/")
+        self.pivoted = True
+        linux.sync()
+        self.log(f"now in the new root ({how})")
+
+    # Step 6 -------------------------------------------------------------------------
+    def mount_api_filesystems(self, plan: Plan) -> None:
+        if not plan.api_mounts:
+            self.log("API filesystems: not mounted (api_mounts is false)")
+            return
+        done, skipped = [], []
+        for mount_point, fstype, flags, options in API_MOUNTS:
+            if is_mounted(mount_point):
+                skipped.append(mount_point)
+                continue
+            os.makedirs(mount_point, mode=0o755, exist_ok=True)
+            if mount_point == "/dev" and plan.minimal_dev:
+                self.mount_minimal_dev()
+                done.append("/dev (minimal)")
+                continue
+            linux.mount(fstype, mount_point, fstype, flags, options)
+            done.append(mount_point)
+        self.log(
+            f"mounted {', '.join(done) or 'nothing'}; already there: {', '.join(skipped) or 'none'}"
+        )
+
+    def mount_minimal_dev(self) -> None:
+        linux.mount(
+            "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=1m"
+        )
+        for name, major, minor in MINIMAL_DEV_NODES:
+            path = f"/dev/{name}"
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chmod(path, 0o666)  # mknod's mode went through the umask
+        for name, target in MINIMAL_DEV_LINKS:
+            os.symlink(target, f"/dev/{name}")
+        os.mkdir("/dev/pts", 0o755)
+        os.mkdir("/dev/shm", 0o1777)
+        os.chmod("/dev/shm", 0o1777)
+
+    # Step 7 -------------------------------------------------------------------------
+    def exec_init(self, plan: Plan) -> NoReturn:
+        init = plan.init_argv[0]
+        if not os.path.isfile(init) or not os.access(init, os.X_OK):
+            raise StageError(
+                f"the image's init {init} is missing or not executable in the new root"
+            )
+        self.log(f"exec {plan.init_argv}")
+        self.save_log()
+        self.exec_clean(plan.init_argv, plan.init_env)
+
+    def exec_clean(self, argv: list[str], extra_env: dict[str, str]) -> NoReturn:
+        """Hand the process over as a fresh init would find it: default signals, an empty
+        mask, boot rlimits, umask 022, a clean environment and only fds 0, 1 and 2."""
+        console_mode = self.plan.console if self.plan else "inherit"
+        env = {
+            "TERM": "linux" if console_mode == "vt" else os.environ.get("TERM", "linux"),
+            "PATH": DEFAULT_PATH,
+            **extra_env,
+        }
+        reset_rlimits(self.log)
+        os.umask(0o022)
+        if self.console.stdio is not None:
+            for fd in (0, 1, 2):
+                os.dup2(self.console.stdio, fd)
+        # Close-on-exec rather than close: fds leaked by the old init go away at execve,
+        # and if execve fails the log and the old root's fd are still there to recover.
+        linux.close_range(3, cloexec=True)
+        reset_signals()
+        os.execve(argv[0], argv, env)
+
+    # Step 8 -------------------------------------------------------------------------
+    def save_log(self) -> None:
+        """Copy the log into the new root: at its log_path once we stand in it, else
+        through its path from the old root."""
+        if self.plan is None:
+            return
+        path = self.plan.log_path
+        if not self.pivoted:
+            path = self.plan.new_root.rstrip("/") + path
+        try:
+            self.log.save(path)
+        except OSError as error:
+            self.log(f"warning: could not save the log to {path}: {error}")
+
+    def recover(self, error: BaseException) -> None:
+        """Name the failure, then give the operator a shell. Returns only if no shell
+        could be started at all; the caller then stays alive forever."""
+        if isinstance(error, PlanError | StageError):
+            self.log(f"FAILED at step {self.step_number}/{STEPS}: {error}")
+        else:
+            self.log(f"FAILED at step {self.step_number}/{STEPS}:")
+            for line in describe_error(error):
+                self.log(line)
+        self.step(8, "recovery shell")
+        if self.machine_init and self.console.stdio is None:
+            # It failed before step 2: our stdio is the old init's /dev/null.
+            self.console = take_console("vt", False, self.log)
+        self.save_log()
+        for where in self.recovery_roots():
+            if not self.enter_root(where):
+                continue
+            self.log(f"recovery shell {RECOVERY_SHELL} from the {where}")
+            if self.machine_init:
+                self.supervise_shell()
+            try:
+                self.exec_clean([RECOVERY_SHELL], {"PS1": "(dboot recovery) # "})
+            except OSError as exec_error:
+                self.log(f"recovery shell: {exec_error}")
+        self.log("no recovery shell could be started: staying alive as PID 1")
+
+    def recovery_roots(self) -> list[str]:
+        """The root we stand in first (its shell works: its libraries are there), then
+        the other one: after the pivot, the new root then the old; before it, the other
+        way round."""
+        if self.pivoted:
+            return ["new root", "old root"]
+        return ["old root", "new root"] if self.plan is not None else ["old root"]
+
+    def enter_root(self, where: str) -> bool:
+        try:
+            if where == "old root" and self.pivoted:
+                if self.old_root_fd is None:
+                    return False
+                os.fchdir(self.old_root_fd)
+                os.chroot(".")
+            elif where == "new root" and not self.pivoted and self.plan is not None:
+                os.chroot(self.plan.new_root)
+            os.chdir("/")
+        except OSError as error:
+            self.log(f"recovery: cannot enter the {where}: {error}")
+            return False
+        if os.access(RECOVERY_SHELL, os.X_OK):
+            return True
+        self.log(f"recovery: the {where} has no {RECOVERY_SHELL}")
+        return False
+
+    def supervise_shell(self) -> NoReturn:
+        """On the real machine, keep PID 1 and run the shell as a child: an operator who
+        types "exit" must get a new shell, not a kernel panic."""
+        while True:
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.setsid()
+                        linux.ioctl_int(0, linux.TIOCSCTTY, 0, "console")
+                    except OSError:
+                        pass  # no controlling terminal: the shell still works, without job control
+                    self.exec_clean([RECOVERY_SHELL], {"PS1": "(dboot recovery) # "})
+                while os.waitpid(-1, 0)[0] != pid:
+                    pass
+                self.log(f"recovery shell exited: starting another in {RESPAWN_DELAY:g} s")
+            except BaseException as error:  # PID 1 must outlive everything
+                if os.getpid() != 1:
+                    os._exit(127)  # the child could not exec: never run the parent's loop
+                self.log(f"recovery supervisor: {type(error).__name__}: {error}")
+            time.sleep(RESPAWN_DELAY)
+
+
+def _readlink_or_none(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, "rb") as text_file:
+            return text_file.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def stay_alive_forever() -> NoReturn:
+    """The last resort of PID 1: reap whatever dies, forever. Nothing gets out of here."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except BaseException:  # ECHILD, KeyboardInterrupt, anything at all
+            with contextlib.suppress(BaseException):
+                time.sleep(1.0)
+
+
+def refuse_unless_pid1() -> int | None:
+    """The very first check, before anything else happens: the stage kills every process
+    and pivots the root; as anything but PID 1 that would wreck the machine."""
+    if os.getpid() == 1:
+        return None
+    os.write(
+        2,
+        f"dboot-stage: refusing to run as pid {os.getpid()}: the init stage only runs as PID 1,"
+        " after dboot's injection (use `dboot rehearse` to try it safely)\n".encode(),
+    )
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    refusal = refuse_unless_pid1()
+    if refusal is not None:
+        return refusal
+    log = StageLog()
+    stage: Stage | None = None
+    try:
+        log.add_sink(2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-Alt-Del must not raise mid-step
+        sys.meta_path.insert(0, ImportGuard(log))
+        if len(argv) != 1:
+            raise StageError(f"usage: initstage PLAN_PATH (got {len(argv)} arguments)")
+        stage = Stage(argv[0], log)
+        stage.run()
+    except BaseException as error:  # PID 1 must never raise out of main
+        try:
+            if stage is None:
+                stage = Stage("", log)
+            stage.recover(error)
+        except BaseException as recovery_error:
+            with contextlib.suppress(BaseException):
+                log(f"recovery failed: {type(recovery_error).__name__}: {recovery_error}")
+    stay_alive_forever()
