@@ -65,7 +65,7 @@ class BuildError(Exception):
 
 
 @dataclass(frozen=True)
-class TestBed:
+class VmBed:
     """A built test bed. Boot ``disk`` through a copy-on-write overlay, never directly."""
 
     kernel: Path
@@ -432,13 +432,13 @@ def build_disk(base: Path, log: Log) -> tuple[Path, float]:
     return disk, time.monotonic() - started
 
 
-def build(log: Log = print) -> TestBed:
+def build(log: Log = print) -> VmBed:
     """Build (or reuse) both layers and return the bed. Raises BuildError."""
     check_requirements()
     with cache_lock():
         base, base_seconds = build_base(log)
         disk, disk_seconds = build_disk(base, log)
-    return TestBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds)
+    return VmBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds)
 
 
 def main() -> int:

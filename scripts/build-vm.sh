@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Build (or reuse from .cache/vm/) the QEMU test bed of tests/vm/, from the working tree as it is.
+#   scripts/build-vm.sh                 build only; prints the kernel and disk paths
+#   scripts/build-vm.sh --boot NAME     then boot scenario NAME with the console on stdout
+#                                       (smoke, switch-busybox, switch-systemd, recovery, none)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DBOOT_REHEARSAL_ONLY=1 # this host's lab mode; the guest unsets it for itself
+exec .venv/bin/python -m tests.vm.build "$@"

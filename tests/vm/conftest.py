@@ -1,0 +1,103 @@
+"""The VM tier's fixtures: the built test bed (once per session) and a timing report.
+
+The bed is built (or taken from the cache) by the first VM test; a machine that cannot build it
+(no qemu, no debootstrap, not root ...) FAILS every VM test with the install command: the VM
+tier is the proof that matters, so it never skips silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.vm import build
+from tests.vm.machine import ConsoleLine, Machine
+
+# Under TCG the first boot reaches multi-user.target in about 20 s here; CI machines are slower
+# and busier, so these are backstops, not expectations.
+BOOT_TIMEOUT = 240.0
+SWITCH_TIMEOUT = 240.0
+POWEROFF_TIMEOUT = 90.0
+READY = r"DBOOT-VM: ready scenario={scenario} uptime=(?P<uptime>[\d.]+)"
+
+
+@dataclass
+class Timing:
+    scenario: str
+    values: dict[str, float] = field(default_factory=dict)
+
+
+TIMINGS: list[Timing] = []
+
+
+@pytest.fixture(scope="session")
+def vm_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def log(text: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"build-vm: {text}")
+
+    try:
+        bed = build.build(log)
+    except build.BuildError as e:
+        pytest.fail(f"VM test bed: {e}", pytrace=False)
+    if bed.base_seconds or bed.disk_seconds:
+        TIMINGS.append(Timing("build", {"base": bed.base_seconds, "disk": bed.disk_seconds}))
+    return bed
+
+
+@pytest.fixture
+def vm_timing(request: pytest.FixtureRequest) -> Iterator[Timing]:
+    """Seconds a test measured, shown in the terminal summary and written to the cache."""
+    timing = Timing(request.node.name)
+    yield timing
+    if timing.values:
+        TIMINGS.append(timing)
+
+
+def wait_ready(vm: Machine, timing: Timing) -> ConsoleLine:
+    """Boot to the scenario unit's ready marker: systemd reached multi-user.target first."""
+    ready = vm.wait_for(READY.format(scenario=re.escape(vm.scenario)), BOOT_TIMEOUT)
+    reached = vm.find(r"Reached target .*(multi-user\.target|Multi-User System)")
+    assert reached is not None and reached.index < ready.index, (
+        "the ready marker came before systemd reported multi-user.target"
+    )
+    timing.values["boot_host_s"] = ready.seconds
+    timing.values["boot_guest_uptime_s"] = float(marker_value(ready, "uptime"))
+    return ready
+
+
+def marker_value(line: ConsoleLine, key: str) -> str:
+    """The value of ``key=VALUE`` in a marker line."""
+    found = re.search(rf"\b{key}=(\S+)", line.text)
+    assert found, f"no {key}= in console line: {line.text}"
+    return found.group(1)
+
+
+def assert_in_order(vm: Machine, after: int, patterns: list[str]) -> list[ConsoleLine]:
+    """Each pattern matches a console line, each after the previous one."""
+    found: list[ConsoleLine] = []
+    for pattern in patterns:
+        line = vm.find(pattern, after=after)
+        assert line is not None, vm.error(f"/{pattern}/ missing or out of order after line {after}")
+        found.append(line)
+        after = line.index
+    return found
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not TIMINGS:
+        return
+    terminalreporter.section("VM timings (seconds)")
+    for timing in TIMINGS:
+        values = ", ".join(f"{key} {value:.1f}" for key, value in timing.values.items())
+        terminalreporter.write_line(f"{timing.scenario}: {values}")
+    build.CACHE.mkdir(parents=True, exist_ok=True)
+    (build.CACHE / "timings.json").write_text(
+        json.dumps({t.scenario: t.values for t in TIMINGS}, indent=2) + "\n"
+    )

@@ -1,0 +1,260 @@
+"""Boot the test bed in QEMU and talk to its serial console.
+
+Each ``Machine`` boots the built disk through its own qcow2 overlay (the raw disk stays
+pristine, so scenarios cannot pollute each other) with the scenario on the kernel command line.
+The serial console is a unix socket that QEMU waits on before starting the CPU, so no byte is
+lost: a reader thread timestamps every line (host monotonic clock), appends it to
+``console.log`` and wakes whoever waits for a marker. Writing to the socket types on the console.
+
+Software emulation (TCG) by default, since CI has no usable KVM; ``DBOOT_VM_ACCEL=kvm`` overrides.
+QEMU is our child: on timeout or error it is killed by its own pid, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from tests.vm.build import VmBed
+
+# Kernel command line: root on the virtio disk, console on the first serial port, and a panic
+# (PID 1 dying, say) ends the VM at once instead of hanging until the timeout.
+KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 panic=1"
+ACCEL = os.environ.get("DBOOT_VM_ACCEL", "tcg")
+# systemd's status lines are coloured; markers are matched on the plain text.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+# Lines that mean the scenario cannot go on: stop waiting at once and show them.
+FATAL = re.compile(r"Kernel panic|DBOOT-VM: (switch-returned|finished)")
+
+
+class VmError(AssertionError):
+    """The machine did not do what a test waited for; the message carries the console's tail."""
+
+
+@dataclass(frozen=True)
+class ConsoleLine:
+    index: int  # position in the console, for "after this line" searches
+    seconds: float  # host seconds since QEMU was started
+    text: str
+
+
+class Machine:
+    """One QEMU boot of the test bed. Use as a context manager: it always kills QEMU on exit."""
+
+    def __init__(
+        self, bed: VmBed, scenario: str, workdir: Path, *, memory_mb: int = 2048, cpus: int = 2
+    ) -> None:
+        self.bed, self.scenario, self.workdir = bed, scenario, workdir
+        self.memory_mb, self.cpus = memory_mb, cpus
+        self.log_path = workdir / "console.log"
+        self.lines: list[ConsoleLine] = []
+        self._partial = b""
+        self._cond = threading.Condition()
+        self._closed = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._started = 0.0
+        # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+        self._sockdir = Path(tempfile.mkdtemp(prefix="dboot-vm-"))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def qemu_command(self, overlay: Path, console: Path) -> list[str]:
+        # Option/value pairs, one per line.
+        return [
+            "qemu-system-x86_64",
+            *("-accel", ACCEL),
+            *("-m", str(self.memory_mb)),
+            *("-smp", str(self.cpus)),
+            *("-nographic", "-monitor", "none", "-nic", "none", "-no-reboot"),
+            *("-kernel", str(self.bed.kernel)),
+            *("-initrd", str(self.bed.initrd)),
+            *("-append", f"{KERNEL_ARGS} dboot.test={self.scenario}"),
+            *("-drive", f"if=virtio,format=qcow2,file={overlay}"),
+            *("-chardev", f"socket,id=console,path={console},server=on,wait=on"),
+            *("-serial", "chardev:console"),
+        ]
+
+    def start(self) -> None:
+        overlay = self.workdir / "overlay.qcow2"
+        backing = ["-b", str(self.bed.disk), "-F", "raw"]
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(overlay)], check=True
+        )
+        console = self._sockdir / "console.sock"
+        stderr = (self.workdir / "qemu.stderr").open("wb")
+        self._started = time.monotonic()
+        self._proc = subprocess.Popen(
+            self.qemu_command(overlay, console),
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+        )
+        stderr.close()
+        self._sock = self._connect(console)
+        self._reader = threading.Thread(target=self._read_console, name="vm-console", daemon=True)
+        self._reader.start()
+
+    def _connect(self, path: Path) -> socket.socket:
+        """QEMU waits for us before running the guest: connect as soon as the socket exists."""
+        assert self._proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise VmError(
+                    f"QEMU exited at start (status {self._proc.returncode}): " + self._qemu_stderr()
+                )
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(path))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                time.sleep(0.05)
+        raise VmError(f"QEMU's console socket {path} did not appear within 30 s")
+
+    def stop(self) -> None:
+        """Kill QEMU if it still runs (our child, by pid), then release the socket."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=30)
+        if self._sock is not None:
+            self._sock.close()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+
+    # --- console ------------------------------------------------------------------------------
+
+    def _read_console(self) -> None:
+        assert self._sock is not None
+        with self.log_path.open("wb") as log:
+            while True:
+                try:
+                    chunk = self._sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                log.write(chunk)
+                log.flush()
+                with self._cond:
+                    if not chunk:
+                        self._add_line(self._partial)
+                        self._closed = True
+                        self._cond.notify_all()
+                        return
+                    *complete, self._partial = (self._partial + chunk).split(b"\n")
+                    for raw in complete:
+                        self._add_line(raw)
+                    self._cond.notify_all()
+
+    def _add_line(self, raw: bytes) -> None:
+        text = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace"))
+        self.lines.append(ConsoleLine(len(self.lines), time.monotonic() - self._started, text))
+
+    def send(self, text: str) -> None:
+        """Type on the serial console (use "\\r" for Enter, as a terminal does)."""
+        assert self._sock is not None
+        self._sock.sendall(text.encode())
+
+    def find(self, pattern: str, *, after: int = -1) -> ConsoleLine | None:
+        """The first console line after line ``after`` where ``pattern`` matches."""
+        regex = re.compile(pattern)
+        with self._cond:
+            return next((ln for ln in self.lines[after + 1 :] if regex.search(ln.text)), None)
+
+    def wait_for(
+        self,
+        pattern: str,
+        timeout: float,
+        *,
+        after: int = -1,
+        fatal: re.Pattern[str] | None = FATAL,
+    ) -> ConsoleLine:
+        """Wait for a console line matching ``pattern`` (after line ``after``).
+
+        Fails at once, with the console's tail, when the console closes (QEMU exited) or a line
+        matching ``fatal`` appears first (a kernel panic, a failed switch).
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        checked = after + 1
+        with self._cond:
+            while True:
+                for line in self.lines[checked:]:
+                    if regex.search(line.text):
+                        return line
+                    if fatal is not None and fatal.search(line.text):
+                        raise self.error(f"waiting for /{pattern}/, the console said: {line.text}")
+                checked = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self._closed:
+                    raise self.error(f"QEMU exited before /{pattern}/ appeared")
+                if remaining <= 0:
+                    raise self.error(f"/{pattern}/ did not appear within {timeout:.0f} s")
+                self._cond.wait(min(remaining, 1.0))
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the guest to power off (QEMU exits); kill it and fail on timeout."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise self.error(f"the machine did not power off within {timeout:.0f} s") from None
+
+    def text(self, *, after: int = -1) -> str:
+        with self._cond:
+            return "\n".join(line.text for line in self.lines[after + 1 :])
+
+    def error(self, what: str, tail: int = 40) -> VmError:
+        with self._cond:
+            last = "\n".join(f"    {line.text}" for line in self.lines[-tail:])
+        return VmError(
+            f"{what} (scenario {self.scenario}; full console: {self.log_path})\n"
+            f"  last {tail} console lines:\n{last}"
+        )
+
+    def _qemu_stderr(self) -> str:
+        path = self.workdir / "qemu.stderr"
+        return path.read_text(errors="replace").strip()[-500:] if path.exists() else ""
+
+
+def boot_interactively(bed: VmBed, scenario: str, timeout: float = 900) -> int:
+    """Boot one scenario with the console copied to stdout (for `build-vm.sh --boot`)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="dboot-vm-run-") as work,
+        Machine(bed, scenario, Path(work)) as vm,
+    ):
+        shown = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with vm._cond:
+                vm._cond.wait(1.0)
+                new, closed = vm.lines[shown:], vm._closed
+            for line in new:
+                print(f"[{line.seconds:7.2f}] {line.text}", flush=True)
+            shown += len(new)
+            if closed:
+                return vm.wait_exit(30)
+        print(f"build-vm: timeout after {timeout:.0f} s", file=sys.stderr)
+        return 1
