@@ -552,7 +552,7 @@ def _refuse_host_pid1_in_lab_mode(pid: int) -> None:
         )
 
 
-def _validate(path: str, argv: Sequence[str], envp: Sequence[str]) -> None:
+def _validate(arch: Arch, path: str, argv: Sequence[str], envp: Sequence[str]) -> None:
     if not path.startswith("/"):
         raise BadInput(f"execve path {path!r} is not absolute", "give the full path")
     if not argv:
@@ -560,6 +560,11 @@ def _validate(path: str, argv: Sequence[str], envp: Sequence[str]) -> None:
     for text in (path, *argv, *envp):
         if "\0" in text:
             raise BadInput(f"{text!r} contains a NUL byte", "remove it")
+    size = archmod.exec_block_size(arch, path, argv, envp)
+    if size > MAX_EXEC_BLOCK:
+        raise BadInput(
+            f"path, argv and envp take {size} bytes", f"keep them under {MAX_EXEC_BLOCK}"
+        )
 
 
 @contextlib.contextmanager
@@ -593,20 +598,14 @@ def inject_execve(
     Attach denied, already traced, no such process: EnvironmentFailure.
     """
     _refuse_host_pid1_in_lab_mode(pid)  # before any ptrace call, on purpose
-    _validate(path, argv, envp)
-    allowed, reason = check_attachable(pid)
-    if not allowed:
-        raise EnvironmentFailure(reason, "pick an untraced target you may ptrace")
     try:
         arch = archmod.host_arch()
     except archmod.UnsupportedArch as error:
         raise EnvironmentFailure(str(error)) from None
-
-    size = archmod.exec_block_size(arch, path, argv, envp)
-    if size > MAX_EXEC_BLOCK:
-        raise BadInput(
-            f"path, argv and envp take {size} bytes", f"keep them under {MAX_EXEC_BLOCK}"
-        )
+    _validate(arch, path, argv, envp)
+    allowed, reason = check_attachable(pid)
+    if not allowed:
+        raise EnvironmentFailure(reason, "pick an untraced target you may ptrace")
 
     tracee = _Tracee(pid, arch, log)
     started = time.monotonic()

@@ -1,0 +1,197 @@
+"""Injections that must be refused, and the checks that refuse them.
+
+Targets are PID 1 of PID namespaces the test creates, except in the lab-mode guard test,
+where the point is that PID 1 of this machine is refused before any ptrace call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from injector import ptrace
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.ptrace import (
+    InjectionRolledBack,
+    check_attachable,
+    inject_execve,
+    is_pid1_of_its_namespace,
+)
+from tests.sandbox import standin
+from tests.sandbox.standin import StandIn
+
+REPO = Path(__file__).resolve().parents[2]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and namespaces need root")
+
+
+def no_log(line: str) -> None:
+    pass
+
+
+# A tracer of our own: seizes the pid given as argv[1], says so, holds on until stdin closes.
+SEIZE_AND_HOLD = textwrap.dedent(
+    """
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+        sys.exit("seize failed: errno %d" % ctypes.get_errno())
+    print("seized", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+@pytest.mark.root
+@needs_root
+def test_already_traced_target_is_refused_and_left_alone() -> None:
+    with StandIn(standin.READ_ECHO) as init:
+        tracer = subprocess.Popen(
+            [sys.executable, "-I", "-c", SEIZE_AND_HOLD, str(init.pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert tracer.stdout is not None and tracer.stdout.readline() == b"seized\n"
+            allowed, reason = check_attachable(init.pid)
+            assert not allowed
+            assert reason.startswith(f"PID {init.pid} is already traced by PID {tracer.pid}")
+            with pytest.raises(EnvironmentFailure) as caught:
+                inject_execve(init.pid, "/bin/true", ["true"], [], no_log)
+            assert not isinstance(caught.value, InjectionRolledBack)
+            assert caught.value.exit_code == 2 and "already traced" in str(caught.value)
+        finally:
+            tracer.communicate(timeout=10)  # closes its stdin: it exits, the kernel detaches
+        # Our refusal and their detach changed nothing for PID 1.
+        assert init.echo(b"untouched") == b"untouched"
+        assert check_attachable(init.pid)[0]
+
+
+@pytest.mark.root
+@needs_root
+def test_missing_pid_is_refused() -> None:
+    beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # can never exist
+    assert check_attachable(beyond) == (False, f"no process with PID {beyond}")
+    assert check_attachable(0)[0] is False
+    with pytest.raises(EnvironmentFailure, match=f"no process with PID {beyond}"):
+        inject_execve(beyond, "/bin/true", ["true"], [], no_log)
+    assert not is_pid1_of_its_namespace(beyond)
+
+
+@pytest.mark.root
+@needs_root
+def test_pid1_of_its_namespace() -> None:
+    with StandIn(standin.WAIT4) as init:
+        child = int(Path(f"/proc/{init.pid}/task/{init.pid}/children").read_text().split()[0])
+        assert is_pid1_of_its_namespace(init.pid)
+        assert not is_pid1_of_its_namespace(child)  # PID 2 in there
+        assert not is_pid1_of_its_namespace(os.getpid())
+
+
+# Run as root but with CAP_SYS_PTRACE gone from the bounding set: check, then try to seize.
+WITHOUT_CAP_SYS_PTRACE = textwrap.dedent(
+    """
+    import sys
+    from injector import arch, ptrace
+    from injector.errors import EnvironmentFailure
+    pid = int(sys.argv[1])
+    print(ptrace.check_attachable(pid)[1])
+    try:
+        ptrace._Tracee(pid, arch.host_arch(), print).seize()
+    except EnvironmentFailure as error:
+        print(error)
+    """
+)
+
+
+@pytest.mark.root
+@needs_root
+def test_without_cap_sys_ptrace_attach_is_denied_and_named() -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_PTRACE")
+    with StandIn(standin.READ_ECHO) as init:
+        drop = [setpriv, "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"]
+        result = subprocess.run(
+            [*drop, sys.executable, "-c", WITHOUT_CAP_SYS_PTRACE, str(init.pid)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        check_line, seize_line = result.stdout.splitlines()
+        assert check_line == "no CAP_SYS_PTRACE: run as root"
+        # The kernel's own EPERM, mapped to a one-line cause and fix.
+        assert seize_line.startswith(f"attaching to PID {init.pid} was denied (EPERM): run as root")
+        assert init.echo(b"untouched") == b"untouched"
+
+
+# --- lab mode: this machine's PID 1 is refused before any ptrace call -------------------
+
+
+@pytest.fixture
+def ptrace_forbidden(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace the module's single ptrace entry point with one that records and refuses.
+
+    This is the one mock here, on purpose: letting the real call through would mean
+    ptracing the machine that runs the tests.
+    """
+    calls: list[int] = []
+
+    def refuse(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
+        calls.append(request)
+        raise AssertionError(f"ptrace request {request:#x} on PID {pid} reached the kernel")
+
+    monkeypatch.setattr(ptrace, "_ptrace", refuse)
+    return calls
+
+
+def test_lab_mode_refuses_host_pid1_via_env(
+    ptrace_forbidden: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DBOOT_REHEARSAL_ONLY", "1")
+    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", tmp_path / "absent")
+    with pytest.raises(SafetyRefusal) as caught:
+        inject_execve(1, "/bin/true", ["true"], [], no_log)
+    assert caught.value.exit_code == 3
+    assert "PID 1" in str(caught.value) and "lab mode" in str(caught.value)
+    assert ptrace_forbidden == []
+
+
+def test_lab_mode_refuses_host_pid1_via_flag_file(
+    ptrace_forbidden: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    flag = tmp_path / "rehearsal-only"
+    flag.touch()
+    monkeypatch.delenv("DBOOT_REHEARSAL_ONLY", raising=False)
+    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", flag)
+    with pytest.raises(SafetyRefusal):
+        inject_execve(1, "/bin/true", ["true"], [], no_log)
+    assert ptrace_forbidden == []
+
+
+def test_lab_mode_switches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Only the predicate: nothing is injected with lab mode off.
+    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", tmp_path / "absent")
+    for value, expected in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv("DBOOT_REHEARSAL_ONLY", value)
+        assert ptrace.lab_mode_on() is expected
+    monkeypatch.delenv("DBOOT_REHEARSAL_ONLY")
+    assert ptrace.lab_mode_on() is False
+
+
+def test_bad_exec_arguments_are_refused_before_attaching(ptrace_forbidden: list[int]) -> None:
+    pid = 2**22 + 1  # whatever: validation comes first
+    for path, argv in (("relative", ["x"]), ("/bin/true", []), ("/bin/\0true", ["x"])):
+        with pytest.raises(BadInput):
+            inject_execve(pid, path, argv, [], no_log)
+    with pytest.raises(BadInput, match="keep them under"):
+        inject_execve(pid, "/bin/true", ["x" * 70000], [], no_log)
+    assert ptrace_forbidden == []
