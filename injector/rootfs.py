@@ -1,0 +1,256 @@
+"""The RAM root: a tmpfs sized for the image, and the host files the new system needs.
+
+``RamRoot`` mounts a tmpfs at ``<state dir>/root`` (state dir mode 0700) with an explicit
+size, never the kernel's default of half the RAM. It is a context manager: any exception,
+Ctrl-C included, unmounts it and removes the directories it made; only ``keep()`` (called
+once the new init owns it) leaves it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from injector.errors import BadInput, EnvironmentFailure
+from injector.imageindex import INODE_BYTES
+
+MiB = 1 << 20
+MIN_HEADROOM = 64 * MiB  # logs, package caches and the like written in the first hours
+HEADROOM_FRACTION = 4  # ... or a quarter of the image, whichever is larger
+MNT_DETACH = 2
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# systemd-resolved's local stubs: useless once resolved is gone with the old userspace.
+STUB_RESOLVERS = ("127.0.0.53", "127.0.0.54")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def tmpfs_size_for(estimated_bytes: int) -> int:
+    """The tmpfs size for an image: the estimate plus headroom, in whole MiB."""
+    size = estimated_bytes + max(estimated_bytes // HEADROOM_FRACTION, MIN_HEADROOM)
+    return -(-size // MiB) * MiB
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1048576", "512M", "2G", "1.5G", "512MiB" (units are powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if match is None:
+        raise BadInput(f"size {text!r} is not understood", "write e.g. 1048576, 512M or 2G")
+    number, unit = match.groups()
+    size = int(float(number) * SIZE_UNITS[unit.upper()])
+    if size <= 0:
+        raise BadInput(f"size {text!r} is zero", "give a positive size such as 512M")
+    return size
+
+
+class RamRoot:
+    """A tmpfs at ``state_dir/"root"``; see the module docstring."""
+
+    def __init__(self, state_dir: Path, size_bytes: int) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / "root"
+        self.size_bytes = size_bytes
+        self._created: list[Path] = []  # directories we made, outermost first
+        self._mounted = False
+        self._kept = False
+
+    def __enter__(self) -> RamRoot:
+        self.mount()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._kept:
+            self.unmount()
+
+    def mount(self) -> None:
+        if os.geteuid() != 0:
+            raise EnvironmentFailure("mounting the RAM root needs root", "run dboot with sudo")
+        if self.size_bytes <= 0:
+            raise BadInput(
+                f"tmpfs size {self.size_bytes} is not positive", "give e.g. --tmpfs-size 1G"
+            )
+        try:
+            self._make_dirs()
+            if os.path.ismount(self.path):
+                raise EnvironmentFailure(
+                    f"{self.path} is already a mount point (a previous run?)",
+                    f"unmount it (umount {self.path}) or choose another --state-dir",
+                )
+            if any(self.path.iterdir()):
+                raise EnvironmentFailure(
+                    f"{self.path} is not empty", "empty it or choose another --state-dir"
+                )
+            options = f"size={self.size_bytes},mode=0755,uid=0,gid=0"
+            if _libc.mount(
+                b"dboot", bytes(self.path), b"tmpfs", ctypes.c_ulong(0), options.encode()
+            ):
+                number = ctypes.get_errno()
+                raise EnvironmentFailure(
+                    f"cannot mount a tmpfs on {self.path}: {os.strerror(number)}",
+                    "run as root on the host (CAP_SYS_ADMIN), or choose another --state-dir",
+                )
+            self._mounted = True
+        except BaseException:
+            self.unmount()
+            raise
+
+    def _make_dirs(self) -> None:
+        missing = []
+        for directory in (self.path, *self.path.parents):
+            if directory.exists() or directory.is_symlink():
+                break
+            missing.append(directory)
+        for directory in reversed(missing):
+            directory.mkdir(mode=0o700)
+            self._created.append(directory)
+        state = os.lstat(self.state_dir)
+        if not stat.S_ISDIR(state.st_mode) or state.st_uid != 0:
+            raise EnvironmentFailure(
+                f"{self.state_dir} is not a root-owned directory", "choose another --state-dir"
+            )
+        # The state dir holds the plan that PID 1 will execute: nobody else may write there.
+        os.chmod(self.state_dir, 0o700)
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise EnvironmentFailure(
+                f"{self.path} is not a directory", "choose another --state-dir"
+            )
+
+    def keep(self) -> None:
+        """The new init owns the tmpfs now: leaving the context must not unmount it."""
+        self._kept = True
+
+    def unmount(self) -> None:
+        """Unmount (if we mounted) and remove the directories we created. Idempotent."""
+        with _signals_deferred():
+            if self._mounted:
+                if _libc.umount2(bytes(self.path), 0) != 0:
+                    number = ctypes.get_errno()
+                    if number != errno.EINVAL:  # EINVAL: no longer mounted
+                        # Busy: detach it now; the kernel frees it with its last user.
+                        _libc.umount2(bytes(self.path), MNT_DETACH)
+                self._mounted = False
+            for directory in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            self._created.clear()
+
+    def used_bytes(self) -> int:
+        """What the tmpfs holds in RAM: its data pages (what ``df`` shows) plus the kernel's
+        per-inode charge (see ``injector.imageindex``)."""
+        usage = os.statvfs(self.path)
+        data = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+        return data + (usage.f_files - usage.f_ffree) * INODE_BYTES
+
+    def data_bytes(self) -> int:
+        """Only the data pages, as ``df`` reports them."""
+        usage = os.statvfs(self.path)
+        return (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """A second Ctrl-C must not interrupt the cleanup of the first."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Host files
+# ---------------------------------------------------------------------------------------
+
+
+def upstream_resolv_conf(
+    resolv_conf: Path = Path("/etc/resolv.conf"),
+    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+) -> bytes:
+    """The host's resolv.conf with real upstream servers: when it points at
+    systemd-resolved's local stub, resolved's own list of upstream servers instead."""
+    content = resolv_conf.read_bytes()
+    if _uses_stub(content):
+        with contextlib.suppress(OSError):
+            return resolved_upstream.read_bytes()
+    return content
+
+
+def _uses_stub(content: bytes) -> bool:
+    for line in content.decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver" and fields[1] in STUB_RESOLVERS:
+            return True
+    return False
+
+
+def add_host_files(
+    root: Path,
+    *,
+    etc: Path = Path("/etc"),
+    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+) -> list[str]:
+    """Give the new root this host's name, hosts table and upstream DNS servers.
+
+    The files are written inside ``root`` without following any symlink the image has
+    there (an image's ``/etc/resolv.conf`` is often a symlink into ``/run``: followed from
+    the host, it would write into the *host's* ``/run``). Returns the paths written.
+    """
+    try:
+        hostname = (etc / "hostname").read_bytes()
+    except FileNotFoundError:
+        hostname = socket.gethostname().encode() + b"\n"
+    files = {
+        "hostname": hostname,
+        "hosts": (etc / "hosts").read_bytes(),
+        "resolv.conf": upstream_resolv_conf(etc / "resolv.conf", resolved_upstream),
+    }
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        etc_fd = _open_etc(root_fd, root)
+        try:
+            for name, content in files.items():
+                _replace_file(etc_fd, name, content)
+        finally:
+            os.close(etc_fd)
+    finally:
+        os.close(root_fd)
+    return [f"/etc/{name}" for name in files]
+
+
+def _open_etc(root_fd: int, root: Path) -> int:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir("etc", 0o755, dir_fd=root_fd)
+    try:
+        return os.open("etc", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+    except OSError:
+        raise EnvironmentFailure(
+            f"{root}/etc is not a directory (a symlink?)", "use an image with a real /etc"
+        ) from None
+
+
+def _replace_file(dir_fd: int, name: str, content: bytes) -> None:
+    """Write ``name`` in ``dir_fd`` as a fresh regular file, then rename it into place:
+    an existing symlink is replaced, never followed."""
+    temporary = f".{name}.dboot"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary, dir_fd=dir_fd)
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd
+    )
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
+    os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
