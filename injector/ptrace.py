@@ -612,6 +612,12 @@ def inject_execve(
     try:
         with _signals_deferred():
             return _inject(tracee, path, argv, envp, started, entry_timeout)
+    except OSError as error:
+        # A ptrace request or /proc access the kernel refused half-way (the target died,
+        # memory vanished): name it. Whatever we had changed was undone on the way out.
+        raise EnvironmentFailure(
+            f"injecting into PID {pid} failed: {error}", "see the log for the last step"
+        ) from error
     finally:
         tracee.close()
 
@@ -698,25 +704,31 @@ def _inject(
 
     if result is None:
         # Success. The old image, our block with it, is gone: nothing to restore.
-        report.registers_after = archmod.shown(arch, tracee.get_regs())
         log(f"exec event: PID {pid} now runs {path}")
-        tracee.detach()
+        try:
+            report.registers_after = archmod.shown(arch, tracee.get_regs())
+        finally:
+            tracee.detach()
         report.elapsed_ms = (time.monotonic() - started) * 1000
         return report
 
-    # Failure: the bytes back, then the registers as at the entry stop, rewound over the
-    # system call instruction so that the original call runs again after the detach.
+    # Failure. Registers first, as at the entry stop but rewound over the system call
+    # instruction: they decide whether PID 1 sees an error, and with them it re-runs its
+    # own call instead. Then the bytes: below the red zone they are dead by the ABI, but
+    # they go back all the same so that nothing can tell we were there.
     error_name = _errno_name(-result)
     log(f"execve failed with {error_name}: rolling back")
-    tracee.write_mem(base, saved)
-    tracee.set_regs(archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
-    report.registers_after = archmod.shown(arch, tracee.get_regs())
-    log(
-        f"restored {size} bytes and the registers; {arch.ip} "
-        f"{before[arch.ip]:#x} -> {report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
-        f"{entry.name}() will run again"
-    )
-    tracee.detach()
+    try:
+        tracee.set_regs(archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
+        report.registers_after = archmod.shown(arch, tracee.get_regs())
+        tracee.write_mem(base, saved)
+        log(
+            f"restored the registers and {size} bytes; {arch.ip} {before[arch.ip]:#x} -> "
+            f"{report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
+            f"{entry.name}() will run again"
+        )
+    finally:
+        tracee.detach()
     report.outcome = "rolled-back"
     report.error = error_name
     report.elapsed_ms = (time.monotonic() - started) * 1000
@@ -732,10 +744,14 @@ def _undo_at_entry(
 ) -> None:
     """Still at the entry stop: put back what we changed; the original call then runs."""
     try:
-        if saved is not None:
-            tracee.write_mem(base, saved)
         if swapped:
             tracee.set_regs(archmod.restore_at_entry(tracee.arch, entry.regs, entry.nr))
-        tracee.detach()
+        if saved is not None:
+            tracee.write_mem(base, saved)
     except (OSError, EnvironmentFailure) as error:
-        tracee.log(f"undo at the entry stop failed ({error}); detaching as we exit")
+        tracee.log(f"undo at the entry stop failed: {error}")
+    finally:
+        try:
+            tracee.detach()
+        except OSError as error:
+            tracee.log(f"detach failed ({error}); the kernel detaches when we exit")

@@ -251,3 +251,10 @@ while True:
         pass
     os.getpid()
 """
+
+# Spinning in userspace without ever making a system call.
+SPIN = """\
+say("<ready>")
+while True:
+    pass
+"""

@@ -5,6 +5,7 @@ Every target is PID 1 of a PID namespace the test creates (tests/sandbox/standin
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from injector import arch as archmod
+from injector import ptrace
+from injector.errors import EnvironmentFailure
 from injector.ptrace import InjectionRolledBack, inject_execve
-from tests.sandbox.standin import EPOLL_ECHO, READ_ECHO, StandIn, syscall_in_progress
+from tests.sandbox.standin import EPOLL_ECHO, READ_ECHO, SPIN, StandIn, syscall_in_progress
 
 pytestmark = [
     pytest.mark.root,
@@ -131,3 +134,45 @@ def test_signals_arriving_during_injection_still_reach_pid1(when: str) -> None:
             assert report.reinjected_signals == []
             # The restarted read() runs again after the handler, so no EINTR at all.
             assert said == b"<usr1>after the signal"
+
+
+def tracer_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(
+        next(line for line in status.splitlines() if line.startswith("TracerPid:")).split()[1]
+    )
+
+
+def test_failure_at_the_entry_stop_undoes_the_swap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The register write that swaps in execve fails (provoked: the kernel would not fail it
+    here on its own). The injector puts back memory and registers and detaches; the
+    original read() then runs as if nothing happened."""
+    real_set_regs = ptrace._Tracee.set_regs
+    calls = []
+
+    def set_regs_failing_once(self: ptrace._Tracee, edit: archmod.RegisterEdit) -> None:
+        calls.append(edit)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "provoked PTRACE_SETREGSET failure")
+        real_set_regs(self, edit)
+
+    monkeypatch.setattr(ptrace._Tracee, "set_regs", set_regs_failing_once)
+    with StandIn(READ_ECHO) as init:
+        init.wait_blocked_in(archmod.syscall_number(ARCH, "read"))
+        log: list[str] = []
+        with pytest.raises(EnvironmentFailure, match="provoked") as caught:
+            inject_execve(init.pid, MISSING, [MISSING], [], log.append)
+        assert not isinstance(caught.value, InjectionRolledBack)
+        assert len(calls) == 2, "the undo must rewrite the saved registers"
+        assert tracer_of(init.pid) == 0
+        assert any(line.startswith("detached") for line in log), log
+        assert init.echo(b"as before") == b"as before"
+
+
+def test_target_that_makes_no_syscall_is_left_running() -> None:
+    with StandIn(SPIN) as init:
+        with pytest.raises(EnvironmentFailure, match=r"made no system call within 0\.3 s"):
+            inject_execve(init.pid, MISSING, [MISSING], [], lambda line: None, entry_timeout=0.3)
+        assert tracer_of(init.pid) == 0
+        state = Path(f"/proc/{init.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state == "R", f"PID 1 should still spin, it is in state {state}"
