@@ -95,7 +95,18 @@ class Finished:
     detail: str = ""
 
 
-Event = StepStarted | StepDone | StepFailed | Progress | Fact | Notice | Log | Injection | Console | Finished
+Event = (
+    StepStarted
+    | StepDone
+    | StepFailed
+    | Progress
+    | Fact
+    | Notice
+    | Log
+    | Injection
+    | Console
+    | Finished
+)
 
 
 def event_name(event: Event) -> str:
