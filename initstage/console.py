@@ -33,17 +33,35 @@ def _write_all(fd: int, data: bytes) -> None:
 class Kmsg:
     """Lines into the kernel log, reopening /dev/kmsg to stay under its rate limit."""
 
+    FLAGS = os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
     def __init__(self, path: str = "/dev/kmsg") -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        self.fd = os.open(path, self.FLAGS)
         self.written = 0
+        self.spares: list[int] = []
+
+    def stock_spares(self, count: int) -> None:
+        """Open spare fds while /dev/kmsg is reachable. After the pivot it is not, until
+        /dev is mounted again (and a minimal /dev has none): the lazily detached old
+        root no longer reaches its own /dev mount."""
+        while len(self.spares) < count:
+            self.spares.append(os.open(self.path, self.FLAGS))
+
+    def _reopen(self) -> int:
+        try:
+            return os.open(self.path, self.FLAGS)
+        except OSError:
+            if not self.spares:
+                raise
+            return self.spares.pop()
 
     def write(self, line: str) -> None:
         if self.written >= KMSG_BURST:
-            try:  # works before the pivot and after /dev is mounted again; else keep the old fd
-                fresh = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                fresh = self._reopen()
             except OSError:
-                pass
+                pass  # keep the old fd: lines may be rate-limited, the console still has them
             else:
                 os.close(self.fd)
                 self.fd, self.written = fresh, 0

@@ -41,6 +41,7 @@ KILL_TIMEOUT = 2.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RECOVERY_SHELL = "/bin/sh"
 RESPAWN_DELAY = 1.0
+KMSG_SPARES = 4
 
 PROC_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 # (mount point, filesystem type, flags, options) in the order they must be mounted.
@@ -325,6 +326,10 @@ class Stage:
             linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
             self.log(f"{new_root} was not a mount point: bind-mounted onto itself")
         self.old_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.log.kmsg is not None:
+            # Room for ~40 more lines (a failure and the recovery included).
+            with contextlib.suppress(OSError):
+                self.log.kmsg.stock_spares(KMSG_SPARES)
         os.chdir(new_root)
         # The sys.modules we have is all we will ever have: seal the import system.
         for finder in sys.meta_path:

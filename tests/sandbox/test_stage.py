@@ -1,0 +1,406 @@
+"""The init stage for real, as PID 1 of a fresh PID + mount namespace (never the host's).
+
+Each test builds a busybox root in a tmpfs that is mounted inside the test's own mount
+namespace, so nothing reaches the host's mount table: a wrapper shell (PID 1 of the new
+namespace) mounts the tmpfs, fills it, starts some "services", then execs the stage with
+``initstage.launch.stage_argv``. The stage's log arrives on stderr, the image init's
+output on stdout, each line time-stamped on arrival.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from initstage.launch import stage_argv
+from initstage.plan import Plan, write_plan
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, mounts"),
+]
+
+BUSYBOX = "/bin/busybox"
+FREEZER = Path("/sys/fs/cgroup/freezer")
+TMPFS_SOURCE = "dboot-stage-test"  # a name to find our mounts by, should one ever leak
+WRAPPER_MARK = "WRAPPER-EXECS-STAGE"
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class StageRun:
+    returncode: int
+    stdout: list[tuple[float, str]]  # (arrival time, line)
+    stderr: list[tuple[float, str]]
+    started: float
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def out(self) -> str:
+        return "\n".join(line for _, line in self.stdout)
+
+    @property
+    def err(self) -> str:
+        return "\n".join(line for _, line in self.stderr)
+
+    def arrival(self, pattern: str) -> float:
+        """When the first stdout line matching ``pattern`` arrived."""
+        for arrived, line in self.stdout:
+            if re.search(pattern, line):
+                return arrived
+        raise AssertionError(f"no stdout line matches {pattern!r}:\n{self.out}\n{self.err}")
+
+
+def build_busybox_tree(root: Path, *, with_shell: bool = True) -> None:
+    """A busybox-static root: relative applet symlinks, as scripts/build-tinybox.sh does."""
+    for directory in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+    for applet in applets.stdout.split():
+        if applet != "busybox" and (with_shell or applet not in ("sh", "ash")):
+            (root / "bin" / applet).symlink_to("busybox")
+
+
+@pytest.fixture(scope="session")
+def busybox_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not os.access(BUSYBOX, os.X_OK):
+        pytest.fail(f"{BUSYBOX} missing: apt-get install busybox-static")
+    tree = tmp_path_factory.mktemp("busybox") / "tree"
+    build_busybox_tree(tree)
+    return tree
+
+
+def host_mount_sources() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+def _pump(stream, sink: list[tuple[float, str]]) -> None:
+    for raw in iter(stream.readline, b""):
+        sink.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip("\n")))
+
+
+def run_stage(
+    tmp_path: Path,
+    tree: Path | None,
+    plan: Plan,
+    *,
+    before: str = "",
+    stdin: str = "",
+    python: str = sys.executable,
+    parent: str | None = None,
+    tamper: str = "",
+    timeout: float = 30.0,
+    while_running: object = None,
+) -> StageRun:
+    """Run the stage as PID 1 of a new PID+mount namespace and wait for the namespace to end.
+
+    ``before``: shell run by the wrapper (PID 1) before it execs the stage: start services.
+    ``tamper``: shell run on the plan file after it was written. ``while_running``: a
+    callable given the StageRun so far, called in a loop until it returns True (to thaw
+    a frozen process once the init is up, say).
+    """
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    root = Path(plan.new_root)
+    root.mkdir(exist_ok=True)
+    plan_path = state / "plan.json"
+    write_plan(plan, plan_path)
+    fill = f"cp -a {shlex.quote(str(tree))}/. {shlex.quote(str(root))}/" if tree else ":"
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(
+        "set -e\n"
+        f"mount -t tmpfs -o size=64m,mode=0755 {TMPFS_SOURCE} {shlex.quote(str(root))}\n"
+        f"{fill}\n"
+        f"{tamper}\n"
+        f"{before}\n"
+        f"echo {WRAPPER_MARK}\n"
+        f"exec {shlex.join(stage_argv(python, str(plan_path), parent=parent))}\n"
+    )
+    command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc"]
+    command += ["--propagation", "private", "--", "/bin/sh", str(wrapper)]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    run = StageRun(returncode=-1, stdout=[], stderr=[], started=started)
+    pumps = [
+        threading.Thread(target=_pump, args=(process.stdout, run.stdout), daemon=True),
+        threading.Thread(target=_pump, args=(process.stderr, run.stderr), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    try:
+        assert process.stdin is not None
+        process.stdin.write(stdin.encode())
+        process.stdin.close()
+        deadline = started + timeout
+        if callable(while_running):
+            while time.monotonic() < deadline and process.poll() is None:
+                if while_running(run):
+                    break
+                time.sleep(0.02)
+        run.returncode = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            # Our own unshare, by pid: --kill-child takes the namespace's PID 1 with it.
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        for pump in pumps:
+            pump.join(timeout=5)
+    assert TMPFS_SOURCE not in host_mount_sources(), "a test tmpfs leaked into the host"
+    run.log_lines = [line for _, line in run.stderr if "dboot-stage: " in line]
+    return run
+
+
+def plan_for(tmp_path: Path, init_argv: list[str], **overrides: object) -> Plan:
+    settings: dict[str, object] = {"grace_seconds": 1.0, "minimal_dev": True}
+    settings.update(overrides)
+    return Plan(new_root=str(tmp_path / "root"), init_argv=init_argv, **settings)  # type: ignore[arg-type]
+
+
+SERVICES = "sleep 1000 & sleep 1000 & (sleep 1000; echo never) & sleep 1000 &\n"
+
+
+def step_numbers(lines: list[str]) -> list[int]:
+    return [int(match.group(1)) for line in lines if (match := re.search(r"step (\d)/8", line))]
+
+
+@pytest.mark.parametrize("python", [sys.executable, DEBIAN_PYTHON], ids=["venv", "debian"])
+def test_stage_execs_the_image_init_as_pid1(tmp_path: Path, busybox_tree: Path, python: str):
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"{python} missing: the stage must run on Debian's python3 too")
+    init = (
+        "echo pid=$$; tr '\\0' ' ' < /proc/1/cmdline; echo; echo pids: /proc/[0-9]*;"
+        " echo mounts:; cut -d' ' -f5 /proc/self/mountinfo; echo log:; cat /var/log/dboot.log"
+    )
+    kmsg = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    os.lseek(kmsg, 0, os.SEEK_END)
+    try:
+        run = run_stage(
+            tmp_path,
+            busybox_tree,
+            plan_for(tmp_path, ["/bin/sh", "-c", init]),
+            before=SERVICES,
+            python=python,
+        )
+        kernel_log = read_kmsg(kmsg)
+    finally:
+        os.close(kmsg)
+    assert run.returncode == 0, run.err
+    out = run.out
+    assert "pid=1" in out
+    assert f"/bin/sh -c {init}" in out, "PID 1 is not the image's /bin/sh"
+    # The wrapper's services are gone: only PID 1 itself is left in /proc.
+    assert "pids: /proc/1\n" in out + "\n"
+    mounts = out.split("mounts:\n")[1].split("log:\n")[0].split()
+    assert mounts == ["/", "/proc", "/sys", "/dev", "/dev/pts"], "the old root is still mounted"
+    saved_log = out.split("log:\n")[1]
+    assert step_numbers(saved_log.splitlines()) == [1, 2, 3, 4, 5, 6, 7]
+    assert step_numbers(run.log_lines) == [1, 2, 3, 4, 5, 6, 7]
+    assert "5 processes at the start" in run.err  # 4 sleeps and a subshell
+    assert "late import" not in run.err, "the stage imported a module after starting"
+    # Every step also reached the kernel log, in order.
+    assert step_numbers(kernel_log) == [1, 2, 3, 4, 5, 6, 7], kernel_log
+
+
+def read_kmsg(fd: int) -> list[str]:
+    """dboot-stage records that arrived in the kernel log after ``fd`` was positioned."""
+    records: list[str] = []
+    while True:
+        try:
+            record = os.read(fd, 8192).decode("utf-8", "replace")
+        except BlockingIOError:
+            return records
+        except BrokenPipeError:  # EPIPE: overwritten while we read; keep going
+            continue
+        message = record.split(";", 1)[-1].strip()
+        if message.startswith("dboot-stage: "):
+            records.append(message)
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(
+    tmp_path: Path, busybox_tree: Path
+):
+    grace = 0.5
+    stubborn = "sh -c 'trap \"\" TERM; exec sleep 1000' &\nsleep 0.1\n"
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/echo", "INIT-UP"], grace_seconds=grace),
+        before=SERVICES + stubborn,
+    )
+    assert run.returncode == 0, run.err
+    assert re.search(
+        r"1 still running after the 0\.5 s grace period, SIGKILL: pid \d+ \(sleep\)", run.err
+    ), run.err
+    term_ms = float(re.search(r"SIGTERM phase ([\d.]+) ms", run.err).group(1))  # type: ignore[union-attr]
+    total_ms = float(re.search(r"([\d.]+) ms in all", run.err).group(1))  # type: ignore[union-attr]
+    downtime = run.arrival("INIT-UP") - run.arrival(WRAPPER_MARK)
+    print(
+        f"\nSIGTERM phase {term_ms:.1f} ms, kill step {total_ms:.1f} ms, init up {downtime:.3f} s"
+    )
+    assert grace * 1000 <= term_ms < grace * 1000 + 50
+    assert total_ms < grace * 1000 + 100, "SIGKILL did not end it promptly"
+    assert grace <= downtime < grace + 1.0
+
+
+@pytest.mark.skipif(
+    not (FREEZER / "freezer.state").exists() and not FREEZER.is_dir(),
+    reason="no cgroup v1 freezer to make an unkillable process; the naming "
+    "logic is covered by tests/unit/test_stage_procs.py",
+)
+def test_a_process_that_cannot_die_is_named_and_the_stage_goes_on(
+    tmp_path: Path, busybox_tree: Path
+):
+    # A task frozen by the cgroup v1 freezer sits in D state and ignores even SIGKILL
+    # until thawed: a real stand-in for a process stuck on dead NFS.
+    group = FREEZER / f"dboot-stage-test-{os.getpid()}"
+    group.mkdir()
+    freeze = (
+        f"sleep 1000 & echo $! > {group}/cgroup.procs; echo FROZEN > {group}/freezer.state\n"
+        f"while ! grep -q FROZEN {group}/freezer.state; do sleep 0.01; done\n"
+    )
+
+    def thaw_once_init_is_up(run: StageRun) -> bool:
+        if any("INIT-UP" in line for _, line in run.stdout):
+            (group / "freezer.state").write_text("THAWED\n")
+            return True
+        return False
+
+    try:
+        run = run_stage(
+            tmp_path,
+            busybox_tree,
+            plan_for(tmp_path, ["/bin/sh", "-c", "echo INIT-UP; sleep 0.2"], grace_seconds=0.2),
+            before=freeze,
+            while_running=thaw_once_init_is_up,
+        )
+    finally:
+        (group / "freezer.state").write_text("THAWED\n")
+        deadline = time.monotonic() + 10
+        while group.exists():
+            try:
+                group.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    assert run.returncode == 0, run.err
+    assert re.search(r"will not die, going on without it: pid \d+ \(sleep\) state D", run.err), (
+        run.err
+    )
+    assert "1 will not die" in run.err
+    assert "INIT-UP" in run.out
+
+
+TAMPERING = {
+    "world-writable": ("chmod 0646 {plan}", "group- or world-writable"),
+    "wrong-owner": ("chown 65534 {plan}", "owned by uid 65534"),
+    "unknown-version": (
+        'sed -i \'s/"version": 1/"version": 2/\' {plan}',
+        "plan version 2 is unknown",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(TAMPERING))
+def test_a_tampered_plan_is_refused_and_a_recovery_shell_opens(
+    tmp_path: Path, busybox_tree: Path, how: str
+):
+    command, reason = TAMPERING[how]
+    plan_path = tmp_path / "state" / "plan.json"
+    service_pid = tmp_path / "service.pid"  # the service must survive: the stage does nothing
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh"]),
+        before=f"sleep 1000 & echo $! > {service_pid}",
+        tamper=command.format(plan=plan_path),
+        stdin=f"echo RECOVERY-MARKER pid=$$; kill -0 $(cat {service_pid}) && echo SERVICE-ALIVE\n",
+    )
+    assert "FAILED at step 1/8" in run.err and reason in run.err, run.err
+    assert "recovery shell /bin/sh from the old root" in run.err
+    assert "RECOVERY-MARKER pid=1" in run.out
+    assert "SERVICE-ALIVE" in run.out, "the stage acted on a plan it refused"
+    assert 2 not in step_numbers(run.log_lines)
+
+
+def test_a_missing_init_opens_the_new_roots_shell(tmp_path: Path, busybox_tree: Path):
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/sbin/no-such-init"]),
+        before=SERVICES,
+        stdin="echo RECOVERY-MARKER pid=$$ exe=$(readlink /proc/1/exe); cat /var/log/dboot.log\n",
+    )
+    assert "the image's init /sbin/no-such-init is missing" in run.err
+    assert "recovery shell /bin/sh from the new root" in run.err
+    assert "RECOVERY-MARKER pid=1 exe=/bin/busybox" in run.out, run.out + run.err
+    assert "FAILED at step 7/8" in run.out, "the log in the new root lacks the failure"
+    assert run.returncode == 0
+
+
+def test_without_a_shell_in_the_new_root_recovery_uses_the_old_root(tmp_path: Path):
+    # The new root is an empty tmpfs: no init, no /bin/sh. The stage chroots back into the
+    # detached old root (through the fd it kept) and runs the host's /bin/sh there.
+    run = run_stage(
+        tmp_path,
+        None,
+        plan_for(tmp_path, ["/sbin/init"]),
+        stdin="echo RECOVERY-MARKER pid=$$; test -x /usr/bin/dpkg && echo OLD-ROOT\n",
+    )
+    assert "the new root has no /bin/sh" in run.err, run.err
+    assert "recovery shell /bin/sh from the old root" in run.err
+    assert "RECOVERY-MARKER pid=1" in run.out and "OLD-ROOT" in run.out, run.out + run.err
+
+
+def test_a_stage_that_cannot_be_imported_still_leaves_pid1_alive(tmp_path: Path, busybox_tree):
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh"]),
+        parent=str(tmp_path / "no-initstage-here"),
+        stdin="echo RECOVERY-MARKER pid=$$\n",
+    )
+    assert "cannot load the init stage: ModuleNotFoundError" in run.err, run.err
+    assert "RECOVERY-MARKER pid=1" in run.out
+
+
+def test_no_api_mounts_leaves_the_new_root_bare(tmp_path: Path, busybox_tree: Path):
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh", "-c", "echo in: /proc/*"], api_mounts=False),
+    )
+    assert run.returncode == 0, run.err
+    assert "in: /proc/*" in run.out, "something was mounted on /proc"
+    assert "API filesystems: not mounted" in run.err
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """After each test the namespace is gone: no process of ours runs a stage any more."""
+    yield
+    mine = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_leftover(int(pid))]
+    assert not mine, f"leftover stage processes: {mine}"
+
+
+def _is_leftover(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"initstage.stage" in cmdline or TMPFS_SOURCE.encode() in cmdline
