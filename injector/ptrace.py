@@ -312,6 +312,7 @@ class _Tracee:
         self.reinjected: list[str] = []
         self._mem_fd: int | None = None
         self._have_syscall_info = True
+        self._interrupt_seen = False
         self._next_syscall_stop_is_entry = True  # parity, for kernels without syscall info
 
     # -- attach, wait, resume, detach
@@ -458,7 +459,9 @@ class _Tracee:
         if stop.event != PTRACE_EVENT_EXEC:
             self._next_syscall_stop_is_entry = True  # any other stop happens outside a call
         if stop.event == PTRACE_EVENT_STOP and stop.signal == signal.SIGTRAP:
-            self._at_interrupt_stop()
+            if not self._interrupt_seen:  # ours is reported once; look at it only then
+                self._interrupt_seen = True
+                self._at_interrupt_stop()
             return 0
         if stop.event == PTRACE_EVENT_STOP:
             self.log(f"group-stop ({_signal_name(stop.signal)}): resuming")
@@ -516,9 +519,12 @@ class _Tracee:
 
     def run_execve(self, deadline: float) -> int | None:
         """Let the swapped call run. None: exec happened. Else execve's (negative) return."""
+
+        def exec_or_syscall_exit(stop: _Stop) -> bool:
+            return stop.is_syscall or stop.event == PTRACE_EVENT_EXEC
+
         self.resume()
-        wanted = lambda stop: stop.is_syscall or stop.event == PTRACE_EVENT_EXEC  # noqa: E731
-        stop = self._step_over_until(wanted, deadline)
+        stop = self._step_over_until(exec_or_syscall_exit, deadline)
         if stop.event == PTRACE_EVENT_EXEC:
             return None
         info = self.syscall_info()
@@ -634,8 +640,8 @@ def _inject(
 
     # 1-2. Seize and reach a syscall entry. Nothing of ours is in the target yet, so any
     # failure here only needs a detach.
-    tracee.seize()
     try:
+        tracee.seize()
         entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
     except TimeoutError:
         tracee.abandon()

@@ -92,8 +92,9 @@ def test_epoll_wait_sees_no_eintr_from_the_attach() -> None:
     """epoll_wait answers a ptrace interrupt with EINTR (ptrace(2), BUGS); the injector
     rewinds it at the interrupt stop, so PID 1 never sees the error."""
     with StandIn(EPOLL_ECHO) as init:
-        init.wait_blocked_in(archmod.syscall_number(ARCH, "epoll_wait"))
         for round_ in range(20):
+            # Blocked in it, not on its way back there after the last echo.
+            init.wait_blocked_in(archmod.syscall_number(ARCH, "epoll_wait"))
             log: list[str] = []
             report = fail_to_inject(init.pid, log.append).report
             assert report.interrupted_syscall == report.replaced_syscall == "epoll_wait"
