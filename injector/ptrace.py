@@ -340,7 +340,7 @@ class _Tracee:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"PID {self.pid} did not stop in time")
             time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 2, 0.002)
         stop = _Stop(status)
         if stop.gone:
             self.attached = self.stopped = False
