@@ -14,7 +14,11 @@ Two ways in, one result (the tree ``docker export`` of the image would give):
   directories, walked with directory fds and copied with ``sendfile`` (no user-space
   buffers); hardlinks through an inode map; directory mtimes set last.
 * **apply-tars**: tar streams fed through a pipe in length-prefixed frames, one stream per
-  layer; Docker whiteouts (``.wh.NAME``, ``.wh..wh..opq``) honoured when asked.
+  layer. A plain tarball is extracted the way GNU tar ``-xp --xattrs --numeric-owner``
+  does. Docker layers (``docker_layers``) are applied the way dockerd applies them
+  (whiteouts ``.wh.NAME`` and ``.wh..wh..opq``; a hardlink entry's owner, mode and mtime
+  applied to the shared inode), then reduced to what ``docker export`` keeps (whole-second
+  mtimes, only ``EXPORT_XATTRS``).
 
 The parent half (``run_worker``) spawns ``python -I`` rather than forking, because the
 caller may have threads (the TUI), and reads the worker's JSON-line reports: progress,
@@ -321,7 +325,7 @@ def _copy_tree(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
 def _apply_tars(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
     root_fd = os.open(job["root"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     _enter_root(root_fd)
-    applier = _TarApplier(reporter, whiteouts=job["whiteouts"], skip=set(job["skip"]))
+    applier = _TarApplier(reporter, docker_layers=job["docker_layers"], skip=set(job["skip"]))
     framed = _FramedInput(0)
     for _ in range(job["streams"]):
         framed.start_stream()
@@ -631,9 +635,10 @@ class _TarApplier:
     an existing entry is replaced unless both are directories; parents are created when
     missing; owners are numeric; directory mtimes are set at the very end."""
 
-    def __init__(self, reporter: _Reporter, *, whiteouts: bool, skip: set[str]) -> None:
+    def __init__(self, reporter: _Reporter, *, docker_layers: bool, skip: set[str]) -> None:
         self._reporter = reporter
-        self._whiteouts = whiteouts
+        self._whiteouts = docker_layers
+        self._docker_layers = docker_layers
         self._skip = skip
         self._dir_times: dict[str, int] = {}
         self._created: set[str] = set()  # in the current layer, which opaque dirs keep
@@ -667,7 +672,7 @@ class _TarApplier:
         if path == "/":
             if member.isdir():
                 self._set_metadata("/", member)
-                self._dir_times["/"] = mtime_ns(member)
+                self._dir_times["/"] = self._mtime(member)
             return
         os.makedirs(posixpath.dirname(path), mode=0o755, exist_ok=True)
         existing = _lstat(path)
@@ -678,7 +683,7 @@ class _TarApplier:
             if existing is None:
                 os.mkdir(path, 0o700)
             self._set_metadata(path, member)
-            self._dir_times[path] = mtime_ns(member)
+            self._dir_times[path] = self._mtime(member)
             return
         if existing is not None:
             _remove(path)
@@ -695,6 +700,12 @@ class _TarApplier:
                 raise ArchiveError(
                     f"hardlink {path!r} points to {member.linkname!r}, which is not in the archive"
                 ) from None
+            if self._docker_layers:
+                # dockerd's applier (moby createTarFile) sets a link entry's metadata on the
+                # shared inode; its chown even clears a file capability set earlier.
+                self._set_metadata(path, member, link_to_symlink=_is_symlink(target))
+                if not _is_symlink(target):
+                    os.utime(path, ns=(self._mtime(member),) * 2)
             return
         if member.issym():
             os.symlink(member.linkname, path)
@@ -706,7 +717,7 @@ class _TarApplier:
         else:
             raise ArchiveError(f"{member.name!r} has an unsupported tar entry type {member.type!r}")
         self._set_metadata(path, member)
-        os.utime(path, ns=(mtime_ns(member),) * 2, follow_symlinks=False)
+        os.utime(path, ns=(self._mtime(member),) * 2, follow_symlinks=False)
 
     def _write_file(self, tar: StrictTar, member: Any, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -719,18 +730,28 @@ class _TarApplier:
                 self._reporter.progress(self.bytes)
             os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, member.mode & 0o7777)
-            for attribute, value in member_xattrs(member).items():
+            for attribute, value in self._xattrs(member).items():
                 _set_xattr(fd, attribute, value)
-            os.utime(fd, ns=(mtime_ns(member),) * 2)
+            os.utime(fd, ns=(self._mtime(member),) * 2)
         finally:
             os.close(fd)
 
-    def _set_metadata(self, path: str, member: Any) -> None:
+    def _set_metadata(self, path: str, member: Any, *, link_to_symlink: bool = False) -> None:
         os.chown(path, member.uid, member.gid, follow_symlinks=False)
-        if not member.issym():
-            os.chmod(path, member.mode & 0o7777)
-        for attribute, value in member_xattrs(member).items():
+        for attribute, value in self._xattrs(member).items():
             _set_xattr(path, attribute, value)
+        if not (member.issym() or link_to_symlink):
+            os.chmod(path, member.mode & 0o7777)
+
+    def _xattrs(self, member: Any) -> dict[str, bytes]:
+        found = member_xattrs(member)
+        if self._docker_layers:
+            return {key: value for key, value in found.items() if key in EXPORT_XATTRS}
+        return found
+
+    def _mtime(self, member: Any) -> int:
+        exact = mtime_ns(member)
+        return _whole_seconds(exact) if self._docker_layers else exact
 
     def _whiteout(self, path: str, base: str) -> None:
         parent = posixpath.dirname(path)
@@ -761,6 +782,11 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
     except NotADirectoryError:
         return None
+
+
+def _is_symlink(path: str) -> bool:
+    st = _lstat(path)
+    return st is not None and stat.S_ISLNK(st.st_mode)
 
 
 def _remove(path: str) -> None:

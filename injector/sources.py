@@ -350,7 +350,7 @@ class EngineSource(ImageSource):
                 context=f"copying {self.ref}",
             )
         with self._temporary_container() as container:
-            job = {"op": "apply-tars", "root": str(root), "streams": 1, "whiteouts": False}
+            job = {"op": "apply-tars", "root": str(root), "streams": 1, "docker_layers": False}
             return run_worker(
                 {**job, "skip": EXPORT_ONLY_FILES},
                 streams=[self._export(container)],
@@ -517,7 +517,7 @@ class DockerArchiveSource(ImageSource):
         job = {"op": "apply-tars", "root": str(root), "streams": len(self._layers)}
         try:
             return run_worker(
-                {**job, "whiteouts": True, "skip": []},
+                {**job, "docker_layers": True, "skip": []},
                 streams=(_chunks(stream) for stream in self._layer_streams()),
                 progress=report,
                 context=self.ref,
@@ -571,7 +571,7 @@ class RootfsSource(ImageSource):
 
     def _copy(self, root: Path, report: Callable[[int], None]) -> dict[str, Any]:
         with self._stream() as stream:
-            job = {"op": "apply-tars", "root": str(root), "streams": 1, "whiteouts": False}
+            job = {"op": "apply-tars", "root": str(root), "streams": 1, "docker_layers": False}
             try:
                 return run_worker(
                     {**job, "skip": []},
