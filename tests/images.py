@@ -145,11 +145,13 @@ def fidelity_tar(path: Path) -> None:
         info.devmajor, info.devminor = dev
         info.mtime = next(mtime) if when is None else int(str(when).split(".")[0])
         info.size = len(data) if kind == tarfile.REGTYPE else 0
-        for key, value in (xattrs or {}).items():
-            info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        pax = {
+            "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+            for k, v in (xattrs or {}).items()
+        }
         if isinstance(when, str):  # sub-second: exact digits, no float rounding
-            info.mtime = int(when.split(".")[0])
-            info.pax_headers["mtime"] = when
+            pax["mtime"] = when
+        info.pax_headers = pax
         tar.addfile(info, io.BytesIO(data) if info.size else None)
 
     dirs = ["bin", "etc", "usr", "usr/bin", "data", "odd", "dev", "empty-dir", "deep"]
@@ -255,8 +257,17 @@ def debootstrap_tarball() -> Path:
         )
         partial = Path(work) / "tree.tar"
         subprocess.run(
-            ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-C", str(tree)]
-            + ["-cf", str(partial), "."],
+            [
+                "tar",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "-C",
+                str(tree),
+                "-cf",
+                str(partial),
+                ".",
+            ],
             check=True,
         )
         partial.rename(cached)
