@@ -1,0 +1,229 @@
+"""The stage's pieces that run anywhere: the log, the import guard, the launcher, the
+error formatting, and the refusal to run outside PID 1 (safe on the host: it is the very
+first check, before anything happens)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import initstage
+from initstage import console, linux, stage
+from initstage.launch import INTERPRETER_FLAGS, package_parent, stage_argv, stage_files
+from initstage.plan import Plan, write_plan
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+# The log ------------------------------------------------------------------------------
+def test_log_lines_are_prefixed_timestamped_and_replayed_to_a_late_sink(tmp_path: Path):
+    ticks = iter([10.0, 10.25, 11.5])
+    log = console.StageLog(clock=lambda: next(ticks))
+    log("first")
+    read_end, write_end = os.pipe()
+    try:
+        log.add_sink(write_end)
+        log("second")
+        assert os.read(read_end, 4096).decode() == (
+            "dboot-stage: +0.250s first\ndboot-stage: +1.500s second\n"
+        )
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_broken_sink_never_breaks_logging():
+    log = console.StageLog()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # EPIPE on every write (Python ignores SIGPIPE)
+    log.add_sink(write_end)
+    log.sinks.append(9999)  # EBADF
+    log("still fine")
+    os.close(write_end)
+    assert log.lines[-1].endswith("still fine")
+
+
+def test_save_appends_only_the_lines_not_saved_yet(tmp_path: Path):
+    log = console.StageLog()
+    target = tmp_path / "var" / "log" / "dboot.log"
+    log("one")
+    log.save(str(target))
+    log("two")
+    log.save(str(target))
+    lines = target.read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == ["one", "two"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_kmsg_reopens_for_a_fresh_rate_limit_budget_and_uses_spares(tmp_path: Path):
+    # A regular file stands in for /dev/kmsg: the real one is rate-limited per open file.
+    fake_kmsg = tmp_path / "kmsg"
+    fake_kmsg.touch()
+    kmsg = console.Kmsg(str(fake_kmsg))
+    first_fd = kmsg.fd
+    for number in range(console.KMSG_BURST + 1):
+        kmsg.write(f"line {number}")
+    assert kmsg.fd != first_fd and kmsg.written == 1
+    # The 11th record went through a fresh open (at offset 0 of this plain file).
+    written = fake_kmsg.read_bytes()
+    assert written.startswith(b"<5>line 10") and written.endswith(b"<5>line 8<5>line 9")
+    kmsg.stock_spares(2)
+    spares = list(kmsg.spares)
+    fake_kmsg.unlink()  # as after the pivot: the path no longer opens
+    for number in range(console.KMSG_BURST):
+        kmsg.write(f"more {number}")
+    assert kmsg.fd == spares[-1] and kmsg.spares == spares[:1]
+
+
+# The import guard ----------------------------------------------------------------------
+def test_import_guard_logs_late_imports_then_refuses_them_after_the_pivot():
+    log = console.StageLog()
+    guard = stage.ImportGuard(log)
+    sys.meta_path.insert(0, guard)
+    try:
+        with pytest.raises(ModuleNotFoundError):
+            __import__("dboot_no_such_module_before")
+        assert "late import of module dboot_no_such_module_before" in log.lines[-1]
+        guard.sealed = True
+        with pytest.raises(ImportError, match="imported after the pivot"):
+            __import__("dboot_no_such_module_after")
+    finally:
+        sys.meta_path.remove(guard)
+
+
+# Small helpers -------------------------------------------------------------------------
+def test_describe_error_names_the_frames_without_source_lines():
+    def failing() -> None:
+        raise OSError(22, "pivot_root('.', '.'): Invalid argument")
+
+    try:
+        failing()
+    except OSError as error:
+        lines = stage.describe_error(error)
+    assert lines[0] == "OSError: [Errno 22] pivot_root('.', '.'): Invalid argument"
+    assert lines[-1].startswith("  at test_stage_helpers.py:") and lines[-1].endswith(" in failing")
+    assert not any("raise OSError" in line for line in lines), "source lines need linecache"
+
+
+def test_mountinfo_octal_escapes_are_decoded():
+    assert stage._unescape_octal("/run/my\\040root\\011x") == "/run/my root\tx"
+    assert stage._unescape_octal("/plain") == "/plain"
+
+
+def test_syscall_errors_name_the_call_and_the_path(tmp_path: Path):
+    with pytest.raises(OSError) as caught:
+        linux.umount2(str(tmp_path / "not-mounted"))
+    assert caught.value.errno == errno.ENOENT
+    assert f"umount2('{tmp_path}/not-mounted', 0x0)" in str(caught.value)
+
+
+def test_statfs_type_reads_the_filesystem_magic():
+    assert linux.statfs_type("/proc") == linux.PROC_SUPER_MAGIC
+
+
+def test_close_range_cloexec_marks_without_closing():
+    fd = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        linux.close_range(fd, fd, cloexec=True)
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(fd)
+
+
+def test_boot_rlimits_are_valid_pairs():
+    for limit, (soft, hard) in stage.BOOT_RLIMITS.items():
+        infinite = stage.INF
+        assert hard == infinite or (soft != infinite and soft <= hard), limit
+
+
+# The launcher --------------------------------------------------------------------------
+def test_stage_argv_is_an_isolated_interpreter_running_the_bootstrap():
+    argv = stage_argv("/work/main/.venv/bin/python", "/run/dboot/plan.json")
+    assert argv[0] == os.path.realpath("/work/main/.venv/bin/python")
+    assert not os.path.islink(argv[0]), "a venv's python symlink must be resolved"
+    assert argv[1 : 1 + len(INTERPRETER_FLAGS)] == list(INTERPRETER_FLAGS)
+    assert {"-I", "-S"} <= set(argv)
+    assert argv[-3] == "-c" and argv[-1] == "/run/dboot/plan.json"
+    assert f"sys.path.append({package_parent()!r})" in argv[-2]
+    assert package_parent() == str(Path(initstage.__file__).resolve().parent.parent)
+
+
+def plan_file(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    write_plan(Plan(new_root=str(tmp_path / "root"), init_argv=["/sbin/init"]), state / "p.json")
+    return state / "p.json"
+
+
+@pytest.mark.parametrize("python", [sys.executable, DEBIAN_PYTHON], ids=["venv", "debian"])
+def test_the_stage_refuses_outside_pid_1_and_does_nothing(tmp_path: Path, python: str):
+    plan = plan_file(tmp_path)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    mounts_before = Path("/proc/self/mountinfo").read_text()
+    try:
+        done = subprocess.run(
+            stage_argv(python, str(plan)), capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 1
+        assert "refusing to run as pid" in done.stderr and "only runs as PID 1" in done.stderr
+        assert done.stdout == ""
+        assert sleeper.poll() is None, "a process was killed"
+        assert Path("/proc/self/mountinfo").read_text() == mounts_before
+        assert not (tmp_path / "root").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_python_m_initstage_refuses_too(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "initstage", str(plan_file(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=package_parent(),
+    )
+    assert done.returncode == 1 and "only runs as PID 1" in done.stderr
+
+
+def test_main_refuses_before_touching_anything(capfd: pytest.CaptureFixture[str]):
+    started = time.monotonic()
+    assert stage.main(["/nonexistent/plan.json"]) == 1
+    assert "refusing to run as pid" in capfd.readouterr().err
+    assert time.monotonic() - started < 1
+
+
+def test_stage_from_a_pipx_like_venv_of_debians_python(tmp_path: Path):
+    """A venv made by Debian's python (as pipx does), initstage in its site-packages: the
+    launcher points at that site-packages and the real interpreter, not the symlink."""
+    venv = tmp_path / "venv"
+    subprocess.run([DEBIAN_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    subprocess.run(["cp", "-r", str(Path(initstage.__file__).parent), str(site)], check=True)
+    argv = stage_argv(str(venv / "bin" / "python"), str(plan_file(tmp_path)), parent=str(site))
+    assert argv[0] == os.path.realpath(DEBIAN_PYTHON)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "only runs as PID 1" in done.stderr, done.stderr
+    files = stage_files(str(venv / "bin" / "python"), parent=str(site))
+    assert str(site / "initstage" / "stage.py") in files
+    assert not any("/work/main/" in path for path in files), "the checkout leaked in"
+
+
+def test_stage_files_lists_what_the_stage_process_needs():
+    files = stage_files()
+    stdlib = Path(os.__file__).parent
+    assert files == sorted(files) and all(Path(path).is_absolute() for path in files)
+    assert all(Path(path).exists() for path in files)
+    assert os.path.realpath(sys.executable) in files
+    assert str(Path(initstage.__file__).parent / "stage.py") in files
+    assert str(stdlib / "json" / "decoder.py") in files
+    assert any(Path(path).name.startswith("_ctypes") for path in files), "extension modules"
+    assert any(Path(path).name.startswith("libc.so") for path in files), "shared libraries"
+    assert not any("site-packages" in path for path in files), "the stage needs no site-packages"
