@@ -129,12 +129,26 @@ def test_ptrace_verdict_matches_a_real_attach_to_our_child() -> None:
         _stop(child)  # the trace ends with the tracee
 
 
+def _wait_for_children(pid: int, cmdline: bytes, count: int) -> None:
+    """Until ``count`` children of ``pid`` have exec'd ``cmdline`` (a forked shell first runs
+    as a copy of its parent)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        done = [c for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
+        if len(done) == count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the children of {pid} did not start in time")
+
+
 def test_a_namespace_target_lists_only_its_namespace() -> None:
     script = "sleep 120 & sleep 120 & echo ready; wait"
     unshare = _start(["unshare", "--pid", "--fork", "/bin/sh", "-c", script])
     try:
         children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()
         [inner_init] = [int(pid) for pid in children]
+        _wait_for_children(inner_init, b"sleep\x00120\x00", count=2)
         report = preflight.gather(FakeIndex(), ["/bin/sh"], target_pid=inner_init)
         assert report.pid1.cmdline == ["/bin/sh", "-c", script]
         assert [p.command for p in report.processes] == ["sleep 120", "sleep 120"]
