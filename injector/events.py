@@ -77,6 +77,9 @@ class Injection:
     registers_before: dict[str, int]
     registers_after: dict[str, int]
     elapsed_ms: float
+    # What execve actually replaced (e.g. restart_syscall after an interrupted nanosleep).
+    replaced_syscall: str = ""
+    outcome: Literal["executed", "rolled-back"] = "executed"
 
 
 @dataclasses.dataclass(frozen=True)

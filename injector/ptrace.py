@@ -29,6 +29,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 from injector import arch as archmod
 from injector.arch import Arch, RegisterEdit
@@ -92,7 +93,7 @@ class InjectionReport:
     registers_after: dict[str, int]  # at the exec event, or as restored by the rollback
     elapsed_ms: float  # seize to detach
     replaced_syscall: str = ""  # the call execve took the place of (restart_syscall ...)
-    outcome: str = "executed"  # "executed" | "rolled-back"
+    outcome: Literal["executed", "rolled-back"] = "executed"
     error: str = ""  # execve's errno name on a rollback
     reinjected_signals: list[str] = dataclasses.field(default_factory=list)
     scratch_address: int = 0
@@ -106,6 +107,8 @@ class InjectionReport:
             registers_before=dict(self.registers_before),
             registers_after=dict(self.registers_after),
             elapsed_ms=self.elapsed_ms,
+            replaced_syscall=self.replaced_syscall,
+            outcome=self.outcome,
         )
 
 
