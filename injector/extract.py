@@ -674,7 +674,11 @@ class _TarApplier:
                 self._set_metadata("/", member)
                 self._dir_times["/"] = self._mtime(member)
             return
-        os.makedirs(posixpath.dirname(path), mode=0o755, exist_ok=True)
+        parent = posixpath.dirname(path)
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ArchiveError(f"cannot create {path!r}: {parent!r} is not a directory") from None
         existing = _lstat(path)
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
