@@ -489,24 +489,35 @@ class Stage:
     def supervise_shell(self) -> NoReturn:
         """On the real machine, keep PID 1 and run the shell as a child: an operator who
         types "exit" must get a new shell, not a kernel panic."""
-        while True:
+        for attempt in range(1, sys.maxsize):
             try:
                 pid = os.fork()
                 if pid == 0:
-                    try:
-                        os.setsid()
-                        linux.ioctl_int(0, linux.TIOCSCTTY, 0, "console")
-                    except OSError:
-                        pass  # no controlling terminal: the shell still works, without job control
+                    self.become_console_session()
                     self.exec_clean([RECOVERY_SHELL], {"PS1": "(dboot recovery) # "})
                 while os.waitpid(-1, 0)[0] != pid:
-                    pass
-                self.log(f"recovery shell exited: starting another in {RESPAWN_DELAY:g} s")
+                    pass  # an orphan reparented to us; keep waiting for the shell
+                # A shell with a dead console exits at once: log the first few, then rarely.
+                if attempt <= 5 or attempt % 60 == 0:
+                    self.log(f"recovery shell exited ({attempt}): another in {RESPAWN_DELAY:g} s")
             except BaseException as error:  # PID 1 must outlive everything
                 if os.getpid() != 1:
                     os._exit(127)  # the child could not exec: never run the parent's loop
                 self.log(f"recovery supervisor: {type(error).__name__}: {error}")
             time.sleep(RESPAWN_DELAY)
+        stay_alive_forever()
+
+    def become_console_session(self) -> None:
+        """In the shell's child: the console on 0/1/2 as the controlling terminal, so that
+        Ctrl-C and job control work."""
+        if self.console.stdio is not None:
+            for fd in (0, 1, 2):
+                os.dup2(self.console.stdio, fd)
+        try:
+            os.setsid()
+            linux.ioctl_int(0, linux.TIOCSCTTY, 1, "console")  # 1: take it from a dead session
+        except OSError:
+            pass  # no controlling terminal: the shell still works, without job control
 
 
 def _readlink_or_none(path: str) -> str | None:

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -350,6 +351,7 @@ def test_a_missing_init_opens_the_new_roots_shell(tmp_path: Path, busybox_tree: 
     assert "recovery shell /bin/sh from the new root" in run.err
     assert "RECOVERY-MARKER pid=1 exe=/bin/busybox" in run.out, run.out + run.err
     assert "FAILED at step 7/8" in run.out, "the log in the new root lacks the failure"
+    assert "late import" not in run.err and "after the pivot" not in run.err
     assert run.returncode == 0
 
 
@@ -388,6 +390,59 @@ def test_no_api_mounts_leaves_the_new_root_bare(tmp_path: Path, busybox_tree: Pa
     assert run.returncode == 0, run.err
     assert "in: /proc/*" in run.out, "something was mounted on /proc"
     assert "API filesystems: not mounted" in run.err
+
+
+SUPERVISED_RECOVERY = """
+import os, sys
+sys.path.insert(0, {parent!r})
+from initstage.console import Console, StageLog
+from initstage.stage import Stage, StageError
+stage = Stage("", StageLog())
+stage.log.add_sink(2)
+# As on the real machine, but with our pipe as the console: the host's VTs stay untouched.
+stage.machine_init = True
+stage.console = Console(stdio=os.dup(0))
+stage.recover(StageError("test: a failure on the real machine"))
+"""
+
+
+def test_on_the_real_machine_the_recovery_shell_is_respawned_not_execd(tmp_path: Path):
+    # The machine's PID 1 cannot be used here: a harness makes a namespace's PID 1 take
+    # the real machine's recovery path (machine_init forced), the only thing faked. Its
+    # "console" is a socket, read and written like a terminal would be.
+    from initstage.launch import package_parent
+
+    code = SUPERVISED_RECOVERY.format(parent=package_parent())
+    command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation"]
+    command += ["private", "--", sys.executable, "-I", "-S", "-c", code]
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen(command, stdin=theirs.fileno(), stderr=subprocess.PIPE)
+    theirs.close()
+    run = StageRun(returncode=-1, stdout=[], stderr=[], started=time.monotonic())
+    console_file = ours.makefile("rb")
+    pumps = [
+        threading.Thread(target=_pump, args=(console_file, run.stdout), daemon=True),
+        threading.Thread(target=_pump, args=(process.stderr, run.stderr), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    try:
+        ours.sendall(b"echo SHELL-ONE pid=$$ ppid=$PPID; exit 3\n")
+        ours.shutdown(socket.SHUT_WR)  # the next shells read EOF and exit at once
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "exited (2)" not in run.err:
+            time.sleep(0.05)
+        assert process.poll() is None, f"PID 1 ended when its shell did:\n{run.err}"
+    finally:
+        process.kill()
+        process.wait()
+        ours.close()
+        for pump in pumps:
+            pump.join(timeout=5)
+    assert "recovery shell /bin/sh from the old root" in run.err
+    assert "recovery shell exited (1): another in 1 s" in run.err, run.err
+    assert "recovery shell exited (2)" in run.err
+    assert re.search(r"SHELL-ONE pid=\d+ ppid=1$", run.out, re.M), run.out
 
 
 @pytest.fixture(autouse=True)
