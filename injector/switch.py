@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +27,6 @@ from injector.events import (
     Event,
     Fact,
     Finished,
-    Injection,
     Log,
     Notice,
     Progress,
@@ -166,9 +164,8 @@ def _switch_target(
     )
 
     # --- Confirmation: the last moment a real switch can be called off cheaply. ---------
-    if mode == "switch" and not options.dry_run and not options.yes:
-        if options.confirm is None or not options.confirm(report):
-            raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
+    if mode == "switch" and not options.dry_run and not _confirmed(options, report):
+        raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
 
     # --- Disk swap off: its pages must come back into RAM while the old disk is still there.
     if mode == "switch" and not options.dry_run:
@@ -177,34 +174,66 @@ def _switch_target(
         yield StepDone("swap", ", ".join(turned_off) or "no disk swap in use")
 
     # --- RAM root and plan, prepared inside the target's mount namespace. ----------------
+    # From here until the injection returns, any failure or Ctrl-C takes the RAM root away
+    # again, so the target is left exactly as it was.
     plan_path = options.state_dir / "plan.json"
-    yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
-    prepare = _Prepare(options, source, tmpfs_size, plan_path, mode)
-    used = yield from _stream(nsenter.run_in_mount_namespace(target, prepare))
-    estimate = index.estimated_bytes  # type: ignore[attr-defined]
-    yield Fact("ram", "actual_bytes", used)
-    yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
-    yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
-
+    namespace_pid = target
     try:
+        nsenter.shares_mount_namespace(target)
+    except EnvironmentFailure as error:
+        if not options.dry_run:
+            raise
+        # Some hosts hide PID 1's namespaces even from root (the same hosts deny its ptrace).
+        # A dry run still walks every step, in our own mount namespace, and says so.
+        namespace_pid = os.getpid()
+        yield Notice("warning", "namespace-hidden", f"{error.cause}; dry run prepared in ours")
+    injected = False
+    try:
+        yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
+        prepare = _Prepare(options, source, tmpfs_size, plan_path, mode)
+        used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
+        estimate = index.estimated_bytes  # type: ignore[attr-defined]
+        yield Fact("ram", "actual_bytes", used)
+        yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
+        yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
+
         if options.dry_run:
+            _undo(namespace_pid, options.state_dir)
             yield Finished("dry-run", detail="stopped before the injection; everything undone")
             return
-        yield from _inject(options, target, plan_path, mode)
-    except BaseException:
-        # Still before the point of no return (or rolled back): take the RAM root away again.
-        nsenter.run_in_mount_namespace(target, _Undo(options.state_dir))
-        raise
-    finally:
-        if options.dry_run:
-            nsenter.run_in_mount_namespace(target, _Undo(options.state_dir))
 
+        python, argv, envp = _stage_command(target, plan_path)
+        yield StepStarted("inject", f"Injecting execve into pid {target}")
+        if mode == "switch" and options.last_words is not None:
+            options.last_words(
+                f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
+                "dboot init stage. This terminal will now close; watch VT 3 or the serial console."
+            )
+        log_lines: list[str] = []
+        report = ptrace.inject_execve(target, python, argv, envp, log=log_lines.append)
+        injected = True
+    except BaseException:
+        if not injected:
+            _undo(namespace_pid, options.state_dir)
+        raise
+
+    # --- Past the point of no return: the target now runs the init stage. ---------------
+    for line in log_lines:
+        yield Log(line)
+    yield report.to_event()
+    yield StepDone("inject", f"pid {target} was in {report.interrupted_syscall}; now the stage")
     if sandbox is not None:
         yield from _relay_until_exit(sandbox)
     elif mode == "target":
         yield Finished("injected", detail=f"pid {target} now runs the init stage")
     else:
         yield Finished("switched")
+
+
+def _confirmed(options: SwitchOptions, report: preflight.Report) -> bool:
+    if options.yes:
+        return True
+    return options.confirm is not None and options.confirm(report)
 
 
 def _applies(notice: Notice, mode: Mode) -> bool:
@@ -214,13 +243,6 @@ def _applies(notice: Notice, mode: Mode) -> bool:
 
 def _count_warnings(report: preflight.Report, mode: Mode) -> int:
     return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode))
-
-
-def _stream(result: nsenter.Streamed[int]) -> Iterator[Event]:  # type: ignore[name-defined]
-    """Re-yield the events a namespace child posts, then return its result."""
-    for posted in result:
-        yield posted
-    return result.value
 
 
 @dataclasses.dataclass
@@ -268,19 +290,22 @@ class _Prepare:
         return used
 
 
-@dataclasses.dataclass
-class _Undo:
-    """Runs in the target's mount namespace: unmount the RAM root and remove the plan."""
+def _undo(target: int, state_dir: Path) -> None:
+    """Unmount the RAM root and remove the plan in the target's mount namespace.
 
-    state_dir: Path
+    A target that is gone took its mount namespace with it (a sandbox that died): then
+    there is nothing left to undo."""
+    if not Path(f"/proc/{target}").exists():
+        return
+    nsenter.run_in_mount_namespace(target, lambda send: nsenter.undo_state_dir(state_dir))
 
-    def __call__(self, send: Callable[[Event], None]) -> None:
-        nsenter.undo_state_dir(self.state_dir)
 
+def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[str]]:
+    """The execve that turns the target into the init stage, after checking it can work.
 
-def _inject(options: SwitchOptions, target: int, plan_path: Path, mode: Mode) -> Iterator[Event]:
-    # The stage runs with our interpreter and our copy of initstage: both must be reachable
-    # from the target's root, which may differ from ours (a container, PrivateTmp, a lab ns).
+    The stage runs with our interpreter and our copy of initstage: both must be reachable
+    from the target's root, which may differ from ours (a container, PrivateTmp, a lab ns).
+    """
     python = os.path.realpath(sys.executable)
     for needed in [python, *stage_files(), str(plan_path)]:
         if not Path(f"/proc/{target}/root{needed}").exists():
@@ -290,26 +315,7 @@ def _inject(options: SwitchOptions, target: int, plan_path: Path, mode: Mode) ->
             )
     argv = stage_argv(python, str(plan_path))
     envp = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=linux"]
-
-    yield StepStarted("inject", f"Injecting execve into pid {target}")
-    if mode == "switch" and options.last_words is not None:
-        options.last_words(
-            f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the dboot "
-            "init stage. This terminal will now close; watch VT 3 or the serial console."
-        )
-    log_lines: queue.SimpleQueue[str] = queue.SimpleQueue()
-    report = ptrace.inject_execve(target, python, argv, envp, log=log_lines.put)
-    while not log_lines.empty():
-        yield Log(log_lines.get())
-    yield Injection(
-        pid=report.pid,
-        arch=report.arch,
-        interrupted_syscall=report.interrupted_syscall,
-        registers_before=report.registers_before,
-        registers_after=report.registers_after,
-        elapsed_ms=report.elapsed_ms,
-    )
-    yield StepDone("inject", f"pid {target} interrupted in {report.interrupted_syscall}")
+    return python, argv, envp
 
 
 def _relay_until_exit(sandbox: Sandbox) -> Iterator[Event]:

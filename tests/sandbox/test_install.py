@@ -52,7 +52,10 @@ def test_packages_resolve_to_this_project(isolated_venv: Path, tmp_path: Path) -
 
 def test_dboot_tui_runs_from_an_isolated_install(isolated_venv: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(isolated_venv / "bin/dboot-tui"), "--help"], capture_output=True, text=True, cwd=tmp_path
+        [str(isolated_venv / "bin/dboot-tui"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "--rehearse" in result.stdout
