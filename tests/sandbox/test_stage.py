@@ -102,6 +102,7 @@ def run_stage(
     stdin: str = "",
     python: str = sys.executable,
     parent: str | None = None,
+    harness: str | None = None,
     tamper: str = "",
     timeout: float = 30.0,
     while_running: object = None,
@@ -109,6 +110,7 @@ def run_stage(
     """Run the stage as PID 1 of a new PID+mount namespace and wait for the namespace to end.
 
     ``before``: shell run by the wrapper (PID 1) before it execs the stage: start services.
+    ``harness``: Python code to exec instead of the real bootstrap (it gets the plan path).
     ``tamper``: shell run on the plan file after it was written. ``while_running``: a
     callable given the StageRun so far, called in a loop until it returns True (to thaw
     a frozen process once the init is up, say).
@@ -119,6 +121,9 @@ def run_stage(
     root.mkdir(exist_ok=True)
     plan_path = state / "plan.json"
     write_plan(plan, plan_path)
+    argv = stage_argv(python, str(plan_path), parent=parent)
+    if harness is not None:
+        argv = [argv[0], "-I", "-S", "-c", harness, str(plan_path)]
     fill = f"cp -a {shlex.quote(str(tree))}/. {shlex.quote(str(root))}/" if tree else ":"
     wrapper = tmp_path / "wrapper.sh"
     wrapper.write_text(
@@ -128,7 +133,7 @@ def run_stage(
         f"{tamper}\n"
         f"{before}\n"
         f"echo {WRAPPER_MARK}\n"
-        f"exec {shlex.join(stage_argv(python, str(plan_path), parent=parent))}\n"
+        f"exec {shlex.join(argv)}\n"
     )
     command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc"]
     command += ["--propagation", "private", "--", "/bin/sh", str(wrapper)]
@@ -379,6 +384,40 @@ def test_a_stage_that_cannot_be_imported_still_leaves_pid1_alive(tmp_path: Path,
     )
     assert "cannot load the init stage: ModuleNotFoundError" in run.err, run.err
     assert "RECOVERY-MARKER pid=1" in run.out
+
+
+PIVOT_ROOT_REFUSED = """
+import errno, sys
+sys.path.insert(0, {parent!r})
+from initstage import linux, stage
+
+def pivot_root_as_on_rootfs(new_root: str, put_old: str) -> None:
+    raise OSError(errno.EINVAL, "pivot_root: Invalid argument (faked)")
+
+linux.pivot_root = pivot_root_as_on_rootfs
+sys.exit(stage.main(sys.argv[1:]))
+"""
+
+
+def test_when_pivot_root_is_impossible_the_stage_moves_the_root_and_chroots(
+    tmp_path: Path, busybox_tree: Path
+):
+    # pivot_root fails with EINVAL on rootfs (an initramfs), which cannot be made here:
+    # only that one call is faked; the MS_MOVE and the chroot are real.
+    from initstage.launch import package_parent
+
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh", "-c", "echo pid=$$; ls /bin/busybox; echo /proc/[0-9]*"]),
+        before=SERVICES,
+        harness=PIVOT_ROOT_REFUSED.format(parent=package_parent()),
+    )
+    assert run.returncode == 0, run.err
+    assert "pivot_root impossible (pivot_root: Invalid argument (faked)): MS_MOVE + chroot" in (
+        run.err
+    )
+    assert "pid=1\n/bin/busybox\n/proc/1" in run.out
 
 
 def test_no_api_mounts_leaves_the_new_root_bare(tmp_path: Path, busybox_tree: Path):
