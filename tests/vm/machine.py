@@ -86,7 +86,8 @@ class Machine:
             *("-accel", ACCEL),
             *("-m", str(self.memory_mb)),
             *("-smp", str(self.cpus)),
-            *("-nographic", "-monitor", "none", "-nic", "none", "-no-reboot"),
+            # No default devices (IDE CD-ROM, VGA, NIC...): fewer drivers to probe under TCG.
+            *("-nodefaults", "-nographic", "-no-reboot"),
             *("-kernel", str(self.bed.kernel)),
             *("-initrd", str(self.bed.initrd)),
             *("-append", f"{KERNEL_ARGS} dboot.test={self.scenario}"),
