@@ -9,6 +9,7 @@ output on stdout, each line time-stamped on arrival.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -418,6 +419,41 @@ def test_when_pivot_root_is_impossible_the_stage_moves_the_root_and_chroots(
         run.err
     )
     assert "pid=1\n/bin/busybox\n/proc/1" in run.out
+
+
+OLD_INIT_STATE = """
+import json, os, resource, signal, sys
+# What an old init may leave to an execve'd PID 1: blocked and ignored signals, odd limits.
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP}})
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+# Below the boot values and within the hard limit: raising a hard limit needs
+# CAP_SYS_RESOURCE, which a real PID 1 has and some CI containers lack.
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+os.umask(0o077)
+leaked = os.open("/dev/null", os.O_RDONLY)
+os.set_inheritable(leaked, True)  # an fd the old init forgot to mark close-on-exec
+os.environ["OLD_INIT_SECRET"] = "1"
+argv = json.loads({argv!r})
+os.execve(argv[0], argv, os.environ)
+"""
+
+
+def test_the_image_init_starts_with_a_clean_process_state(tmp_path: Path, busybox_tree: Path):
+    # busybox sh ignores SIGQUIT for itself: the signals are read by an exec'd cat, which
+    # gets exactly what the stage handed over (sh resets only its own ignores on exec).
+    report = "umask; ls /proc/1/fd; env | sort; exec cat /proc/self/status /proc/self/limits"
+    plan = plan_for(tmp_path, ["/bin/sh", "-c", report], init_env={"container": "dboot"})
+    real_argv = stage_argv(sys.executable, str(tmp_path / "state" / "plan.json"))
+    run = run_stage(
+        tmp_path, busybox_tree, plan, harness=OLD_INIT_STATE.format(argv=json.dumps(real_argv))
+    )
+    assert run.returncode == 0, run.err
+    out = run.out.splitlines()
+    assert out[1:5] == ["0022", "0", "1", "2"], f"umask, or fds beyond stdio: {run.out}"
+    env = out[5 : out.index("container=dboot") + 1]
+    assert [line.split("=")[0] for line in env] == ["PATH", "PWD", "SHLVL", "TERM", "container"]
+    assert "SigBlk:\t0000000000000000" in out and "SigIgn:\t0000000000000000" in out, run.out
+    assert re.search(r"Max open files\s+1024\s+4096\s+files", run.out), run.out
 
 
 def test_no_api_mounts_leaves_the_new_root_bare(tmp_path: Path, busybox_tree: Path):
