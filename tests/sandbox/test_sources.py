@@ -40,7 +40,7 @@ def tinybox_archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 def test_list_images_is_one_engine_call(monkeypatch: pytest.MonkeyPatch) -> None:
     urls: list[str] = []
-    real_get = docker.api.client.APIClient._get
+    real_get = getattr(docker.api.client.APIClient, "_get")  # noqa: B009 - private on purpose
 
     def counting_get(self: Any, url: str, *args: Any, **kwargs: Any) -> Any:
         urls.append(url)
