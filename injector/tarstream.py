@@ -13,6 +13,7 @@ is a truncated or corrupt archive, not a short one.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
@@ -20,6 +21,7 @@ import posixpath
 import shutil
 import subprocess
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
@@ -101,9 +103,16 @@ def _zstd_reader(buffered: Any) -> IO[bytes]:
         return cast(IO[bytes], reader)
     if shutil.which("zstd") is None:
         raise ArchiveError("zstd-compressed, but neither python zstandard nor zstd(1) is installed")
-    # zstd(1) reads the file itself, so this fallback needs a real file descriptor.
-    process = subprocess.Popen(["zstd", "-dcq"], stdin=buffered.fileno(), stdout=subprocess.PIPE)
-    assert process.stdout is not None
+    process = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    sink = process.stdin
+
+    def feed() -> None:  # from what we already buffered on: the magic was peeked, not read
+        with contextlib.suppress(OSError), sink:
+            while chunk := buffered.read(CHUNK):
+                sink.write(chunk)
+
+    threading.Thread(target=feed, name="dboot-zstd-feed", daemon=True).start()
     return process.stdout
 
 
