@@ -104,6 +104,7 @@ def run_stage(
     python: str = sys.executable,
     parent: str | None = None,
     harness: str | None = None,
+    mount_root: bool = True,
     tamper: str = "",
     timeout: float = 30.0,
     while_running: object = None,
@@ -127,14 +128,13 @@ def run_stage(
         argv = [argv[0], "-I", "-S", "-c", harness, str(plan_path)]
     fill = f"cp -a {shlex.quote(str(tree))}/. {shlex.quote(str(root))}/" if tree else ":"
     wrapper = tmp_path / "wrapper.sh"
+    quoted_root = shlex.quote(str(root))
+    mount = (
+        f"mount -t tmpfs -o size=64m,mode=0755 {TMPFS_SOURCE} {quoted_root}" if mount_root else ""
+    )
     wrapper.write_text(
-        "set -e\n"
-        f"mount -t tmpfs -o size=64m,mode=0755 {TMPFS_SOURCE} {shlex.quote(str(root))}\n"
-        f"{fill}\n"
-        f"{tamper}\n"
-        f"{before}\n"
-        f"echo {WRAPPER_MARK}\n"
-        f"exec {shlex.join(argv)}\n"
+        f"set -e\n{mount}\n{fill}\n{tamper}\n{before}\n"
+        f"echo {WRAPPER_MARK}\nexec {shlex.join(argv)}\n"
     )
     command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc"]
     command += ["--propagation", "private", "--", "/bin/sh", str(wrapper)]
@@ -454,6 +454,23 @@ def test_the_image_init_starts_with_a_clean_process_state(tmp_path: Path, busybo
     assert [line.split("=")[0] for line in env] == ["PATH", "PWD", "SHLVL", "TERM", "container"]
     assert "SigBlk:\t0000000000000000" in out and "SigIgn:\t0000000000000000" in out, run.out
     assert re.search(r"Max open files\s+1024\s+4096\s+files", run.out), run.out
+
+
+def test_a_new_root_that_is_no_mount_point_is_bind_mounted_onto_itself(
+    tmp_path: Path, busybox_tree: Path
+):
+    # pivot_root needs a mount point; a plain directory (here on the host's disk, under
+    # tmp_path) is bind-mounted onto itself inside the stage's private mount namespace.
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh", "-c", "echo pid=$$; cut -d' ' -f5 /proc/self/mountinfo"]),
+        mount_root=False,
+    )
+    assert run.returncode == 0, run.err
+    assert "was not a mount point: bind-mounted onto itself" in run.err
+    assert run.out.split()[1:] == ["pid=1", "/", "/proc", "/sys", "/dev", "/dev/pts"], run.out
+    assert (tmp_path / "root" / "var" / "log" / "dboot.log").exists()
 
 
 def test_no_api_mounts_leaves_the_new_root_bare(tmp_path: Path, busybox_tree: Path):
