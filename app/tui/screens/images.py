@@ -8,7 +8,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Static
 
@@ -41,10 +41,11 @@ def sort_key(image: ImageSummary) -> tuple[bool, str, str]:
 class OpenFileScreen(ModalScreen[str | None]):
     """Ask for a docker-archive:PATH or rootfs:PATH reference."""
 
+    AUTO_FOCUS = "#open-file-ref"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="open-file"):
+        with Vertical(id="open-file"):
             yield Label("[b]Open an image file[/b]")
             yield Label(
                 "docker-archive:PATH  a `docker save` tarball\n"

@@ -70,10 +70,9 @@ class EtaClock:
 
 def expect_next(init_argv: list[str]) -> str:
     return (
-        "When the injection succeeds this terminal closes. The init stage takes over the "
-        "console on VT 3 (Alt+F3, or the serial console), logs each step there and to "
-        "/dev/kmsg, stops every old process, pivots into the RAM root and starts "
-        f"`{' '.join(init_argv)}` as PID 1. If anything fails it opens a recovery shell there."
+        "Next: this terminal closes. Watch VT 3 (Alt+F3) or the serial console: the init "
+        "stage stops the old processes, pivots into the RAM root and starts "
+        f"`{' '.join(init_argv)}` as PID 1."
     )
 
 
@@ -109,7 +108,13 @@ class RunScreen(StepScreen):
         console = self.query_one("#run-console", RichLog)
         console.border_title = "Sandbox console" if rehearse else "What to expect next"
         if not rehearse:
-            console.write(Text(expect_next(self.request.init_argv), style="bold"))
+            console.write(
+                Text(
+                    "Nothing has changed yet: everything up to the injection "
+                    "is undone if it fails.",
+                    style="dim",
+                )
+            )
         what = "Rehearsing" if rehearse else "Switching to"
         self.block(f"{what} {self.request.image}…")
         self.drive(self.request)
@@ -197,8 +202,10 @@ class RunScreen(StepScreen):
             self.log_line(f"Finished: {event.outcome}. {event.detail}", "bold green")
 
     def on_last_words(self, message: LastWords) -> None:
+        # The last thing this terminal shows before the init stage takes it away.
+        self.log_line(message.text, "bold yellow")
         console = self.query_one("#run-console", RichLog)
-        console.write(Text(message.text, style="bold yellow"))
+        console.clear()
         console.write(Text(expect_next(self.request.init_argv), style="bold"))
 
     def on_run_ended(self, message: RunEnded) -> None:

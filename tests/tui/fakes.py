@@ -1,0 +1,355 @@
+"""A fake engine for the wizard's snapshot and walk tests.
+
+Mocked on purpose: the snapshots need images, sizes, dates, processes and a whole run that
+are the same on every machine and every day. The real engine is exercised by
+test_engine.py (Pilot) and test_tmux.py (a person at a terminal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+from app.tui.backend import InitSuggestion, RunRequest
+from injector.errors import BadInput, EnvironmentFailure
+from injector.events import (
+    Console,
+    Event,
+    Fact,
+    Finished,
+    Injection,
+    Log,
+    Notice,
+    Progress,
+    StepDone,
+    StepStarted,
+)
+from injector.preflight import Pid1Facts, ProcessInfo, RamFacts, Report, SessionFacts
+from injector.procinfo import SwapDevice
+
+try:
+    from injector.sources import ImageDetails, ImageSummary
+except ImportError:  # pragma: no cover - until injector/sources.py lands (same fields as agreed)
+
+    @dataclasses.dataclass(frozen=True)
+    class ImageSummary:  # type: ignore[no-redef]
+        repository: str
+        tag: str
+        id: str
+        size: int
+        created: str
+
+    @dataclasses.dataclass(frozen=True)
+    class ImageDetails:  # type: ignore[no-redef]
+        ref: str
+        id: str
+        tags: list[str]
+        architecture: str
+        cmd: list[str] | None
+        entrypoint: list[str] | None
+        env: list[str]
+        history: list[str]
+        size: int
+
+
+MiB = 1 << 20
+GiB = 1 << 30
+HOSTNAME = "labhost"
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+
+class SteppingClock:
+    """A clock that advances one second per reading: deterministic ETAs."""
+
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+def _id(n: int) -> str:
+    return "sha256:" + f"{n:x}" * (64 // len(f"{n:x}")) + "0" * (64 % len(f"{n:x}"))
+
+
+IMAGES = [
+    ImageSummary("<none>", "<none>", _id(0xDEADBEEF), 87 * MiB, "2026-10-01T09:30:00Z"),
+    ImageSummary("tinybox", "latest", _id(0xC091039D), 2_076_000, "2026-11-29T01:48:00Z"),
+    ImageSummary(
+        "debian", "bookworm-slim", _id(0x5A1B2C3D), 74 * MiB + 12345, "2026-11-10T00:00:00Z"
+    ),
+    ImageSummary("alpine", "3.20", _id(0xA1B2C3D4), 7_800_000, "2026-09-06T18:21:00Z"),
+    ImageSummary("myapp", "2.1", _id(0x0BADF00D), 412 * MiB, "2026-11-28T16:02:11Z"),
+]
+
+DETAILS = {
+    "tinybox:latest": ImageDetails(
+        ref="tinybox:latest",
+        id=_id(0xC091039D),
+        tags=["tinybox:latest", "tinybox:demo"],
+        architecture="amd64",
+        cmd=["/sbin/init"],
+        entrypoint=None,
+        env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        history=['CMD ["/sbin/init"]', "COPY rootfs/ / # buildkit"],
+        size=2_076_000,
+    ),
+    "docker-archive:/srv/images/rescue.tar": ImageDetails(
+        ref="docker-archive:/srv/images/rescue.tar",
+        id=_id(0x7E5C0E),
+        tags=["rescue:1.0"],
+        architecture="amd64",
+        cmd=None,
+        entrypoint=["/sbin/init"],
+        env=[],
+        history=['ENTRYPOINT ["/sbin/init"]', "ADD rootfs.tar /"],
+        size=31 * MiB,
+    ),
+    "debian:bookworm-slim": ImageDetails(
+        ref="debian:bookworm-slim",
+        id=_id(0x5A1B2C3D),
+        tags=["debian:bookworm-slim", "debian:12-slim"],
+        architecture="amd64",
+        cmd=["bash"],
+        entrypoint=None,
+        env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        history=['CMD ["bash"]', "ADD file:5d1b6a1e in /"],
+        size=74 * MiB + 12345,
+    ),
+    "alpine:3.20": ImageDetails(
+        ref="alpine:3.20",
+        id=_id(0xA1B2C3D4),
+        tags=["alpine:3.20"],
+        architecture="amd64",
+        cmd=["/bin/sh"],
+        entrypoint=None,
+        env=[],
+        history=['CMD ["/bin/sh"]', "ADD alpine-minirootfs.tar.gz /"],
+        size=7_800_000,
+    ),
+}
+
+# Executables present in each fake image, for validate_init.
+EXECUTABLES = {
+    "tinybox:latest": {"/sbin/init", "/bin/sh", "/bin/busybox"},
+    "alpine:3.20": {"/bin/sh", "/bin/busybox"},
+    "docker-archive:/srv/images/rescue.tar": {"/sbin/init", "/bin/sh"},
+}
+
+PROCESSES = [
+    ProcessInfo(612, 1, "root", "/usr/sbin/sshd -D", 7 * MiB, "ssh.service", True, []),
+    ProcessInfo(4101, 612, "root", "sshd: admin [priv]", 9 * MiB, "ssh.service", True, []),
+    ProcessInfo(4120, 4101, "admin", "-bash", 5 * MiB, "session-3.scope", True, []),
+    ProcessInfo(4188, 4120, "root", "sudo dboot-tui", 6 * MiB, "session-3.scope", True, []),
+    ProcessInfo(
+        733,
+        1,
+        "postgres",
+        "postgres: checkpointer",
+        48 * MiB,
+        "postgresql.service",
+        False,
+        ["/var/lib/postgresql/15/main/pg_wal/000000010000000000000001"],
+    ),
+    ProcessInfo(
+        731,
+        1,
+        "postgres",
+        "/usr/lib/postgresql/15/bin/postgres -D /var/lib/...",
+        96 * MiB,
+        "postgresql.service",
+        False,
+        [],
+    ),
+    ProcessInfo(
+        402,
+        1,
+        "root",
+        "/lib/systemd/systemd-journald",
+        22 * MiB,
+        "systemd-journald.service",
+        False,
+        ["/var/log/journal/abc/system.journal"],
+    ),
+    ProcessInfo(518, 1, "root", "/usr/sbin/cron -f", 3 * MiB, "cron.service", False, []),
+]
+
+
+def sample_report(*, mem_available: int = 3 * GiB, remote: bool = True) -> Report:
+    """A host with disk and zram swap, a remote admin, and enough RAM unless told otherwise."""
+    tmpfs = 66 * MiB
+    notices: list[Notice] = []
+    if tmpfs > mem_available:
+        notices.append(
+            Notice(
+                "blocker",
+                "ram-short",
+                "the image needs 66.0 MiB of RAM, 16.0 MiB are available",
+                "free memory or pick a smaller image",
+            )
+        )
+    notices += [
+        Notice(
+            "warning",
+            "swap-disk",
+            "disk swap /dev/vda3 (12.0 MiB used) will be turned off",
+            "RAM can take the 12.0 MiB back",
+        ),
+        Notice(
+            "warning",
+            "session-remote",
+            "you are connected over SSH and the image has no SSH server",
+            "use a console, or an image with sshd",
+        ),
+        Notice(
+            "warning",
+            "process-writing",
+            "2 processes hold files open for writing",
+            "stop postgresql.service and systemd-journald.service first",
+        ),
+    ]
+    return Report(
+        ram=RamFacts(
+            estimated_bytes=2_400_000,
+            available_bytes=mem_available,
+            total_bytes=4 * GiB,
+            tmpfs_size=tmpfs,
+            remaining_bytes=mem_available - tmpfs,
+        ),
+        swap=[
+            SwapDevice("/dev/vda3", "disk", 2 * GiB, 12 * MiB),
+            SwapDevice("/dev/zram0", "zram", GiB, 0),
+        ],
+        processes=list(PROCESSES),
+        session=SessionFacts(remote=remote, via="ssh from 10.0.2.2", image_has_ssh=False),
+        pid1=Pid1Facts(
+            1, "/usr/lib/systemd/systemd", ["/sbin/init"], True, "Yama scope 1, we are root", False
+        ),
+        init_argv=["/sbin/init"],
+        notices=notices,
+    )
+
+
+def rehearsal_events(request: RunRequest) -> list[Event]:
+    """What a run of tinybox yields, in the engine's step order (a real switch stops at the
+    injection: the init stage kills this very process right after)."""
+    total = 2_400_000
+    return [
+        StepStarted("source", f"Reading image {request.image}"),
+        Fact("image", "files", 213),
+        StepDone("source", f"213 files, init {request.init_argv[0]} found"),
+        StepStarted("preflight", "Checking RAM, swap, processes and PID 1"),
+        Fact("pid1", "pid", 4242),
+        Fact("pid1", "exe", "/usr/bin/python3.11"),
+        StepDone("preflight", "0 blockers, 0 warnings"),
+        StepStarted("ramroot", "Copying the image into a 66 MiB tmpfs"),
+        *[Progress("ramroot", done, total) for done in (0, 800_000, 1_600_000, total)],
+        Log("added host file /etc/hostname"),
+        Log("plan written to /run/dboot/plan.json"),
+        StepDone("ramroot", "2 MiB used in the tmpfs"),
+        StepStarted("inject", "Injecting execve into pid 4242"),
+        Log("seized 4242, interrupted, at syscall entry of wait4"),
+        Injection(
+            pid=4242,
+            arch="x86_64",
+            interrupted_syscall="wait4",
+            registers_before={
+                "orig_rax": 61,
+                "rip": 0x7F3A12C4E9A2,
+                "rdi": 0xFFFFFFFFFFFFFFFF,
+                "rsi": 0x7FFC8A1E2E3C,
+                "rdx": 0,
+                "rsp": 0x7FFC8A1E2E10,
+            },
+            registers_after={
+                "orig_rax": 59,
+                "rip": 0x7F3A12C4E9A2,
+                "rdi": 0x7FFC8A1E1F00,
+                "rsi": 0x7FFC8A1E1F40,
+                "rdx": 0x7FFC8A1E1F70,
+                "rsp": 0x7FFC8A1E2E10,
+            },
+            elapsed_ms=1.8,
+        ),
+        StepDone("inject", "pid 4242 interrupted in wait4"),
+        *([] if request.rehearse else [Finished("switched")]),
+        StepStarted("stage", "The sandboxed PID 1 runs the init stage, then the image's init"),
+        Console("dboot-stage: I am PID 1, plan /run/dboot/plan.json"),
+        Console("dboot-stage: SIGTERM to 3 processes; 1 left after 3.0 s: SIGKILL"),
+        Console("dboot-stage: pivot_root into /run/dboot/root, old root detached"),
+        Console("dboot-stage: exec /sbin/init"),
+        Console("tinybox: hello from PID 1"),
+        StepDone("stage", "sandboxed init exited with status 0"),
+        Finished("rehearsed", exit_status=0),
+    ]
+
+
+@dataclasses.dataclass
+class FakeBackend:
+    """Fixed images, report and events. ``engine_down`` makes list_images fail."""
+
+    engine_down: str | None = None
+    mem_available: int = 3 * GiB
+    lab: bool = True
+    # When set, run() waits for it before the stage step: a test can look at a run in flight.
+    hold: threading.Event | None = None
+    requests: list[RunRequest] = dataclasses.field(default_factory=list)
+    closed: int = 0
+
+    def list_images(self) -> list[ImageSummary]:
+        if self.engine_down is not None:
+            raise EnvironmentFailure(self.engine_down, "start the Docker engine")
+        return list(IMAGES)
+
+    def details(self, ref: str) -> ImageDetails:
+        if ref not in DETAILS:
+            raise BadInput(f"no such image {ref!r}", "check `docker images`")
+        return DETAILS[ref]
+
+    def suggest_init(self, ref: str) -> InitSuggestion:
+        if "/sbin/init" in EXECUTABLES.get(ref, set()):
+            return InitSuggestion(["/sbin/init"], "/sbin/init is the image's own init")
+        return InitSuggestion(["/bin/sh"], "no init in the image: a shell works as PID 1")
+
+    def validate_init(self, ref: str, argv: list[str]) -> str | None:
+        if not argv[0].startswith("/"):
+            return f"init {argv[0]!r} is not an absolute path: give the full path inside the image"
+        if argv[0] not in EXECUTABLES.get(ref, set()):
+            return f"{argv[0]} is not an executable in {ref}: pick one that exists in the image"
+        return None
+
+    def check(self, ref: str, init_argv: list[str]) -> Report:
+        return sample_report(mem_available=self.mem_available)
+
+    def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
+        host_only = ("swap", "process", "session", "pid1")
+        return [
+            n
+            for n in report.notices
+            if n.level == "blocker" and not (rehearse and n.code.startswith(host_only))
+        ]
+
+    def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
+        self.requests.append(request)
+        for event in rehearsal_events(request):
+            if isinstance(event, StepStarted) and event.step == "inject" and not request.rehearse:
+                last_words(
+                    f"Point of no return: {HOSTNAME}'s PID 1 is about to become the init stage."
+                )
+            if isinstance(event, StepStarted) and event.step == "stage" and self.hold is not None:
+                self.hold.wait(timeout=30)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def hostname(self) -> str:
+        return HOSTNAME
+
+    def lab_mode(self) -> bool:
+        return self.lab
+
+    def close(self) -> None:
+        self.closed += 1

@@ -1,0 +1,53 @@
+"""Driving the wizard in tests: wait for workers, read the screen as text, walk the steps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from textual.pilot import Pilot
+from textual.screen import Screen
+
+from app.tui.app import DbootApp
+
+
+def screen_text(app: DbootApp) -> str:
+    """What the terminal shows now, one line per row (styles dropped)."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+async def settle(pilot: Pilot[None], delay: float = 0.05) -> None:
+    """Let workers answer and the screen re-render."""
+    await pilot.pause(delay)
+    # Not the wizard's own loop (it never ends) nor a run (a test may be holding it).
+    asking = [w for w in pilot.app.workers if w.group not in ("wizard", "run")]
+    if asking:  # An empty list would mean "all of them" to wait_for_complete.
+        await pilot.app.workers.wait_for_complete(asking)
+    await pilot.pause(delay)
+
+
+async def wait_until(
+    pilot: Pilot[None], condition: Callable[[], bool], timeout: float, what: str
+) -> None:
+    """Poll (while the app keeps running) until ``condition`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what}:\n{screen_text(pilot.app)}"
+            )  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+    await pilot.pause(0.05)
+
+
+async def wait_for_screen(
+    pilot: Pilot[None], kind: type[Screen[object]], timeout: float = 10
+) -> None:
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind), timeout, kind.__name__)
+
+
+async def press(pilot: Pilot[None], *keys: str) -> None:
+    for key in keys:
+        await pilot.press(key)
+        await settle(pilot)

@@ -1,0 +1,252 @@
+"""Pilot walks through the wizard with the fake engine: every path a user can take."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from textual.widgets import Button, DataTable, Input, RichLog
+
+from app.tui.app import DbootApp, create_app
+from app.tui.backend import EngineBackend, RunRequest
+from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.images import ImagesScreen, OpenFileScreen
+from app.tui.screens.init import InitScreen
+from app.tui.screens.processes import ProcessesScreen
+from app.tui.screens.resources import ResourcesScreen
+from app.tui.screens.run import RunScreen
+from injector.errors import SafetyRefusal
+from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
+from tests.tui.helpers import press, screen_text, settle, wait_for_screen, wait_until
+
+SIZE = (80, 24)
+
+
+def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> DbootApp:
+    return create_app(
+        backend or FakeBackend(), rehearse_only=rehearse_only, clock=SteppingClock(), blink=False
+    )
+
+
+async def to_tinybox(pilot) -> None:
+    """Filter the image list down to tinybox, as a user would with `/`."""
+    await settle(pilot)
+    await press(pilot, "slash", *"tinybox", "enter")
+    assert pilot.app.screen.selected == "tinybox:latest"
+
+
+async def to_processes(pilot) -> None:
+    await to_tinybox(pilot)
+    await press(pilot, "enter")  # Images -> Init
+    await wait_for_screen(pilot, InitScreen)
+    await press(pilot, "enter")  # Init -> Resources
+    await wait_for_screen(pilot, ResourcesScreen)
+    await press(pilot, "enter")  # Resources -> Processes
+    await wait_for_screen(pilot, ProcessesScreen)
+
+
+async def test_whole_walk_ends_with_the_rehearsals_console_and_status() -> None:
+    backend = FakeBackend()
+    app = make(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_tinybox(pilot)
+        assert "tinybox:latest, tinybox:demo" in screen_text(app)  # the detail pane
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        assert app.screen.query_one("#init-argv", Input).value == "/sbin/init"
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ResourcesScreen)
+        assert "remains for the new system" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ProcessesScreen)
+        assert "8 processes in 5 services" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        # Cancel has the focus first: a stray Enter must never start anything.
+        assert app.focused is not None and app.focused.id == "confirm-cancel"
+        await press(pilot, "tab", "enter")  # -> Rehearse
+        await wait_for_screen(pilot, RunScreen)
+        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        text = screen_text(app)
+        assert "tinybox: hello from PID 1" in text
+        assert "exit status 0" in text
+        assert "stopped in wait4" in text.lower().replace("\n", " ") or "wait4" in text
+    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True)]
+
+
+async def test_escape_goes_back_one_step_and_keeps_the_choices() -> None:
+    app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_processes(pilot)
+        await press(pilot, "escape")
+        await wait_for_screen(pilot, ResourcesScreen)
+        await press(pilot, "escape")
+        await wait_for_screen(pilot, InitScreen)
+        field = app.screen.query_one("#init-argv", Input)
+        assert field.value == "/sbin/init"
+        await press(pilot, "escape")
+        await wait_for_screen(pilot, ImagesScreen)
+        table = app.screen.query_one("#images", DataTable)
+        assert (
+            table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == "tinybox:latest"
+        )
+        # Escape on the first step has nowhere to go (it only closes the filter).
+        await press(pilot, "escape", "escape")
+        assert isinstance(app.screen, ImagesScreen)
+
+
+async def test_cancel_in_confirm_returns_to_processes_and_runs_nothing() -> None:
+    backend = FakeBackend()
+    app = make(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_processes(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, "enter")  # Cancel is focused
+        await wait_for_screen(pilot, ProcessesScreen)
+        await press(pilot, "n")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, "escape")
+        await wait_for_screen(pilot, ProcessesScreen)
+    assert backend.requests == []
+
+
+async def test_back_after_a_run_lands_on_the_init_step() -> None:
+    app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_processes(pilot)
+        await press(pilot, "enter", "tab", "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await press(pilot, "b")
+        await wait_for_screen(pilot, InitScreen)
+
+
+async def test_leaving_is_refused_while_a_run_is_in_flight() -> None:
+    hold = threading.Event()
+    app = make(FakeBackend(hold=hold))
+    async with app.run_test(size=SIZE) as pilot:
+        try:
+            await to_processes(pilot)
+            await press(pilot, "enter", "tab", "enter")
+            await wait_for_screen(pilot, RunScreen)
+            await wait_until(pilot, lambda: "wait4" in screen_text(app), 10, "the injection")
+            await press(pilot, "q", "b", "escape")
+            assert isinstance(app.screen, RunScreen) and app.is_running
+            assert app.screen.query_one("#nav-next", Button).disabled
+        finally:
+            hold.set()
+        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await press(pilot, "q")
+    assert app.return_code == 0
+
+
+async def test_engine_down_says_how_to_start_it_and_blocks_next() -> None:
+    app = make(FakeBackend(engine_down="Docker engine at unix:///var/run/docker.sock is down"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        text = screen_text(app)
+        assert "The Docker engine does not answer." in text
+        assert "systemctl start docker" in text
+        assert "dockerd" in text
+        assert app.screen.query_one("#nav-next", Button).disabled
+        await press(pilot, "enter", "n")
+        assert isinstance(app.screen, ImagesScreen)
+
+
+async def test_a_docker_archive_can_be_opened_when_the_engine_is_down() -> None:
+    backend = FakeBackend(engine_down="the engine is down")
+    app = make(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await press(pilot, "o")
+        await wait_for_screen(pilot, OpenFileScreen)
+        field = app.screen.query_one(Input)
+        field.value = "docker-archive:/srv/images/rescue.tar"
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ImagesScreen)
+        await settle(pilot)
+        assert "rescue:1.0" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        assert app.wizard.choices.image == "docker-archive:/srv/images/rescue.tar"
+
+
+async def test_ram_blocker_disables_next_and_says_why() -> None:
+    app = make(FakeBackend(mem_available=16 * MiB))
+    async with app.run_test(size=SIZE) as pilot:
+        await to_tinybox(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ResourcesScreen)
+        await settle(pilot)
+        assert app.screen.query_one("#nav-next", Button).disabled
+        assert "blocked: the image needs 66.0 MiB of RAM" in screen_text(app)
+        await press(pilot, "n", "enter")
+        assert isinstance(app.screen, ResourcesScreen)
+
+
+async def test_an_init_missing_from_the_image_blocks_next() -> None:
+    app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_tinybox(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        field = app.screen.query_one("#init-argv", Input)
+        field.value = "/sbin/nonesuch --verbose"
+        await settle(pilot)
+        assert "/sbin/nonesuch is not an executable in tinybox:latest" in screen_text(app)
+        await press(pilot, "enter")
+        assert isinstance(app.screen, InitScreen)
+        field.value = "/bin/sh -c 'echo hi'"
+        await settle(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ResourcesScreen)
+        assert app.wizard.choices.init_argv == ["/bin/sh", "-c", "echo hi"]
+
+
+async def test_rehearse_only_mode_offers_no_switch_and_says_why() -> None:
+    app = make(FakeBackend(lab=False), rehearse_only=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_processes(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        assert app.screen.query_one("#confirm-switch", Button).disabled
+        assert "Switch is off: the wizard was started with --rehearse" in screen_text(app)
+        assert not app.screen.query("#confirm-hostname")
+
+
+async def test_switch_needs_the_typed_hostname() -> None:
+    # Fake engine, lab mode off: this only checks the modal; nothing here can switch.
+    backend = FakeBackend(lab=False)
+    app = make(backend, rehearse_only=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_processes(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        switch = app.screen.query_one("#confirm-switch", Button)
+        hostname = app.screen.query_one("#confirm-hostname", Input)
+        hostname.value = "not-" + HOSTNAME
+        await settle(pilot)
+        assert switch.disabled
+        hostname.value = HOSTNAME
+        await settle(pilot)
+        assert not switch.disabled
+        switch.press()
+        await wait_for_screen(pilot, RunScreen)
+        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        console = app.screen.query_one("#run-console", RichLog)
+        said = " ".join(strip.text.strip() for strip in console.lines)
+        assert "this terminal closes" in said and "VT 3" in said and "/sbin/init" in said
+    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False)]
+
+
+def test_engine_backend_refuses_a_real_switch_in_lab_mode() -> None:
+    # tests/conftest.py sets DBOOT_REHEARSAL_ONLY=1: the wizard's own guard must refuse
+    # before the engine is even asked.
+    backend = EngineBackend()
+    assert backend.lab_mode()
+    run = backend.run(RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False), print)
+    with pytest.raises(SafetyRefusal, match="lab mode"):
+        next(iter(run))
