@@ -36,6 +36,7 @@ to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a pipe fed b
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import select
@@ -46,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Literal
 
 from injector import standin
@@ -61,6 +62,7 @@ STANDIN_SCRIPT = Path(standin.__file__).resolve()
 EXIT_ON_SIGUSR1 = standin.EXIT_ON_SIGUSR1
 START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
+REPEAT_SIGNAL_EVERY = 0.05
 
 
 def default_kinds(count: int) -> list[str]:
@@ -117,7 +119,7 @@ def process_state(pid: int) -> str:
     """The one-letter state of a process (``S``, ``R``, ``Z``...), or ``""`` once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while we read
         return ""
     return stat[stat.rindex(")") + 2 :].split()[0]
 
@@ -130,6 +132,22 @@ def _unshare_pid_namespace_for_this_thread() -> None:
             f"cannot create a PID namespace: {os.strerror(errno)}",
             "run as root (sudo), outside a container that forbids namespaces",
         )
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back KeyboardInterrupt during a short critical section, then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in the main thread only: nothing can interrupt us here
+        return
+    caught: list[FrameType | None] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])
 
 
 class Sandbox:
@@ -172,6 +190,8 @@ class Sandbox:
         self._pidfd: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._status: int | None = None
+        self._started = False
+        self._spawned = threading.Event()  # the owner thread tried: _pidfd is set or it failed
         self._exited = threading.Event()
         self._owner: threading.Thread | None = None
         self._relay: threading.Thread | None = None
@@ -200,53 +220,56 @@ class Sandbox:
         """Start the sandbox; return the host pid of its PID 1 once the services run.
 
         Starting a started sandbox returns its pid; a sandbox is started only once."""
-        if self._pid is not None:
-            return self._pid
+        if self._started:
+            return self.pid
         if self._owner is not None:
             raise BadInput("this sandbox already ended or failed to start", "use a new Sandbox")
         try:
-            return self._start()
+            pid = self._start()
         except BaseException:
             self.close()
             raise
+        self._started = True
+        return pid
 
     def _start(self) -> int:
         ready_read, ready_write = os.pipe()
-        spawned = threading.Event()
         failure: list[BaseException] = []
 
         def own() -> None:
             try:
                 _unshare_pid_namespace_for_this_thread()
-                self._process = self._spawn(ready_write)
-                self._pid = self._process.pid
+                process = self._spawn(ready_write)
                 try:
-                    self._pidfd = os.pidfd_open(self._pid)
+                    self._pidfd = os.pidfd_open(process.pid)
                 except OSError:
-                    self._process.kill()  # our unreaped child: no pid-reuse race here
-                    self._process.wait()
+                    process.kill()  # our unreaped child: no pid-reuse race here
+                    process.wait()
                     raise
+                self._process, self._pid = process, process.pid
             except BaseException as error:
                 failure.append(error)
                 return
             finally:
-                spawned.set()
-            self._status = self._process.wait()
+                os.close(ready_write)
+                self._spawned.set()
+            self._status = process.wait()
             self._exited.set()
 
-        self._owner = threading.Thread(target=own, name="dboot-sandbox-owner", daemon=True)
-        self._owner.start()
-        spawned.wait()
-        os.close(ready_write)
         try:
-            if failure:
-                raise failure[0]
-            assert self._process is not None
-            if self.console == "capture":
-                self._relay = threading.Thread(
-                    target=self._read_console, name="dboot-sandbox-console", daemon=True
-                )
-                self._relay.start()
+            # A Ctrl-C inside Thread.start() could leave a thread running that close() cannot
+            # join: it waits until both threads run and PID 1 exists (a few milliseconds).
+            with _sigint_deferred():
+                self._owner = threading.Thread(target=own, name="dboot-sandbox-owner", daemon=True)
+                self._owner.start()
+                self._spawned.wait()
+                if failure:
+                    raise failure[0]
+                if self.console == "capture":
+                    self._relay = threading.Thread(
+                        target=self._read_console, name="dboot-sandbox-console", daemon=True
+                    )
+                    self._relay.start()
             self._await_ready(ready_read)
         finally:
             os.close(ready_read)
@@ -314,7 +337,10 @@ class Sandbox:
 
     def close(self) -> None:
         """Kill the sandbox (SIGKILL to PID 1 ends its whole namespace), reap it, and join the
-        console thread. Idempotent; safe after a failed start."""
+        console thread. Idempotent; safe after a failed or interrupted start."""
+        if self._owner is not None:
+            # A Ctrl-C may have cut start() short while the owner thread was still spawning.
+            self._spawned.wait()
         if self._pidfd is not None:
             try:
                 if not self._exited.is_set():
@@ -350,6 +376,21 @@ class Sandbox:
         self._join_console()
         assert self._status is not None
         return self._status if self._status >= 0 else 128 - self._status
+
+    def request_exit(self, timeout: float = 5.0) -> int:
+        """Make the stand-in exit with ``EXIT_ON_SIGUSR1`` (its test hook); its status.
+
+        A SIGUSR1 that lands just before the stand-in enters ``wait4`` is only acted upon
+        once something interrupts that ``wait4`` (Python runs handlers between bytecodes),
+        so the signal is repeated until PID 1 is gone. Only the stand-in has this hook: an
+        injected PID 1 ignores SIGUSR1 and this raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while self._pidfd is not None and not self._exited.wait(REPEAT_SIGNAL_EVERY):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the sandbox (pid {self._pid}) ignored SIGUSR1")
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGUSR1)
+        return self.wait(max(deadline - time.monotonic(), 0))
 
     def running(self) -> bool:
         return self._owner is not None and not self._exited.is_set()

@@ -21,27 +21,48 @@ def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
 
 
 class Footprint:
-    """What a running sandbox is made of, to check later that none of it survived."""
+    """What a running sandbox is made of, to check later that none of it survived.
+
+    It holds its namespaces open: a dead namespace's inode number is soon given to a new
+    one (other tests make namespaces too), and an open namespace keeps its number. Holding
+    the mount namespace keeps its mounts in the kernel, but in no process's mount table.
+    """
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.pid = sandbox.pid
         self.pid_namespace = namespace_of(self.pid, "pid")
         self.mount_namespace = namespace_of(self.pid, "mnt")
+        self._held = [
+            os.open(f"/proc/{self.pid}/ns/{kind}", os.O_RDONLY) for kind in ("pid", "mnt")
+        ]
 
     def assert_gone(self, *mount_sources: str) -> None:
-        assert pids_in_namespace("pid", self.pid_namespace) == []
-        # No process anywhere keeps the sandbox's mount namespace (so its mounts are freed).
-        assert pids_in_namespace("mnt", self.mount_namespace) == []
-        assert not Path(f"/proc/{self.pid}").exists() or self.pid_reused()
-        host_mounts = Path("/proc/self/mountinfo").read_text()
-        for source in mount_sources:
-            assert f" {source} " not in host_mounts
-
-    def pid_reused(self) -> bool:
         try:
-            return namespace_of(self.pid, "pid") != self.pid_namespace
-        except FileNotFoundError:
-            return True
+            assert describe(pids_in_namespace("pid", self.pid_namespace)) == []
+            # No process anywhere keeps its mount namespace, so its mounts go with our fds.
+            assert describe(pids_in_namespace("mnt", self.mount_namespace)) == []
+            host_mounts = Path("/proc/self/mountinfo").read_text()
+            for source in mount_sources:
+                assert f" {source} " not in host_mounts
+        finally:
+            for fd in self._held:
+                os.close(fd)
+            self._held = []
+
+
+def describe(pids: list[int]) -> list[str]:
+    """Pids with their state and command line, for a readable assertion message."""
+    described = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue  # gone meanwhile
+        state = next(line for line in status if line.startswith("State:"))
+        ppid = next(line for line in status if line.startswith("PPid:"))
+        described.append(f"{pid} {state} {ppid} {cmdline.decode(errors='replace')}")
+    return described
 
 
 def mounted_sources(pid: int | str) -> list[str]:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,10 @@ from injector.sandbox import (
     children_of,
     namespace_of,
     nspid_chain,
+    pids_in_namespace,
     process_state,
 )
-from tests.sandbox.sandbox_checks import Footprint, eventually, mounted_sources
+from tests.sandbox.sandbox_checks import Footprint, eventually, mounted_sources, our_children
 
 pytestmark = pytest.mark.root
 
@@ -83,9 +85,9 @@ def test_services_one_ignores_sigterm_plain_ones_die_and_are_reaped(sandbox: San
     assert sandbox.service_pids() == sorted(services)
     by_kind = {kind: pid for pid, kind in services.items()}
 
+    inner_plain = nspid_chain(by_kind["plain"])[-1]
     sandbox.signal_service(by_kind["stubborn"], signal.SIGTERM)
     sandbox.signal_service(by_kind["plain"], signal.SIGTERM)
-    inner_plain = nspid_chain(by_kind["plain"])[-1]
     assert eventually(lambda: process_state(by_kind["plain"]) == "")
     assert sandbox.wait_for_output(f"reaped pid {inner_plain} (killed by SIGTERM)")
     time.sleep(0.2)
@@ -110,8 +112,8 @@ def test_zombies_pile_up_under_their_service_until_pid1_reaps_them(sandbox: Sand
 def test_exit_status_of_pid1_propagates_and_ends_the_namespace() -> None:
     with Sandbox() as sandbox:
         footprint = Footprint(sandbox)
-        os.kill(sandbox.pid, signal.SIGUSR1)
-        assert sandbox.wait(5) == EXIT_ON_SIGUSR1 == 7
+        assert sandbox.request_exit() == EXIT_ON_SIGUSR1 == 7
+        assert sandbox.wait(0) == 7
         assert not sandbox.running()
         footprint.assert_gone()  # the kernel killed the services with their PID 1
     assert "SIGUSR1: exiting 7" in sandbox.output()
@@ -128,8 +130,7 @@ def test_a_killed_pid1_reads_as_128_plus_the_signal() -> None:
 def test_capture_mode_collects_the_console() -> None:
     seen: list[str] = []
     with Sandbox(on_line=seen.append) as sandbox:
-        os.kill(sandbox.pid, signal.SIGUSR1)
-        sandbox.wait(5)
+        sandbox.request_exit()
         lines = list(sandbox.console_lines())
     assert lines == seen
     assert lines[0].startswith("standin: pid 1 on dboot-rehearsal, 3 services stubborn=")
@@ -145,6 +146,16 @@ def test_send_reaches_a_stand_in_idling_in_read() -> None:
         assert sandbox.wait(5) == 5
 
 
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, even when pytest started with SIGINT ignored (as a
+    background job of a non-interactive shell does)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_inside_the_block_leaves_nothing_behind(tmp_path: Path) -> None:
     mount_point = tmp_path / "inside"
     mount_point.mkdir()
@@ -165,11 +176,9 @@ def test_ctrl_c_inside_the_block_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_relay_mode_inherits_our_terminal() -> None:
     script = (
-        "import os, signal\n"
         "from injector.sandbox import Sandbox\n"
         "with Sandbox(console='relay') as sandbox:\n"
-        "    os.kill(sandbox.pid, signal.SIGUSR1)\n"
-        "    raise SystemExit(sandbox.wait(5))\n"
+        "    raise SystemExit(sandbox.request_exit())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30
@@ -197,9 +206,11 @@ def test_the_sandbox_dies_with_its_owner_even_on_sigkill() -> None:
         owner.kill()
     finally:
         owner.wait()
-    from injector.sandbox import pids_in_namespace
-
-    assert eventually(lambda: pids_in_namespace("pid", pid_namespace) == [])
+    # Dead at once; the orphaned zombie then waits for the host's init to reap it.
+    assert eventually(
+        lambda: all(process_state(p) in ("Z", "") for p in pids_in_namespace("pid", pid_namespace)),
+        timeout=1,
+    )
 
 
 def test_fifty_plain_services_for_the_downtime_bench() -> None:
@@ -233,3 +244,21 @@ def test_the_stand_in_refuses_to_run_outside_a_pid_namespace() -> None:
     assert done.returncode == 3
     assert "not PID 1" in done.stderr
     assert socket.gethostname() == before
+
+
+@pytest.mark.usefixtures("ctrl_c")
+@pytest.mark.parametrize("delay_ms", [0, 2, 5, 10, 20, 40])
+def test_ctrl_c_during_start_leaves_nothing_behind(delay_ms: int) -> None:
+    children_before = our_children()
+    sandbox = Sandbox()
+    interrupter = threading.Timer(delay_ms / 1000, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        interrupter.start()
+        with sandbox:
+            time.sleep(5)  # the Ctrl-C lands here when start() was quicker
+    except KeyboardInterrupt:
+        pass
+    finally:
+        interrupter.join()
+    assert not sandbox.running()
+    assert our_children() == children_before  # PID 1, our child, was killed and reaped
