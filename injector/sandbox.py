@@ -57,6 +57,8 @@ ConsoleMode = Literal["relay", "capture"]
 IdleMode = Literal["wait", "read"]
 
 CLONE_NEWPID = 0x20000000
+WNOTHREAD = 0x20000000  # __WNOTHREAD, include/uapi/linux/wait.h; not in the os module
+EXIT_STATUS_UNKNOWN = 255
 DEFAULT_HOSTNAME = "dboot-rehearsal"
 STANDIN_SCRIPT = Path(standin.__file__).resolve()
 EXIT_ON_SIGUSR1 = standin.EXIT_ON_SIGUSR1
@@ -132,6 +134,29 @@ def _unshare_pid_namespace_for_this_thread() -> None:
             f"cannot create a PID namespace: {os.strerror(errno)}",
             "run as root (sudo), outside a container that forbids namespaces",
         )
+
+
+def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
+    """Block until our child PID 1 exits; its status, 128+N for a death by signal N.
+
+    ``__WNOTHREAD``: wait only as the thread that spawned it. Without it this wait would
+    also consume the ptrace stops meant for the injector's thread (a thread waits for the
+    children and tracees of its whole process by default), and the injection would stall.
+    """
+    while True:
+        try:
+            _, status = os.waitpid(process.pid, WNOTHREAD)
+        except ChildProcessError:
+            # Reaped by a tracer of ours that saw it die while attached: status unknown.
+            status_code = EXIT_STATUS_UNKNOWN
+            break
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            code = os.waitstatus_to_exitcode(status)
+            status_code = code if code >= 0 else 128 - code
+            break
+    # Popen must not reap this pid again later: by then it may be another process's.
+    process.returncode = status_code
+    return status_code
 
 
 @contextlib.contextmanager
@@ -253,7 +278,7 @@ class Sandbox:
             finally:
                 os.close(ready_write)
                 self._spawned.set()
-            self._status = process.wait()
+            self._status = _wait_for_exit(process)
             self._exited.set()
 
         try:
@@ -308,6 +333,7 @@ class Sandbox:
             readable, _, _ = select.select([ready_read], [], [], left)
             if readable:
                 if os.read(ready_read, 64).decode().strip() == standin.READY_LINE:
+                    self._await_idle(deadline)
                     return
                 break  # EOF: the stand-in died before it was ready
         if self._exited.wait(1.0):
@@ -320,6 +346,12 @@ class Sandbox:
         raise EnvironmentFailure(
             f"the sandbox was not ready after {START_TIMEOUT:.0f} s", "check the machine's load"
         )
+
+    def _await_idle(self, deadline: float) -> None:
+        """Return once PID 1 sleeps: after its ready line, the only place it sleeps is its
+        idle syscall, so an injector started now finds it there, not on the way."""
+        while process_state(self.pid) not in ("S", "") and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _check_isolated(self) -> int:
         """SAFETY: the pid we hand out must be PID 1 of a namespace that is not ours."""
@@ -375,7 +407,7 @@ class Sandbox:
             raise TimeoutError(f"the sandbox (pid {self._pid}) still runs after {timeout} s")
         self._join_console()
         assert self._status is not None
-        return self._status if self._status >= 0 else 128 - self._status
+        return self._status
 
     def request_exit(self, timeout: float = 5.0) -> int:
         """Make the stand-in exit with ``EXIT_ON_SIGUSR1`` (its test hook); its status.

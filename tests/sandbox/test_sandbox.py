@@ -22,6 +22,7 @@ from injector.nsenter import run_in_mount_namespace
 from injector.sandbox import (
     EXIT_ON_SIGUSR1,
     STANDIN_SCRIPT,
+    IdleMode,
     Sandbox,
     children_of,
     namespace_of,
@@ -262,3 +263,23 @@ def test_ctrl_c_during_start_leaves_nothing_behind(delay_ms: int) -> None:
         interrupter.join()
     assert not sandbox.running()
     assert our_children() == children_before  # PID 1, our child, was killed and reaped
+
+
+def test_an_injected_execve_takes_over_pid1_and_its_status_comes_back() -> None:
+    """The real injector (injector.ptrace) against the stand-in: the sandbox's own wait for
+    its PID 1 must not swallow the ptrace stops, and the new program inherits the console."""
+    from injector import ptrace
+
+    idles: list[tuple[IdleMode, str]] = [("wait", "wait4"), ("read", "read")]
+    for idle, syscall in idles:
+        with Sandbox(services=1, idle=idle) as sandbox:
+            report = ptrace.inject_execve(
+                sandbox.pid,
+                "/bin/sh",
+                ["/bin/sh", "-c", "echo injected as pid $$; exit 3"],
+                ["PATH=/usr/bin:/bin"],
+                log=lambda line: None,
+            )
+            assert report.interrupted_syscall == syscall
+            assert sandbox.wait(5) == 3
+        assert sandbox.output().endswith("injected as pid 1\n")
