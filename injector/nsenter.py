@@ -34,6 +34,7 @@ import pickle
 import queue
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -303,6 +304,11 @@ def _child(
         with contextlib.suppress(BaseException):
             _post_error(channel, error)
     finally:
+        # _exit skips Python's own clean-up (the parent's atexit handlers must not run
+        # twice), so flush what fn may have printed by hand.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(status if status >= 0 else 1)
 
 
