@@ -10,6 +10,7 @@ differ only in which PID 1 is the target and in which host-only checks apply.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -123,9 +124,17 @@ def run(options: SwitchOptions) -> Iterator[Event]:
         yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
 
         if options.mode == "rehearse":
-            with Sandbox(services=options.services, console="capture") as sandbox:
-                yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
-                yield from _switch_target(options, source, index, sandbox.pid, sandbox)
+            # The sandbox mounts a private tmpfs over the state dir; the directory it sits on
+            # is the one trace a rehearsal could leave on the host, so it goes too.
+            created_state_dir = not options.state_dir.exists()
+            try:
+                with Sandbox(services=options.services, console="capture") as sandbox:
+                    yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
+                    yield from _switch_target(options, source, index, sandbox.pid, sandbox)
+            finally:
+                if created_state_dir:
+                    with contextlib.suppress(OSError):
+                        options.state_dir.rmdir()
         else:
             target = options.target_pid if options.target_pid is not None else 1
             yield from _switch_target(options, source, index, target, None)
