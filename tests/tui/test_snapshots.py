@@ -1,0 +1,180 @@
+"""SVG snapshots of every screen at 80x24 with the fake engine and a fixed clock.
+
+Update them with `pytest tests/tui/test_snapshots.py --snapshot-update`, then look at the
+changed SVGs before committing them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from app.tui.app import DbootApp, create_app
+from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.images import ImagesScreen, OpenFileScreen
+from app.tui.screens.init import InitScreen
+from app.tui.screens.processes import ProcessesScreen
+from app.tui.screens.resources import ResourcesScreen
+from app.tui.screens.run import RunScreen
+from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
+from tests.tui.helpers import press, screen_text, settle, wait_for_screen, wait_until
+
+SnapCompare = Callable[..., bool]
+Walk = Callable[[Pilot[None]], Awaitable[None]]
+
+
+def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> DbootApp:
+    return create_app(
+        backend or FakeBackend(), rehearse_only=rehearse_only, clock=SteppingClock(), blink=False
+    )
+
+
+async def images(pilot: Pilot[None]) -> None:
+    await settle(pilot)
+    await wait_for_screen(pilot, ImagesScreen)
+    await settle(pilot)
+
+
+async def filtered(pilot: Pilot[None]) -> None:
+    await images(pilot)
+    await press(pilot, "slash", *"tiny")
+
+
+async def init(pilot: Pilot[None]) -> None:
+    await filtered(pilot)
+    await press(pilot, "enter", "enter")
+    await wait_for_screen(pilot, InitScreen)
+    await settle(pilot)
+
+
+async def resources(pilot: Pilot[None]) -> None:
+    await init(pilot)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, ResourcesScreen)
+    await settle(pilot)
+
+
+async def processes(pilot: Pilot[None]) -> None:
+    await resources(pilot)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, ProcessesScreen)
+    await settle(pilot)
+
+
+async def confirm(pilot: Pilot[None]) -> None:
+    await processes(pilot)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, ConfirmScreen)
+    await settle(pilot)
+
+
+async def rehearsing(pilot: Pilot[None]) -> None:
+    await confirm(pilot)
+    await press(pilot, "tab", "enter")
+    await wait_for_screen(pilot, RunScreen)
+
+
+async def rehearsed(pilot: Pilot[None]) -> None:
+    await rehearsing(pilot)
+    app = pilot.app
+    assert isinstance(app, DbootApp)
+    await wait_until(pilot, lambda: not app.screen.running, 10, "the rehearsal to end")  # type: ignore[attr-defined]
+    await settle(pilot)
+
+
+def test_images(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=images)
+
+
+def test_images_filtered(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=filtered)
+
+
+def test_images_engine_down(snap_compare: SnapCompare) -> None:
+    backend = FakeBackend(engine_down="Docker engine at unix:///var/run/docker.sock is down")
+    assert snap_compare(make(backend), run_before=images)
+
+
+def test_open_file_dialog(snap_compare: SnapCompare) -> None:
+    async def opening(pilot: Pilot[None]) -> None:
+        await images(pilot)
+        await press(pilot, "o")
+        await wait_for_screen(pilot, OpenFileScreen)
+        await press(pilot, *"/srv/images/rescue.tar")
+
+    assert snap_compare(make(), run_before=opening)
+
+
+def test_init(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=init)
+
+
+def test_init_not_in_the_image(snap_compare: SnapCompare) -> None:
+    async def wrong(pilot: Pilot[None]) -> None:
+        await init(pilot)
+        pilot.app.screen.query_one("#init-argv", Input).value = "/usr/lib/systemd/systemd"
+        await settle(pilot)
+
+    assert snap_compare(make(), run_before=wrong)
+
+
+def test_resources(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=resources)
+
+
+def test_resources_ram_blocker(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(FakeBackend(mem_available=16 * MiB)), run_before=resources)
+
+
+def test_processes(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=processes)
+
+
+def test_confirm_rehearse_only(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=confirm)
+
+
+def test_confirm_switch_typed(snap_compare: SnapCompare) -> None:
+    # Fake engine with lab mode off: only the modal is under test, nothing can switch.
+    async def typed(pilot: Pilot[None]) -> None:
+        await confirm(pilot)
+        pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
+        await settle(pilot)
+
+    assert snap_compare(make(FakeBackend(lab=False), rehearse_only=False), run_before=typed)
+
+
+def test_run_in_flight(snap_compare: SnapCompare) -> None:
+    hold = threading.Event()
+
+    async def injected(pilot: Pilot[None]) -> None:
+        await rehearsing(pilot)
+        await wait_until(pilot, lambda: "wait4" in screen_text(pilot.app), 10, "the injection")  # type: ignore[arg-type]
+        await settle(pilot)
+
+    try:
+        assert snap_compare(make(FakeBackend(hold=hold)), run_before=injected)
+    finally:
+        hold.set()
+
+
+def test_run_rehearsed(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=rehearsed)
+
+
+def test_run_real_switch_last_words(snap_compare: SnapCompare) -> None:
+    async def switched(pilot: Pilot[None]) -> None:
+        await confirm(pilot)
+        pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
+        await settle(pilot)
+        await press(pilot, "tab", "tab", "enter")  # Cancel -> Rehearse -> Switch
+        await wait_for_screen(pilot, RunScreen)
+        await wait_until(pilot, lambda: not pilot.app.screen.running, 10, "the run to end")  # type: ignore[attr-defined]
+        await settle(pilot)
+
+    backend = FakeBackend(lab=False)
+    assert snap_compare(make(backend, rehearse_only=False), run_before=switched)
+    assert [request.rehearse for request in backend.requests] == [False]
