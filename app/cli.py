@@ -57,7 +57,7 @@ def parse_size_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     common.add_argument("-v", "--verbose", action="store_true", help="also print log lines")
     common.add_argument("--docker-host", help="Docker engine address (default: $DOCKER_HOST)")

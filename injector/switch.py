@@ -34,9 +34,10 @@ from injector.events import (
     StepDone,
     StepStarted,
 )
+from injector.imageindex import ImageIndex
 from injector.rootfs import RamRoot, add_host_files, tmpfs_size_for
 from injector.sandbox import Sandbox
-from injector.sources import open_source
+from injector.sources import ImageSource, open_source
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
@@ -142,8 +143,8 @@ def run(options: SwitchOptions) -> Iterator[Event]:
 
 def _switch_target(
     options: SwitchOptions,
-    source: object,
-    index: object,
+    source: ImageSource,
+    index: ImageIndex,
     target: int,
     sandbox: Sandbox | None,
 ) -> Iterator[Event]:
@@ -156,9 +157,9 @@ def _switch_target(
 
     # --- Preflight: facts first, then verdicts. ---------------------------------------
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
-    tmpfs_size = options.tmpfs_size or tmpfs_size_for(index.estimated_bytes)  # type: ignore[attr-defined]
+    tmpfs_size = options.tmpfs_size or tmpfs_size_for(index.estimated_bytes)
     report = preflight.gather(
-        index,  # type: ignore[arg-type]
+        index,
         options.init_argv,
         target_pid=target,
         tmpfs_size=tmpfs_size,
@@ -201,7 +202,7 @@ def _switch_target(
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
         prepare = _Prepare(options, source, tmpfs_size, plan_path, mode)
         used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
-        estimate = index.estimated_bytes  # type: ignore[attr-defined]
+        estimate = index.estimated_bytes
         yield Fact("ram", "actual_bytes", used)
         yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
         yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
@@ -219,7 +220,7 @@ def _switch_target(
                 "dboot init stage. This terminal will now close; watch VT 3 or the serial console."
             )
         log_lines: list[str] = []
-        report = ptrace.inject_execve(target, python, argv, envp, log=log_lines.append)
+        injection = ptrace.inject_execve(target, python, argv, envp, log=log_lines.append)
         injected = True
     except BaseException:
         if not injected:
@@ -229,8 +230,8 @@ def _switch_target(
     # --- Past the point of no return: the target now runs the init stage. ---------------
     for line in log_lines:
         yield Log(line)
-    yield report.to_event()
-    yield StepDone("inject", f"pid {target} was in {report.interrupted_syscall}; now the stage")
+    yield injection.to_event()
+    yield StepDone("inject", f"pid {target} was in {injection.interrupted_syscall}; now the stage")
     if sandbox is not None:
         yield from _relay_until_exit(sandbox)
     elif mode == "target":
@@ -259,7 +260,7 @@ class _Prepare:
     """Runs in the target's mount namespace: tmpfs, copy-in, host files, plan."""
 
     options: SwitchOptions
-    source: object
+    source: ImageSource
     tmpfs_size: int
     plan_path: Path
     mode: Mode
@@ -280,7 +281,7 @@ class _Prepare:
                     last_sent = done
                     send(Progress("ramroot", done, total))
 
-            self.source.copy_into(root.path, progress)  # type: ignore[attr-defined]
+            self.source.copy_into(root.path, progress)
             for added in add_host_files(root.path):
                 send(Log(f"added host file {added}"))
             plan = Plan(
