@@ -68,7 +68,9 @@ class SwitchOptions:
     yes: bool = False
     # Called just before the point of no return on a real switch: "this terminal will close".
     last_words: Callable[[str], None] | None = None
+    # The rehearsal sandbox's stand-in services: a count of the default mix, or explicit kinds.
     services: int = 3
+    service_kinds: list[str] | None = None
 
     @property
     def mode(self) -> Mode:
@@ -129,7 +131,9 @@ def run(options: SwitchOptions) -> Iterator[Event]:
             # is the one trace a rehearsal could leave on the host, so it goes too.
             created_state_dir = not options.state_dir.exists()
             try:
-                with Sandbox(services=options.services, console="capture") as sandbox:
+                with Sandbox(
+                    services=options.services, console="capture", kinds=options.service_kinds
+                ) as sandbox:
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
                     yield from _switch_target(options, source, index, sandbox.pid, sandbox)
             finally:
