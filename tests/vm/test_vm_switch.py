@@ -52,6 +52,24 @@ def record_switch(
     return guest
 
 
+def record_injection(vm: Machine, timing: Timing, start: ConsoleLine) -> None:
+    """What dboot reported about the injection and the stage timed itself (not asserted: shown)."""
+    injected = vm.find(r"execve injected in [\d.]+ ms", after=start.index)
+    if injected is not None:
+        timing.values["injection_ms"] = float(re.findall(r"([\d.]+) ms", injected.text)[-1])
+    exec_line = vm.find(rf"{STAGE}: \+[\d.]+s exec \[", after=start.index)
+    if exec_line is not None:
+        timing.values["stage_to_exec_s"] = float(re.findall(r"\+([\d.]+)s exec", exec_line.text)[0])
+
+
+def assert_stage_steps_in_order(kmsg: list[str]) -> None:
+    """The stage's numbered steps, as the kernel log kept them: 1, 2, 3 ... ending with the exec."""
+    steps = [(int(m.group(1)), line) for line in kmsg if (m := re.search(r"step (\d+)/\d+", line))]
+    numbers = [number for number, _ in steps]
+    assert len(numbers) >= 5 and numbers == list(range(1, len(numbers) + 1)), numbers
+    assert "exec" in steps[-1][1], steps[-1][1]
+
+
 def stage_lines(vm: Machine, start: ConsoleLine, end: ConsoleLine) -> list[str]:
     return [ln.text for ln in vm.lines[start.index : end.index] if STAGE in ln.text]
 
@@ -90,8 +108,10 @@ def test_switch_systemd_machine_to_busybox_image(vm_bed: VmBed, tmp_path, vm_tim
             r"DBOOT-TEST: done",
         ],
     )
+    kmsg = [ln.text for ln in vm.lines[first.index : done.index] if "DBOOT-TEST: kmsg:" in ln.text]
+    assert_stage_steps_in_order(kmsg)
+    record_injection(vm, vm_timing, start)
     assert vm.find(r"Kernel panic") is None
-    assert done.index > first.index
     assert switch_seconds < SWITCH_BOUND_SECONDS, f"switch took {switch_seconds:.1f} s"
 
 
@@ -110,6 +130,7 @@ def test_switch_systemd_machine_to_systemd_image(vm_bed: VmBed, tmp_path, vm_tim
         vm.wait_for(r"DBOOT-NEWROOT: done", 60, after=up.index)
         vm.wait_exit(POWEROFF_TIMEOUT)
 
+    record_injection(vm, vm_timing, start)
     started = re.search(SYSTEMD_STARTED, first.text)
     assert started is not None
     record_switch(vm_timing, start, first, float(started.group("uptime")))
