@@ -23,7 +23,7 @@ test-fast: setup
 test-vm: setup
 	$(PY) -m pytest -p no:cacheprovider -m vm
 
-lint:
+lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
