@@ -149,11 +149,16 @@ def cache_lock() -> Iterator[None]:
         yield
 
 
-def prune(prefix: str, keep: Path) -> None:
-    """Remove older cached layers of one kind: they are gigabytes and never used again."""
-    for old in CACHE.glob(prefix + "-*"):
-        if old != keep and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+def prune(prefix: str, keep: Path, spare: int = 0) -> None:
+    """Remove older cached layers of one kind: they are gigabytes and never used again. ``spare``
+    newest others survive, for a concurrent session still booting overlays of its own disk."""
+    others = sorted(
+        (old for old in CACHE.glob(prefix + "-*") if old != keep and old.is_dir()),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for old in others[spare:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- Base layer --------------------------------------------------------------------------------
@@ -428,7 +433,7 @@ def build_disk(base: Path, log: Log) -> tuple[Path, float]:
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     (disk_dir / ".complete").touch()
-    prune("disk", disk_dir)
+    prune("disk", disk_dir, spare=1)
     return disk, time.monotonic() - started
 
 
