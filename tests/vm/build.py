@@ -10,8 +10,8 @@ Two layers, cached under ``.cache/vm/`` (gitignored; ``DBOOT_VM_CACHE`` moves it
     An ext4 image of a copy of the base tree plus docker-boot installed from the working tree
     into ``/opt/dboot`` (Debian's own Python 3.11.2, a venv), the scenario unit, and in
     ``/root`` the test images. Inputs: the base hash, this file, ``guest/``, ``image/``,
-    ``scripts/build-tinybox.sh`` and docker-boot's sources as they are on disk now. Fast (about a
-    minute), rebuilt whenever any of those change, so every run tests the current working tree.
+    ``scripts/build-tinybox.sh`` and docker-boot's sources as they are on disk now. Fast (about
+    half a minute), rebuilt whenever any of those change, so every run tests the working tree.
 
 Run ``python -m tests.vm.build`` to build (``--boot SCENARIO`` then boots it with the console on
 stdout). Needs root, debootstrap, e2fsprogs, qemu-utils, gcc with a static libc and a Docker engine.
