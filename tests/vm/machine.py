@@ -71,7 +71,11 @@ class Machine:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> Machine:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # QEMU may be up although connecting to its console failed
+            raise
         return self
 
     def __exit__(
