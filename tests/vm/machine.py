@@ -83,6 +83,10 @@ class Machine:
     ) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def qemu_command(self, overlay: Path, console: Path) -> list[str]:
         # Option/value pairs, one per line.
         return [

@@ -3,11 +3,13 @@ from the working tree, runs on the guest's own Debian Python (3.11.2, no tarfile
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.vm.build import VmBed
 from tests.vm.conftest import POWEROFF_TIMEOUT, Timing, marker_value, wait_ready
-from tests.vm.machine import Machine
+from tests.vm.machine import Machine, VmError
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]  # the first test may build the bed
 
@@ -27,3 +29,11 @@ def test_guest_boots_and_runs_docker_boot_on_debian_python(
         "`import injector, initstage` failed in the guest"
     )
     assert marker_value(helped, "rc") == "0", vm.error("`dboot --help` failed in the guest")
+
+
+def test_a_timed_out_wait_names_the_marker_and_qemu_is_killed(vm_bed: VmBed, tmp_path):
+    with Machine(vm_bed, "none", tmp_path) as vm, pytest.raises(VmError) as caught:
+        vm.wait_for(r"DBOOT-VM: never printed", 3)
+    assert "/DBOOT-VM: never printed/ did not appear within 3 s" in str(caught.value)
+    assert str(vm.log_path) in str(caught.value)
+    assert vm.pid is not None and not Path(f"/proc/{vm.pid}").exists(), "QEMU outlived its test"
