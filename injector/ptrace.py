@@ -90,7 +90,7 @@ class InjectionReport:
     arch: str
     interrupted_syscall: str  # what the target was blocked in (or about to call)
     registers_before: dict[str, int]  # at the syscall-entry stop
-    registers_after: dict[str, int]  # at the exec event, or as restored by the rollback
+    registers_after: dict[str, int]  # as swapped for execve, or as restored by the rollback
     elapsed_ms: float  # seize to detach
     replaced_syscall: str = ""  # the call execve took the place of (restart_syscall ...)
     outcome: Literal["executed", "rolled-back"] = "executed"
@@ -681,9 +681,10 @@ def _inject(
             f"{len(argv)} argv and {len(envp)} envp strings; the original bytes are saved"
         )
         swapped = True
-        tracee.set_regs(
-            archmod.substitute_execve(arch, entry.regs, block.path, block.argv, block.envp)
+        substituted = archmod.substitute_execve(
+            arch, entry.regs, block.path, block.argv, block.envp
         )
+        tracee.set_regs(substituted)
         log(f"swapped {entry.name} ({entry.nr}) for execve ({arch.execve_nr}): {path}")
     except BaseException:
         _undo_at_entry(tracee, entry, base, saved, swapped)
@@ -714,8 +715,12 @@ def _inject(
     if result is None:
         # Success. The old image, our block with it, is gone: nothing to restore.
         log(f"exec event: PID {pid} now runs {path}")
+        # What teaches is the swap itself: the syscall number and arguments we set at the
+        # entry stop (after the exec the registers belong to the new program).
         try:
-            report.registers_after = archmod.shown(arch, tracee.get_regs())
+            report.registers_after = archmod.shown(arch, substituted.regs)
+            if substituted.kernel_nr is not None:
+                report.registers_after[arch.nr] = substituted.kernel_nr
         finally:
             tracee.detach()
         report.elapsed_ms = (time.monotonic() - started) * 1000

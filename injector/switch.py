@@ -170,6 +170,10 @@ def _switch_target(
     )
     yield from preflight.report_events(report)
     blockers = [n for n in report.notices if n.level == "blocker" and _applies(n, mode)]
+    # No --force can make the kernel allow an attach: that is the environment, exit 2.
+    denied = [n for n in blockers if n.code == "ptrace-denied"]
+    if denied and not options.dry_run:
+        raise EnvironmentFailure(denied[0].message, denied[0].fix or None)
     if blockers and not options.force:
         names = ", ".join(n.code for n in blockers)
         raise SafetyRefusal(f"preflight found blockers: {names}", "fix them, or pass --force")
