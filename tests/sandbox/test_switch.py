@@ -1,0 +1,238 @@
+"""The whole switch through the engine: rehearsals and `--target-pid`, all in namespaces we make.
+
+Real engine, real copy into a tmpfs, real ptrace into a namespace's PID 1, real init stage
+and pivot_root. Never this machine's PID 1: lab mode is on, and every target is a Sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from injector.errors import EnvironmentFailure
+from injector.events import Console, Event, Finished, Injection, StepDone
+from injector.sandbox import Sandbox, pids_in_namespace
+from injector.switch import SwitchOptions, run
+from tests.images import build_debian_image
+
+pytestmark = [pytest.mark.root, pytest.mark.engine]
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+
+INIT_SCRIPT = """\
+#!/bin/sh
+echo "init-script: pid $$"
+for fs in /proc /sys /dev; do grep -q " $fs " /proc/mounts && echo "init-script: $fs mounted"; done
+ls /proc | grep -c '^[0-9]' | sed 's/^/init-script: processes /'
+exit 5
+"""
+
+
+def host_mounts() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.fixture
+def nothing_left_behind() -> Iterator[None]:
+    """No mount, no process and no state directory may outlive a rehearsal."""
+    mounts = host_mounts()
+    ours = set(pids_in_namespace("pid", os.readlink("/proc/self/ns/pid")))
+    yield
+    assert host_mounts() == mounts
+    leftover = {
+        pid
+        for pid in set(pids_in_namespace("pid", os.readlink("/proc/self/ns/pid"))) - ours
+        if _is_ours(pid)
+    }
+    assert not leftover, f"processes left behind: {leftover}"
+
+
+def _is_ours(pid: int) -> bool:
+    """A process descended from this test process (other sessions' processes are not ours)."""
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return False
+
+
+def rehearse(image: str, init: list[str], **options: object) -> list[Event]:
+    return list(run(SwitchOptions(image=image, init_argv=init, rehearse=True, **options)))  # type: ignore[arg-type]
+
+
+def console(events: list[Event]) -> list[str]:
+    return [event.text for event in events if isinstance(event, Console)]
+
+
+def finished(events: list[Event]) -> Finished:
+    last = events[-1]
+    assert isinstance(last, Finished), last
+    return last
+
+
+def test_rehearse_busybox_shell(nothing_left_behind: None, tmp_path: Path) -> None:
+    events = rehearse(
+        "tinybox",
+        ["/bin/sh", "-c", "echo pid=$$; readlink /proc/1/exe; cat /var/log/dboot.log | wc -l"],
+        state_dir=tmp_path / "state",
+    )
+    lines = console(events)
+    assert "pid=1" in lines
+    assert "/bin/busybox" in lines
+    # The stage copied its own log into the new root before it exec'd the init.
+    assert int(lines[lines.index("/bin/busybox") + 1]) >= 8
+    assert finished(events) == Finished("rehearsed", exit_status=0)
+    assert not (tmp_path / "state").exists()
+
+
+def test_rehearse_init_script_sees_api_mounts_and_no_old_processes(
+    nothing_left_behind: None, tmp_path: Path
+) -> None:
+    image_dir = tmp_path / "ctx"
+    image_dir.mkdir()
+    (image_dir / "init.sh").write_text(INIT_SCRIPT)
+    (image_dir / "init.sh").chmod(0o755)  # the legacy builder keeps modes; it lacks --chmod
+    (image_dir / "Dockerfile").write_text("FROM tinybox\nCOPY init.sh /sbin/test-init\n")
+    tag = "dboot-test/init-script:latest"
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, str(image_dir)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    try:
+        events = rehearse(tag, ["/sbin/test-init"], grace=1.0)
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
+    lines = console(events)
+    assert "init-script: pid 1" in lines
+    for fs in ("/proc", "/sys", "/dev"):
+        assert f"init-script: {fs} mounted" in lines
+    # Only the init itself and the processes of its pipeline: every stand-in service is gone.
+    assert any(line.startswith("init-script: processes ") for line in lines)
+    count = int(
+        next(line for line in lines if line.startswith("init-script: processes")).split()[-1]
+    )
+    assert count <= 4, lines
+    assert finished(events).exit_status == 5
+
+
+def test_rehearse_debootstrap_image(nothing_left_behind: None) -> None:
+    tag = build_debian_image()
+    events = rehearse(
+        tag, ["/bin/bash", "-c", 'echo "debian $(cat /etc/debian_version) as $$"; exit 3']
+    )
+    assert any(line.startswith("debian 12") and line.endswith(" as 1") for line in console(events))
+    assert finished(events).exit_status == 3
+
+
+def test_rehearsal_reports_the_injection_and_stage_steps(nothing_left_behind: None) -> None:
+    events = rehearse("tinybox", ["/bin/true"])
+    injection = next(event for event in events if isinstance(event, Injection))
+    assert injection.outcome == "executed"
+    assert injection.interrupted_syscall
+    assert injection.registers_before["rip"] == injection.registers_after["rip"]
+    done = [event.step for event in events if isinstance(event, StepDone)]
+    assert done == ["source", "preflight", "ramroot", "inject", "stage"]
+    stage_lines = [line for line in console(events) if line.startswith("dboot-stage:")]
+    assert any("step 5/8" in line and "pivot_root" in line for line in stage_lines)
+
+
+def test_target_pid_switches_a_namespace_pid_1(tmp_path: Path) -> None:
+    with Sandbox(services=3, console="capture") as sandbox:
+        services = sandbox.service_pids()
+        assert services
+        result = subprocess.run(
+            [DBOOT, "switch", "--json", "--yes", "--grace", "1", "--target-pid", str(sandbox.pid),
+             "tinybox", "/bin/sh", "-c", "exec sleep 60"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert events[-1]["outcome"] == "injected"
+        assert sandbox.wait_for_output("step 7/8", timeout=15), sandbox.output()
+        # PID 1 of the namespace now runs the image's own binary ...
+        deadline_output = sandbox.wait_for_output("exec ['/bin/sh'", timeout=15)
+        assert deadline_output, sandbox.output()
+        assert _eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") == "/bin/busybox")
+        # ... every stand-in service is gone ...
+        assert all(not Path(f"/proc/{pid}").exists() for pid in services)
+        # ... and the old root is no longer in the namespace's mount table.
+        mounts = Path(f"/proc/{sandbox.pid}/mountinfo").read_text().splitlines()
+        roots = [line.split()[4] for line in mounts]
+        assert roots[0] == "/" and all(" - ext4 " not in line for line in mounts), mounts
+        assert not any(mount_point == "/work" or mount_point.startswith("/run/dboot")
+                       for mount_point in roots), roots  # fmt: skip
+
+
+def _eventually(check: object, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_target_pid_must_be_pid_1_of_its_namespace() -> None:
+    with Sandbox(services=1, console="capture") as sandbox:
+        service = sandbox.service_pids()[0]
+        with pytest.raises(EnvironmentFailure, match="not PID 1"):
+            list(run(SwitchOptions("tinybox", ["/bin/sh"], target_pid=service, yes=True)))
+        assert sandbox.running()
+
+
+def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
+    from injector import ptrace
+
+    with Sandbox(services=1, console="capture") as sandbox:
+        tracer = subprocess.Popen(
+            [sys.executable, "-c", _SEIZE_AND_WAIT, str(sandbox.pid)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert tracer.stdout is not None and tracer.stdout.readline().strip() == "seized"
+            allowed, reason = ptrace.check_attachable(sandbox.pid)
+            assert not allowed and str(tracer.pid) in reason
+            state = tmp_path / "state"
+            options = SwitchOptions(
+                "tinybox", ["/bin/sh"], target_pid=sandbox.pid, yes=True, state_dir=state
+            )
+            with pytest.raises(EnvironmentFailure, match=f"traced by.*{tracer.pid}"):
+                list(run(options))
+        finally:
+            tracer.kill()
+            tracer.wait()
+        assert sandbox.running()
+        assert not Path(f"/proc/{sandbox.pid}/root{state}/root").is_mount()
+
+
+_SEIZE_AND_WAIT = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_SEIZE = 0x4206
+if libc.ptrace(PTRACE_SEIZE, int(sys.argv[1]), None, None) != 0:
+    raise SystemExit(f"seize failed: errno {ctypes.get_errno()}")
+print("seized", flush=True)
+time.sleep(60)
+"""
