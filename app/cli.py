@@ -239,6 +239,7 @@ def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
         docker_host=args.docker_host,
         force=args.force,
         yes=getattr(args, "yes", False),
+        console="relay" if not args.json and sys.stdin.isatty() and out.isatty() else "capture",
         confirm=None if args.json else ask_hostname,
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
     )

@@ -71,6 +71,9 @@ class SwitchOptions:
     # The rehearsal sandbox's stand-in services: a count of the default mix, or explicit kinds.
     services: int = 3
     service_kinds: list[str] | None = None
+    # "capture": the sandbox's console comes back as Console events (wizard, --json, pipes);
+    # "relay": the sandbox gets this terminal, so a rehearsed shell can be used by hand.
+    console: Literal["capture", "relay"] = "capture"
 
     @property
     def mode(self) -> Mode:
@@ -132,7 +135,7 @@ def run(options: SwitchOptions) -> Iterator[Event]:
             created_state_dir = not options.state_dir.exists()
             try:
                 with Sandbox(
-                    services=options.services, console="capture", kinds=options.service_kinds
+                    services=options.services, console=options.console, kinds=options.service_kinds
                 ) as sandbox:
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
                     yield from _switch_target(options, source, index, sandbox.pid, sandbox)
@@ -338,8 +341,12 @@ def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[s
 
 def _relay_until_exit(sandbox: Sandbox) -> Iterator[Event]:
     yield StepStarted("stage", "The sandboxed PID 1 runs the init stage, then the image's init")
-    for line in sandbox.console_lines():
-        yield Console(line)
+    if sandbox.console == "capture":
+        # Nobody types into a captured console: end of file lets an interactive init (a
+        # shell) finish instead of waiting forever. The relay mode hands the terminal over.
+        sandbox.close_stdin()
+        for line in sandbox.console_lines():
+            yield Console(line)
     status = sandbox.wait(timeout=None)
     yield StepDone("stage", f"sandboxed init exited with status {status}")
     yield Finished("rehearsed", exit_status=status)
