@@ -20,14 +20,13 @@ that attached):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +34,7 @@ from injector import arch as archmod
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Injection
+from injector.signals import signals_deferred
 
 # --- ptrace(2) requests, options and events (<linux/ptrace.h>) ---------------------------
 PTRACE_SYSCALL = 24
@@ -77,7 +77,6 @@ ENTRY_TIMEOUT = 10.0  # seconds for the target to reach a system call
 EXECVE_TIMEOUT = 30.0  # seconds for execve itself (a slow disk, a network filesystem)
 
 # Signals that must not cut the injection in half while PID 1 holds our registers.
-_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 Log = Callable[[str], None]
 
@@ -576,20 +575,6 @@ def _validate(arch: Arch, path: str, argv: Sequence[str], envp: Sequence[str]) -
         )
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and friends while the target holds our registers and bytes.
-
-    Dying between the swap and the rollback would leave PID 1 returning an error from a
-    call it never made. SIGKILL cannot be held; that window is a few microseconds.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def inject_execve(
     pid: int,
     path: str,
@@ -619,7 +604,7 @@ def inject_execve(
     tracee = _Tracee(pid, arch, log)
     started = time.monotonic()
     try:
-        with _signals_deferred():
+        with signals_deferred():
             return _inject(tracee, path, argv, envp, started, entry_timeout)
     except OSError as error:
         # A ptrace request or /proc access the kernel refused half-way (the target died,

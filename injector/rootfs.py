@@ -13,14 +13,13 @@ import ctypes
 import errno
 import os
 import re
-import signal
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from injector.errors import BadInput, EnvironmentFailure
 from injector.imageindex import INODE_BYTES
+from injector.signals import signals_deferred
 
 MiB = 1 << 20
 MIN_HEADROOM = 64 * MiB  # logs, package caches and the like written in the first hours
@@ -129,7 +128,7 @@ class RamRoot:
 
     def unmount(self) -> None:
         """Unmount (if we mounted) and remove the directories we created. Idempotent."""
-        with _signals_deferred():
+        with signals_deferred():
             if self._mounted:
                 if _libc.umount2(bytes(self.path), 0) != 0:
                     number = ctypes.get_errno()
@@ -153,17 +152,6 @@ class RamRoot:
         """Only the data pages, as ``df`` reports them."""
         usage = os.statvfs(self.path)
         return (usage.f_blocks - usage.f_bfree) * usage.f_frsize
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """A second Ctrl-C must not interrupt the cleanup of the first."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ---------------------------------------------------------------------------------------

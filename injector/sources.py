@@ -24,7 +24,6 @@ import io
 import json
 import os
 import posixpath
-import signal
 import tarfile
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import IO, Any
 from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.extract import run_worker
 from injector.imageindex import ImageIndex, IndexBuilder, IndexEntry
+from injector.signals import signals_deferred
 from injector.tarstream import CHUNK, ArchiveError, ChunkReader, StrictTar, decompressed, normalize
 
 __all__ = [
@@ -365,7 +365,7 @@ class EngineSource(ImageSource):
     @contextlib.contextmanager
     def _temporary_container(self) -> Iterator[str]:
         """A created (never started) container of the image, for `docker export`."""
-        with _signals_deferred(), _engine_errors(self._docker_host):
+        with signals_deferred(), _engine_errors(self._docker_host):
             created = self._client.api.create_container(
                 self.image_id,
                 command=PLACEHOLDER_COMMAND,
@@ -382,7 +382,7 @@ class EngineSource(ImageSource):
     def _remove_container(self, container: str) -> None:
         import docker.errors
 
-        with _signals_deferred():
+        with signals_deferred():
             with contextlib.suppress(docker.errors.NotFound), _engine_errors(self._docker_host):
                 self._client.api.remove_container(container, force=True)
             self._containers.discard(container)
@@ -391,18 +391,6 @@ class EngineSource(ImageSource):
         for container in list(self._containers):
             self._remove_container(container)
         self._client.close()
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C (and the SIGTERM that cancels a worker) while a temporary resource
-    is created and recorded, or removed: it arrives right after, with nothing leaked."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ---------------------------------------------------------------------------------------
