@@ -281,7 +281,8 @@ class Stage:
         try:
             retry_vt(self.console, self.log)
         except OSError as error:
-            self.log(f"console: VT switch retry failed: {error}")
+            # No VGA (a serial-only VM or server): the console is all there is, and enough.
+            self.log(f"console: no usable VT ({error}); staying on /dev/console")
 
     # Step 4 -------------------------------------------------------------------------
     def disarm_watchdog(self) -> None:
@@ -398,7 +399,15 @@ class Stage:
             )
         self.log(f"exec {plan.init_argv}")
         self.save_log()
-        self.exec_clean(plan.init_argv, plan.init_env)
+        try:
+            self.exec_clean(plan.init_argv, plan.init_env)
+        except FileNotFoundError as error:
+            # The file is there (checked above): ENOENT names what it needs to run.
+            raise StageError(
+                f"execve({init}) failed with ENOENT although the file exists: its ELF "
+                "interpreter (e.g. /lib64/ld-linux-x86-64.so.2) or its #! interpreter is "
+                "missing in the new root"
+            ) from error
 
     def exec_clean(self, argv: list[str], extra_env: dict[str, str]) -> NoReturn:
         """Hand the process over as a fresh init would find it: default signals, an empty

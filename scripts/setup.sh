@@ -10,7 +10,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 [ "$(id -u)" -eq 0 ] || { log "must run as root (the tests use namespaces, ptrace and mounts): use sudo"; exit 2; }
 
 # --- Debian packages -------------------------------------------------------
-packages=(docker.io busybox-static cpio debootstrap qemu-system-x86 qemu-utils e2fsprogs
+packages=(docker.io busybox-static cpio debootstrap qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev
           zstd tmux attr iproute2 util-linux python3 python3-venv gzip procps)
 missing=()
 for p in "${packages[@]}"; do

@@ -184,6 +184,7 @@ def test_unrunnable_init_opens_recovery_shell_instead_of_panicking(
     assert re.search(r"ENOENT|No such file or directory|Errno 2", text), vm.error(
         "the stage did not name the execve failure (ENOENT)"
     )
+    assert "ELF interpreter" in text, vm.error("the stage did not explain the ENOENT")
     assert "unrunnable init ran" not in text
     assert vm.find(r"Kernel panic|Attempted to kill init") is None
     vm_timing.values["recovery_shell_pid"] = float(marker_value(answer, "pid"))
