@@ -28,31 +28,7 @@ from injector.events import (
 )
 from injector.preflight import Pid1Facts, ProcessInfo, RamFacts, Report, SessionFacts
 from injector.procinfo import SwapDevice
-
-try:
-    from injector.sources import ImageDetails, ImageSummary
-except ImportError:  # pragma: no cover - until injector/sources.py lands (same fields as agreed)
-
-    @dataclasses.dataclass(frozen=True)
-    class ImageSummary:  # type: ignore[no-redef]
-        repository: str
-        tag: str
-        id: str
-        size: int
-        created: str
-
-    @dataclasses.dataclass(frozen=True)
-    class ImageDetails:  # type: ignore[no-redef]
-        ref: str
-        id: str
-        tags: list[str]
-        architecture: str
-        cmd: list[str] | None
-        entrypoint: list[str] | None
-        env: list[str]
-        history: list[str]
-        size: int
-
+from injector.sources import ImageDetails, ImageSummary
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
+from textual.app import App
 from textual.pilot import Pilot
 from textual.screen import Screen
 
-from app.tui.app import DbootApp
+from app.tui.screens.run import RunScreen
 
 
-def screen_text(app: DbootApp) -> str:
+def screen_text(app: App[Any]) -> str:
     """What the terminal shows now, one line per row (styles dropped)."""
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
-async def settle(pilot: Pilot[None], delay: float = 0.05) -> None:
+async def settle(pilot: Pilot[Any], delay: float = 0.05) -> None:
     """Let workers answer and the screen re-render."""
     await pilot.pause(delay)
     # Not the wizard's own loop (it never ends) nor a run (a test may be holding it).
@@ -28,26 +30,33 @@ async def settle(pilot: Pilot[None], delay: float = 0.05) -> None:
 
 
 async def wait_until(
-    pilot: Pilot[None], condition: Callable[[], bool], timeout: float, what: str
+    pilot: Pilot[Any], condition: Callable[[], bool], timeout: float, what: str
 ) -> None:
     """Poll (while the app keeps running) until ``condition`` holds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout} s waiting for {what}:\n{screen_text(pilot.app)}"
-            )  # type: ignore[arg-type]
+            shown = screen_text(pilot.app)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{shown}")
         await asyncio.sleep(0.05)
     await pilot.pause(0.05)
 
 
-async def wait_for_screen(
-    pilot: Pilot[None], kind: type[Screen[object]], timeout: float = 10
-) -> None:
+async def wait_for_screen(pilot: Pilot[Any], kind: type[Screen[Any]], timeout: float = 10) -> None:
     await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind), timeout, kind.__name__)
 
 
-async def press(pilot: Pilot[None], *keys: str) -> None:
+async def press(pilot: Pilot[Any], *keys: str) -> None:
     for key in keys:
         await pilot.press(key)
         await settle(pilot)
+
+
+def run_ended(app: App[Any]) -> bool:
+    """The Run screen is showing and the engine's iterator has finished."""
+    screen = app.screen
+    return isinstance(screen, RunScreen) and not screen.running
+
+
+async def wait_for_run_end(pilot: Pilot[Any], timeout: float = 10) -> None:
+    await wait_until(pilot, lambda: run_ended(pilot.app), timeout, "the run to end")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from textual.pilot import Pilot
 from textual.widgets import Input
@@ -20,10 +21,17 @@ from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
-from tests.tui.helpers import press, screen_text, settle, wait_for_screen, wait_until
+from tests.tui.helpers import (
+    press,
+    screen_text,
+    settle,
+    wait_for_run_end,
+    wait_for_screen,
+    wait_until,
+)
 
 SnapCompare = Callable[..., bool]
-Walk = Callable[[Pilot[None]], Awaitable[None]]
+Walk = Callable[[Pilot[Any]], Awaitable[None]]
 
 
 def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> DbootApp:
@@ -32,56 +40,56 @@ def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> D
     )
 
 
-async def images(pilot: Pilot[None]) -> None:
+async def images(pilot: Pilot[Any]) -> None:
     await settle(pilot)
     await wait_for_screen(pilot, ImagesScreen)
     await settle(pilot)
 
 
-async def filtered(pilot: Pilot[None]) -> None:
+async def filtered(pilot: Pilot[Any]) -> None:
     await images(pilot)
     await press(pilot, "slash", *"tiny")
 
 
-async def init(pilot: Pilot[None]) -> None:
+async def init(pilot: Pilot[Any]) -> None:
     await filtered(pilot)
     await press(pilot, "enter", "enter")
     await wait_for_screen(pilot, InitScreen)
     await settle(pilot)
 
 
-async def resources(pilot: Pilot[None]) -> None:
+async def resources(pilot: Pilot[Any]) -> None:
     await init(pilot)
     await press(pilot, "enter")
     await wait_for_screen(pilot, ResourcesScreen)
     await settle(pilot)
 
 
-async def processes(pilot: Pilot[None]) -> None:
+async def processes(pilot: Pilot[Any]) -> None:
     await resources(pilot)
     await press(pilot, "enter")
     await wait_for_screen(pilot, ProcessesScreen)
     await settle(pilot)
 
 
-async def confirm(pilot: Pilot[None]) -> None:
+async def confirm(pilot: Pilot[Any]) -> None:
     await processes(pilot)
     await press(pilot, "enter")
     await wait_for_screen(pilot, ConfirmScreen)
     await settle(pilot)
 
 
-async def rehearsing(pilot: Pilot[None]) -> None:
+async def rehearsing(pilot: Pilot[Any]) -> None:
     await confirm(pilot)
     await press(pilot, "tab", "enter")
     await wait_for_screen(pilot, RunScreen)
 
 
-async def rehearsed(pilot: Pilot[None]) -> None:
+async def rehearsed(pilot: Pilot[Any]) -> None:
     await rehearsing(pilot)
     app = pilot.app
     assert isinstance(app, DbootApp)
-    await wait_until(pilot, lambda: not app.screen.running, 10, "the rehearsal to end")  # type: ignore[attr-defined]
+    await wait_for_run_end(pilot, 10)
     await settle(pilot)
 
 
@@ -99,7 +107,7 @@ def test_images_engine_down(snap_compare: SnapCompare) -> None:
 
 
 def test_open_file_dialog(snap_compare: SnapCompare) -> None:
-    async def opening(pilot: Pilot[None]) -> None:
+    async def opening(pilot: Pilot[Any]) -> None:
         await images(pilot)
         await press(pilot, "o")
         await wait_for_screen(pilot, OpenFileScreen)
@@ -113,7 +121,7 @@ def test_init(snap_compare: SnapCompare) -> None:
 
 
 def test_init_not_in_the_image(snap_compare: SnapCompare) -> None:
-    async def wrong(pilot: Pilot[None]) -> None:
+    async def wrong(pilot: Pilot[Any]) -> None:
         await init(pilot)
         pilot.app.screen.query_one("#init-argv", Input).value = "/usr/lib/systemd/systemd"
         await settle(pilot)
@@ -139,7 +147,7 @@ def test_confirm_rehearse_only(snap_compare: SnapCompare) -> None:
 
 def test_confirm_switch_typed(snap_compare: SnapCompare) -> None:
     # Fake engine with lab mode off: only the modal is under test, nothing can switch.
-    async def typed(pilot: Pilot[None]) -> None:
+    async def typed(pilot: Pilot[Any]) -> None:
         await confirm(pilot)
         pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
         await settle(pilot)
@@ -150,9 +158,9 @@ def test_confirm_switch_typed(snap_compare: SnapCompare) -> None:
 def test_run_in_flight(snap_compare: SnapCompare) -> None:
     hold = threading.Event()
 
-    async def injected(pilot: Pilot[None]) -> None:
+    async def injected(pilot: Pilot[Any]) -> None:
         await rehearsing(pilot)
-        await wait_until(pilot, lambda: "wait4" in screen_text(pilot.app), 10, "the injection")  # type: ignore[arg-type]
+        await wait_until(pilot, lambda: "wait4" in screen_text(pilot.app), 10, "the injection")
         await settle(pilot)
 
     try:
@@ -166,13 +174,13 @@ def test_run_rehearsed(snap_compare: SnapCompare) -> None:
 
 
 def test_run_real_switch_last_words(snap_compare: SnapCompare) -> None:
-    async def switched(pilot: Pilot[None]) -> None:
+    async def switched(pilot: Pilot[Any]) -> None:
         await confirm(pilot)
         pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
         await settle(pilot)
         await press(pilot, "tab", "tab", "enter")  # Cancel -> Rehearse -> Switch
         await wait_for_screen(pilot, RunScreen)
-        await wait_until(pilot, lambda: not pilot.app.screen.running, 10, "the run to end")  # type: ignore[attr-defined]
+        await wait_for_run_end(pilot, 10)
         await settle(pilot)
 
     backend = FakeBackend(lab=False)

@@ -17,7 +17,14 @@ from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from injector.errors import SafetyRefusal
 from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
-from tests.tui.helpers import press, screen_text, settle, wait_for_screen, wait_until
+from tests.tui.helpers import (
+    press,
+    screen_text,
+    settle,
+    wait_for_run_end,
+    wait_for_screen,
+    wait_until,
+)
 
 SIZE = (80, 24)
 
@@ -66,7 +73,7 @@ async def test_whole_walk_ends_with_the_rehearsals_console_and_status() -> None:
         assert app.focused is not None and app.focused.id == "confirm-cancel"
         await press(pilot, "tab", "enter")  # -> Rehearse
         await wait_for_screen(pilot, RunScreen)
-        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await wait_for_run_end(pilot, 10)
         text = screen_text(app)
         assert "tinybox: hello from PID 1" in text
         assert "exit status 0" in text
@@ -117,7 +124,7 @@ async def test_back_after_a_run_lands_on_the_init_step() -> None:
         await to_processes(pilot)
         await press(pilot, "enter", "tab", "enter")
         await wait_for_screen(pilot, RunScreen)
-        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await wait_for_run_end(pilot, 10)
         await press(pilot, "b")
         await wait_for_screen(pilot, InitScreen)
 
@@ -136,7 +143,7 @@ async def test_leaving_is_refused_while_a_run_is_in_flight() -> None:
             assert app.screen.query_one("#nav-next", Button).disabled
         finally:
             hold.set()
-        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await wait_for_run_end(pilot, 10)
         await press(pilot, "q")
     assert app.return_code == 0
 
@@ -235,7 +242,7 @@ async def test_switch_needs_the_typed_hostname() -> None:
         assert not switch.disabled
         switch.press()
         await wait_for_screen(pilot, RunScreen)
-        await wait_until(pilot, lambda: not app.screen.running, 10, "the run to end")
+        await wait_for_run_end(pilot, 10)
         console = app.screen.query_one("#run-console", RichLog)
         said = " ".join(strip.text.strip() for strip in console.lines)
         assert "this terminal closes" in said and "VT 3" in said and "/sbin/init" in said
