@@ -8,8 +8,11 @@ export DBOOT_REHEARSAL_ONLY := 1
 setup:
 	./scripts/setup.sh
 
+# The preflight of a real switch of this machine, then the wizard, which only rehearses here.
+# `check` exits 3 when something blocks a real switch (some VMs forbid ptrace of PID 1):
+# that is a finding to read, not a reason to stop the demo.
 demo: setup
-	$(VENV)/bin/dboot check tinybox /sbin/init
+	-$(VENV)/bin/dboot check tinybox /sbin/init
 	$(VENV)/bin/dboot-tui --rehearse
 
 # Every tier, the QEMU one included. pytest exits 5 when no test ran: that fails too.
