@@ -42,6 +42,11 @@ def human_seconds(seconds: float) -> str:
     return f"{minutes} min {rest} s"
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """plural(1, "layer") -> '1 layer', plural(3, "layer") -> '3 layers'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {many or noun + 's'}"
+
+
 def image_label(repository: str, tag: str, image_id: str) -> str:
     """The reference a user would type: 'repo:tag', or the short id for an untagged image."""
     if repository == "<none>" or tag == "<none>":

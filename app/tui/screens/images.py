@@ -12,7 +12,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Static
 
-from app.tui.format import human_bytes, image_label, short_created, short_id
+from app.tui.format import human_bytes, image_label, plural, short_created, short_id
 from app.tui.messages import DetailsLoaded, EngineDown, ImagesLoaded
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.chrome import Field
@@ -213,7 +213,8 @@ class ImagesScreen(StepScreen):
         text.append(_argv_text(details.entrypoint) + "\n")
         text.append("cmd         ", style="dim")
         text.append(_argv_text(details.cmd) + "\n")
-        text.append(f"history     {len(details.history)} layers, newest first\n", style="dim")
+        layers = plural(len(details.history), "layer")
+        text.append(f"history     {layers}, newest first\n", style="dim")
         for step in details.history:
             text.append(f"  {step}\n")
         text.rstrip()

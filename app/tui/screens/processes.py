@@ -9,13 +9,18 @@ from textual import on
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from app.tui.format import human_bytes
+from app.tui.format import human_bytes, plural
 from app.tui.screens.base import StepScreen
 
 if TYPE_CHECKING:
     from injector.preflight import ProcessInfo, Report
 
 COMMAND_WIDTH = 30
+
+
+def service_name(service: str) -> str:
+    # The engine says "-" for processes outside any systemd unit.
+    return "(no systemd unit)" if service == "-" else service
 
 
 def note_for(process: ProcessInfo) -> Text:
@@ -48,8 +53,8 @@ class ProcessesScreen(StepScreen):
         rss = sum(p.rss_bytes for p in report.processes)
         writers = sum(1 for p in report.processes if p.writing)
         text = Text()
-        text.append(f"{len(report.processes)} processes", style="bold")
-        text.append(f" in {len(services)} services, {human_bytes(rss)} resident; ")
+        text.append(plural(len(report.processes), "process", "processes"), style="bold")
+        text.append(f" in {plural(len(services), 'service')}, {human_bytes(rss)} resident; ")
         text.append(f"{writers} hold files open for writing", style="red" if writers else "")
         text.append(".\n")
         if self.wizard.rehearse_only:
@@ -89,7 +94,7 @@ class ProcessesScreen(StepScreen):
                 Text("▾", style="bold"),
                 "",
                 Text(human_bytes(rss), style="bold", justify="right"),
-                Text(f"{service} ({len(processes)})", style="bold cyan"),
+                Text(f"{service_name(service)} ({len(processes)})", style="bold cyan"),
                 "",
                 key=f"service:{service}",
             )
