@@ -120,3 +120,15 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
     # Nothing left behind: the state dir's RAM root is not mounted anywhere we can see.
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path / "state") not in mounts
+
+
+async def test_an_engine_that_does_not_answer_gets_the_how_to_start_it_screen(
+    tmp_path: Path,
+) -> None:
+    # A real client against a socket nobody listens on: the real "engine down" path.
+    app = make(tmp_path, docker_host=f"unix://{tmp_path}/no-engine.sock")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "does not answer" in screen_text(app), 30, "engine down")
+        text = screen_text(app)
+        assert "systemctl start docker" in text
+        assert app.screen.query_one("#nav-next", Button).disabled

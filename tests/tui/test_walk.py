@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -257,3 +258,18 @@ def test_engine_backend_refuses_a_real_switch_in_lab_mode() -> None:
     run = backend.run(RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False), print)
     with pytest.raises(SafetyRefusal, match="lab mode"):
         next(iter(run))
+
+
+async def test_a_missing_engine_module_is_shown_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulates a broken install (mocked: the module exists here): the wizard must still
+    # start and say what is wrong instead of dying with a traceback.
+    import injector
+
+    monkeypatch.setitem(sys.modules, "injector.sources", None)
+    monkeypatch.delattr(injector, "sources", raising=False)
+    app = create_app(EngineBackend(), rehearse_only=True, blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        text = screen_text(app)
+        assert "the engine module injector.sources cannot be imported" in text
+        assert app.screen.query_one("#nav-next", Button).disabled
