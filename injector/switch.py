@@ -172,16 +172,16 @@ def _switch_target(
         tmpfs_size=tmpfs_size,
     )
     yield from preflight.report_events(report)
-    blockers = [n for n in report.notices if n.level == "blocker" and _applies(n, mode)]
+    blocking = blockers(report, mode)
     # No --force can make the kernel allow an attach: that is the environment, exit 2.
-    denied = [n for n in blockers if n.code == "ptrace-denied"]
+    denied = [n for n in blocking if n.code == "ptrace-denied"]
     if denied and not options.dry_run:
         raise EnvironmentFailure(denied[0].message, denied[0].fix or None)
-    if blockers and not options.force:
-        names = ", ".join(n.code for n in blockers)
+    if blocking and not options.force:
+        names = ", ".join(n.code for n in blocking)
         raise SafetyRefusal(f"preflight found blockers: {names}", "fix them, or pass --force")
     yield StepDone(
-        "preflight", f"{len(blockers)} blockers, {_count_warnings(report, mode)} warnings"
+        "preflight", f"{len(blocking)} blockers, {_count_warnings(report, mode)} warnings"
     )
 
     # --- Confirmation: the last moment a real switch can be called off cheaply. ---------
@@ -257,13 +257,24 @@ def _confirmed(options: SwitchOptions, report: preflight.Report) -> bool:
     return options.confirm is not None and options.confirm(report)
 
 
-def _applies(notice: Notice, mode: Mode) -> bool:
-    """In a rehearsal the host's own processes, swap and session are facts, not blockers."""
-    return mode != "rehearse" or not notice.code.startswith(HOST_ONLY_NOTICE_PREFIXES)
+def blockers(report: preflight.Report, mode: Mode) -> list[Notice]:
+    """The report's blockers that stop a run of this mode.
+
+    A rehearsal's target is a sandbox: the host's own processes, swap and session are facts
+    to learn from there, and so is a verdict about the host's PID 1 (the wizard shows the
+    host's report, while the rehearsal injects into the sandbox's PID 1)."""
+    return [n for n in report.notices if n.level == "blocker" and _applies(n, mode, report)]
+
+
+def _applies(notice: Notice, mode: Mode, report: preflight.Report) -> bool:
+    if mode != "rehearse":
+        return True
+    about_host_pid1 = notice.code == "ptrace-denied" and report.pid1.pid == 1
+    return not (notice.code.startswith(HOST_ONLY_NOTICE_PREFIXES) or about_host_pid1)
 
 
 def _count_warnings(report: preflight.Report, mode: Mode) -> int:
-    return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode))
+    return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode, report))
 
 
 @dataclasses.dataclass

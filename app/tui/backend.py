@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 FALLBACK_SHELL = "/bin/sh"
 
-# The wizard's preflight looks at the host's PID 1; a rehearsal injects into a sandbox's.
-# switch._applies does not yet count these codes as host-only (reported to the lead):
-# until it does, a rehearsal must not be blocked by them.
-HOST_PID1_CODES = ("ptrace-denied",)
-
 T = TypeVar("T")
 
 
@@ -193,13 +188,7 @@ class EngineBackend:
         # The engine decides which blockers a rehearsal ignores (the host's own swap,
         # processes and session); the wizard only asks.
         mode: Literal["rehearse", "switch"] = "rehearse" if rehearse else "switch"
-        return [
-            n
-            for n in report.notices
-            if n.level == "blocker"
-            and switch._applies(n, mode)
-            and not (rehearse and n.code in HOST_PID1_CODES)
-        ]
+        return switch.blockers(report, mode)
 
     # --- the run ---------------------------------------------------------------------------
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
