@@ -105,12 +105,27 @@ def _validate_options(options: SwitchOptions) -> None:
     if options.grace < 0:
         raise BadInput(f"grace period {options.grace} is negative", "use --grace 0 or more")
     # The real PID 1 of this machine: refused outright in lab mode, before anything else runs.
-    if options.mode == "switch" and not options.dry_run and lab_mode():
+    # --target-pid 1, or any PID 1 of our own PID namespace, is that machine's PID 1 too.
+    hits_our_pid1 = options.mode == "switch" or (
+        options.target_pid is not None and _is_our_namespaces_pid1(options.target_pid)
+    )
+    if hits_our_pid1 and not options.dry_run and lab_mode():
         raise SafetyRefusal(
             "lab mode is on (DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only): "
             "this machine's PID 1 will not be replaced",
             "use `dboot rehearse`, or --target-pid with the PID 1 of a namespace you made",
         )
+
+
+def _is_our_namespaces_pid1(pid: int) -> bool:
+    if pid == 1:
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid") and (
+            ptrace.is_pid1_of_its_namespace(pid)
+        )
+    except OSError:
+        return False  # no such process: the injection step names that
 
 
 def run(options: SwitchOptions) -> Iterator[Event]:

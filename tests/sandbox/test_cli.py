@@ -92,6 +92,7 @@ def test_check_passes_on_tinybox_and_changes_nothing() -> None:
         (("check", "tinybox", "/sbin/no-such-init"), 1, ("/sbin/no-such-init",)),
         (("check", "docker-archive:/nonexistent.tar"), 1, ("/nonexistent.tar",)),
         (("switch", "--yes", "tinybox", "/sbin/init"), 3, ("lab mode",)),
+        (("switch", "--target-pid", "1", "--yes", "tinybox", "/sbin/init"), 3, ("lab mode",)),
         (
             ("switch", "--target-pid", "999999999", "--yes", "tinybox", "/sbin/init"),
             2,
