@@ -38,8 +38,8 @@ RAMFS_MAGIC = 0x858458F6
 
 # Per-architecture syscall numbers. close_range is 436 in the generic table too.
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"pivot_root": 155, "close_range": 436},
-    "aarch64": {"pivot_root": 41, "close_range": 436},
+    "x86_64": {"pivot_root": 155, "close_range": 436, "rt_sigaction": 13},
+    "aarch64": {"pivot_root": 41, "close_range": 436, "rt_sigaction": 134},
 }
 MACHINE = os.uname().machine
 
@@ -102,6 +102,26 @@ def pivot_root(new_root: str, put_old: str) -> None:
     number = syscall_number("pivot_root")
     if _libc.syscall(ctypes.c_long(number), _b(new_root), _b(put_old)) != 0:
         raise _fail(f"pivot_root({new_root!r}, {put_old!r})")
+
+
+class _KernelSigaction(ctypes.Structure):
+    """The kernel's struct sigaction (not libc's): handler, flags, restorer, 64-bit mask."""
+
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("restorer", ctypes.c_void_p),
+        ("mask", ctypes.c_uint64),
+    ]
+
+
+def default_disposition(signum: int) -> None:
+    """SIG_DFL for ``signum`` through the raw syscall: libc (and so Python) refuses the
+    signals it reserves for itself (32, 33), yet an ignored one is inherited across execve."""
+    action = _KernelSigaction(None, 0, None, 0)
+    number = syscall_number("rt_sigaction")
+    if _libc.syscall(ctypes.c_long(number), signum, ctypes.byref(action), None, 8) != 0:
+        raise _fail(f"rt_sigaction({signum}, SIG_DFL)")
 
 
 CLOSE_RANGE_CLOEXEC = 1 << 2

@@ -173,12 +173,17 @@ def describe_error(error: BaseException) -> list[str]:
 def reset_signals() -> None:
     """Default dispositions, then an empty mask: the old init's mask and ignored signals
     survive execve (systemd blocks SIGTERM, SIGCHLD, SIGHUP ...), and must not reach the new."""
-    for sig in signal.valid_signals():
+    # Every number up to NSIG: valid_signals() leaves out the ones libc reserves.
+    for sig in range(1, signal.NSIG):
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
-        # Signals reserved by libc (32, 33) cannot be set, and need not be.
-        with contextlib.suppress(OSError, ValueError):
+        try:
             signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            # Reserved by libc (32, 33): Python may not touch them, the kernel may. An
+            # ignored one (seen inherited from a CI runner) would reach the new init.
+            with contextlib.suppress(OSError):
+                linux.default_disposition(sig)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 

@@ -426,6 +426,14 @@ import json, os, resource, signal, sys
 # What an old init may leave to an execve'd PID 1: blocked and ignored signals, odd limits.
 signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP}})
 signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+# And one that Python cannot set: libc's reserved signal 32, ignored (seen from a CI runner).
+import ctypes
+class KernelSigaction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("flags", ctypes.c_ulong),
+                ("restorer", ctypes.c_void_p), ("mask", ctypes.c_uint64)]
+SIG_IGN, SYS_RT_SIGACTION = 1, {{"x86_64": 13, "aarch64": 134}}[os.uname().machine]
+ignore = KernelSigaction(SIG_IGN, 0, None, 0)
+assert ctypes.CDLL(None).syscall(SYS_RT_SIGACTION, 32, ctypes.byref(ignore), None, 8) == 0
 # Below the boot values and within the hard limit: raising a hard limit needs
 # CAP_SYS_RESOURCE, which a real PID 1 has and some CI containers lack.
 resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
