@@ -377,6 +377,9 @@ def run_cli(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return int(args.handler(args, out))
     except DbootError as error:
         print(f"dboot: {error}", file=sys.stderr)
+        # One line by default; -v adds what the engine noted (e.g. a worker's traceback).
+        for note in getattr(error, "__notes__", []) if args.verbose else []:
+            print(note, file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("dboot: interrupted; everything before the injection was undone", file=sys.stderr)

@@ -248,9 +248,13 @@ def _switch_target(
         log_lines: list[str] = []
         injection = ptrace.inject_execve(target, python, argv, envp, log=log_lines.append)
         injected = True
-    except BaseException:
+    except BaseException as error:
         if not injected:
-            _undo(namespace_pid, options.state_dir)
+            try:
+                _undo(namespace_pid, options.state_dir)
+            except Exception as undo_error:
+                # The first failure is the one to name; the leftover gets its own line.
+                error.add_note(f"also, undoing the RAM root failed: {undo_error}")
         raise
 
     # --- Past the point of no return: the target now runs the init stage. ---------------
