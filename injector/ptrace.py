@@ -30,6 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
+from ptrace.binding.func import ptrace as raw_ptrace
+from ptrace.error import PtraceError
+
 from injector import arch as archmod
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -120,10 +123,8 @@ class InjectionRolledBack(EnvironmentFailure):
 
 
 # --- the raw system call ---------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_libc.ptrace.restype = ctypes.c_long
+# python-ptrace's raw binding: its higher layers know neither PTRACE_SEIZE nor
+# PTRACE_INTERRUPT nor the regsets, so every request goes through this one plain call.
 
 
 def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
@@ -132,11 +133,12 @@ def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
     Every ptrace call of this module goes through here: the lab-mode test replaces it to
     prove that a refusal happens before any of them.
     """
-    result: int = _libc.ptrace(request, pid, ctypes.c_void_p(addr), ctypes.c_void_p(data))
-    if result == -1:
-        code = ctypes.get_errno()
+    try:
+        result: int = raw_ptrace(request, pid, addr, data)
+    except PtraceError as error:
+        code = error.errno or errno.EIO
         name = _REQUEST_NAMES.get(request, hex(request))
-        raise OSError(code, f"{name}({pid}): {os.strerror(code)}")
+        raise OSError(code, f"{name}({pid}): {os.strerror(code)}") from None
     return result
 
 
