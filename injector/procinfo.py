@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -33,24 +34,21 @@ class Unreadable(Exception):
 
 def read_text(path: Path) -> str | None:
     """The file's text; ``None`` when it is gone (a process that exited meanwhile)."""
-    try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError as error:
-        # ESRCH shows up for files of a process that is exiting; treat it as gone.
-        if error.errno == errno.ESRCH:
-            return None
-        raise Unreadable(f"{path}: {error.strerror or error}") from error
+    return _tolerant(path, lambda p: p.read_text(encoding="utf-8", errors="surrogateescape"))
 
 
 def read_link(path: Path) -> str | None:
     """``readlink``, with the same conventions as ``read_text``."""
+    return _tolerant(path, os.readlink)
+
+
+def _tolerant(path: Path, read: Callable[[Path], str]) -> str | None:
     try:
-        return os.readlink(path)
+        return read(path)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError as error:
+        # ESRCH shows up for files of a process that is exiting; treat it as gone.
         if error.errno == errno.ESRCH:
             return None
         raise Unreadable(f"{path}: {error.strerror or error}") from error
