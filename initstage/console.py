@@ -21,7 +21,10 @@ TTY_MAJOR = 4
 # /dev/kmsg allows a burst of 10 records per open file every 5 s, then drops lines
 # ("N output lines suppressed due to ratelimiting"); a fresh open gets a fresh budget.
 KMSG_BURST = 10
-KMSG_PRIORITY = b"<5>"  # KERN_NOTICE: shown by dmesg and journalctl -k, not a warning
+# KERN_DEBUG: kept in the kernel log (dmesg, journalctl -k) but below the default console
+# level, so the kernel does not echo onto the console each line the stage already wrote
+# there itself (the echo doubled them, often cut into the middle of the stage's own line).
+KMSG_PRIORITY = b"<7>"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -72,7 +72,8 @@ def test_kmsg_reopens_for_a_fresh_rate_limit_budget_and_uses_spares(tmp_path: Pa
     assert kmsg.fd != first_fd and kmsg.written == 1
     # The 11th record went through a fresh open (at offset 0 of this plain file).
     written = fake_kmsg.read_bytes()
-    assert written.startswith(b"<5>line 10") and written.endswith(b"<5>line 8<5>line 9")
+    tag = console.KMSG_PRIORITY
+    assert written.startswith(tag + b"line 10") and written.endswith(b"line 8" + tag + b"line 9")
     kmsg.stock_spares(2)
     spares = list(kmsg.spares)
     fake_kmsg.unlink()  # as after the pivot: the path no longer opens

@@ -21,7 +21,10 @@ cat >"$tree/etc/initramfs-tools/conf.d/dboot-vm.conf" <<'CONF'
 MODULES=list
 COMPRESS=gzip
 CONF
-printf '%s\n' virtio_pci virtio_blk ext4 >"$tree/etc/initramfs-tools/modules"
+# virtio_rng feeds the kernel's entropy pool from the host: without it, an early getrandom()
+# (systemd-udevd's) runs the CPU-jitter entropy loop, which under TCG stalled for minutes
+# (soft lockups) on a loaded machine.
+printf '%s\n' virtio_pci virtio_blk virtio_rng ext4 >"$tree/etc/initramfs-tools/modules"
 chroot "$tree" update-initramfs -u -k all >/dev/null 2>&1
 
 # Identity and a way in for whoever debugs a run by hand: no root password on the serial getty.

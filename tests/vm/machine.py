@@ -100,6 +100,8 @@ class Machine:
             *("-initrd", str(self.bed.initrd)),
             *("-append", f"{KERNEL_ARGS} dboot.test={self.scenario}"),
             *("-drive", f"if=virtio,format=qcow2,file={overlay}"),
+            # Entropy from the host (see base.sh: virtio_rng is in the initramfs).
+            *("-device", "virtio-rng-pci"),
             *("-chardev", f"socket,id=console,path={console},server=on,wait=on"),
             *("-serial", "chardev:console"),
         ]
