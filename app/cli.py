@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from injector.errors import BadInput, DbootError, EnvironmentFailure
+from injector.errors import BadInput, DbootError
 from injector.events import (
     Console,
     Event,
@@ -150,6 +149,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from injector import preflight
     from injector.rootfs import tmpfs_size_for
     from injector.sources import open_source
+    from injector.switch import require_root
 
     require_root()
     if args.init and not args.init[0].startswith("/"):
@@ -341,13 +341,6 @@ def print_notice(notice: Notice, out: TextIO) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise EnvironmentFailure(
-            "dboot needs root (mounts, namespaces and ptrace)", "run it again with sudo"
-        )
 
 
 def short_id(image_id: str) -> str:

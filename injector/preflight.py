@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from injector import procinfo
+from injector import labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
 from injector.procinfo import PROC, SwapDevice, Unreadable
@@ -79,7 +79,6 @@ REMOTE_LOGIN_COMMS = frozenset({"sshd", "sshd-session", "dropbear", "mosh-server
 CONTAINER_FILES = ("/.dockerenv", "/run/.containerenv")
 CONTAINER_CGROUP_WORDS = ("docker", "kubepods", "libpod", "lxc", "containerd", "machine.slice")
 
-LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
 
 _LEVEL_ORDER: dict[Level, int] = {"blocker": 0, "warning": 1, "info": 2}
 
@@ -803,11 +802,6 @@ def _process_facts(processes: list[ProcessInfo]) -> Iterator[Fact]:
 # --- Disk swap off (the real switch only) ------------------------------------------------------
 
 
-def _lab_mode() -> bool:
-    # Same rule as injector.switch.lab_mode (which imports us, hence not imported from there).
-    return os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0") or LAB_MODE_FLAG.exists()
-
-
 def swaps_still_to_turn_off(report: Report, swaps_text: str) -> list[SwapDevice]:
     """The disk swaps active now (``swaps_text`` is a fresh /proc/swaps). One that the
     preflight did not see was added since and was never judged: stop rather than guess."""
@@ -830,7 +824,7 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
     so no test can turn off the host's swap. swapoff blocks until every page is back in RAM;
     the preflight checked that they fit.
     """
-    if _lab_mode():
+    if labmode.lab_mode():
         raise SafetyRefusal(
             "lab mode is on: the host's swap is left alone",
             "only the real switch turns swap off; unset DBOOT_REHEARSAL_ONLY on a real host",

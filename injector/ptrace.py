@@ -34,6 +34,7 @@ from ptrace.binding.func import ptrace as raw_ptrace
 from ptrace.error import PtraceError
 
 from injector import arch as archmod
+from injector import labmode
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Injection
@@ -72,8 +73,6 @@ _REQUEST_NAMES = {
 }
 
 # Lab mode: the CLI contract's switch for "never touch this machine's PID 1".
-REHEARSAL_ENV = "DBOOT_REHEARSAL_ONLY"
-REHEARSAL_FLAG = Path("/etc/dboot/rehearsal-only")
 
 MAX_EXEC_BLOCK = 64 * 1024  # path+argv+envp; far below any stack, far above any init line
 ENTRY_TIMEOUT = 10.0  # seconds for the target to reach a system call
@@ -223,11 +222,6 @@ def is_pid1_of_its_namespace(pid: int) -> bool:
     except OSError:
         return False
     return nspid.split()[-1:] == ["1"]
-
-
-def lab_mode_on() -> bool:
-    """Lab mode (rehearsals only): DBOOT_REHEARSAL_ONLY set, or the flag file exists."""
-    return os.environ.get(REHEARSAL_ENV, "") not in ("", "0") or REHEARSAL_FLAG.exists()
 
 
 def _yama_scope() -> int | None:
@@ -554,10 +548,10 @@ def _attach_failure(pid: int, error: OSError) -> EnvironmentFailure:
 
 def _refuse_host_pid1_in_lab_mode(pid: int) -> None:
     """Defence in depth: in lab mode, this machine's PID 1 is never touched."""
-    if pid == 1 and lab_mode_on():
+    if pid == 1 and labmode.lab_mode():
         raise SafetyRefusal(
             "refusing to inject into this machine's PID 1 in lab mode "
-            f"({REHEARSAL_ENV}=1 or {REHEARSAL_FLAG})",
+            f"({labmode.LAB_MODE_ENV}=1 or {labmode.LAB_MODE_FLAG})",
             "target the PID 1 of a sandbox (--target-pid), or leave lab mode for a real switch",
         )
 

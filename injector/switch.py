@@ -21,7 +21,7 @@ from typing import Literal
 
 from initstage.launch import stage_argv, stage_files
 from initstage.plan import Plan, write_plan
-from injector import nsenter, preflight, ptrace
+from injector import labmode, nsenter, preflight, ptrace
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -40,7 +40,6 @@ from injector.sandbox import Sandbox
 from injector.sources import ImageSource, open_source
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
-LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
 
 # Notices that describe the host's own userspace. They matter for a real switch and are
 # facts to learn from in a rehearsal, whose target is a sandbox and not the host.
@@ -82,12 +81,7 @@ class SwitchOptions:
         return "target" if self.target_pid is not None else "switch"
 
 
-def lab_mode() -> bool:
-    """True when this machine must never have its own PID 1 replaced (labs, tests, CI)."""
-    return os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0") or LAB_MODE_FLAG.exists()
-
-
-def _require_root() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
         raise EnvironmentFailure(
             "dboot needs root (mounts, namespaces and ptrace)", "run it again with sudo"
@@ -109,7 +103,7 @@ def _validate_options(options: SwitchOptions) -> None:
     hits_our_pid1 = options.mode == "switch" or (
         options.target_pid is not None and _is_our_namespaces_pid1(options.target_pid)
     )
-    if hits_our_pid1 and not options.dry_run and lab_mode():
+    if hits_our_pid1 and not options.dry_run and labmode.lab_mode():
         raise SafetyRefusal(
             "lab mode is on (DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only): "
             "this machine's PID 1 will not be replaced",
@@ -131,7 +125,7 @@ def _is_our_namespaces_pid1(pid: int) -> bool:
 def run(options: SwitchOptions) -> Iterator[Event]:
     """Perform (or rehearse, or dry-run) a switch, yielding events as it goes."""
     _validate_options(options)
-    _require_root()
+    require_root()
     with open_source(options.image, options.docker_host) as source:
         yield StepStarted("source", f"Reading image {options.image}")
         details = source.details()

@@ -6,10 +6,8 @@ tests pass a fake with fixed images, processes and events, and a fixed clock.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 from textual import work
 from textual.app import App
@@ -23,6 +21,7 @@ from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from app.tui.wizard import Outcome, Wizard
+from injector.labmode import lab_mode_reason
 
 # The steps before the Confirm modal, in order; each is built when the user moves forward.
 STEPS: tuple[Callable[[Wizard], StepScreen], ...] = (
@@ -114,11 +113,7 @@ def rehearse_only_reason(*, rehearse_flag: bool, backend: Backend) -> str | None
         return "the wizard was started with --rehearse"
     if not backend.lab_mode():
         return None
-    if os.environ.get("DBOOT_REHEARSAL_ONLY", "") not in ("", "0"):
-        return "DBOOT_REHEARSAL_ONLY is set (lab mode)"
-    if Path("/etc/dboot/rehearsal-only").exists():
-        return "lab mode is on (/etc/dboot/rehearsal-only exists)"
-    return "lab mode is on (the engine cannot switch here)"
+    return lab_mode_reason() or "lab mode is on (the engine cannot switch here)"
 
 
 def create_app(

@@ -222,10 +222,10 @@ class EngineBackend:
 
     def lab_mode(self) -> bool:
         try:
-            from injector import switch
+            from injector.labmode import lab_mode
         except ImportError:
             return True  # No engine, no switch: the safe answer.
-        return switch.lab_mode()
+        return lab_mode()
 
     def close(self) -> None:
         with self._lock:

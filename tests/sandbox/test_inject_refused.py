@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from injector import ptrace
+from injector import labmode, ptrace
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.ptrace import (
     InjectionRolledBack,
@@ -157,7 +157,7 @@ def test_lab_mode_refuses_host_pid1_via_env(
     ptrace_forbidden: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DBOOT_REHEARSAL_ONLY", "1")
-    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", tmp_path / "absent")
+    monkeypatch.setattr(labmode, "LAB_MODE_FLAG", tmp_path / "absent")
     with pytest.raises(SafetyRefusal) as caught:
         inject_execve(1, "/bin/true", ["true"], [], no_log)
     assert caught.value.exit_code == 3
@@ -171,7 +171,7 @@ def test_lab_mode_refuses_host_pid1_via_flag_file(
     flag = tmp_path / "rehearsal-only"
     flag.touch()
     monkeypatch.delenv("DBOOT_REHEARSAL_ONLY", raising=False)
-    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", flag)
+    monkeypatch.setattr(labmode, "LAB_MODE_FLAG", flag)
     with pytest.raises(SafetyRefusal):
         inject_execve(1, "/bin/true", ["true"], [], no_log)
     assert ptrace_forbidden == []
@@ -179,12 +179,12 @@ def test_lab_mode_refuses_host_pid1_via_flag_file(
 
 def test_lab_mode_switches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Only the predicate: nothing is injected with lab mode off.
-    monkeypatch.setattr(ptrace, "REHEARSAL_FLAG", tmp_path / "absent")
+    monkeypatch.setattr(labmode, "LAB_MODE_FLAG", tmp_path / "absent")
     for value, expected in (("1", True), ("yes", True), ("0", False), ("", False)):
         monkeypatch.setenv("DBOOT_REHEARSAL_ONLY", value)
-        assert ptrace.lab_mode_on() is expected
+        assert labmode.lab_mode() is expected
     monkeypatch.delenv("DBOOT_REHEARSAL_ONLY")
-    assert ptrace.lab_mode_on() is False
+    assert labmode.lab_mode() is False
 
 
 def test_bad_exec_arguments_are_refused_before_attaching(ptrace_forbidden: list[int]) -> None:
