@@ -147,7 +147,6 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from injector import preflight
-    from injector.rootfs import tmpfs_size_for
     from injector.sources import open_source
     from injector.switch import require_root
 
@@ -161,9 +160,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         index = source.scan()
         if args.init:
             preflight.validate_init(index, args.init)
-        report = preflight.gather(
-            index, args.init, tmpfs_size=args.tmpfs_size or tmpfs_size_for(index.estimated_bytes)
-        )
+        report = preflight.gather(index, args.init, tmpfs_size=args.tmpfs_size)
     if args.json:
         for event in preflight.report_events(report):
             print(json.dumps(to_json(event)), file=out)

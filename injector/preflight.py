@@ -23,6 +23,7 @@ from injector import labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
 from injector.procinfo import PROC, SwapDevice, Unreadable
+from injector.rootfs import tmpfs_size_for
 
 __all__ = [
     "IndexView",
@@ -240,7 +241,7 @@ def gather(
 
     ``init_argv`` may be empty (``dboot check IMAGE``): the init is then not judged; otherwise
     a bad init is a blocker here (``validate_init`` raises instead, for the CLI's exit 1).
-    ``tmpfs_size`` defaults to the estimate (callers pass ``rootfs.tmpfs_size_for(...)``).
+    ``tmpfs_size`` defaults to what a switch would mount: the estimate plus headroom.
     ``proc``, ``environ`` and ``host_root`` exist for tests with crafted trees.
     """
     our_pid = os.getpid() if our_pid is None else our_pid
@@ -315,7 +316,7 @@ def _ram_facts(
         estimated_bytes=estimated,
         available_bytes=available,
         total_bytes=meminfo.get("MemTotal", 0),
-        tmpfs_size=estimated if tmpfs_size is None else tmpfs_size,
+        tmpfs_size=tmpfs_size_for(estimated) if tmpfs_size is None else tmpfs_size,
         remaining_bytes=available - estimated,
     )
 

@@ -35,7 +35,7 @@ from injector.events import (
     StepStarted,
 )
 from injector.imageindex import ImageIndex
-from injector.rootfs import RamRoot, add_host_files, tmpfs_size_for
+from injector.rootfs import RamRoot, add_host_files
 from injector.sandbox import Sandbox
 from injector.sources import ImageSource, open_source
 
@@ -173,13 +173,10 @@ def _switch_target(
 
     # --- Preflight: facts first, then verdicts. ---------------------------------------
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
-    tmpfs_size = options.tmpfs_size or tmpfs_size_for(index.estimated_bytes)
     report = preflight.gather(
-        index,
-        options.init_argv,
-        target_pid=target,
-        tmpfs_size=tmpfs_size,
+        index, options.init_argv, target_pid=target, tmpfs_size=options.tmpfs_size
     )
+    tmpfs_size = report.ram.tmpfs_size
     yield from preflight.report_events(report)
     blocking = blockers(report, mode)
     # No --force can make the kernel allow an attach: that is the environment, exit 2.

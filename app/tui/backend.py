@@ -175,11 +175,10 @@ class EngineBackend:
     # --- preflight -----------------------------------------------------------------------
     def check(self, ref: str, init_argv: list[str]) -> Report:
         with _engine_module():
-            from injector import preflight, rootfs
+            from injector import preflight
         index = self._with_source(ref, lambda source: source.scan())
-        tmpfs_size = self.tmpfs_size or rootfs.tmpfs_size_for(index.estimated_bytes)
         return preflight.gather(
-            index, init_argv, tmpfs_size=tmpfs_size, mem_available=self.mem_available
+            index, init_argv, tmpfs_size=self.tmpfs_size, mem_available=self.mem_available
         )
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
