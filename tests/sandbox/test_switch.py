@@ -6,6 +6,7 @@ and pivot_root. Never this machine's PID 1: lab mode is on, and every target is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,9 +18,10 @@ import pytest
 
 from injector.errors import EnvironmentFailure
 from injector.events import Console, Event, Finished, Injection, StepDone
-from injector.sandbox import Sandbox, pids_in_namespace
+from injector.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.images import build_debian_image
+from tests.sandbox.sandbox_checks import eventually
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
@@ -38,33 +40,29 @@ def host_mounts() -> str:
     return Path("/proc/self/mountinfo").read_text()
 
 
+def pid_namespaces() -> dict[str, list[int]]:
+    """Every PID namespace that has a process, with its processes (host pids)."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                found.setdefault(os.readlink(entry / "ns/pid"), []).append(int(entry.name))
+    return found
+
+
 @pytest.fixture
 def nothing_left_behind() -> Iterator[None]:
-    """No mount, no process and no state directory may outlive a rehearsal."""
+    """No mount, no process and no state directory may outlive a rehearsal.
+
+    A sandbox's processes live in a PID namespace of their own: one that did not exist
+    before the test and still has processes afterwards is a leak, whoever reparented them.
+    """
     mounts = host_mounts()
-    ours = set(pids_in_namespace("pid", os.readlink("/proc/self/ns/pid")))
+    before = pid_namespaces()
     yield
     assert host_mounts() == mounts
-    leftover = {
-        pid
-        for pid in set(pids_in_namespace("pid", os.readlink("/proc/self/ns/pid"))) - ours
-        if _is_ours(pid)
-    }
-    assert not leftover, f"processes left behind: {leftover}"
-
-
-def _is_ours(pid: int) -> bool:
-    """A process descended from this test process (other sessions' processes are not ours)."""
-    me = os.getpid()
-    while pid > 1:
-        if pid == me:
-            return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return False
+    leaked = {ns: pids for ns, pids in pid_namespaces().items() if ns not in before}
+    assert not leaked, f"processes left behind in new PID namespaces: {leaked}"
 
 
 def rehearse(image: str, init: list[str], **options: object) -> list[Event]:
@@ -168,7 +166,7 @@ def test_target_pid_switches_a_namespace_pid_1(tmp_path: Path) -> None:
         # PID 1 of the namespace now runs the image's own binary ...
         deadline_output = sandbox.wait_for_output("exec ['/bin/sh'", timeout=15)
         assert deadline_output, sandbox.output()
-        assert _eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") == "/bin/busybox")
+        assert eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") == "/bin/busybox", 10)
         # ... every stand-in service is gone ...
         assert all(not Path(f"/proc/{pid}").exists() for pid in services)
         # ... and the old root is no longer in the namespace's mount table.
@@ -177,20 +175,6 @@ def test_target_pid_switches_a_namespace_pid_1(tmp_path: Path) -> None:
         assert roots[0] == "/" and all(" - ext4 " not in line for line in mounts), mounts
         assert not any(mount_point == "/work" or mount_point.startswith("/run/dboot")
                        for mount_point in roots), roots  # fmt: skip
-
-
-def _eventually(check: object, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():  # type: ignore[operator]
-                return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False
 
 
 def test_target_pid_must_be_pid_1_of_its_namespace() -> None:
