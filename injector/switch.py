@@ -43,7 +43,7 @@ DEFAULT_STATE_DIR = Path("/run/dboot")
 
 # Notices that describe the host's own userspace. They matter for a real switch and are
 # facts to learn from in a rehearsal, whose target is a sandbox and not the host.
-HOST_ONLY_NOTICE_PREFIXES = ("swap", "process", "session", "pid1", "container")
+HOST_ONLY_NOTICE_PREFIXES = ("swap", "processes", "session", "container")
 
 Mode = Literal["switch", "target", "rehearse"]
 
