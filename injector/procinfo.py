@@ -252,3 +252,11 @@ def list_pids(proc: Path = PROC) -> list[int]:
 def pid_namespace(pid: int, proc: Path = PROC) -> str | None:
     """``pid:[4026531836]``: equal strings mean the same PID namespace."""
     return read_link(proc / str(pid) / "ns" / "pid")
+
+
+def nspid_chain(pid: int, proc: Path = PROC) -> list[int]:
+    """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first."""
+    for line in (proc / str(pid) / "status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(field) for field in line.split()[1:]]
+    raise Unreadable(f"{proc}/{pid}/status has no NSpid line (Linux 4.1 or later has it)")

@@ -34,7 +34,7 @@ from ptrace.binding.func import ptrace as raw_ptrace
 from ptrace.error import PtraceError
 
 from injector import arch as archmod
-from injector import labmode
+from injector import labmode, procinfo
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Injection
@@ -218,10 +218,9 @@ def _status_fields(pid: int) -> dict[str, str]:
 def is_pid1_of_its_namespace(pid: int) -> bool:
     """True when ``pid`` is PID 1 inside its own PID namespace (NSpid's last field is 1)."""
     try:
-        nspid = _status_fields(pid).get("NSpid", "")
-    except OSError:
+        return procinfo.nspid_chain(pid)[-1:] == [1]
+    except (OSError, procinfo.Unreadable):
         return False
-    return nspid.split()[-1:] == ["1"]
 
 
 def _yama_scope() -> int | None:

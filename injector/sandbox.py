@@ -52,6 +52,7 @@ from typing import IO, Literal
 
 from injector import standin
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.procinfo import nspid_chain
 
 ConsoleMode = Literal["relay", "capture"]
 IdleMode = Literal["wait", "read"]
@@ -75,14 +76,6 @@ def default_kinds(count: int) -> list[str]:
 def namespace_of(pid: int | str, kind: str) -> str:
     """The identity of a namespace, e.g. ``pid:[4026531836]`` (``pid`` may be ``"self"``)."""
     return os.readlink(f"/proc/{pid}/ns/{kind}")
-
-
-def nspid_chain(pid: int) -> list[int]:
-    """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(field) for field in line.split()[1:]]
-    raise EnvironmentFailure(f"/proc/{pid}/status has no NSpid line", "needs Linux 4.1 or later")
 
 
 def pids_in_namespace(kind: str, identity: str) -> list[int]:

@@ -19,6 +19,7 @@ import pytest
 
 from injector.errors import BadInput, SafetyRefusal
 from injector.nsenter import run_in_mount_namespace
+from injector.procinfo import nspid_chain
 from injector.sandbox import (
     EXIT_ON_SIGUSR1,
     STANDIN_SCRIPT,
@@ -26,7 +27,6 @@ from injector.sandbox import (
     Sandbox,
     children_of,
     namespace_of,
-    nspid_chain,
     pids_in_namespace,
     process_state,
 )
