@@ -82,8 +82,12 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     shown = terminal.wait_for("tinybox")
     assert "REHEARSAL ONLY" in shown
     # 1 Images: filter down to tinybox, then Enter on the table.
+    # Each key waits for the screen to answer the one before: a key that lands before the
+    # filter field has focus goes to the table, and Enter there picks whatever row is first.
     terminal.keys("/")
+    terminal.wait_for("filter: repository")
     terminal.keys("tinybox:latest", literal=True)
+    terminal.wait_for("Enter: continue with tinybox:latest")
     terminal.keys("Enter")
     terminal.wait_for("Enter: continue with tinybox:latest")
     terminal.keys("Enter")
