@@ -676,7 +676,7 @@ class _TarApplier:
             return
         parent = posixpath.dirname(path)
         try:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
+            _make_parents(parent)
         except (FileExistsError, NotADirectoryError):
             raise ArchiveError(f"cannot create {path!r}: {parent!r} is not a directory") from None
         existing = _lstat(path)
@@ -777,6 +777,20 @@ class _TarApplier:
             if st is not None and stat.S_ISDIR(st.st_mode):
                 os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
         self._reporter.progress(self.bytes, force=True)
+
+
+def _make_parents(directory: str) -> None:
+    """Create the missing directories of ``directory`` as dockerd and GNU tar do for a
+    parent the archive never names: owned by us (root), mode 0755. ``os.makedirs`` would
+    give the intermediate ones 0777 under the worker's umask 0: a world-writable hole."""
+    if os.path.isdir(directory):
+        return
+    _make_parents(posixpath.dirname(directory))
+    try:
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        if not os.path.isdir(directory):  # a dangling symlink or a file is in the way
+            raise
 
 
 def _lstat(path: str) -> os.stat_result | None:

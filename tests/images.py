@@ -403,3 +403,43 @@ def differences(expected: dict[str, Any], actual: dict[str, Any], limit: int = 2
 def remove_tree(path: Path) -> None:
     """rm -rf that also copes with mode-000 directories (we are root, but be explicit)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# An archive without parent directory entries
+# ---------------------------------------------------------------------------------------
+
+# Entries whose parents the tar never names: whoever extracts it must make them up.
+PARENTLESS_ENTRIES: tuple[tuple[str, bytes, int, int], ...] = (
+    # (name, type, mode, uid)
+    ("hello", tarfile.REGTYPE, 0o644, 0),
+    ("usr/local/share/deep/file", tarfile.REGTYPE, 0o644, 1000),
+    ("opt/app/bin/tool", tarfile.REGTYPE, 0o755, 0),
+    ("var/lib/explicit", tarfile.DIRTYPE, 0o700, 1000),
+    ("srv/data", tarfile.DIRTYPE, 0o750, 0),
+    ("srv/data/sub/x/file", tarfile.REGTYPE, 0o600, 33),
+)
+# The directories only implied by PARENTLESS_ENTRIES.
+PARENTLESS_IMPLIED = (
+    "usr", "usr/local", "usr/local/share", "usr/local/share/deep", "opt", "opt/app",
+    "opt/app/bin", "var", "var/lib", "srv", "srv/data/sub", "srv/data/sub/x",
+)  # fmt: skip
+
+
+def parentless_tar(path: Path) -> Path:
+    """A filesystem tarball that names files and directories but not their parents."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, mode, uid in PARENTLESS_ENTRIES:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = kind, mode, uid, uid
+            info.mtime = 1_700_000_000
+            data = f"{name}\n".encode() if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def build_parentless_image(tar_path: Path, tag: str = PREFIX + "parentless:latest") -> str:
+    """``docker import`` of :func:`parentless_tar` (written to ``tar_path``), one layer."""
+    remove_image(tag)
+    return import_tar(parentless_tar(tar_path), tag)
