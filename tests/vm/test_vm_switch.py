@@ -151,7 +151,13 @@ def test_switch_systemd_machine_to_systemd_image(vm_bed: VmBed, tmp_path, vm_tim
             r"DBOOT-NEWROOT: root ok tmpfs$",
             r"DBOOT-NEWROOT: vda-unmounted ok none$",
             r"DBOOT-NEWROOT: vda-exclusive ok /dev/vda: opened exclusively$",
+            r"DBOOT-NEWROOT: e2fsck: .*/dev/vda: \d+/\d+ files",
+            r"DBOOT-NEWROOT: vda-e2fsck-clean ok rc=0$",
         ],
+    )
+    # A plain debootstrap system: no /etc/hosts on the old machine, and the switch still went on.
+    assert vm.find(r"DBOOT-VM: switch-start .* hosts=none$") is not None, vm.error(
+        "the old machine had an /etc/hosts: the bed is not a plain debootstrap system"
     )
     assert vm.find(r"Kernel panic") is None
 
