@@ -34,6 +34,9 @@ import platform
 import struct
 from collections.abc import Mapping, Sequence
 
+from ptrace.syscall.linux import aarch64 as ptrace_aarch64
+from ptrace.syscall.linux import x86_64 as ptrace_x86_64
+
 # -ERESTART* codes a blocking system call returns inside the kernel when a signal (or a
 # ptrace interrupt) wakes it. They never reach userspace: the kernel either restarts the
 # call or turns them into EINTR on the way out.
@@ -89,29 +92,26 @@ class AArch64Regs(ctypes.Structure):
     _fields_ = _u64_fields([f"x{n}" for n in range(31)] + ["sp", "pc", "pstate"])
 
 
-# System calls PID 1 is typically found in (or about to make), plus the few the injector
-# itself talks about. Not exhaustive: unknown numbers print as "syscall_<nr>".
+# System call names come from python-ptrace's per-architecture tables (generated from the
+# kernel's), so that any call PID 1 sits in is named, not just the ones someone listed.
+# x86_64's table also lists the x32 ABI's calls from 512 on: a 64-bit task never makes them.
+X32_FIRST = 512
+# Calls newer than python-ptrace 0.9.9's tables: numbered alike on every architecture since
+# the tables were unified (Linux 5.1), up to Linux 6.1 (Debian 12).
+NEWER_SYSCALLS: Mapping[int, str] = {
+    440: "process_madvise", 441: "epoll_pwait2", 442: "mount_setattr", 443: "quotactl_fd",
+    444: "landlock_create_ruleset", 445: "landlock_add_rule", 446: "landlock_restrict_self",
+    447: "memfd_secret", 448: "process_mrelease", 449: "futex_waitv",
+    450: "set_mempolicy_home_node",
+}  # fmt: skip
 X86_64_SYSCALLS: Mapping[int, str] = {
-    0: "read", 1: "write", 3: "close", 7: "poll", 15: "rt_sigreturn", 16: "ioctl",
-    19: "readv", 23: "select", 24: "sched_yield", 34: "pause", 35: "nanosleep",
-    39: "getpid", 43: "accept", 45: "recvfrom", 47: "recvmsg", 59: "execve", 60: "exit",
-    61: "wait4", 72: "fcntl", 128: "rt_sigtimedwait", 130: "rt_sigsuspend", 202: "futex",
-    219: "restart_syscall", 230: "clock_nanosleep", 231: "exit_group", 232: "epoll_wait",
-    247: "waitid", 257: "openat", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait",
-    288: "accept4", 299: "recvmmsg", 441: "epoll_pwait2",
-}  # fmt: skip
-
-# aarch64 uses the asm-generic table: no read-less legacy calls (no poll, select, pause,
-# epoll_wait); their libc wrappers use ppoll, pselect6, ppoll and epoll_pwait instead.
-AARCH64_SYSCALLS: Mapping[int, str] = {
-    22: "epoll_pwait", 25: "fcntl", 29: "ioctl", 56: "openat", 57: "close", 63: "read",
-    64: "write", 65: "readv", 72: "pselect6", 73: "ppoll", 93: "exit", 94: "exit_group",
-    95: "waitid", 98: "futex", 101: "nanosleep", 115: "clock_nanosleep",
-    124: "sched_yield", 128: "restart_syscall", 133: "rt_sigsuspend",
-    137: "rt_sigtimedwait", 139: "rt_sigreturn", 172: "getpid", 202: "accept",
-    207: "recvfrom", 212: "recvmsg", 221: "execve", 242: "accept4", 243: "recvmmsg",
-    260: "wait4", 441: "epoll_pwait2",
-}  # fmt: skip
+    **{nr: name for nr, name in ptrace_x86_64.SYSCALL_NAMES.items() if nr < X32_FIRST},
+    283: "timerfd_create",  # python-ptrace 0.9.9 says "timerfd"
+    **NEWER_SYSCALLS,
+}
+# aarch64 uses the asm-generic table: no legacy calls (no poll, select, pause, epoll_wait);
+# their libc wrappers use ppoll, pselect6, ppoll and epoll_pwait instead.
+AARCH64_SYSCALLS: Mapping[int, str] = {**ptrace_aarch64.SYSCALL_NAMES, **NEWER_SYSCALLS}
 
 
 @dataclasses.dataclass(frozen=True)
