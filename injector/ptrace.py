@@ -15,6 +15,17 @@ that attached):
    back over the system call instruction, so that the target re-runs the call it was about
    to make, then detach. It never sees an error.
 
+The commit point is the register swap in step 3. Before it, an error or an ending signal
+(held back meanwhile, and looked for just before the swap) puts everything back and
+detaches. From it on, the run is committed: we wait for the exec event or the exit stop
+with no deadline (``on_wait`` hears how long), and a failed restore is retried with the
+target kept stopped, never detached while its registers point into our block.
+
+Killed outright (SIGKILL) at any moment, the kernel detaches us and the target goes on from
+where it stands: before the swap it re-runs its own call (our bytes lie below the red zone,
+dead by the ABI); after it, it executes our execve. So the caller must have everything that
+execve needs (the RAM root, the plan) in place before calling ``inject_execve``.
+
 ``check_attachable`` and ``is_pid1_of_its_namespace`` only read /proc.
 """
 
@@ -38,7 +49,8 @@ from injector import labmode, procinfo
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Injection
-from injector.signals import signals_deferred
+from injector.signals import EndingSignal, pending_call_off, signals_deferred
+from injector.testhooks import pause_point
 
 # --- ptrace(2) requests, options and events (<linux/ptrace.h>) ---------------------------
 PTRACE_SYSCALL = 24
@@ -76,11 +88,13 @@ _REQUEST_NAMES = {
 
 MAX_EXEC_BLOCK = 64 * 1024  # path+argv+envp; far below any stack, far above any init line
 ENTRY_TIMEOUT = 10.0  # seconds for the target to reach a system call
-EXECVE_TIMEOUT = 30.0  # seconds for execve itself (a slow disk, a network filesystem)
-
-# Signals that must not cut the injection in half while PID 1 holds our registers.
+# execve itself has no deadline (a slow disk, a network filesystem): once the swap is in,
+# giving up would leave PID 1 in our execve anyway. The wait is reported this often instead.
+EXEC_WAIT_REPORT_EVERY = 2.0
+RESTORE_RETRY_PAUSE = 0.5  # seconds between attempts to put the registers back
 
 Log = Callable[[str], None]
+WaitReport = Callable[[float], None]  # seconds spent so far waiting for execve
 
 
 @dataclasses.dataclass
@@ -327,17 +341,27 @@ class _Tracee:
         # SEIZE does not stop the target; INTERRUPT does, wherever it is.
         _ptrace(PTRACE_INTERRUPT, self.pid)
 
-    def wait(self, deadline: float) -> _Stop:
-        """The next stop. Polls so that a target that never stops cannot hang us."""
+    def wait(self, deadline: float | None, on_wait: WaitReport | None = None) -> _Stop:
+        """The next stop. Polls so that a target that never stops cannot hang us.
+
+        With no deadline it waits for good, telling ``on_wait`` every
+        ``EXEC_WAIT_REPORT_EVERY`` seconds how long it has been."""
         pause = 0.00005
+        started = time.monotonic()
+        next_report = started + EXEC_WAIT_REPORT_EVERY
         while True:
             waited, status = os.waitpid(self.pid, WAIT_ALL | os.WNOHANG)
             if waited == self.pid:
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise TimeoutError(f"PID {self.pid} did not stop in time")
+            if on_wait is not None and now >= next_report:
+                next_report = now + EXEC_WAIT_REPORT_EVERY
+                on_wait(now - started)
             time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            # Quick for the usual millisecond stop; gentle on the CPU for a long one.
+            pause = min(pause * 2, 0.002 if now - started < 1.0 else 0.05)
         stop = _Stop(status)
         if stop.gone:
             self.attached = self.stopped = False
@@ -436,14 +460,19 @@ class _Tracee:
 
     # -- stepping
 
-    def _step_over_until(self, wanted: Callable[[_Stop], bool], deadline: float) -> _Stop:
+    def _step_over_until(
+        self,
+        wanted: Callable[[_Stop], bool],
+        deadline: float | None,
+        on_wait: WaitReport | None = None,
+    ) -> _Stop:
         """Wait for a stop ``wanted`` accepts; resume past every other one.
 
         Signals are handed back to the target (it must not lose a SIGCHLD because we
         happened to be looking), group-stops and our interrupt stop are stepped over.
         """
         while True:
-            stop = self.wait(deadline)
+            stop = self.wait(deadline, on_wait)
             if wanted(stop):
                 return stop
             self.resume(self._deliverable(stop))
@@ -514,14 +543,16 @@ class _Tracee:
             nr = int(info.data[0]) if info is not None else self.kernel_nr(regs)
             return _Entry(regs=regs, nr=nr, name=archmod.syscall_name(self.arch, nr))
 
-    def run_execve(self, deadline: float) -> int | None:
-        """Let the swapped call run. None: exec happened. Else execve's (negative) return."""
+    def run_execve(self, on_wait: WaitReport | None) -> int | None:
+        """Let the swapped call run, for as long as it takes (no deadline: we are committed).
+        None: exec happened. Else execve's (negative) return."""
 
         def exec_or_syscall_exit(stop: _Stop) -> bool:
             return stop.is_syscall or stop.event == PTRACE_EVENT_EXEC
 
         self.resume()
-        stop = self._step_over_until(exec_or_syscall_exit, deadline)
+        pause_point("exec-wait")
+        stop = self._step_over_until(exec_or_syscall_exit, None, on_wait)
         if stop.event == PTRACE_EVENT_EXEC:
             return None
         info = self.syscall_info()
@@ -578,13 +609,21 @@ def inject_execve(
     log: Callable[[str], None],
     *,
     entry_timeout: float = ENTRY_TIMEOUT,
+    on_commit: Callable[[], None] | None = None,
+    on_wait: WaitReport | None = None,
 ) -> InjectionReport:
     """Make ``pid`` call ``execve(path, argv, envp)``.
 
     Returns a report once the exec event is seen and the target is detached. If execve
     fails inside the target, raises InjectionRolledBack (carrying the report) after
     putting back its memory and registers so that it re-runs its own system call.
-    Attach denied, already traced, no such process: EnvironmentFailure.
+    Attach denied, already traced, no such process: EnvironmentFailure. An ending signal
+    (SIGINT, SIGTERM, SIGHUP, SIGQUIT) that arrives before the swap: EndingSignal, with the
+    target left as it was; one that arrives later waits until we are done.
+
+    ``on_commit`` is called as soon as the swap is in: from then on PID 1 may exec, and only
+    an InjectionRolledBack means that it will not. ``on_wait`` hears how long execve takes
+    when it takes seconds.
     """
     _refuse_host_pid1_in_lab_mode(pid)  # before any ptrace call, on purpose
     try:
@@ -600,7 +639,7 @@ def inject_execve(
     started = time.monotonic()
     try:
         with signals_deferred():
-            return _inject(tracee, path, argv, envp, started, entry_timeout)
+            return _inject(tracee, path, argv, envp, started, entry_timeout, on_commit, on_wait)
     except OSError as error:
         # A ptrace request or /proc access the kernel refused half-way (the target died,
         # memory vanished): name it. Whatever we had changed was undone on the way out.
@@ -618,14 +657,19 @@ def _inject(
     envp: list[str],
     started: float,
     entry_timeout: float,
+    on_commit: Callable[[], None] | None,
+    on_wait: WaitReport | None,
 ) -> InjectionReport:
     arch, pid, log = tracee.arch, tracee.pid, tracee.log
 
     # 1-2. Seize and reach a syscall entry. Nothing of ours is in the target yet, so any
     # failure here only needs a detach.
+    pause_point("before-seize")
+    _stop_if_asked_to_end(log, "before the attach")
     try:
         tracee.seize()
         entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
+        pause_point("entry-stop")
     except TimeoutError:
         tracee.abandon()
         raise EnvironmentFailure(
@@ -660,15 +704,22 @@ def _inject(
             f"wrote {size} bytes at {base:#x} ({arch.sp} - {sp - base}): path, "
             f"{len(argv)} argv and {len(envp)} envp strings; the original bytes are saved"
         )
-        swapped = True
         substituted = archmod.substitute_execve(
             arch, entry.regs, block.path, block.argv, block.envp
         )
+        # The last moment to call it off: a Ctrl-C or a hang-up held back since the attach.
+        _stop_if_asked_to_end(log, "at the entry stop, before the swap")
+        swapped = True
         tracee.set_regs(substituted)
         log(f"swapped {entry.name} ({entry.nr}) for execve ({arch.execve_nr}): {path}")
     except BaseException:
         _undo_at_entry(tracee, entry, base, saved, swapped)
         raise
+    # Committed: were we to die now, PID 1 would still run our execve.
+    log("committed: from here on PID 1 may exec; no deadline, no undo unless execve fails")
+    if on_commit is not None:
+        on_commit()
+    pause_point("swapped")
 
     report = InjectionReport(
         pid=pid,
@@ -683,14 +734,14 @@ def _inject(
         scratch_bytes=size,
     )
 
-    # 4. Let execve run: an exec event, or its exit stop with an error.
-    try:
-        result = tracee.run_execve(time.monotonic() + EXECVE_TIMEOUT)
-    except TimeoutError:
-        raise EnvironmentFailure(
-            f"execve in PID {pid} did not return within {EXECVE_TIMEOUT:g} s",
-            "the target stays traced by us until this process exits; check the filesystem",
-        ) from None
+    # 4. Let execve run, however long it takes: an exec event, or its exit stop with an error.
+    def waiting(seconds: float) -> None:
+        log(f"waiting for execve in PID {pid}: {seconds:.0f} s")
+        if on_wait is not None:
+            on_wait(seconds)
+
+    assert saved is not None  # written before the swap
+    result = tracee.run_execve(waiting)
 
     if result is None:
         # Success. The old image, our block with it, is gone: nothing to restore.
@@ -712,17 +763,20 @@ def _inject(
     # they go back all the same so that nothing can tell we were there.
     error_name = _errno_name(-result)
     log(f"execve failed with {error_name}: rolling back")
+    _restore_registers(tracee, archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
+    report.registers_after = archmod.shown(arch, tracee.get_regs())
     try:
-        tracee.set_regs(archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
-        report.registers_after = archmod.shown(arch, tracee.get_regs())
         tracee.write_mem(base, saved)
-        log(
-            f"restored the registers and {size} bytes; {arch.ip} {before[arch.ip]:#x} -> "
-            f"{report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
-            f"{entry.name}() will run again"
-        )
-    finally:
-        tracee.detach()
+        restored = f"the registers and {size} bytes"
+    except OSError as error:
+        # Below the red zone the bytes are dead by the ABI: the registers are what matter.
+        restored = f"the registers (the {size} scratch bytes stay: {error})"
+    log(
+        f"restored {restored}; {arch.ip} {before[arch.ip]:#x} -> "
+        f"{report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
+        f"{entry.name}() will run again"
+    )
+    tracee.detach()
     report.outcome = "rolled-back"
     report.error = error_name
     report.elapsed_ms = (time.monotonic() - started) * 1000
@@ -731,6 +785,37 @@ def _inject(
         "check that the interpreter and the stage's files exist inside the target's root",
         report,
     )
+
+
+def _stop_if_asked_to_end(log: Log, where: str) -> None:
+    """Before the swap, a Ctrl-C or hang-up held back by ``signals_deferred`` calls it off;
+    it is delivered as soon as we let it, and the caller's undo runs."""
+    signum = pending_call_off()
+    if signum is not None:
+        log(f"{signum.name} arrived {where}: calling the injection off")
+        raise EndingSignal(signum)
+
+
+def _restore_registers(tracee: _Tracee, edit: RegisterEdit) -> None:
+    """Put PID 1's registers back after a failed execve, however many attempts it takes.
+
+    Detaching first would let PID 1 go on with its arguments pointing into our block and
+    execve's error as its call's result: the target stays stopped until the write holds.
+    Only a target that is gone (ESRCH: killed meanwhile) ends the attempts."""
+    attempt = 0
+    while True:
+        try:
+            tracee.set_regs(edit)
+            return
+        except OSError as error:
+            if error.errno == errno.ESRCH:
+                raise
+            attempt += 1
+            tracee.log(
+                f"restoring PID {tracee.pid}'s registers failed ({error}), attempt {attempt}: "
+                "it stays stopped under us; retrying"
+            )
+            time.sleep(RESTORE_RETRY_PAUSE)
 
 
 def _undo_at_entry(

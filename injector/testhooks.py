@@ -1,0 +1,39 @@
+"""Named pause points, for the tests that kill dboot at a chosen moment (test-only).
+
+``DBOOT_TEST_PAUSE=<phase>:<file>`` makes the process that reaches ``<phase>`` write its pid
+into ``<file>`` and then sleep until a signal ends it: the test reads the file and kills
+it there (SIGKILL for the kill-at-each-phase test, SIGHUP/SIGTERM/SIGINT or a closed pty
+for the undo tests). Without the variable, which no real run sets, a pause point is one
+environment lookup and nothing else.
+
+The phases, in the order a switch meets them:
+- ``copy``: inside the namespace worker, the RAM root mounted and filled, no plan yet;
+- ``before-seize``: the RAM root and the plan in place, PID 1 not yet traced;
+- ``entry-stop``: PID 1 stopped at a syscall entry under us, nothing of ours written;
+- ``swapped``: our block written below its stack and execve swapped into its registers;
+- ``exec-wait``: PID 1 resumed into execve, the exec event not yet seen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PAUSE_ENV = "DBOOT_TEST_PAUSE"
+PHASES = ("copy", "before-seize", "entry-stop", "swapped", "exec-wait")
+
+
+def pause_point(phase: str) -> None:
+    """Pause here if the test asked for ``phase``; see the module docstring."""
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted:
+        return
+    name, _, announce = wanted.partition(":")
+    if name != phase:
+        return
+    partial = Path(f"{announce}.partial")
+    partial.write_text(f"{os.getpid()}\n")
+    partial.rename(announce)  # whole, or not there at all
+    while True:
+        time.sleep(3600)  # a signal's handler raising ends it; SIGKILL ends everything
