@@ -24,14 +24,17 @@ import io
 import json
 import os
 import posixpath
+import re
+import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from injector.errors import BadInput, DbootError, EnvironmentFailure
+from injector.events import Progress as ProgressEvent
 from injector.extract import run_worker
 from injector.imageindex import ImageIndex, IndexBuilder, IndexEntry
 from injector.signals import signals_deferred
@@ -46,6 +49,7 @@ __all__ = [
     "IndexEntry",
     "list_images",
     "open_source",
+    "source_for_path",
 ]
 
 DOCKER_ARCHIVE = "docker-archive:"
@@ -178,6 +182,8 @@ class ImageSource:
     def __init__(self, ref: str) -> None:
         self.ref = ref
         self._index: ImageIndex | None = None
+        # Told how far reading the archive has got, while ``scan(progress)`` runs.
+        self._reading: Progress | None = None
 
     def __enter__(self) -> ImageSource:
         return self
@@ -191,11 +197,33 @@ class ImageSource:
     def details(self) -> ImageDetails:
         raise NotImplementedError
 
-    def scan(self) -> ImageIndex:
-        """Metadata of every entry, no file data. Cached."""
+    def scan(self, progress: Progress | None = None) -> ImageIndex:
+        """Metadata of every entry, no file data. Cached.
+
+        Reading an archive takes a while (a 270 MB archive under emulation: 25 s):
+        ``progress(bytes_read, archive_bytes)`` is called as it goes, a few times a second."""
         if self._index is None:
-            self._index = self._scan()
+            totals: list[int] = []
+
+            def report(done: int, total: int) -> None:
+                totals[:] = [total]
+                if progress is not None:
+                    progress(done, total)
+
+            self._reading = report if progress is not None else None
+            try:
+                self._index = self._scan()
+            finally:
+                self._reading = None
+            if progress is not None and totals:
+                progress(totals[0], totals[0])  # the end-of-archive padding is never read
         return self._index
+
+    def _open_archive(self, path: Path) -> IO[bytes]:
+        """``path`` opened for reading; while a scan runs, it reports how far it has got."""
+        if self._reading is None:
+            return path.open("rb")
+        return _ReportingFile(path, self._reading)
 
     def copy_into(self, root: Path, progress: Progress) -> CopyStats:
         """Copy the image's tree into ``root`` (an empty directory, normally the RAM root),
@@ -448,7 +476,10 @@ class DockerArchiveSource(ImageSource):
         """Each layer's tar bytes, in order, decompressed."""
         if not self._compressed:
             # A plain archive is seekable: open each layer member in place.
-            with tarfile.open(self.path, "r:") as outer:
+            with (
+                self._open_archive(self.path) as raw,
+                tarfile.open(fileobj=raw, mode="r:") as outer,
+            ):
                 for name in self._layers:
                     try:
                         member = outer.extractfile(name)
@@ -464,7 +495,7 @@ class DockerArchiveSource(ImageSource):
             yield decompressed(self._stream_member(name))
 
     def _stream_member(self, wanted: str) -> IO[bytes]:
-        with self.path.open("rb") as raw:
+        with self._open_archive(self.path) as raw:
             tar = StrictTar(decompressed(raw))
             for member in tar:
                 if member.name == wanted or normalize(member.name) == normalize(wanted):
@@ -544,7 +575,7 @@ class RootfsSource(ImageSource):
 
     @contextlib.contextmanager
     def _stream(self) -> Iterator[IO[bytes]]:
-        with self.path.open("rb") as raw:
+        with self._open_archive(self.path) as raw:
             try:
                 yield decompressed(raw)
             except ArchiveError as error:
@@ -571,6 +602,100 @@ class RootfsSource(ImageSource):
                 raise self._bad(str(error)) from None
 
 
+def scan_events(source: ImageSource, step: str) -> Generator[ProgressEvent, None, ImageIndex]:
+    """``source.scan()`` in a stream of events: ``index = yield from scan_events(source,
+    "source")`` yields ``Progress(step, bytes_read, archive_bytes)`` while an archive is read.
+    The scan runs in a thread of ours (our own mount namespace) so that the events arrive
+    as they happen; closing the stream early stops the scan at its next report."""
+    from injector import nsenter
+
+    def scan(send: Callable[[ProgressEvent], None]) -> ImageIndex:
+        return source.scan(lambda done, total: send(ProgressEvent(step, done, total)))
+
+    return (yield from nsenter.stream_in_mount_namespace(os.getpid(), scan))
+
+
+# ---------------------------------------------------------------------------------------
+# A plain path: which kind of archive is it?
+# ---------------------------------------------------------------------------------------
+
+# What a `docker save` archive holds at its top, and nothing else: its indexes, the OCI
+# layout's blobs/ (Docker 25 and later), or one directory and one .json per layer and config
+# (earlier Dockers), each named by a 64-hex digest. A filesystem tarball has bin, etc, usr...
+DOCKER_SAVE_INDEXES = frozenset({"manifest.json", "index.json"})
+DOCKER_SAVE_NEUTRAL = frozenset({"oci-layout", "repositories"})
+_DIGEST_NAME = re.compile(r"[0-9a-f]{64}(\.json)?")
+OPEN_FIX = "give a `docker save` archive or a filesystem tarball (plain, gzip, zstd or xz)"
+
+
+def source_for_path(path: str | os.PathLike[str]) -> str:
+    """The reference that opens the archive at ``path``, told from its content (not its
+    name): ``docker-archive:PATH`` for a ``docker save`` archive, ``rootfs:PATH`` for a
+    filesystem tarball, either one plain or compressed. ``BadInput`` says in one line why a
+    file is neither. Reads a few headers only: the first entries of an archive decide."""
+    resolved = Path(path).expanduser().absolute()
+    try:
+        # stat first: opening a FIFO or a device would wait or read forever.
+        if not stat.S_ISREG(resolved.stat().st_mode):
+            raise BadInput(f"{resolved} is not a regular file", "give the path of an archive file")
+        with resolved.open("rb") as raw:
+            stream = decompressed(raw)
+            layout_seen = False
+            for member in StrictTar(stream):
+                top = normalize(member.name).split("/")[1]
+                if top in DOCKER_SAVE_INDEXES or _DIGEST_NAME.fullmatch(top) or top == "blobs":
+                    return f"{DOCKER_ARCHIVE}{resolved}"
+                if top in DOCKER_SAVE_NEUTRAL:
+                    layout_seen = True
+                elif top:  # "" is the root entry ("./") a filesystem tarball may start with
+                    return f"{ROOTFS}{resolved}"
+    except OSError as error:
+        raise BadInput(
+            f"cannot read {resolved} ({error.strerror or error})",
+            "give the path of a readable file",
+        ) from None
+    except ArchiveError as error:
+        kind = _compression_of(resolved)
+        what = str(error) if kind == "none" else f"{kind}-compressed, but {error}"
+        raise BadInput(f"{resolved}: {what}", OPEN_FIX) from None
+    if layout_seen:
+        raise BadInput(f"{resolved}: a docker save layout without manifest.json", OPEN_FIX)
+    raise BadInput(f"{resolved}: an empty tar archive", OPEN_FIX)
+
+
+def _compression_of(path: Path) -> str:
+    from injector.tarstream import detect_compression
+
+    with path.open("rb") as handle:
+        return detect_compression(handle.read(8))
+
+
+class _ReportingFile(io.FileIO):
+    """An archive file that says how far into it reading has got, about once a MiB."""
+
+    def __init__(self, path: Path, progress: Progress) -> None:
+        super().__init__(path, "rb")
+        self._progress = progress
+        self._size = os.fstat(self.fileno()).st_size
+        self._reported = -CHUNK
+
+    def _report(self) -> None:
+        offset = self.tell()
+        if offset - self._reported >= CHUNK or offset >= self._size:
+            self._reported = offset
+            self._progress(min(offset, self._size), self._size)
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._report()
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = super().readinto(buffer)
+        self._report()
+        return count
+
+
 def _check_readable(ref: str, path: Path) -> None:
     try:
         with path.open("rb") as handle:
@@ -585,10 +710,7 @@ def _check_readable(ref: str, path: Path) -> None:
 
 
 def _is_compressed(path: Path) -> bool:
-    from injector.tarstream import detect_compression
-
-    with path.open("rb") as handle:
-        return detect_compression(handle.read(8)) != "none"
+    return _compression_of(path) != "none"
 
 
 def _one_line(error: BaseException) -> str:
