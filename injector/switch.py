@@ -37,7 +37,7 @@ from injector.events import (
 from injector.imageindex import ImageIndex
 from injector.rootfs import RamRoot, add_host_files
 from injector.sandbox import Sandbox
-from injector.sources import ImageSource, open_source
+from injector.sources import ImageSource, open_source, scan_events
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 
@@ -132,7 +132,7 @@ def run(options: SwitchOptions) -> Iterator[Event]:
         yield Fact("image", "id", details.id)
         yield Fact("image", "tags", details.tags)
         yield Fact("image", "architecture", details.architecture)
-        index = source.scan()
+        index = yield from scan_events(source, "source")  # Progress while an archive is read
         yield Fact("image", "files", index.file_count)
         yield Fact("image", "estimated_bytes", index.estimated_bytes)
         preflight.validate_init(index, options.init_argv)
