@@ -56,6 +56,8 @@ class SwitchOptions:
     grace: float = 3.0
     tmpfs_size: int | None = None
     api_mounts: bool = True
+    # The running kernel's modules and firmware go into the new root (--no-modules: not).
+    modules: bool = True
     dry_run: bool = False
     target_pid: int | None = None
     rehearse: bool = False
