@@ -2,24 +2,92 @@
 
 One definition, asked by every layer that could reach the host's PID 1: the switch, the
 injector, the swap-off step and the wizard.
+
+Lab mode is on when any of these holds:
+
+* ``/etc/dboot/rehearsal-only`` exists: the dependable switch, since no environment
+  handling (sudo, su, systemd-run, cron) can lose a file;
+* ``DBOOT_REHEARSAL_ONLY`` is set (and not ``0``) in our environment;
+* it is set in the environment that one of our ancestor processes was started with.
+  ``sudo`` resets the environment of the command it runs, but the variable the user
+  exported is still in the environment ``sudo`` itself was started with, so
+  ``DBOOT_REHEARSAL_ONLY=1 sudo dboot switch ...`` and ``export DBOOT_REHEARSAL_ONLY=1;
+  sudo dboot ...`` stay in lab mode. Failing to read an ancestor only means that witness is
+  missing; it never turns lab mode off.
+
+Everything only ever turns lab mode *on*: a setting further out cannot be undone by a
+``DBOOT_REHEARSAL_ONLY=0`` closer in.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+from injector import procinfo
 
 LAB_MODE_ENV = "DBOOT_REHEARSAL_ONLY"
 LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
+# Where the ancestors are looked up (tests point it at a crafted tree).
+ANCESTOR_PROC = procinfo.PROC
+MAX_ANCESTORS = 64
 
 
-def lab_mode_reason() -> str | None:
+def _is_set(value: str | None) -> bool:
+    return value not in (None, "", "0")
+
+
+def lab_mode_reason(environ: Mapping[str, str] | None = None, pid: int | None = None) -> str | None:
     """Why lab mode is on, in words for a user; None when it is off."""
-    if os.environ.get(LAB_MODE_ENV, "") not in ("", "0"):
-        return f"{LAB_MODE_ENV} is set (lab mode)"
+    environ = os.environ if environ is None else environ
     if LAB_MODE_FLAG.exists():
         return f"lab mode is on ({LAB_MODE_FLAG} exists)"
+    if _is_set(environ.get(LAB_MODE_ENV)):
+        return f"{LAB_MODE_ENV} is set (lab mode)"
+    ancestor = ancestor_with_lab_mode(os.getpid() if pid is None else pid)
+    if ancestor is not None:
+        ancestor_pid, comm = ancestor
+        return (
+            f"{LAB_MODE_ENV} is set in the environment of pid {ancestor_pid} ({comm}), "
+            "which started dboot (lab mode survives sudo)"
+        )
     return None
+
+
+def ancestor_with_lab_mode(pid: int, proc: Path | None = None) -> tuple[int, str] | None:
+    """The nearest ancestor of ``pid`` (pid, command name) that was started with the
+    variable set; None when none was, or their environments cannot be read."""
+    proc = ANCESTOR_PROC if proc is None else proc
+    current = pid
+    for _hop in range(MAX_ANCESTORS):
+        stat = _stat(proc, current)
+        if stat is None or stat.ppid <= 0:
+            return None
+        current = stat.ppid
+        if _environ_sets_lab_mode(proc / str(current) / "environ"):
+            parent = _stat(proc, current)
+            return current, parent.comm if parent is not None else "?"
+    return None
+
+
+def _stat(proc: Path, pid: int) -> procinfo.Stat | None:
+    try:
+        text = procinfo.read_text(proc / str(pid) / "stat")
+    except procinfo.Unreadable:
+        return None
+    return procinfo.parse_stat(text) if text else None
+
+
+def _environ_sets_lab_mode(path: Path) -> bool:
+    try:
+        text = procinfo.read_text(path) or ""
+    except procinfo.Unreadable:
+        return False
+    prefix = LAB_MODE_ENV + "="
+    return any(
+        _is_set(entry[len(prefix) :]) for entry in text.split("\0") if entry.startswith(prefix)
+    )
 
 
 def lab_mode() -> bool:

@@ -5,8 +5,9 @@ after the user confirmed. The report is plain data: the CLI prints it (or its ev
 JSON lines) and the wizard's Resources and Processes screens render the same dataclasses.
 
 What a verdict means: a *blocker* makes the switch fail or destroy the machine's usability
-outright (no room in RAM, ptrace impossible, an init that is not there); a *warning* is a
-risk the user must accept knowingly (``--force`` on the CLI); an *info* notice only explains.
+outright (no room in RAM, ptrace impossible, an init that cannot run here); a *warning* is a
+risk the user is shown before the copy and accepts by going on; an *info* notice only
+explains. The rule, the same in the code (``FORCE_RULE``), in ``--help`` and in the README:
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from injector import labmode, procinfo
+from injector import execcheck, labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
+from injector.imageindex import ImageIndex
+from injector.kmodules import ModulesFacts, gather_modules
 from injector.procinfo import PROC, SwapDevice, Unreadable
-from injector.rootfs import tmpfs_size_for
+from injector.rootfs import host_files, tmpfs_size_for
 
 __all__ = [
+    "FORCE_RULE",
     "IndexView",
     "Pid1Facts",
     "ProcessInfo",
@@ -43,6 +47,13 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+# The one rule for what stops a run. ``injector.switch`` applies it; the CLI's --help and the
+# README quote it word for word.
+FORCE_RULE = (
+    "blockers stop a run unless --force; warnings never stop a run; "
+    "--yes skips only the typed confirmation"
+)
+
 
 # Kept free while the image is copied in, on top of the image itself. MemAvailable already
 # leaves out the kernel's watermark reserve, but it is an estimate: it counts page cache and
@@ -100,15 +111,18 @@ class IndexView(Protocol):
 
 @dataclasses.dataclass
 class RamFacts:
-    """Bytes. ``remaining_bytes`` is what MemAvailable leaves once the image sits in the tmpfs
-    (negative when it does not fit). ``available_bytes`` is 0 when /proc/meminfo was
-    unreadable (a ``ram-unknown`` warning says so)."""
+    """Bytes. ``estimated_bytes`` is everything the tmpfs will hold: the image plus
+    ``modules_bytes`` (the kernel's modules and firmware, 0 when not copied).
+    ``remaining_bytes`` is what MemAvailable leaves once that sits in the tmpfs (negative
+    when it does not fit). ``available_bytes`` is 0 when /proc/meminfo was unreadable (a
+    ``ram-unknown`` warning says so)."""
 
     estimated_bytes: int
     available_bytes: int
     total_bytes: int
     tmpfs_size: int
     remaining_bytes: int
+    modules_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -153,6 +167,17 @@ class Pid1Facts:
 
 
 @dataclasses.dataclass
+class HostFileFacts:
+    """One of /etc/hostname, hosts, resolv.conf, machine-id on the host. ``state`` says what
+    it is (``ok``, ``missing``, ``a dangling symlink to ...``); ``carried`` whether the new
+    root gets it (else the image's own stays)."""
+
+    name: str
+    state: str
+    carried: bool
+
+
+@dataclasses.dataclass
 class Report:
     ram: RamFacts
     swap: list[SwapDevice]
@@ -163,6 +188,12 @@ class Report:
     notices: list[Notice]
     # What could not be read (not root, hidepid, protected files): facts may be incomplete.
     unreadable: list[str] = dataclasses.field(default_factory=list)
+    # The running kernel's modules and firmware for the new root (None: not gathered).
+    modules: ModulesFacts | None = None
+    # /etc/hostname, hosts, resolv.conf, machine-id as found on the host.
+    host_files: list[HostFileFacts] = dataclasses.field(default_factory=list)
+    image_architecture: str = ""  # as the image declares it ("" when it does not)
+    kernel_machine: str = ""  # uname -m
 
     @property
     def blocked(self) -> bool:
@@ -236,16 +267,24 @@ def gather(
     proc: Path = PROC,
     environ: Mapping[str, str] | None = None,
     host_root: Path = Path("/"),
+    source: Any = None,
+    modules: bool = True,
+    kernel: tuple[str, str] | None = None,
 ) -> Report:
     """Read the facts and judge them. Changes nothing.
 
     ``init_argv`` may be empty (``dboot check IMAGE``): the init is then not judged; otherwise
     a bad init is a blocker here (``validate_init`` raises instead, for the CLI's exit 1).
     ``tmpfs_size`` defaults to what a switch would mount: the estimate plus headroom.
-    ``proc``, ``environ`` and ``host_root`` exist for tests with crafted trees.
+    ``source`` (the opened ``injector.sources`` source of ``index``) lets the init's first
+    bytes be read, to judge whether it can run on this kernel, and gives the image's declared
+    architecture. ``modules=False`` is ``--no-modules``. ``kernel`` is (``uname -m``,
+    ``uname -r``). ``proc``, ``environ``, ``host_root`` (its /etc, /lib/modules,
+    /lib/firmware) and ``kernel`` exist for tests with crafted trees.
     """
     our_pid = os.getpid() if our_pid is None else our_pid
     environ = os.environ if environ is None else environ
+    machine, release = kernel or (os.uname().machine, os.uname().release)
     gaps = _Gaps()
 
     stats = _read_stats(proc, gaps)
@@ -253,7 +292,13 @@ def gather(
         raise BadInput(f"no process with pid {target_pid}", "check the --target-pid value")
     chain = _ancestors(stats, our_pid)
 
-    ram = _ram_facts(index.estimated_bytes, tmpfs_size, mem_available, proc, gaps)
+    real_index = index if isinstance(index, ImageIndex) else None
+    module_facts = gather_modules(
+        real_index, wanted=modules, host_root=host_root, release=release, proc=proc
+    )
+    ram = _ram_facts(
+        index.estimated_bytes, module_facts.total_bytes, tmpfs_size, mem_available, proc, gaps
+    )
     swap = _read_swaps(proc, gaps)
     members = _doomed_pids(stats, target_pid, our_pid, proc)
     processes = [
@@ -273,9 +318,37 @@ def gather(
         init_argv=list(init_argv),
         notices=[],
         unreadable=gaps.summary(),
+        modules=module_facts,
+        host_files=[
+            HostFileFacts(found.name, found.state, found.content is not None)
+            for found in host_files(host_root / "etc")
+        ],
+        image_architecture=_image_architecture(source),
+        kernel_machine=machine,
     )
     report.notices = _verdicts(report, index)
+    if real_index is not None:
+        report.notices = _sorted(report.notices + _exec_verdicts(report, real_index, source))
     return report
+
+
+def _image_architecture(source: Any) -> str:
+    if source is None:
+        return ""
+    try:
+        return str(source.details().architecture or "")
+    except Exception:  # the engine's SDK errors: the architecture is then simply unknown
+        return ""
+
+
+def _exec_verdicts(report: Report, index: ImageIndex, source: Any) -> list[Notice]:
+    """Can the image's programs, and its init above all, run on this kernel?"""
+    notices = execcheck.judge_architecture(report.image_architecture, report.kernel_machine)
+    init = report.init_argv[0] if report.init_argv else ""
+    if source is not None and init.startswith("/"):
+        reader = execcheck.head_reader(source, index)
+        notices += execcheck.judge_init(index, init, reader, report.kernel_machine)
+    return notices
 
 
 def _read_stats(proc: Path, gaps: _Gaps) -> dict[int, procinfo.Stat]:
@@ -303,8 +376,14 @@ def _ancestors(stats: dict[int, procinfo.Stat], pid: int) -> list[int]:
 
 
 def _ram_facts(
-    estimated: int, tmpfs_size: int | None, mem_available: int | None, proc: Path, gaps: _Gaps
+    image_bytes: int,
+    modules_bytes: int,
+    tmpfs_size: int | None,
+    mem_available: int | None,
+    proc: Path,
+    gaps: _Gaps,
 ) -> RamFacts:
+    estimated = image_bytes + modules_bytes
     meminfo: dict[str, int] = {}
     try:
         text = procinfo.read_text(proc / "meminfo")
@@ -318,6 +397,7 @@ def _ram_facts(
         total_bytes=meminfo.get("MemTotal", 0),
         tmpfs_size=tmpfs_size_for(estimated) if tmpfs_size is None else tmpfs_size,
         remaining_bytes=available - estimated,
+        modules_bytes=modules_bytes,
     )
 
 
@@ -578,6 +658,8 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     _process_verdicts(report.processes, notices)
     _session_verdicts(report.session, notices)
     _pid1_verdicts(report.pid1, notices)
+    _modules_verdicts(report.modules, notices)
+    _host_file_verdicts(report.host_files, notices)
     if report.init_argv:
         try:
             validate_init(index, report.init_argv)
@@ -592,8 +674,59 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
                 "run as root so that every process and file can be inspected",
             )
         )
+    return _sorted(notices)
+
+
+def _sorted(notices: list[Notice]) -> list[Notice]:
     # Blockers first, then warnings, then explanations; within a level, in section order.
     return sorted(notices, key=lambda notice: _LEVEL_ORDER[notice.level])
+
+
+def _modules_verdicts(modules: ModulesFacts | None, notices: list[Notice]) -> None:
+    if modules is None or not (modules.supported or modules.copy):
+        return  # a kernel without module support: nothing to carry, nothing to say
+    if modules.copy:
+        firmware = (
+            f" and {len(modules.firmware)} firmware files ({_human(modules.firmware_bytes)}) "
+            "that loaded modules use"
+            if modules.firmware
+            else ""
+        )
+        notices.append(
+            Notice(
+                "info",
+                "modules-copied",
+                f"the kernel's modules ({modules.source}, {modules.files} files, "
+                f"{_human(modules.bytes)}){firmware} go into the new root",
+                "--no-modules leaves them out",
+            )
+        )
+    elif "host has no" in modules.state:
+        # The new system will not load vfat, dm-crypt or nf_tables unless its image has them.
+        notices.append(
+            Notice(
+                "warning",
+                "modules-missing",
+                f"no kernel modules to carry over: {modules.state}",
+                f"the new system can load modules only if the image has /lib/modules/"
+                f"{modules.release}",
+            )
+        )
+    else:
+        notices.append(Notice("info", "modules-not-copied", f"kernel modules: {modules.state}"))
+
+
+def _host_file_verdicts(files: list[HostFileFacts], notices: list[Notice]) -> None:
+    odd = [f"/etc/{item.name} is {item.state}" for item in files if not item.state.startswith("ok")]
+    if odd:
+        notices.append(
+            Notice(
+                "info",
+                "host-files",
+                "; ".join(odd),
+                "files that cannot be carried over keep the image's own",
+            )
+        )
 
 
 def copy_margin(total_bytes: int) -> int:
@@ -629,16 +762,20 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
             )
         )
     margin = copy_margin(ram.total_bytes)
+    modules = f" (with {_human(ram.modules_bytes)} of kernel modules)" if ram.modules_bytes else ""
     if ram.estimated_bytes + margin > ram.available_bytes:
         fits = False
+        without = ram.estimated_bytes - ram.modules_bytes + margin <= ram.available_bytes
         notices.append(
             Notice(
                 "blocker",
                 "ram-does-not-fit",
-                f"the image needs ~{_human(ram.estimated_bytes)} of RAM plus "
+                f"the image needs ~{_human(ram.estimated_bytes)} of RAM{modules} plus "
                 f"{_human(margin)} for the running system during the copy, but only "
                 f"{_human(ram.available_bytes)} is available",
-                "stop memory-hungry services, pick a smaller image, or add RAM",
+                "pass --no-modules: without the kernel modules the image fits"
+                if ram.modules_bytes and without
+                else "stop memory-hungry services, pick a smaller image, or add RAM",
             )
         )
     elif ram.remaining_bytes < tight_threshold(ram.total_bytes):
@@ -647,9 +784,10 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
             Notice(
                 "warning",
                 "ram-tight",
-                f"only {_human(ram.remaining_bytes)} would remain for the new system "
+                f"only {_human(ram.remaining_bytes)} would remain for the new system{modules} "
                 f"(the killed processes free up to {_human(freed)} more at the switch)",
-                "pick a smaller image or make sure the new system is small",
+                "pick a smaller image or make sure the new system is small"
+                + (", or pass --no-modules" if ram.modules_bytes else ""),
             )
         )
     return fits
@@ -723,7 +861,7 @@ def _process_verdicts(processes: list[ProcessInfo], notices: list[Notice]) -> No
 def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
     # A warning, not a blocker: a remote switch to an image without SSH is legitimate (a
     # serial or KVM console, an image that phones home, a lab) and the switch is deliberate
-    # (typed confirmation); the warning makes the CLI demand --force.
+    # (typed confirmation); the warning is shown before the copy and does not stop the run.
     if not session.remote:
         return
     if not session.image_has_ssh:
@@ -782,6 +920,13 @@ def report_events(report: Report) -> Iterator[Event]:
     yield from _dataclass_facts("session", report.session)
     yield from _dataclass_facts("pid1", report.pid1)
     yield Fact("init", "argv", list(report.init_argv))
+    yield Fact("image", "architecture", report.image_architecture)
+    yield Fact("kernel", "machine", report.kernel_machine)
+    if report.modules is not None:
+        yield from _dataclass_facts("modules", report.modules)
+        yield Fact("modules", "firmware_bytes", report.modules.firmware_bytes)
+        yield Fact("modules", "total_bytes", report.modules.total_bytes)
+    yield Fact("host_files", "files", [dataclasses.asdict(item) for item in report.host_files])
     yield Fact("preflight", "unreadable", list(report.unreadable))
     yield from report.notices
 

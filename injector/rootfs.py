@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import os
 import re
@@ -159,12 +160,60 @@ class RamRoot:
 # ---------------------------------------------------------------------------------------
 
 
+# The host files a new root gets, by name in /etc. machine-id keeps the machine's identity
+# (journal, DHCP client id, D-Bus) across the switch.
+HOST_FILES = ("hostname", "hosts", "resolv.conf", "machine-id")
+# Bigger than any sane hosts table: a host file this large is a mistake, not data to copy.
+HOST_FILE_MAX = 4 * MiB
+MACHINE_ID = re.compile(rb"[0-9a-f]{32}\n?")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFile:
+    """One host file as found: ``content`` is None when it cannot be carried over, and
+    ``state`` says why in words (``missing``, ``a dangling symlink to ...``, ``a directory``)."""
+
+    name: str
+    state: str
+    content: bytes | None
+
+
+def read_host_file(path: Path) -> tuple[str, bytes | None]:
+    """(state, content) of a host file, whatever it is: never raises for a bad file."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})", None
+    link = ""
+    if stat.S_ISLNK(info.st_mode):
+        target = os.readlink(path)
+        try:
+            info = os.stat(path)
+        except OSError:
+            return f"a dangling symlink to {target}", None
+        link = f" (via a symlink to {target})"
+    if stat.S_ISDIR(info.st_mode):
+        return f"a directory{link}", None
+    if not stat.S_ISREG(info.st_mode):
+        return f"not a regular file{link}", None
+    if info.st_size > HOST_FILE_MAX:
+        return f"{info.st_size} bytes, too large{link}", None
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        return f"unreadable ({error.strerror or error}){link}", None
+    return ("empty" if not content else "ok") + link, content
+
+
 def upstream_resolv_conf(
     resolv_conf: Path = Path("/etc/resolv.conf"),
     resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
 ) -> bytes:
     """The host's resolv.conf with real upstream servers: when it points at
-    systemd-resolved's local stub, resolved's own list of upstream servers instead."""
+    systemd-resolved's local stub, resolved's own list of upstream servers instead.
+    Raises OSError when the host has no readable resolv.conf (see ``host_files``)."""
     content = resolv_conf.read_bytes()
     if _uses_stub(content):
         with contextlib.suppress(OSError):
@@ -180,38 +229,64 @@ def _uses_stub(content: bytes) -> bool:
     return False
 
 
+def host_files(
+    etc: Path = Path("/etc"),
+    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+) -> list[HostFile]:
+    """What each of ``HOST_FILES`` is on this host and what the new root gets from it.
+
+    Any of them may be missing, empty, a dangling symlink or a directory (a minimal
+    debootstrap has no /etc/hosts): that is a fact, never an error. The hostname falls back
+    to the kernel's; a machine-id that is not 32 hex digits is not carried over (the new
+    system's init makes its own); resolv.conf is the real upstream list, never a local stub.
+    """
+    found = []
+    for name in HOST_FILES:
+        state, content = read_host_file(etc / name)
+        if name == "hostname" and not (content or b"").strip():
+            content = socket.gethostname().encode() + b"\n"
+            state += ", the kernel's hostname is used"
+        elif name == "machine-id" and content is not None and not MACHINE_ID.fullmatch(content):
+            state, content = f"{state}, not a machine id", None
+        elif name == "resolv.conf" and content is not None and _uses_stub(content):
+            with contextlib.suppress(OSError):
+                content = upstream_resolv_conf(etc / name, resolved_upstream)
+        found.append(HostFile(name, state, content))
+    return found
+
+
 def add_host_files(
     root: Path,
     *,
     etc: Path = Path("/etc"),
     resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
 ) -> list[str]:
-    """Give the new root this host's name, hosts table and upstream DNS servers.
+    """Give the new root this host's name, hosts table, upstream DNS servers and machine id.
 
-    The files are written inside ``root`` without following any symlink the image has
-    there (an image's ``/etc/resolv.conf`` is often a symlink into ``/run``: followed from
-    the host, it would write into the *host's* ``/run``). Returns the paths written.
+    A host file that cannot be carried over (see ``host_files``) leaves the image's own in
+    place; so does an image whose file there is a directory. The files are written inside
+    ``root`` without following any symlink the image has there (an image's
+    ``/etc/resolv.conf`` is often a symlink into ``/run``: followed from the host, it would
+    write into the *host's* ``/run``). Returns the paths written.
     """
-    try:
-        hostname = (etc / "hostname").read_bytes()
-    except FileNotFoundError:
-        hostname = socket.gethostname().encode() + b"\n"
-    files = {
-        "hostname": hostname,
-        "hosts": (etc / "hosts").read_bytes(),
-        "resolv.conf": upstream_resolv_conf(etc / "resolv.conf", resolved_upstream),
-    }
+    written = []
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         etc_fd = _open_etc(root_fd, root)
         try:
-            for name, content in files.items():
-                _replace_file(etc_fd, name, content)
+            for host_file in host_files(etc, resolved_upstream):
+                if host_file.content is None:
+                    continue
+                try:
+                    _replace_file(etc_fd, host_file.name, host_file.content)
+                except IsADirectoryError:
+                    continue  # the image made it a directory: its choice, left alone
+                written.append(f"/etc/{host_file.name}")
         finally:
             os.close(etc_fd)
     finally:
         os.close(root_fd)
-    return [f"/etc/{name}" for name in files]
+    return written
 
 
 def _open_etc(root_fd: int, root: Path) -> int:
@@ -227,7 +302,8 @@ def _open_etc(root_fd: int, root: Path) -> int:
 
 def _replace_file(dir_fd: int, name: str, content: bytes) -> None:
     """Write ``name`` in ``dir_fd`` as a fresh regular file, then rename it into place:
-    an existing symlink is replaced, never followed."""
+    an existing symlink is replaced, never followed. Raises IsADirectoryError, leaving
+    nothing behind, when ``name`` is a directory there."""
     temporary = f".{name}.dboot"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary, dir_fd=dir_fd)
@@ -238,7 +314,11 @@ def _replace_file(dir_fd: int, name: str, content: bytes) -> None:
         view = memoryview(content)
         while view:
             view = view[os.write(fd, view) :]
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, 0o444 if name == "machine-id" else 0o644)  # as systemd makes it
     finally:
         os.close(fd)
-    os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    try:
+        os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        os.unlink(temporary, dir_fd=dir_fd)
+        raise

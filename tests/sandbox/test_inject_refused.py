@@ -178,8 +178,10 @@ def test_lab_mode_refuses_host_pid1_via_flag_file(
 
 
 def test_lab_mode_switches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Only the predicate: nothing is injected with lab mode off.
+    # Only the predicate: nothing is injected with lab mode off. The test runner's ancestors
+    # (make, .ci/run) were started in lab mode, which labmode also honours: not looked at here.
     monkeypatch.setattr(labmode, "LAB_MODE_FLAG", tmp_path / "absent")
+    monkeypatch.setattr(labmode, "ANCESTOR_PROC", tmp_path / "no-proc")
     for value, expected in (("1", True), ("yes", True), ("0", False), ("", False)):
         monkeypatch.setenv("DBOOT_REHEARSAL_ONLY", value)
         assert labmode.lab_mode() is expected

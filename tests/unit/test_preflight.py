@@ -79,6 +79,12 @@ class Scene:
 
 MEMINFO = f"MemTotal:       {8 * GiB // 1024} kB\nMemAvailable:   {6 * GiB // 1024} kB\n"
 NO_SWAP = "Filename\tType\tSize\tUsed\tPriority\n"
+HOST_ETC = {
+    "hostname": "server\n",
+    "hosts": "127.0.0.1 localhost\n",
+    "resolv.conf": "nameserver 192.0.2.53\n",
+    "machine-id": "0123456789abcdef0123456789abcdef\n",
+}
 
 
 def build(
@@ -93,6 +99,11 @@ def build(
     scene = Scene(tmp_path / "proc", tmp_path / "root", tmp_path / "data")
     for directory in (scene.proc, scene.root, scene.data):
         directory.mkdir()
+    # The host files of an ordinary install (tests/unit/test_preflight_hostfiles.py tries
+    # every odd state of them).
+    (scene.root / "etc").mkdir()
+    for name, content in HOST_ETC.items():
+        (scene.root / "etc" / name).write_text(content)
     if meminfo is not None:
         (scene.proc / "meminfo").write_text(meminfo)
     (scene.proc / "swaps").write_text(swaps)
@@ -560,6 +571,23 @@ def test_notices_come_blockers_first(tmp_path: Path) -> None:
     assert report.blocked
 
 
+MODULES_FACT_KEYS = (
+    "release",
+    "source",
+    "destination",
+    "copy",
+    "state",
+    "files",
+    "bytes",
+    "loaded",
+    "supported",
+    "firmware",
+    "firmware_missing",
+    "firmware_bytes",
+    "total_bytes",
+)
+
+
 def test_report_events_are_facts_then_notices_in_a_stable_order(tmp_path: Path) -> None:
     report = blocked_scene(tmp_path)
     events = list(preflight.report_events(report))
@@ -573,6 +601,7 @@ def test_report_events_are_facts_then_notices_in_a_stable_order(tmp_path: Path) 
         ("ram", "total_bytes"),
         ("ram", "tmpfs_size"),
         ("ram", "remaining_bytes"),
+        ("ram", "modules_bytes"),
         ("swap", "devices"),
         ("processes", "count"),
         ("processes", "rss_bytes"),
@@ -592,6 +621,10 @@ def test_report_events_are_facts_then_notices_in_a_stable_order(tmp_path: Path) 
         ("pid1", "container_hint"),
         ("pid1", "ptrace_fix"),
         ("init", "argv"),
+        ("image", "architecture"),
+        ("kernel", "machine"),
+        *[("modules", key) for key in MODULES_FACT_KEYS],
+        ("host_files", "files"),
         ("preflight", "unreadable"),
     ]
     assert events == list(preflight.report_events(report))
@@ -629,6 +662,10 @@ def test_report_to_json(tmp_path: Path) -> None:
         "init_argv",
         "notices",
         "unreadable",
+        "modules",
+        "host_files",
+        "image_architecture",
+        "kernel_machine",
         "blocked",
     ]
     assert data["processes"][4]["writing"][0].endswith("/data/base.db")
