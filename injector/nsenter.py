@@ -394,12 +394,24 @@ def mount_private_state_dir(state_dir: Path) -> None:
     )
 
 
-def undo_state_dir(state_dir: Path, root_name: str = "root", plan_name: str = "plan.json") -> None:
+def undo_state_dir(
+    state_dir: Path, root_name: str = "root", plan_name: str = "plan.json"
+) -> list[str]:
     """Take a prepared state dir apart again: detach the RAM root, remove the plan and the
-    empty mount point. Idempotent: whatever is already gone is skipped."""
-    root = state_dir / root_name
+    empty mount point. Idempotent: whatever is already gone is skipped. Returns one line per
+    item saying what was done to it, for the log."""
+    root, plan = state_dir / root_name, state_dir / plan_name
+    done = []
     if root.is_dir() and os.path.ismount(root):
         linux.umount2(str(root), linux.MNT_DETACH)
-    (state_dir / plan_name).unlink(missing_ok=True)
+        done.append(f"RAM root {root}: unmounted")
+    else:
+        done.append(f"RAM root {root}: no longer mounted (the copy's own clean-up unmounted it)")
+    try:
+        plan.unlink()
+        done.append(f"plan {plan}: removed")
+    except FileNotFoundError:
+        done.append(f"plan {plan}: not there (never written, or already removed)")
     with contextlib.suppress(FileNotFoundError):
         root.rmdir()
+    return done

@@ -6,22 +6,33 @@ the RAM root in the target's mount namespace and leaves the target untouched.
 
 A rehearsal, a ``--target-pid`` lab run and the real switch take the very same path; they
 differ only in which PID 1 is the target and in which host-only checks apply.
+
+The point of no return is the register swap inside the injection (see ``injector.ptrace``):
+before it, every failure and every ending signal (SIGINT, SIGTERM, SIGHUP, a write to a
+vanished terminal failing with EIO) unmounts the RAM root, removes the plan and turns disk
+swap back on, and the log file (``injector.runlog``) says what was undone. From it on,
+nothing is undone: PID 1 may be executing the stage, which needs both.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import dataclasses
 import os
+import queue
 import socket
 import sys
-from collections.abc import Callable, Iterator
+import threading
+import weakref
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Literal
 
 from initstage.launch import stage_argv, stage_files
 from initstage.plan import Plan, write_plan
-from injector import labmode, nsenter, preflight, ptrace
+from injector import labmode, nsenter, preflight, procinfo, ptrace
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -35,9 +46,13 @@ from injector.events import (
     StepStarted,
 )
 from injector.imageindex import ImageIndex
+from injector.kmodules import ModulesFacts, add_kernel_modules
 from injector.rootfs import RamRoot, add_host_files
+from injector.runlog import RunLog, default_log_file
 from injector.sandbox import Sandbox
+from injector.signals import ending_signals_raise, signals_deferred
 from injector.sources import ImageSource, open_source, scan_events
+from injector.testhooks import pause_point
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 
@@ -75,6 +90,8 @@ class SwitchOptions:
     # "capture": the sandbox's console comes back as Console events (wizard, --json, pipes);
     # "relay": the sandbox gets this terminal, so a rehearsed shell can be used by hand.
     console: Literal["capture", "relay"] = "capture"
+    # The host's record of the run (not written by rehearsals); None: no log file.
+    log_file: Path | None = dataclasses.field(default_factory=default_log_file)
 
     @property
     def mode(self) -> Mode:
@@ -124,8 +141,49 @@ def _is_our_namespaces_pid1(pid: int) -> bool:
         return False  # no such process: the injection step names that
 
 
+# Runs whose consumer stopped iterating without closing them (an exception in the front-end,
+# say a write to a vanished terminal): closed at exit, so that their undo still runs.
+_unfinished_runs: weakref.WeakSet[Generator[Event, None, None]] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_unfinished_runs() -> None:
+    for events in list(_unfinished_runs):
+        with contextlib.suppress(Exception):
+            events.close()
+
+
 def run(options: SwitchOptions) -> Iterator[Event]:
-    """Perform (or rehearse, or dry-run) a switch, yielding events as it goes."""
+    """Perform (or rehearse, or dry-run) a switch, yielding events as it goes.
+
+    Nothing runs until the first event is asked for. A consumer that stops early should
+    close the iterator (``contextlib.closing``) to have the undo run at once; one that does
+    not gets it when the generator is collected, at the latest when the process exits."""
+    events = _logged_run(options)
+    _unfinished_runs.add(events)
+    return events
+
+
+def _logged_run(options: SwitchOptions) -> Generator[Event, None, None]:
+    """``_run``'s events, each also written to the log file (not for rehearsals)."""
+    runlog = RunLog(options.log_file if options.mode != "rehearse" else None)
+    runlog.write(f"start: {options.mode} {options.image} {' '.join(options.init_argv)}")
+    try:
+        with ending_signals_raise():
+            for event in _run(options, runlog):
+                runlog.event(event)
+                yield event
+                if runlog.problem and runlog.problem != "said":
+                    yield Notice("warning", "log-file", runlog.problem, "see the events instead")
+                    runlog.problem = "said"
+    except BaseException as error:
+        runlog.write(f"ended: {type(error).__name__}: {error}")
+        raise
+    finally:
+        runlog.close()
+
+
+def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
     _validate_options(options)
     require_root()
     with open_source(options.image, options.docker_host) as source:
@@ -149,14 +207,14 @@ def run(options: SwitchOptions) -> Iterator[Event]:
                     services=options.services, console=options.console, kinds=options.service_kinds
                 ) as sandbox:
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
-                    yield from _switch_target(options, source, index, sandbox.pid, sandbox)
+                    yield from _switch_target(options, source, index, sandbox.pid, sandbox, runlog)
             finally:
                 if created_state_dir:
                     with contextlib.suppress(OSError):
                         options.state_dir.rmdir()
         else:
             target = options.target_pid if options.target_pid is not None else 1
-            yield from _switch_target(options, source, index, target, None)
+            yield from _switch_target(options, source, index, target, None, runlog)
 
 
 def _switch_target(
@@ -165,6 +223,7 @@ def _switch_target(
     index: ImageIndex,
     target: int,
     sandbox: Sandbox | None,
+    runlog: RunLog,
 ) -> Iterator[Event]:
     mode = options.mode
     if mode != "switch" and not ptrace.is_pid1_of_its_namespace(target):
@@ -176,7 +235,12 @@ def _switch_target(
     # --- Preflight: facts first, then verdicts. ---------------------------------------
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
     report = preflight.gather(
-        index, options.init_argv, target_pid=target, tmpfs_size=options.tmpfs_size
+        index,
+        options.init_argv,
+        target_pid=target,
+        tmpfs_size=options.tmpfs_size,
+        source=source,
+        modules=options.modules,
     )
     tmpfs_size = report.ram.tmpfs_size
     yield from preflight.report_events(report)
@@ -197,37 +261,51 @@ def _switch_target(
         raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
 
     # --- Disk swap off: its pages must come back into RAM while the old disk is still there.
+    # From here until the commit point, any failure or ending signal undoes what follows.
+    undo = _Undo(runlog)
     if mode == "switch" and not options.dry_run:
         yield StepStarted("swap", "Turning off disk swap")
-        turned_off = preflight.swapoff_disk_swaps(report)
+        try:
+            turned_off = preflight.swapoff_disk_swaps(report)
+        except BaseException as error:
+            undo.swaps = _swaps_off_now(report)  # those turned off before the failure
+            undo.run_before_commit(error)
+            raise
+        undo.swaps = turned_off
         yield StepDone("swap", ", ".join(turned_off) or "no disk swap in use")
 
     # --- RAM root and plan, prepared inside the target's mount namespace. ----------------
-    # From here until the injection returns, any failure or Ctrl-C takes the RAM root away
-    # again, so the target is left exactly as it was.
+    # From here until the commit point inside the injection, any failure or ending signal
+    # takes the RAM root and the plan away again, so the target is left exactly as it was.
     plan_path = options.state_dir / "plan.json"
     namespace_pid = target
     try:
-        nsenter.shares_mount_namespace(target)
-    except EnvironmentFailure as error:
-        if not options.dry_run:
-            raise
-        # Some hosts hide PID 1's namespaces even from root (the same hosts deny its ptrace).
-        # A dry run still walks every step, in our own mount namespace, and says so.
-        namespace_pid = os.getpid()
-        yield Notice("warning", "namespace-hidden", f"{error.cause}; dry run prepared in ours")
-    injected = False
+        try:
+            nsenter.shares_mount_namespace(target)
+        except EnvironmentFailure as error:
+            if not options.dry_run:
+                raise
+            # Some hosts hide PID 1's namespaces even from root (the same hosts deny its
+            # ptrace). A dry run still walks every step, in our own mount namespace, and
+            # says so.
+            namespace_pid = os.getpid()
+            yield Notice("warning", "namespace-hidden", f"{error.cause}; dry run prepared in ours")
+    except BaseException as error:
+        undo.run_before_commit(error)
+        raise
+    undo.namespace_pid, undo.state_dir = namespace_pid, options.state_dir
     try:
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
-        prepare = _Prepare(options, source, tmpfs_size, plan_path, mode)
+        prepare = _Prepare(options, source, tmpfs_size, plan_path, mode, report.modules)
         used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
-        estimate = index.estimated_bytes
+        estimate = report.ram.estimated_bytes  # the image, the kernel's modules and firmware
         yield Fact("ram", "actual_bytes", used)
         yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
         yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
 
         if options.dry_run:
-            _undo(namespace_pid, options.state_dir)
+            for line in undo.run("dry run"):
+                yield Log(line)
             yield Finished("dry-run", detail="stopped before the injection; everything undone")
             return
 
@@ -238,21 +316,20 @@ def _switch_target(
                 f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
                 "dboot init stage. This terminal will now close; watch VT 3 or the serial console."
             )
-        log_lines: list[str] = []
-        injection = ptrace.inject_execve(target, python, argv, envp, log=log_lines.append)
-        injected = True
+        injection = yield from _inject_live(target, python, argv, envp, undo)
     except BaseException as error:
-        if not injected:
-            try:
-                _undo(namespace_pid, options.state_dir)
-            except Exception as undo_error:
-                # The first failure is the one to name; the leftover gets its own line.
-                error.add_note(f"also, undoing the RAM root failed: {undo_error}")
+        if isinstance(error, ptrace.InjectionRolledBack):
+            undo.committed = False  # PID 1 re-runs its own call: nothing of ours is live
+        if undo.committed:
+            runlog.write(
+                f"committed: PID {target} may be running the init stage; the RAM root and "
+                f"the plan stay ({type(error).__name__}: {error})"
+            )
+        else:
+            undo.run_before_commit(error)
         raise
 
     # --- Past the point of no return: the target now runs the init stage. ---------------
-    for line in log_lines:
-        yield Log(line)
     yield injection.to_event()
     yield StepDone("inject", f"pid {target} was in {injection.interrupted_syscall}; now the stage")
     if sandbox is not None:
@@ -298,6 +375,7 @@ class _Prepare:
     tmpfs_size: int
     plan_path: Path
     mode: Mode
+    modules: ModulesFacts | None = None  # the kernel's modules and firmware to add
 
     def __call__(self, send: Callable[[Event], None]) -> int:
         state_dir = self.options.state_dir
@@ -316,8 +394,12 @@ class _Prepare:
                     send(Progress("ramroot", done, total))
 
             self.source.copy_into(root.path, progress)
+            pause_point("copy")
             for added in add_host_files(root.path):
                 send(Log(f"added host file {added}"))
+            if self.modules is not None:
+                for line in add_kernel_modules(root.path, self.modules):
+                    send(Log(f"added {line}"))
             plan = Plan(
                 new_root=str(root.path),
                 init_argv=list(self.options.init_argv),
@@ -329,19 +411,129 @@ class _Prepare:
             )
             write_plan(plan, self.plan_path)
             send(Log(f"plan written to {self.plan_path}"))
+            pause_point("prepared")
             used = root.used_bytes()
             root.keep()
         return used
 
 
-def _undo(target: int, state_dir: Path) -> None:
+@dataclasses.dataclass
+class _Undo:
+    """What a run changed before the commit point, and how to take it back."""
+
+    runlog: RunLog
+    swaps: list[str] = dataclasses.field(default_factory=list)  # disk swap we turned off
+    namespace_pid: int | None = None  # where the RAM root and the plan are being made
+    state_dir: Path | None = None
+    committed: bool = False  # set from the injection thread at the register swap
+
+    def run(self, why: str) -> list[str]:
+        """Undo everything, logging why and what; returns the lines logged."""
+        self.runlog.write(f"undoing ({why}); nothing was injected")
+        lines = []
+        with signals_deferred():  # a second Ctrl-C must not cut the undo in half
+            if self.namespace_pid is not None and self.state_dir is not None:
+                lines += _undo_state(self.namespace_pid, self.state_dir)
+            lines += _swapon(self.swaps)
+        self.swaps = []
+        for line in lines:
+            self.runlog.write(f"undone: {line}")
+        self.runlog.write("undo finished: the target is as it was")
+        return lines
+
+    def run_before_commit(self, error: BaseException) -> None:
+        if isinstance(error, GeneratorExit):
+            why = "the front-end stopped reading events (its own error: a vanished terminal?)"
+        else:
+            why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        try:
+            self.run(why)
+        except Exception as undo_error:
+            # The first failure is the one to name; the leftover gets its own line.
+            self.runlog.write(f"undo failed: {undo_error}")
+            error.add_note(f"also, undoing the RAM root failed: {undo_error}")
+
+
+def _undo_state(target: int, state_dir: Path) -> list[str]:
     """Unmount the RAM root and remove the plan in the target's mount namespace.
 
     A target that is gone took its mount namespace with it (a sandbox that died): then
     there is nothing left to undo."""
     if not Path(f"/proc/{target}").exists():
-        return
-    nsenter.run_in_mount_namespace(target, lambda send: nsenter.undo_state_dir(state_dir))
+        return [f"RAM root and plan: gone with pid {target}'s mount namespace"]
+    return nsenter.run_in_mount_namespace(target, lambda send: nsenter.undo_state_dir(state_dir))
+
+
+def _swapon(paths: list[str]) -> list[str]:
+    """Turn disk swap that we turned off back on (default priority); one line each."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    lines = []
+    for path in paths:
+        if libc.swapon(os.fsencode(path), 0) == 0:
+            lines.append(f"swap {path}: turned back on")
+        else:
+            lines.append(f"swap {path}: swapon failed ({os.strerror(ctypes.get_errno())})")
+    return lines
+
+
+def _swaps_off_now(report: preflight.Report) -> list[str]:
+    """The swaps the preflight saw that are no longer active (swapoff got that far)."""
+    active = {
+        device.path
+        for device in procinfo.parse_swaps(procinfo.read_text(Path("/proc/swaps")) or "")
+    }
+    return [device.path for device in report.swap if device.path not in active]
+
+
+def _inject_live(
+    target: int, python: str, argv: list[str], envp: list[str], undo: _Undo
+) -> Generator[Event, None, ptrace.InjectionReport]:
+    """``ptrace.inject_execve`` in a thread of its own, its notes and waits as live events.
+
+    All of one injection's ptrace calls come from that thread. Ending signals are held back
+    here for as long as it runs (the injection calls itself off at the swap if one came),
+    and whatever stops the consumer, this waits for the thread: no decision to undo may be
+    taken while PID 1 could still be given our execve."""
+    events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+    outcome: list[ptrace.InjectionReport | BaseException] = []
+
+    def committed() -> None:
+        undo.committed = True
+
+    def waiting(seconds: float) -> None:
+        message = f"waiting for execve in PID {target}: {seconds:.0f} s (a slow disk?)"
+        events.put(Notice("info", "exec-wait", message))
+
+    def inject() -> None:
+        try:
+            outcome.append(
+                ptrace.inject_execve(
+                    target,
+                    python,
+                    argv,
+                    envp,
+                    log=lambda line: events.put(Log(line)),
+                    on_commit=committed,
+                    on_wait=waiting,
+                )
+            )
+        except BaseException as error:
+            outcome.append(error)
+        finally:
+            events.put(None)
+
+    with signals_deferred():  # the thread starts with them blocked too
+        worker = threading.Thread(target=inject, name="dboot-ptrace")
+        worker.start()
+        try:
+            while (event := events.get()) is not None:
+                yield event
+        finally:
+            worker.join()
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[str]]:

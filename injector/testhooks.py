@@ -3,11 +3,13 @@
 ``DBOOT_TEST_PAUSE=<phase>:<file>`` makes the process that reaches ``<phase>`` write its pid
 into ``<file>`` and then sleep until a signal ends it: the test reads the file and kills
 it there (SIGKILL for the kill-at-each-phase test, SIGHUP/SIGTERM/SIGINT or a closed pty
-for the undo tests). Without the variable, which no real run sets, a pause point is one
-environment lookup and nothing else.
+for the undo tests). With ``DBOOT_TEST_PAUSE_SECONDS`` it goes on after that many seconds
+instead (a terminal closed meanwhile then fails the next write with EIO). Without
+``DBOOT_TEST_PAUSE``, which no real run sets, a pause point is one environment lookup.
 
 The phases, in the order a switch meets them:
 - ``copy``: inside the namespace worker, the RAM root mounted and filled, no plan yet;
+- ``prepared``: still there, the plan written too;
 - ``before-seize``: the RAM root and the plan in place, PID 1 not yet traced;
 - ``entry-stop``: PID 1 stopped at a syscall entry under us, nothing of ours written;
 - ``swapped``: our block written below its stack and execve swapped into its registers;
@@ -21,7 +23,8 @@ import time
 from pathlib import Path
 
 PAUSE_ENV = "DBOOT_TEST_PAUSE"
-PHASES = ("copy", "before-seize", "entry-stop", "swapped", "exec-wait")
+PAUSE_SECONDS_ENV = "DBOOT_TEST_PAUSE_SECONDS"  # pause this long, then go on (default: forever)
+PHASES = ("copy", "prepared", "before-seize", "entry-stop", "swapped", "exec-wait")
 
 
 def pause_point(phase: str) -> None:
@@ -35,5 +38,9 @@ def pause_point(phase: str) -> None:
     partial = Path(f"{announce}.partial")
     partial.write_text(f"{os.getpid()}\n")
     partial.rename(announce)  # whole, or not there at all
+    pause = os.environ.get(PAUSE_SECONDS_ENV)
+    if pause:
+        time.sleep(float(pause))
+        return
     while True:
         time.sleep(3600)  # a signal's handler raising ends it; SIGKILL ends everything

@@ -1,0 +1,153 @@
+"""Before the point of no return, every ending undoes everything, and the log says so.
+
+`dboot switch --target-pid` against the PID 1 of a sandbox we make, on a pseudo-terminal,
+as a user on SSH runs it. At a named moment of the RAM-root preparation (the pause points
+of injector/testhooks.py) the terminal goes away (its master side closed: SIGHUP, then EIO
+on every write), or a SIGTERM or a Ctrl-C comes. Afterwards the tmpfs is gone from the
+target's mount namespace, the plan is gone, PID 1 is untouched, and the log file names
+what was undone. Lab mode is on; no path reaches this machine's PID 1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import termios
+import threading
+from pathlib import Path
+
+import pytest
+
+from injector.runlog import LOG_FILE_ENV
+from injector.sandbox import Sandbox
+from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
+from tests.sandbox.sandbox_checks import eventually, mounted_sources
+
+pytestmark = [pytest.mark.root, pytest.mark.engine]
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+STATE_DIR = "/run/dboot-faults"
+# Python's own status when flushing stdout fails at exit: "nothing says what state it left".
+PYTHON_FLUSH_FAILED = 120
+
+
+def _no_controlling_terminal() -> None:
+    """setsid alone: the pty is only where the output goes, so its hang-up sends no SIGHUP
+    and only the next write notices (EIO), as with a process started by nohup."""
+
+
+def _controlling_terminal() -> None:
+    """In the child, after setsid: the pty on fd 0 becomes its controlling terminal, so
+    closing the master hangs it up as a dropped SSH session does."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _drain(master: int, seen: list[bytes], stop: threading.Event) -> None:
+    """Read what dboot writes until told to stop. Never sits in read(): a close() from
+    another thread would then not release the master until the read returned."""
+    while not stop.is_set():
+        if not select.select([master], [], [], 0.05)[0]:
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            return  # EIO: the slave side is closed everywhere
+        if not chunk:
+            return
+        seen.append(chunk)
+
+
+def tracer_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid line for PID {pid}")
+
+
+@pytest.mark.parametrize(
+    ("phase", "ending"),
+    [
+        ("copy", "pty closed"),
+        ("copy", "pty closed, no SIGHUP"),
+        ("prepared", "pty closed"),
+        ("prepared", "SIGTERM"),
+        ("prepared", "SIGINT"),
+    ],
+)
+def test_an_ending_before_the_commit_point_undoes_everything(
+    phase: str, ending: str, tmp_path: Path
+) -> None:
+    log_file, announce = tmp_path / "dboot.log", tmp_path / "paused"
+    hangs_up = ending != "pty closed, no SIGHUP"
+    # Without a hang-up, dboot must go on to meet the dead terminal at its next write.
+    pause_seconds = {} if hangs_up else {PAUSE_SECONDS_ENV: "1"}
+    with Sandbox(services=2, console="capture") as sandbox:
+        pid = sandbox.pid
+        exe_before = os.readlink(f"/proc/{pid}/exe")
+        services = sandbox.service_pids()
+        master, slave = os.openpty()
+        seen: list[bytes] = []
+        try:
+            dboot = subprocess.Popen(
+                [DBOOT, "switch", "--yes", "--grace", "1", "--state-dir", STATE_DIR,
+                 "--target-pid", str(pid), "tinybox", "/bin/sh", "-c", "exec sleep 60"],
+                stdin=slave, stdout=slave, stderr=slave,
+                start_new_session=True,
+                preexec_fn=_controlling_terminal if hangs_up else _no_controlling_terminal,
+                env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1", LOG_FILE_ENV: str(log_file),
+                     PAUSE_ENV: f"{phase}:{announce}", **pause_seconds},
+            )  # fmt: skip
+        finally:
+            os.close(slave)
+        stop_reading = threading.Event()
+        reader = threading.Thread(target=_drain, args=(master, seen, stop_reading), daemon=True)
+        reader.start()
+        try:
+            paused = eventually(lambda: announce.exists() or dboot.poll() is not None, 60)
+            assert paused and announce.exists(), b"".join(seen).decode(errors="replace")
+            # The RAM root is there, in the target's mount namespace, when the ending comes.
+            assert "dboot" in mounted_sources(pid) or phase == "prepared"
+            if ending.startswith("pty closed"):
+                stop_reading.set()
+                reader.join(5)
+                os.close(master)
+                master = -1
+            else:
+                dboot.send_signal(signal.Signals[ending])
+            status = dboot.wait(60)
+        finally:
+            if dboot.poll() is None:
+                dboot.kill()
+                dboot.wait()
+            stop_reading.set()
+            reader.join(5)
+            if master >= 0:
+                os.close(master)
+        said = b"".join(seen).decode(errors="replace")
+
+        # The tmpfs and the plan are gone from the target's mount namespace ...
+        assert "dboot" not in mounted_sources(pid), said
+        assert not Path(f"/proc/{pid}/root{STATE_DIR}/plan.json").exists()
+        assert not Path(f"/proc/{pid}/root{STATE_DIR}/root").is_mount()
+        # ... PID 1 is untouched: the same stand-in, untraced, its services alive ...
+        assert sandbox.running() and os.readlink(f"/proc/{pid}/exe") == exe_before
+        assert tracer_of(pid) == 0
+        assert all(Path(f"/proc/{service}").exists() for service in services)
+        # ... and the log says what was undone, and why.
+        log = log_file.read_text()
+        assert "undoing (" in log and "nothing was injected" in log, log
+        assert f"undone: RAM root {STATE_DIR}/root:" in log, log
+        assert f"undone: plan {STATE_DIR}/plan.json:" in log, log
+        if phase == "prepared":
+            assert f"undone: plan {STATE_DIR}/plan.json: removed" in log, log
+        assert "undo finished" in log, log
+        assert "committed" not in log, log
+        print(f"\n{ending} at {phase}: exit status {status}; the log says:")
+        print("".join(line for line in log.splitlines(True) if "undo" in line))
+        assert status != PYTHON_FLUSH_FAILED, said
+    with pytest.raises(FileNotFoundError):
+        os.stat(f"/proc/{pid}")  # the sandbox ended with the test, as sandboxes do
