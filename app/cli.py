@@ -1,25 +1,45 @@
 """`dboot`: the engine for scripts. Presentation only; all logic lives in ``injector``.
 
     dboot images [--json]
-    dboot check IMAGE [INIT [ARG...]] [--json]
-    dboot rehearse IMAGE INIT [ARG...]
-    dboot switch IMAGE INIT [ARG...] [--yes] [--dry-run] [--target-pid PID] [--force]
+    dboot check [OPTIONS] IMAGE [OPTIONS] [INIT [ARG...]]
+    dboot rehearse [OPTIONS] IMAGE [OPTIONS] INIT [ARG...]
+    dboot switch [OPTIONS] IMAGE [OPTIONS] INIT [ARG...]
 
-Exit codes: 0 ok, 1 bad usage or input, 2 environment failure, 3 refused by a safety check.
+Options may come anywhere before INIT. INIT is the first word after IMAGE that starts with
+``/``, and every word from there on is its argv, options included: in
+``dboot rehearse tinybox /bin/sh -c 'echo --json'``, ``--json`` belongs to the shell.
+
+Exit codes: 0 ok, 1 bad usage or input, 2 environment failure, 3 refused by a safety check;
+128+N when signal N (Ctrl-C, SIGTERM, SIGHUP) ended the run. Every error is one line that
+names the cause and the fix, never a traceback (``-v`` adds it). An error that is none of
+the engine's own (a bug, or the system refusing something we did not foresee) exits 2, or 1
+when it concerns a path the user gave (``--state-dir``, an archive): that path is the input
+to fix.
+
+When standard output or standard error stops taking writes (a closed terminal: EIO; a
+closed pipe: EPIPE; a full disk), the run stops and undoes what it did, as for Ctrl-C, and
+exits 2. A dead terminal gets no more writes; a switch's last line goes to its run log
+(``injector.runlog``: /var/log/dboot.log, or ``$DBOOT_LOG_FILE``) instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import json
+import os
 import signal
 import socket
 import sys
 import time
+import traceback
+from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
-from injector.errors import BadInput, DbootError
+from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.events import (
     Console,
     Event,
@@ -35,15 +55,25 @@ from injector.events import (
     to_json,
 )
 
+if TYPE_CHECKING:
+    from injector.switch import SwitchOptions
+
 EXIT_OK, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_REFUSED = 0, 1, 2, 3
+UNEXPECTED_FIX = "run it again with -v for the traceback, and report it"
+
+FORCE_HELP = "go on despite blockers (warnings never stop a run)"
+YES_HELP = "skip only the typed confirmation"
+INIT_RULE = (
+    "Options may come anywhere before INIT. INIT is the first word after IMAGE that starts "
+    "with /; every word from there on is its argv, options included."
+)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad usage exits 1 (the contract), not argparse's 2."""
+    """argparse, but bad usage is one line and exit 1 (the contract), not argparse's 2."""
 
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"dboot: {message}\n")
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message, f"see `{self.prog} --help`")
 
 
 def parse_size_arg(text: str) -> int:
@@ -56,7 +86,8 @@ def parse_size_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    # No abbreviations: the split at INIT (split_init) must know every option by its name.
+    common = _Parser(add_help=False, allow_abbrev=False)
     common.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     common.add_argument("-v", "--verbose", action="store_true", help="also print log lines")
     common.add_argument("--docker-host", help="Docker engine address (default: $DOCKER_HOST)")
@@ -79,30 +110,52 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not mount /proc, /sys, /dev in the new root",
     )
+    common.add_argument(
+        "--no-modules",
+        action="store_true",
+        help="do not add the running kernel's modules and firmware to the new root",
+    )
 
     parser = _Parser(
         prog="dboot",
+        allow_abbrev=False,
         description="Replace this system's userspace with a "
         "Docker image held in RAM, without rebooting.",
+        epilog=INIT_RULE,
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    images = commands.add_parser("images", parents=[common], help="list local engine images")
+    images = commands.add_parser(
+        "images", parents=[common], allow_abbrev=False, help="list local engine images"
+    )
     images.set_defaults(handler=cmd_images)
 
-    check = commands.add_parser("check", parents=[common], help="preflight report; changes nothing")
-    check.add_argument("image")
-    check.add_argument("init", nargs=argparse.REMAINDER, help="optional init command to validate")
+    check = commands.add_parser(
+        "check",
+        parents=[common],
+        allow_abbrev=False,
+        help="preflight report; changes nothing",
+        usage="%(prog)s [options] IMAGE [INIT [ARG...]]",
+        epilog=INIT_RULE + " An INIT given here is checked against the image.",
+    )
+    check.add_argument("image", metavar="IMAGE")
     check.set_defaults(handler=cmd_check)
 
     for name, text in (
         ("rehearse", "the whole switch, inside a sandbox"),
         ("switch", "the real thing"),
     ):
-        sub = commands.add_parser(name, parents=[common], help=text)
-        sub.add_argument("--force", action="store_true", help="go on despite warnings and blockers")
+        sub = commands.add_parser(
+            name,
+            parents=[common],
+            allow_abbrev=False,
+            help=text,
+            usage="%(prog)s [options] IMAGE INIT [ARG...]",
+            epilog=INIT_RULE,
+        )
+        sub.add_argument("--force", action="store_true", help=FORCE_HELP)
         if name == "switch":
-            sub.add_argument("--yes", action="store_true", help="skip the typed confirmation")
+            sub.add_argument("--yes", action="store_true", help=YES_HELP)
             sub.add_argument(
                 "--dry-run",
                 action="store_true",
@@ -114,10 +167,86 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PID",
                 help="inject into PID, the PID 1 of its own namespace (labs, tests)",
             )
-        sub.add_argument("image")
-        sub.add_argument("init", nargs=argparse.REMAINDER)
+        sub.add_argument("image", metavar="IMAGE")
         sub.set_defaults(handler=cmd_switch, rehearse=name == "rehearse")
     return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line, ``init`` included (see the module docstring for the rule).
+
+    Raises ``BadInput`` (exit 1, one line) for bad usage; ``--help`` exits 0 as usual."""
+    parser = build_parser()
+    words = list(argv)
+    command_at = next((i for i, word in enumerate(words) if not word.startswith("-")), None)
+    commands = _subcommands(parser)
+    if command_at is None or words[command_at] not in commands:
+        return parser.parse_args(words)  # --help, or an error naming the commands
+    head, init = split_init(commands[words[command_at]], words[command_at + 1 :])
+    args = parser.parse_args([*words[: command_at + 1], *head])
+    args.init = init
+    return args
+
+
+def split_init(
+    parser: argparse.ArgumentParser, words: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Split one command's words into (options and IMAGE, INIT and its argv).
+
+    An option's value is never taken for IMAGE or INIT (``--state-dir /run/x``); ``--``
+    ends the options. After IMAGE, the first word that is not an option is INIT, and must be
+    an absolute path: a relative init, a stray word or an unknown option is bad input."""
+    valued: set[str] = set()
+    known: set[str] = set()
+    for action in parser._actions:
+        known.update(action.option_strings)
+        if action.nargs != 0:
+            valued.update(action.option_strings)
+    takes_image = any(action.dest == "image" for action in parser._actions)
+    image_seen = options_done = False
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "--" and not options_done:
+            options_done = True  # argparse sees it too, and takes the next word as IMAGE
+            index += 1
+            continue
+        if word.startswith("-") and word != "-" and not options_done:
+            name = word.split("=", 1)[0]
+            if name not in known:
+                raise BadInput(f"unknown option {name}", f"see `{parser.prog} --help`")
+            index += 2 if name in valued and "=" not in word else 1
+            continue
+        if not takes_image:
+            index += 1  # argparse names the stray word
+            continue
+        if image_seen:
+            _check_init_word(word)
+            return list(words[:index]), list(words[index:])
+        if word.startswith("/"):
+            raise BadInput(
+                f"IMAGE {word!r} is a path, not an image",
+                "name the image before the init, e.g. `dboot rehearse tinybox /bin/sh`; "
+                "give archives as docker-archive:PATH or rootfs:PATH",
+            )
+        image_seen = True
+        index += 1
+    return list(words), []
+
+
+def _check_init_word(word: str) -> None:
+    if not word.startswith("/"):
+        raise BadInput(
+            f"init {word!r} is not an absolute path (nor a known option)",
+            "give the full path inside the image, e.g. /sbin/init",
+        )
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("dboot has subcommands")
 
 
 # --- images --------------------------------------------------------------------------------
@@ -160,7 +289,13 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         index = source.scan()
         if args.init:
             preflight.validate_init(index, args.init)
-        report = preflight.gather(index, args.init, tmpfs_size=args.tmpfs_size)
+        report = preflight.gather(
+            index,
+            args.init,
+            tmpfs_size=args.tmpfs_size,
+            source=source,
+            modules=not args.no_modules,
+        )
     if args.json:
         for event in preflight.report_events(report):
             print(json.dumps(to_json(event)), file=out)
@@ -218,18 +353,20 @@ def print_report(report: Any, image: str, out: TextIO) -> None:
 # --- rehearse / switch -----------------------------------------------------------------------
 
 
-def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
-    from injector.switch import SwitchOptions, run
+def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
+    """The engine's options for `rehearse` and `switch`, from the command line."""
+    from injector.switch import SwitchOptions
 
     if not args.init:
         raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
-    options = SwitchOptions(
+    return SwitchOptions(
         image=args.image,
         init_argv=list(args.init),
         state_dir=args.state_dir,
         grace=args.grace,
         tmpfs_size=args.tmpfs_size,
         api_mounts=not args.no_api_mounts,
+        modules=not args.no_modules,
         dry_run=getattr(args, "dry_run", False),
         target_pid=getattr(args, "target_pid", None),
         rehearse=args.rehearse,
@@ -240,12 +377,31 @@ def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
         confirm=None if args.json else ask_hostname,
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
     )
+
+
+def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
+    from injector.switch import run
+
+    options = switch_options(args, out)
     renderer = JsonRenderer(out) if args.json else HumanRenderer(out, verbose=args.verbose)
     exit_status = EXIT_OK
-    for event in run(options):
-        renderer.render(event)
-        if isinstance(event, Finished) and event.exit_status is not None:
-            exit_status = event.exit_status
+    if _guard is not None:
+        _guard.changes = True
+        if not options.rehearse:  # a rehearsal leaves no trace on the host, no log either
+            _guard.log_file = options.log_file
+    events = run(options)
+    try:
+        for event in events:
+            if isinstance(event, Injection) and _guard is not None:
+                _guard.injected = True
+            renderer.render(event)
+            if isinstance(event, Finished) and event.exit_status is not None:
+                exit_status = event.exit_status
+    finally:
+        # Whatever ends the loop early (Ctrl-C, a dead terminal) ends the engine's generator
+        # here and now, so that its undo runs at once and not whenever it is collected.
+        if isinstance(events, Generator):
+            events.close()
     return exit_status
 
 
@@ -258,7 +414,10 @@ def ask_hostname(report: Any) -> bool:
         "nothing on disk is kept running. It cannot be undone.",
         file=sys.stderr,
     )
-    answer = input(f"Type the hostname ({hostname}) to go on: ")
+    try:
+        answer = input(f"Type the hostname ({hostname}) to go on: ")
+    except (EOFError, OSError):  # the terminal closed while we asked: not confirmed
+        return False
     return answer.strip() == hostname
 
 
@@ -353,24 +512,211 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def main(argv: list[str] | None = None) -> None:
+# --- errors and output that goes away ----------------------------------------------------
+
+# A terminal that hung up answers writes with EIO (ENXIO once it is torn down).
+TERMINAL_GONE = frozenset({errno.EIO, errno.ENXIO})
+
+
+class OutputLost(EnvironmentFailure):
+    """Standard output or standard error stopped taking writes (exit 2)."""
+
+
+class OutputGuard:
+    """Stands between dboot and its stdout and stderr.
+
+    The first write that fails raises :class:`OutputLost` from that write, so that the run
+    unwinds and undoes exactly as for Ctrl-C. The stream that failed (both, when it is the
+    terminal that is gone) is pointed at ``/dev/null`` underneath, so that nothing, not even
+    the interpreter's flush at exit, writes to it again: a failed flush at exit is what
+    made Python exit with status 120. The last line, which the terminal can no longer
+    show, goes to the run log (``log_file``) when the run keeps one."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
+        self.stdout = GuardedStream(stdout, self)
+        self.stderr = GuardedStream(stderr, self)
+        self.failure: OSError | None = None
+        self.failed_stream = ""
+        self.changes = False  # does the command change anything (rehearse, switch)?
+        self.injected = False
+        self.log_file: Path | None = None  # the run log, for a switch (not a rehearsal)
+
+    def lost(self, stream: GuardedStream, error: OSError) -> None:
+        dead = [stream]
+        if error.errno in TERMINAL_GONE:
+            dead += [other for other in (self.stdout, self.stderr) if other.on_terminal]
+        for each in dead:
+            each.divert()
+        if self.failure is not None:
+            return  # already unwinding: later failures must not cut the undo short
+        self.failure = error
+        self.failed_stream = "standard output" if stream is self.stdout else "standard error"
+        raise OutputLost(self.cause(), self.fix()) from None
+
+    def cause(self) -> str:
+        error = self.failure
+        reason = (error.strerror if error is not None else None) or "write failed"
+        if error is not None and error.errno in TERMINAL_GONE:
+            reason += ": the terminal is gone"
+        return f"cannot write to {self.failed_stream} ({reason})"
+
+    def fix(self) -> str:
+        if not self.changes:
+            done = "nothing was changed"
+        elif self.injected:
+            done = "stopped after the injection; the target already ran the init stage"
+        else:
+            done = "stopped, and everything done before the injection was undone"
+        if self.failure is not None and self.failure.errno in TERMINAL_GONE:
+            return done + (f"; {self.log_file} says what was done" if self.log_file else "")
+        return f"{done}; send the output somewhere that takes it"
+
+    def say(self, line: str) -> None:
+        """One line to stderr, or to the run log when stderr is gone; never raises."""
+        with contextlib.suppress(OutputLost):
+            self.stderr.write(line + "\n")
+            self.stderr.flush()
+        if self.stderr.diverted and self.log_file is not None:
+            from injector.runlog import RunLog
+
+            log = RunLog(self.log_file)
+            log.write(line)
+            log.close()
+
+
+class GuardedStream(io.TextIOBase):
+    """A text stream that hands write failures to its :class:`OutputGuard`."""
+
+    def __init__(self, stream: TextIO, guard: OutputGuard) -> None:
+        super().__init__()
+        self._stream = stream
+        self._guard = guard
+        self.diverted = False
+        try:
+            self.on_terminal = stream.isatty()
+        except (OSError, ValueError):
+            self.on_terminal = False
+
+    def isatty(self) -> bool:
+        return self.on_terminal and not self.diverted
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.diverted:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            self._guard.lost(self, error)
+            return len(text)
+
+    def flush(self) -> None:
+        if self.diverted:
+            return
+        try:
+            self._stream.flush()
+        except OSError as error:
+            self._guard.lost(self, error)
+
+    def divert(self) -> None:
+        """Point the stream's file descriptor at /dev/null: nothing reaches it any more."""
+        if self.diverted:
+            return
+        self.diverted = True
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._stream.fileno())
+            finally:
+                os.close(null)
+            # What failed is still in the buffer: let it drain into /dev/null now.
+            self._stream.flush()
+
+
+_guard: OutputGuard | None = None
+
+
+def unexpected_error(error: Exception, user_paths: Sequence[str]) -> tuple[str, int]:
+    """One line for an exception that is none of the engine's own, and its exit code:
+    1 when it names a path the user gave (that is the input to fix), else 2."""
+    if isinstance(error, OSError) and error.filename is not None:
+        where = os.path.abspath(os.fsdecode(error.filename))
+        cause = f"{error.strerror or type(error).__name__} on {where}"
+        for given in user_paths:
+            if where == given or where.startswith(given.rstrip("/") + "/"):
+                return f"{cause}: check {given}, which the command line names", EXIT_USAGE
+        return f"{cause}: {UNEXPECTED_FIX}", EXIT_ENVIRONMENT
+    text = _first_line(str(error))
+    return (
+        f"unexpected {type(error).__name__}{': ' + text if text else ''}: {UNEXPECTED_FIX}",
+        EXIT_ENVIRONMENT,
+    )
+
+
+def _user_paths(args: argparse.Namespace | None) -> list[str]:
+    if args is None:
+        return []
+    paths = [getattr(args, "state_dir", None)]
+    image = str(getattr(args, "image", "") or "")
+    for scheme in ("docker-archive:", "rootfs:"):
+        if image.startswith(scheme):
+            paths.append(Path(image[len(scheme) :]))
+    return [os.path.abspath(path) for path in paths if path is not None]
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.strip().splitlines()[:1])
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    global _guard
+    _guard = OutputGuard(sys.stdout, sys.stderr)
+    sys.stdout = cast(TextIO, _guard.stdout)
+    sys.stderr = cast(TextIO, _guard.stderr)
     sys.exit(run_cli(argv))
 
 
 def run_cli(argv: list[str] | None = None, out: TextIO | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = out or sys.stdout
+    """Run one command; every way it can end is an exit code and at most one line."""
+    global _guard
+    guard = _guard = _guard or OutputGuard(sys.stdout, sys.stderr)
+    words = sys.argv[1:] if argv is None else argv
+    verbose = any(word in ("-v", "--verbose") for word in words)
+    args: argparse.Namespace | None = None
     # Ctrl-C must unwind through the engine's cleanups (tmpfs, containers, sandboxes), so it
     # becomes KeyboardInterrupt even if an embedding process had set SIGINT to be ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return int(args.handler(args, out))
+        args = parse_command_line(words)
+        verbose = args.verbose
+        code = int(args.handler(args, out or sys.stdout))
+        (out or sys.stdout).flush()
+        return code
     except DbootError as error:
-        print(f"dboot: {error}", file=sys.stderr)
+        guard.say(f"dboot: {_first_line(str(error))}")
         # One line by default; -v adds what the engine noted (e.g. a worker's traceback).
-        for note in getattr(error, "__notes__", []) if args.verbose else []:
-            print(note, file=sys.stderr)
+        for note in getattr(error, "__notes__", []) if verbose else []:
+            guard.say(note)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("dboot: interrupted; everything before the injection was undone", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        # Ctrl-C, or SIGTERM/SIGHUP turned into an exception by the engine (``signum``).
+        signum = int(getattr(error, "signum", signal.SIGINT))
+        name = signal.Signals(signum).name if signum != signal.SIGINT else "Ctrl-C"
+        done = (
+            "the target already ran the init stage"
+            if guard.injected
+            else ("everything before the injection was undone")
+        )
+        guard.say(f"dboot: interrupted by {name}: {done}")
+        return 128 + signum
+    except Exception as error:
+        line, code = unexpected_error(error, _user_paths(args))
+        guard.say(f"dboot: {line}")
+        if verbose:
+            guard.say("".join(traceback.format_exception(error)).rstrip())
+        return code

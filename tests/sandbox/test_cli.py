@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tarfile
@@ -196,3 +197,174 @@ def test_rootfs_tarball_source(tmp_path: Path) -> None:
     result = dboot("rehearse", f"rootfs:{exported}", "/bin/sh", "-c", "echo from-rootfs-tar")
     assert result.returncode == 0, result.stderr
     assert "from-rootfs-tar" in result.stdout
+
+
+# --- the command line: options anywhere before INIT ------------------------------------------
+
+
+def test_check_json_after_the_image() -> None:
+    result = dboot("check", "tinybox", "--json")
+    assert result.returncode in (0, 3), result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1]["event"] == "verdict"
+
+
+def test_rehearse_options_after_the_image_and_in_the_inits_argv() -> None:
+    result = dboot("rehearse", "tinybox", "--grace", "0", "/bin/sh", "-c", "echo [$0] --json", "x")
+    assert result.returncode == 0, result.stderr
+    assert "[x] --json" in result.stdout.splitlines()
+    assert "grace 0 s" in result.stdout  # the stage's own account of its plan
+
+
+# --- faults that are none of the engine's own errors: one line, exit 1-3, no traceback -------
+
+
+def assert_one_line_fault(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert "Traceback" not in result.stderr + (result.stdout or ""), result.stderr
+    assert_one_line_error(result, code, *words)
+
+
+@pytest.mark.parametrize("command", [("images",), ("images", "--json"), ("check", "tinybox")])
+@pytest.mark.parametrize("fault", ["full-disk", "closed-pipe"])
+def test_output_that_fails_is_one_line_exit_2(command: tuple[str, ...], fault: str) -> None:
+    if fault == "full-disk":
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [DBOOT, *command], stdout=full, stderr=subprocess.PIPE, text=True, env=LAB_ENV
+            )
+        words: tuple[str, ...] = ("standard output", "No space left on device")
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first line, as `| head -0`
+        try:
+            result = subprocess.run(
+                [DBOOT, *command], stdout=write_end, stderr=subprocess.PIPE, text=True, env=LAB_ENV
+            )
+        finally:
+            os.close(write_end)
+        words = ("standard output", "Broken pipe")
+    assert_one_line_fault(result, 2, *words, "nothing was changed")
+
+
+def test_state_dir_that_is_a_file_rehearse(tmp_path: Path) -> None:
+    state = tmp_path / "not-a-dir"
+    state.write_text("a file where the state directory should be\n")
+    before = mountinfo()
+    result = dboot("rehearse", "--state-dir", str(state), "tinybox", "/bin/true")
+    assert_one_line_fault(result, 1, str(state))
+    assert mountinfo() == before and state.read_text().startswith("a file")
+
+
+def test_state_dir_that_is_a_file_switch_target_pid_dry_run(tmp_path: Path) -> None:
+    from injector.sandbox import Sandbox
+
+    state = tmp_path / "not-a-dir"
+    state.write_text("a file where the state directory should be\n")
+    with Sandbox(services=1, console="capture") as sandbox:
+        before = Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
+        result = dboot(
+            "switch", "--dry-run", "--target-pid", str(sandbox.pid), "--state-dir", str(state),
+            "tinybox", "/sbin/init",
+        )  # fmt: skip
+        assert_one_line_fault(result, 1, str(state))
+        assert Path(f"/proc/{sandbox.pid}/mountinfo").read_text() == before
+        assert sandbox.running()
+
+
+# --- a terminal that goes away ---------------------------------------------------------------
+
+
+def run_until_the_terminal_closes(
+    args: list[str], after: bytes, *, stderr_on_terminal: bool = False, env: dict[str, str]
+) -> tuple[int, str, bytes]:
+    """Run dboot with stdin and stdout (and stderr, if asked) on a pty, and close the pty's
+    master once ``after`` has appeared: every later write to it fails with EIO. The pty is
+    not dboot's controlling terminal, so no SIGHUP comes: this is about the writes alone."""
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [DBOOT, *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave if stderr_on_terminal else subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    seen = b""
+    try:
+        while after not in seen:
+            ready, _, _ = select.select([master], [], [], 120)
+            assert ready, seen
+            seen += os.read(master, 65536)
+    finally:
+        os.close(master)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr or "", seen
+
+
+def assert_stopped_by_the_dead_terminal(code: int, stderr: str, seen: bytes) -> None:
+    assert code == 2, (code, stderr, seen)
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(
+        "dboot: cannot write to standard output (Input/output error: the terminal is gone)"
+    )
+    assert "everything done before the injection was undone" in lines[0]
+
+
+@pytest.mark.parametrize("after", [b"==> Reading image", b"==> Copying"])
+def test_rehearse_on_a_terminal_that_goes_away(after: bytes) -> None:
+    before = mountinfo()
+    code, stderr, seen = run_until_the_terminal_closes(
+        ["rehearse", "tinybox", "/bin/sh", "-c", "echo never"], after, env=LAB_ENV
+    )
+    assert_stopped_by_the_dead_terminal(code, stderr, seen)
+    assert mountinfo() == before
+
+
+def test_rehearse_closed_mid_copy_of_a_large_tarball() -> None:
+    """A 200 MB tree takes a second or more to copy: the terminal goes while it runs."""
+    from tests import images
+
+    tarball = images.debootstrap_tarball()
+    before = mountinfo()
+    code, stderr, seen = run_until_the_terminal_closes(
+        ["rehearse", f"rootfs:{tarball}", "/bin/sh", "-c", "echo never"],
+        b"==> Copying",
+        env=LAB_ENV,
+    )
+    assert_stopped_by_the_dead_terminal(code, stderr, seen)
+    assert b"used in the tmpfs" not in seen and b"never" not in seen
+    assert mountinfo() == before
+
+
+@pytest.mark.parametrize("stderr_on_terminal", [False, True])
+def test_switch_target_dry_run_on_a_terminal_that_goes_away(
+    stderr_on_terminal: bool, tmp_path: Path
+) -> None:
+    from injector.sandbox import Sandbox
+
+    log_file = tmp_path / "dboot.log"
+    state = tmp_path / "state"
+    with Sandbox(services=1, console="capture") as sandbox:
+        before = Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
+        code, stderr, seen = run_until_the_terminal_closes(
+            ["switch", "--dry-run", "--target-pid", str(sandbox.pid), "--state-dir", str(state),
+             "tinybox", "/sbin/init"],
+            b"==> Reading image",
+            stderr_on_terminal=stderr_on_terminal,
+            env={**LAB_ENV, "DBOOT_LOG_FILE": str(log_file)},
+        )  # fmt: skip
+        assert Path(f"/proc/{sandbox.pid}/mountinfo").read_text() == before
+        assert sandbox.running()
+    if stderr_on_terminal:
+        # Nothing reached the dead terminal; the run log has the line it would have shown.
+        assert stderr == ""
+        last = log_file.read_text().strip().splitlines()[-1]
+        stderr = last[last.index("dboot: cannot write") :] + "\n"
+    assert_stopped_by_the_dead_terminal(code, stderr, seen)
+    assert f"{log_file} says what was done" in stderr
