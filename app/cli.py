@@ -560,13 +560,16 @@ class OutputGuard:
             reason += ": the terminal is gone"
         return f"cannot write to {self.failed_stream} ({reason})"
 
-    def fix(self) -> str:
+    def outcome(self) -> str:
+        """What a run that ends here leaves behind, in words."""
         if not self.changes:
-            done = "nothing was changed"
-        elif self.injected:
-            done = "stopped after the injection; the target already ran the init stage"
-        else:
-            done = "stopped, and everything done before the injection was undone"
+            return "nothing was changed"
+        if self.injected:
+            return "stopped after the injection; the target already ran the init stage"
+        return "stopped, and everything done before the injection was undone"
+
+    def fix(self) -> str:
+        done = self.outcome()
         if self.failure is not None and self.failure.errno in TERMINAL_GONE:
             return done + (f"; {self.log_file} says what was done" if self.log_file else "")
         return f"{done}; send the output somewhere that takes it"
@@ -707,12 +710,7 @@ def run_cli(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         # Ctrl-C, or SIGTERM/SIGHUP turned into an exception by the engine (``signum``).
         signum = int(getattr(error, "signum", signal.SIGINT))
         name = signal.Signals(signum).name if signum != signal.SIGINT else "Ctrl-C"
-        done = (
-            "the target already ran the init stage"
-            if guard.injected
-            else ("everything before the injection was undone")
-        )
-        guard.say(f"dboot: interrupted by {name}: {done}")
+        guard.say(f"dboot: interrupted by {name}: {guard.outcome()}")
         return 128 + signum
     except Exception as error:
         line, code = unexpected_error(error, _user_paths(args))
