@@ -698,14 +698,16 @@ class _ReportingFile(io.FileIO):
 
 def _check_readable(ref: str, path: Path) -> None:
     try:
-        with path.open("rb") as handle:
-            handle.read(1)
+        regular = stat.S_ISREG(path.stat().st_mode)
+        if regular:  # not before: opening a FIFO would wait for a writer, for ever
+            with path.open("rb") as handle:
+                handle.read(1)
     except OSError as error:
         raise BadInput(
             f"{ref}: cannot read {path} ({error.strerror or error})",
             "give the path of a readable archive",
         ) from None
-    if not path.is_file():
+    if not regular:
         raise BadInput(f"{ref}: {path} is not a regular file", "give the path of an archive file")
 
 

@@ -4,6 +4,7 @@ temporary containers that must never outlive a call."""
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -178,3 +179,14 @@ def test_bad_archives_are_bad_input(
     with pytest.raises(BadInput) as raised, open_source(f"{scheme}:{path}") as image:
         image.scan()
     assert str(path) in one_line(raised.value)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("scheme", ["rootfs", "docker-archive"])
+def test_a_fifo_is_bad_input_not_a_hang(scheme: str, tmp_path: Path) -> None:
+    """Opening a FIFO waits for a writer that never comes: it is refused before that."""
+    fifo = tmp_path / "archive.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(BadInput) as raised:
+        open_source(f"{scheme}:{fifo}")
+    assert f"{fifo} is not a regular file" in one_line(raised.value)
