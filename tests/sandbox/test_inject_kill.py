@@ -5,6 +5,8 @@ stage with its plan in place. The injector runs in a child process that stops at
 phase (``DBOOT_TEST_PAUSE``, see injector/testhooks.py) and is SIGKILLed there; the kernel
 then detaches it from the target, which goes on from where it stood. 20 rounds per phase,
 each against a fresh PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+Then the whole `dboot switch --target-pid`, killed the same way against a rehearsal sandbox:
+there the stage is the real one and must find the real plan.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from injector import arch as archmod
+from injector.runlog import LOG_FILE_ENV
+from injector.sandbox import EXIT_ON_SIGUSR1, Sandbox
 from injector.testhooks import PAUSE_ENV
 from tests.sandbox.sandbox_checks import eventually
 from tests.sandbox.standin import READ_ECHO, StandIn, ns_pid, syscall_in_progress
@@ -66,31 +70,33 @@ def tracer_of(pid: int) -> int:
     raise AssertionError(f"no TracerPid line for PID {pid}")
 
 
-def kill_injector_at(phase: str, pid: int, plan: Path, proof: Path, announce: Path) -> float:
-    """Start the injector against ``pid``, SIGKILL it at ``phase``; seconds to reach it."""
+def sigkill_at(phase: str, command: list[str], announce: Path, env: dict[str, str]) -> float:
+    """Run ``command``, SIGKILL it once it pauses at ``phase``; seconds it took to get there."""
     started = time.monotonic()
-    injector = subprocess.Popen(
-        [sys.executable, "-c", INJECTOR, str(pid), BUSYBOX, str(plan), str(proof)],
+    process = subprocess.Popen(
+        command,
         cwd=REPO,
-        env={**os.environ, PAUSE_ENV: f"{phase}:{announce}"},
+        env={**os.environ, **env, PAUSE_ENV: f"{phase}:{announce}"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        reached = eventually(lambda: announce.exists() or injector.poll() is not None, 15)
+        reached = eventually(lambda: announce.exists() or process.poll() is not None, 60)
         assert reached and announce.exists(), (
-            f"the injector never paused at {phase}: exit {injector.poll()}, "
-            f"{injector.stderr.read().decode() if injector.poll() is not None else ''}"  # type: ignore[union-attr]
+            f"{command[0]} never paused at {phase}: exit {process.poll()}, "
+            f"{process.stderr.read().decode() if process.poll() is not None else ''}"  # type: ignore[union-attr]
         )
-        assert int(announce.read_text()) == injector.pid
+        assert int(announce.read_text()) == process.pid
         took = time.monotonic() - started
-        injector.send_signal(signal.SIGKILL)
+        process.send_signal(signal.SIGKILL)
     finally:
-        if injector.poll() is None:
-            injector.kill()
-        injector.wait(10)
-        assert injector.stderr is not None
-        injector.stderr.close()
-    assert injector.returncode == -signal.SIGKILL
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        assert process.stderr is not None
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
     return took
 
 
@@ -133,7 +139,16 @@ def test_sigkilled_injector_leaves_pid1_untouched_or_staged(phase: str, tmp_path
         proof, announce = workdir / "proof", workdir / "paused"
         with StandIn(READ_ECHO) as init:
             init.wait_blocked_in(READ)
-            reach_times.append(kill_injector_at(phase, init.pid, plan, proof, announce))
+            command = [
+                sys.executable,
+                "-c",
+                INJECTOR,
+                str(init.pid),
+                BUSYBOX,
+                str(plan),
+                str(proof),
+            ]
+            reach_times.append(sigkill_at(phase, command, announce, {}))
             outcomes[outcome_of(init, proof, round_)] += 1
     print(
         f"\nkill at {phase}: {ROUNDS} rounds, outcomes {dict(outcomes)}; "
@@ -141,3 +156,43 @@ def test_sigkilled_injector_leaves_pid1_untouched_or_staged(phase: str, tmp_path
     )
     assert set(outcomes) <= {"untouched", "stage with plan"}, outcomes
     assert outcomes == {EXPECTED[phase]: ROUNDS}, outcomes
+
+
+# --- the whole switch, SIGKILLed: the real stage, the real plan ------------------------------
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+SWITCH_ROUNDS = 3  # a whole switch per round: fewer than the injector-only rounds above
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("phase", list(EXPECTED))
+def test_sigkilled_switch_leaves_pid1_untouched_or_in_the_stage(phase: str, tmp_path: Path) -> None:
+    """`dboot switch --target-pid` SIGKILLed at each phase of the injection. Before the swap
+    the sandbox's stand-in init goes on as itself (it still answers its SIGUSR1 hook);
+    from the swap on, the init stage runs, finds its plan and execs the image's init."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    for round_ in range(SWITCH_ROUNDS):
+        with Sandbox(services=1, console="capture") as sandbox:
+            exe_before = os.readlink(f"/proc/{sandbox.pid}/exe")
+            command = [
+                DBOOT, "switch", "--yes", "--grace", "1", "--target-pid", str(sandbox.pid),
+                "--state-dir", "/run/dboot-kill", "tinybox", "/bin/sh", "-c", "exec sleep 60",
+            ]  # fmt: skip
+            lab = {"DBOOT_REHEARSAL_ONLY": "1", LOG_FILE_ENV: ""}
+            sigkill_at(phase, command, tmp_path / f"paused{round_}", lab)
+            outcomes[switch_outcome(sandbox, exe_before)] += 1
+    print(f"\nswitch killed at {phase}: {SWITCH_ROUNDS} rounds, outcomes {dict(outcomes)}")
+    assert outcomes == {EXPECTED[phase]: SWITCH_ROUNDS}, outcomes
+
+
+def switch_outcome(sandbox: Sandbox, exe_before: str) -> str:
+    """'stage with plan' or 'untouched', asserting that it is one of them."""
+    assert eventually(lambda: tracer_of(sandbox.pid) == 0, 5)
+    if sandbox.wait_for_output("dboot-stage:", timeout=3):
+        # The stage found its plan: it went through to the image's init.
+        assert sandbox.wait_for_output("exec ['/bin/sh'", timeout=20), sandbox.output()
+        assert eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") != exe_before)
+        return "stage with plan"
+    assert os.readlink(f"/proc/{sandbox.pid}/exe") == exe_before
+    assert sandbox.request_exit() == EXIT_ON_SIGUSR1  # still running its own code
+    return "untouched"
