@@ -224,13 +224,21 @@ def _outcome(
         raise BadInput(f"{context}: {message}", "check the image or archive")
     if kind == "no-space":
         raise EnvironmentFailure(f"{context}: {message}", "give a larger --tmpfs-size")
+    stderr.seek(0)
+    said = stderr.read().decode(errors="replace").strip()
     if message is None:
-        stderr.seek(0)
-        lines = stderr.read().decode(errors="replace").strip().splitlines()
+        lines = said.splitlines()
         message = f"copy-in worker exited with status {returncode}" + (
             f" ({lines[-1]})" if lines else ""
         )
-    raise EnvironmentFailure(f"{context}: {message}", "see the message; nothing was kept")
+    if kind == "internal" or "message" not in outcome:
+        fix = "nothing was kept; run it again with -v for the worker's traceback, and report it"
+    else:
+        fix = "nothing was kept; fix what the message names and run it again"
+    failure = EnvironmentFailure(f"{context}: {message}", fix)
+    if said:
+        failure.add_note(f"the copy-in worker said:\n{said}")  # shown by the CLI's -v
+    raise failure
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ def worker_main(job_text: str) -> None:
         kind = "no-space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "environment"
         reporter.send({"error": kind, "message": _describe_os_error(error)})
     except BaseException as error:
-        reporter.send({"error": "environment", "message": f"internal error: {error!r}"})
+        reporter.send({"error": "internal", "message": f"internal error: {error!r}"})
         traceback.print_exc()
     finally:
         sys.stderr.flush()

@@ -190,3 +190,27 @@ def test_a_fifo_is_bad_input_not_a_hang(scheme: str, tmp_path: Path) -> None:
     with pytest.raises(BadInput) as raised:
         open_source(f"{scheme}:{fifo}")
     assert f"{fifo} is not a regular file" in one_line(raised.value)
+
+
+def test_a_killed_copy_worker_is_one_line_that_says_what_to_do(tmp_path: Path) -> None:
+    import psutil
+
+    killed: list[int] = []
+
+    def kill_the_worker(done: int, total: int) -> None:
+        for child in psutil.Process().children():
+            if not killed and "worker_main" in " ".join(child.cmdline()):
+                child.kill()
+                killed.append(child.pid)
+
+    with open_source(f"rootfs:{images.debootstrap_tarball()}") as image:
+        index = image.scan()
+        size = tmpfs_size_for(index.estimated_bytes)
+        with RamRoot(tmp_path / "state", size) as ram, pytest.raises(EnvironmentFailure) as raised:
+            image.copy_into(ram.path, kill_the_worker)
+    assert killed
+    text = one_line(raised.value)
+    assert "copy-in worker exited with status -9" in text
+    assert text.endswith(
+        "nothing was kept; run it again with -v for the worker's traceback, and report it"
+    )
