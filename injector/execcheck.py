@@ -35,6 +35,8 @@ from injector.tarstream import ArchiveError, StrictTar, normalize
 HEAD_BYTES = 4096
 # The kernel's binfmt_script reads at most this much of the #! line (BINPRM_BUF_SIZE).
 SHEBANG_MAX = 256
+# Enough of a `docker cp` tar stream for its headers (PAX included) and HEAD_BYTES of data.
+ENGINE_PREFIX = 64 * 1024
 # How many #! interpreters deep the kernel follows before ELOOP.
 MAX_INTERPRETER_DEPTH = 4
 
@@ -259,13 +261,13 @@ def _judge_elf(
         ]
     loader = executable.interp
     if loader is not None and not index.executable(loader):
-        what = "lacks" if index.lookup(loader) is None else "has no executable"
+        what = "missing from" if index.lookup(loader) is None else "not executable in"
         return [
             Notice(
                 "blocker",
                 "init-loader-missing",
-                f"{chain} is dynamically linked, and its loader {loader} is what the image "
-                f"{what}: the kernel cannot start it (ENOENT)",
+                f"{chain} is dynamically linked, but its loader {loader} is {what} the image: "
+                "the kernel cannot start it (ENOENT)",
                 "use an image with its C library, or a statically linked init",
             )
         ]
@@ -381,36 +383,21 @@ def _open_beneath(top: str, parts: list[str]) -> int | None:
 
 
 def _head_from_engine(source: Any, path: str) -> bytes | None:
-    """``docker cp CONTAINER:path -``: a one-member tar of the file."""
+    """``docker cp CONTAINER:path -``: a one-member tar of the file. The response is read to
+    its end (keeping only its start): a half-read stream would hold the engine connection
+    that removing the container needs."""
+    prefix = bytearray()
     with source._temporary_container() as container:
         stream, _stat = source._client.api.get_archive(container, path)
-        raw = io.BufferedReader(_ChunkIO(stream), HEAD_BYTES)
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if member.isreg():
-                    reader = tar.extractfile(member)
-                    return reader.read(HEAD_BYTES) if reader is not None else None
+        for chunk in stream:
+            if len(prefix) < ENGINE_PREFIX:
+                prefix += chunk
+    with tarfile.open(fileobj=io.BytesIO(bytes(prefix)), mode="r|") as tar:
+        for member in tar:
+            if member.isreg():
+                reader = tar.extractfile(member)
+                return reader.read(HEAD_BYTES) if reader is not None else None
     return None
-
-
-class _ChunkIO(io.RawIOBase):
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = chunk
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
 
 
 def _hardlink_names(index: ImageIndex, path: str) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -443,3 +444,155 @@ def build_parentless_image(tar_path: Path, tag: str = PREFIX + "parentless:lates
     """``docker import`` of :func:`parentless_tar` (written to ``tar_path``), one layer."""
     remove_image(tag)
     return import_tar(parentless_tar(tar_path), tag)
+
+
+# ---------------------------------------------------------------------------------------
+# Inits that cannot run here: another architecture, a missing #! interpreter or loader
+# ---------------------------------------------------------------------------------------
+
+ARM64_APT = CACHE / "apt-arm64"
+# A static x86-64 ELF with a PT_INTERP would be odd; a dynamic one from the host is real.
+DYNAMIC_BINARY = Path("/bin/true")
+
+
+def arm64_busybox() -> Path:
+    """Debian's busybox-static for arm64: a real aarch64 ELF, fetched once with apt into
+    a private apt state under .cache (the host's dpkg architectures are left alone)."""
+    binary = ARM64_APT / "busybox"
+    if binary.exists():
+        return binary
+    lists, cache = ARM64_APT / "lists", ARM64_APT / "cache"
+    for directory in (lists / "partial", cache / "archives" / "partial"):
+        directory.mkdir(parents=True, exist_ok=True)
+    apt = [
+        "apt-get",
+        "-q",
+        f"-o=Dir::State::Lists={lists}",
+        f"-o=Dir::Cache={cache}",
+        "-o=APT::Architecture=arm64",
+        "-o=APT::Architectures::=arm64",
+        "-o=Acquire::Languages=none",
+    ]
+    debs = list(ARM64_APT.glob("busybox-static_*_arm64.deb"))
+    if not debs:
+        subprocess.run([*apt, "update"], check=True, capture_output=True)
+        subprocess.run(
+            [*apt, "download", "busybox-static:arm64"],
+            check=True,
+            capture_output=True,
+            cwd=ARM64_APT,
+        )
+        debs = list(ARM64_APT.glob("busybox-static_*_arm64.deb"))
+    with tempfile.TemporaryDirectory(dir=ARM64_APT) as work:
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), work], check=True)
+        shutil.copy2(Path(work) / "bin" / "busybox", binary)
+    return binary
+
+
+def _small_root_tar(path: Path, files: dict[str, Path | bytes | str]) -> Path:
+    """A tarball of a few entries: a Path is copied in (mode 0755), bytes become a file
+    (0755), a str is a symlink target. Parent directories are listed (0755)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        made: set[str] = set()
+        for name in sorted(files):
+            parts = name.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    made.add(directory)
+                    info = tarfile.TarInfo(directory)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            value = files[name]
+            info = tarfile.TarInfo(name)
+            info.mode = 0o755
+            if isinstance(value, str):
+                info.type, info.linkname = tarfile.SYMTYPE, value
+                tar.addfile(info)
+                continue
+            data = value.read_bytes() if isinstance(value, Path) else value
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _import_small_root(
+    tag: str, files: dict[str, Path | bytes | str], architecture: str | None = None
+) -> str:
+    """``docker import`` the files; with ``architecture``, ``docker load`` of a one-layer
+    ``docker save`` archive that declares it (20.10's import --platform needs experimental)."""
+    remove_image(tag)
+    with tempfile.TemporaryDirectory() as work:
+        tar_path = _small_root_tar(Path(work) / "root.tar", files)
+        if architecture is None:
+            docker("import", str(tar_path), tag)
+        else:
+            archive = single_layer_archive(Path(work) / "image.tar", tar_path, tag, architecture)
+            docker("load", "-i", str(archive))
+    return tag
+
+
+def single_layer_archive(path: Path, layer: Path, tag: str, architecture: str) -> Path:
+    """A ``docker save`` archive of one layer, its config declaring ``architecture``."""
+    diff_id = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    config = {
+        "architecture": architecture,
+        "os": "linux",
+        "config": {"Cmd": ["/sbin/init"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created_by": "tests/images.py"}],
+    }
+    config_bytes = json.dumps(config).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": ["layer.tar"]}]
+    with tarfile.open(path, "w") as tar:
+        for name, data in (
+            (config_name, config_bytes),
+            ("manifest.json", json.dumps(manifest).encode()),
+            ("layer.tar", layer.read_bytes()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def build_arm64_image(tag: str = PREFIX + "arm64-busybox:latest") -> str:
+    """An arm64 image (declared so, and its binaries are aarch64): /sbin/init and /bin/sh
+    are links to Debian's arm64 busybox-static."""
+    busybox = arm64_busybox()
+    files: dict[str, Path | bytes | str] = {
+        "bin/busybox": busybox,
+        "bin/sh": "busybox",
+        "sbin/init": "../bin/busybox",
+    }
+    return _import_small_root(tag, files, architecture="arm64")
+
+
+def missing_interpreter_files() -> dict[str, Path | bytes | str]:
+    """The host's static busybox, and an init script for a perl the image lacks."""
+    return {
+        "bin/busybox": BUSYBOX,
+        "bin/sh": "busybox",
+        "sbin/init": b"#!/usr/bin/perl -w\nprint qq(hello from perl\\n);\n",
+        "sbin/init-sh": b"#!/bin/sh\necho hello\n",  # fine: sh is there
+        "sbin/init-chain": b"#!/sbin/init\n",  # a script for a script for the missing perl
+    }
+
+
+def build_missing_interpreter_image(tag: str = PREFIX + "no-interpreter:latest") -> str:
+    return _import_small_root(tag, missing_interpreter_files())
+
+
+def missing_loader_files() -> dict[str, Path | bytes | str]:
+    """A dynamically linked init (the host's /bin/true) without its loader or libc."""
+    return {
+        "bin/busybox": BUSYBOX,
+        "bin/sh": "busybox",
+        "sbin/init": DYNAMIC_BINARY,
+        "lib64/ld-linux-x86-64.so.2": "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",  # dangling
+    }
+
+
+def build_missing_loader_image(tag: str = PREFIX + "no-loader:latest") -> str:
+    return _import_small_root(tag, missing_loader_files())
