@@ -1,9 +1,10 @@
 """Before the point of no return, every ending undoes everything, and the log says so.
 
 `dboot switch --target-pid` against the PID 1 of a sandbox we make, on a pseudo-terminal,
-as a user on SSH runs it. At a named moment of the RAM-root preparation (the pause points
-of injector/testhooks.py) the terminal goes away (its master side closed: SIGHUP, then EIO
-on every write), or a SIGTERM or a Ctrl-C comes. Afterwards the tmpfs is gone from the
+as a user on SSH runs it. At a named moment (the pause points of injector/testhooks.py:
+during the copy, with the plan written, or with PID 1 stopped under us before the swap)
+the terminal goes away (its master side closed: SIGHUP, then EIO on every write), or a
+SIGTERM or a Ctrl-C comes. Afterwards the tmpfs is gone from the
 target's mount namespace, the plan is gone, PID 1 is untouched, and the log file names
 what was undone. Lab mode is on; no path reaches this machine's PID 1.
 """
@@ -76,6 +77,8 @@ def tracer_of(pid: int) -> int:
         ("prepared", "pty closed"),
         ("prepared", "SIGTERM"),
         ("prepared", "SIGINT"),
+        ("entry-stop", "pty closed"),
+        ("entry-stop", "SIGTERM"),
     ],
 )
 def test_an_ending_before_the_commit_point_undoes_everything(
@@ -83,8 +86,10 @@ def test_an_ending_before_the_commit_point_undoes_everything(
 ) -> None:
     log_file, announce = tmp_path / "dboot.log", tmp_path / "paused"
     hangs_up = ending != "pty closed, no SIGHUP"
-    # Without a hang-up, dboot must go on to meet the dead terminal at its next write.
-    pause_seconds = {} if hangs_up else {PAUSE_SECONDS_ENV: "1"}
+    # Without a hang-up, dboot must go on to meet the dead terminal at its next write. At
+    # the entry stop, the injection holds ending signals back: it must go on to see them.
+    in_injection = phase == "entry-stop"
+    pause_seconds = {PAUSE_SECONDS_ENV: "1"} if in_injection or not hangs_up else {}
     with Sandbox(services=2, console="capture") as sandbox:
         pid = sandbox.pid
         exe_before = os.readlink(f"/proc/{pid}/exe")
@@ -110,7 +115,7 @@ def test_an_ending_before_the_commit_point_undoes_everything(
             paused = eventually(lambda: announce.exists() or dboot.poll() is not None, 60)
             assert paused and announce.exists(), b"".join(seen).decode(errors="replace")
             # The RAM root is there, in the target's mount namespace, when the ending comes.
-            assert "dboot" in mounted_sources(pid) or phase == "prepared"
+            assert "dboot" in mounted_sources(pid)
             if ending.startswith("pty closed"):
                 stop_reading.set()
                 reader.join(5)
@@ -142,8 +147,12 @@ def test_an_ending_before_the_commit_point_undoes_everything(
         assert "undoing (" in log and "nothing was injected" in log, log
         assert f"undone: RAM root {STATE_DIR}/root:" in log, log
         assert f"undone: plan {STATE_DIR}/plan.json:" in log, log
-        if phase == "prepared":
+        if phase != "copy":
             assert f"undone: plan {STATE_DIR}/plan.json: removed" in log, log
+        if in_injection:
+            # Held back while PID 1 was stopped under us, seen before the swap: called off.
+            assert "at the entry stop, before the swap: calling the injection off" in log, log
+            assert f"undone: RAM root {STATE_DIR}/root: unmounted" in log, log
         assert "undo finished" in log, log
         assert "committed" not in log, log
         print(f"\n{ending} at {phase}: exit status {status}; the log says:")
