@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from injector.runlog import LOG_FILE_ENV
+from injector import switch
+from injector.runlog import LOG_FILE_ENV, RunLog
 from injector.sandbox import Sandbox
 from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
 from tests.sandbox.sandbox_checks import eventually, mounted_sources
@@ -160,3 +161,35 @@ def test_an_ending_before_the_commit_point_undoes_everything(
         assert status != PYTHON_FLUSH_FAILED, said
     with pytest.raises(FileNotFoundError):
         os.stat(f"/proc/{pid}")  # the sandbox ended with the test, as sandboxes do
+
+
+def test_the_undo_turns_disk_swap_back_on(tmp_path: Path) -> None:
+    """The real switch turns disk swap off before the copy (lab mode forbids that here, so
+    the test turns off a swap area of its own: 16 MiB on a loop device, never the host's).
+    The undo must turn it back on, and the log must say so."""
+    image = tmp_path / "swap.img"
+    with image.open("wb") as image_file:
+        image_file.truncate(16 << 20)
+    subprocess.run(["mkswap", "-q", str(image)], check=True)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    runlog = RunLog(tmp_path / "dboot.log")
+    try:
+        subprocess.run(["swapon", loop], check=True)
+        subprocess.run(["swapoff", loop], check=True)  # as preflight.swapoff_disk_swaps does
+        assert loop not in active_swaps()
+        lines = switch._Undo(runlog, swaps=[loop]).run("a test")
+        assert loop in active_swaps()
+        assert lines == [f"swap {loop}: turned back on"]
+        log = (tmp_path / "dboot.log").read_text()
+        assert f"undone: swap {loop}: turned back on" in log, log
+    finally:
+        runlog.close()
+        subprocess.run(["swapoff", loop], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert loop not in active_swaps()
+
+
+def active_swaps() -> list[str]:
+    return [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
