@@ -14,6 +14,9 @@ The phases, in the order a switch meets them:
 - ``entry-stop``: PID 1 stopped at a syscall entry under us, nothing of ours written;
 - ``swapped``: our block written below its stack and execve swapped into its registers;
 - ``exec-wait``: PID 1 resumed into execve, the exec event not yet seen.
+
+The last four are in the injection thread, which holds ending signals back: there only
+SIGKILL ends a pause, unless ``DBOOT_TEST_PAUSE_SECONDS`` lets it go on by itself.
 """
 
 from __future__ import annotations
