@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from injector import switch
+from injector import ptrace, switch
 from injector.runlog import LOG_FILE_ENV, RunLog
-from injector.sandbox import Sandbox
+from injector.sandbox import EXIT_ON_SIGUSR1, Sandbox
 from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
 from tests.sandbox.sandbox_checks import eventually, mounted_sources
 
@@ -193,3 +193,38 @@ def test_the_undo_turns_disk_swap_back_on(tmp_path: Path) -> None:
 
 def active_swaps() -> list[str]:
     return [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
+
+
+def test_a_failed_execve_rolls_back_then_undoes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """execve fails inside PID 1 (the stage command names a missing program: provoked, as
+    the switch checks that the real one is reachable). PID 1 re-runs its own call; only then
+    are the RAM root and the plan taken down, and the log says it in that order."""
+    real_stage_command = switch._stage_command
+
+    def missing_program(target: int, plan_path: Path) -> tuple[str, list[str], list[str]]:
+        _, argv, envp = real_stage_command(target, plan_path)
+        return "/nonexistent/dboot-python", argv, envp
+
+    monkeypatch.setattr(switch, "_stage_command", missing_program)
+    log_file = tmp_path / "dboot.log"
+    with Sandbox(services=1, console="capture") as sandbox:
+        pid = sandbox.pid
+        exe_before = os.readlink(f"/proc/{pid}/exe")
+        options = switch.SwitchOptions(
+            "tinybox", ["/bin/sh"], target_pid=pid, yes=True, grace=1,
+            state_dir=Path(STATE_DIR), log_file=log_file,
+        )  # fmt: skip
+        with pytest.raises(ptrace.InjectionRolledBack, match="ENOENT"):
+            list(switch.run(options))
+        assert "dboot" not in mounted_sources(pid)
+        assert not Path(f"/proc/{pid}/root{STATE_DIR}/plan.json").exists()
+        assert tracer_of(pid) == 0 and os.readlink(f"/proc/{pid}/exe") == exe_before
+        assert sandbox.request_exit() == EXIT_ON_SIGUSR1  # still its own code
+    log = log_file.read_text()
+    rolled_back = log.index("restored the registers")
+    undoing = log.index("undoing (InjectionRolledBack")
+    assert rolled_back < undoing < log.index(f"undone: plan {STATE_DIR}/plan.json: removed"), log
+    assert f"undone: RAM root {STATE_DIR}/root: unmounted" in log, log
+    assert "committed: PID" not in log, log
