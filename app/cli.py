@@ -688,7 +688,19 @@ def run_cli(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command; every way it can end is an exit code and at most one line."""
     global _guard
     guard = _guard = _guard or OutputGuard(sys.stdout, sys.stderr)
-    words = sys.argv[1:] if argv is None else argv
+    out = out or sys.stdout
+    code = _run_command(sys.argv[1:] if argv is None else argv, out, guard)
+    # Output still buffered (a pipe or a file is not line-buffered) must fail here, while we
+    # can still say so, and not in the interpreter's flush at exit (status 120).
+    try:
+        out.flush()
+    except OutputLost as error:
+        guard.say(f"dboot: {_first_line(str(error))}")
+        return code or error.exit_code
+    return code
+
+
+def _run_command(words: list[str], out: TextIO, guard: OutputGuard) -> int:
     verbose = any(word in ("-v", "--verbose") for word in words)
     args: argparse.Namespace | None = None
     # Ctrl-C must unwind through the engine's cleanups (tmpfs, containers, sandboxes), so it
@@ -697,9 +709,7 @@ def run_cli(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     try:
         args = parse_command_line(words)
         verbose = args.verbose
-        code = int(args.handler(args, out or sys.stdout))
-        (out or sys.stdout).flush()
-        return code
+        return int(args.handler(args, out))
     except DbootError as error:
         guard.say(f"dboot: {_first_line(str(error))}")
         # One line by default; -v adds what the engine noted (e.g. a worker's traceback).
