@@ -368,3 +368,14 @@ def test_switch_target_dry_run_on_a_terminal_that_goes_away(
         stderr = last[last.index("dboot: cannot write") :] + "\n"
     assert_stopped_by_the_dead_terminal(code, stderr, seen)
     assert f"{log_file} says what was done" in stderr
+
+
+def test_verbose_adds_the_traceback_after_the_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "not-a-dir"
+    state.write_text("a file\n")
+    result = dboot("rehearse", "-v", "--state-dir", str(state), "tinybox", "/bin/true")
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dboot: ")]
+    assert len(errors) == 1 and str(state) in errors[0]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.index(errors[0]) < result.stderr.index("Traceback")
