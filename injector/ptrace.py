@@ -618,7 +618,7 @@ def inject_execve(
     fails inside the target, raises InjectionRolledBack (carrying the report) after
     putting back its memory and registers so that it re-runs its own system call.
     Attach denied, already traced, no such process: EnvironmentFailure. An ending signal
-    (SIGINT, SIGTERM, SIGHUP, SIGQUIT) that arrives before the swap: EndingSignal, with the
+    (SIGINT, SIGTERM, SIGHUP) that arrives before the swap: EndingSignal, with the
     target left as it was; one that arrives later waits until we are done.
 
     ``on_commit`` is called as soon as the swap is in: from then on PID 1 may exec, and only
@@ -763,8 +763,12 @@ def _inject(
     # they go back all the same so that nothing can tell we were there.
     error_name = _errno_name(-result)
     log(f"execve failed with {error_name}: rolling back")
-    _restore_registers(tracee, archmod.rewind_to_syscall(arch, entry.regs, entry.nr))
-    report.registers_after = archmod.shown(arch, tracee.get_regs())
+    rewound = archmod.rewind_to_syscall(arch, entry.regs, entry.nr)
+    _restore_registers(tracee, rewound)
+    try:
+        report.registers_after = archmod.shown(arch, tracee.get_regs())
+    except OSError:  # only the report misses them: never stay attached for that
+        report.registers_after = archmod.shown(arch, rewound.regs)
     try:
         tracee.write_mem(base, saved)
         restored = f"the registers and {size} bytes"
