@@ -6,7 +6,8 @@
 set -euo pipefail
 
 tag=${1:-tinybox:latest}
-busybox=/bin/busybox
+# BUSYBOX and DOCKER_PLATFORM build it for another architecture (tests/vm/build.py: arm64).
+busybox=${BUSYBOX:-/bin/busybox}
 [ -x "$busybox" ] || { echo "build-tinybox: $busybox missing: apt-get install busybox-static" >&2; exit 2; }
 
 work=$(mktemp -d)
@@ -33,5 +34,5 @@ FROM scratch
 COPY rootfs/ /
 CMD ["/bin/sh"]
 DOCKERFILE
-DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$work" >/dev/null
+DOCKER_BUILDKIT=0 docker build -q ${DOCKER_PLATFORM:+--platform "$DOCKER_PLATFORM"} -t "$tag" "$work" >/dev/null
 echo "$tag"

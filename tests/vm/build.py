@@ -1,20 +1,25 @@
 """Build the QEMU test bed: a Debian 12 disk with systemd, docker-boot and the test images.
 
-Two layers, cached under ``.cache/vm/`` (gitignored; ``DBOOT_VM_CACHE`` moves it):
+One bed per ``Variant`` (``VARIANTS``): a guest architecture (``GuestArch``: the few facts that
+differ between x86_64 and arm64, from the QEMU binary to the wheels' platform tag), the Debian
+packages of its tree and what its disk carries. Everything else is shared; adding a machine
+is adding a ``Variant``. Two layers per variant, cached under ``.cache/vm/`` (gitignored;
+``DBOOT_VM_CACHE`` moves it):
 
-``base-<hash>/``
+``base-<variant>-<hash>/``
     ``tree/``, the debootstrap tree made by ``base.sh``, and its own ``vmlinuz`` and
-    ``initrd.img``. Inputs: ``base.sh``, ``packages.txt``, the suite and the mirror. Slow (about a
-    minute or two), rarely rebuilt.
-``disk-<hash>/disk.raw``
+    ``initrd.img``. Inputs: ``base.sh``, the package list, the architecture, the suite and the
+    mirror. Slow (a minute or two; several under binfmt emulation for arm64), rarely rebuilt.
+``disk-<variant>-<hash>/disk.raw``
     An ext4 image of a copy of the base tree plus docker-boot installed from the working tree
     into ``/opt/dboot`` (Debian's own Python 3.11.2, a venv), the scenario unit, and in
     ``/root`` the test images. Inputs: the base hash, this file, ``guest/``, ``image/``,
     ``scripts/build-tinybox.sh`` and docker-boot's sources as they are on disk now. Fast (about
     half a minute), rebuilt whenever any of those change, so every run tests the working tree.
 
-Run ``python -m tests.vm.build`` to build (``--boot SCENARIO`` then boots it with the console on
-stdout). Needs root, debootstrap, e2fsprogs, qemu-utils, gcc with a static libc and a Docker engine.
+Run ``python -m tests.vm.build [--variant arm64]`` to build (``--boot SCENARIO`` then boots it with
+the console on stdout). Needs root, debootstrap, e2fsprogs, qemu-utils, a C compiler for the
+guest with a static libc, a Docker engine, and for a foreign guest qemu-user-static.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,12 +61,96 @@ SYSTEMD_ROOT_EXCLUDES = (
 )
 # The guest's interpreter is Debian 12's: wheels with compiled parts must be for CPython 3.11.
 GUEST_PYTHON = (3, 11)
+# The rollback proof runs inside the guest too (scenario "rollback"): these test modules, stdlib
+# and docker-boot only, go to GUEST_TESTS, importable as ``tests.sandbox.rollback``.
+GUEST_TEST_MODULES = (
+    "tests/__init__.py",
+    "tests/sandbox/__init__.py",
+    "tests/sandbox/standin.py",
+    "tests/sandbox/rollback.py",
+)
+GUEST_TESTS = "opt/dboot-tests"
 
 Log = Callable[[str], None]
 
 
 class BuildError(Exception):
     """The test bed could not be built; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class GuestArch:
+    """What differs between guest architectures: one small table each, like arch.py's."""
+
+    name: str  # the guest's `uname -m`
+    deb_arch: str  # debootstrap --arch
+    kernel_package: str  # Debian's kernel for a virtual machine
+    qemu: str
+    qemu_package: str
+    qemu_machine: tuple[str, ...]  # machine and CPU options
+    console: str  # the serial console's device, for console=
+    gcc: str  # compiles the test image's helpers for the guest
+    gcc_package: str
+    docker_platform: str  # of the test image
+    # pip --platform tags for the guest's compiled wheels; empty: the host's own (same machine)
+    wheel_platforms: tuple[str, ...] = ()
+    # binfmt_misc entry that runs the tree's programs on this host (chroot), if foreign
+    binfmt: str | None = None
+
+
+X86_64 = GuestArch(
+    name="x86_64",
+    deb_arch="amd64",
+    kernel_package="linux-image-cloud-amd64",
+    qemu="qemu-system-x86_64",
+    qemu_package="qemu-system-x86",
+    qemu_machine=(),
+    console="ttyS0",
+    gcc="gcc",
+    gcc_package="gcc libc6-dev",
+    docker_platform="linux/amd64",
+)
+ARM64 = GuestArch(
+    name="aarch64",
+    deb_arch="arm64",
+    # Has virtio-pci, the PL011 serial port and ext4 built in: what `-M virt` offers.
+    kernel_package="linux-image-cloud-arm64",
+    qemu="qemu-system-aarch64",
+    qemu_package="qemu-system-arm",
+    # pauth-impdef: pointer authentication with QEMU's cheap hash instead of QARMA, which
+    # under TCG costs more than everything else on every function return.
+    qemu_machine=("-M", "virt", "-cpu", "max,pauth-impdef=on"),
+    console="ttyAMA0",
+    gcc="aarch64-linux-gnu-gcc",
+    gcc_package="gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
+    docker_platform="linux/arm64",
+    wheel_platforms=("manylinux2014_aarch64", "manylinux_2_17_aarch64"),
+    binfmt="qemu-aarch64",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kind of test machine: its architecture, its tree's packages, what its disk carries."""
+
+    name: str  # cache directories and pytest ids
+    arch: GuestArch
+    packages: str = "packages.txt"  # in tests/vm/; the kernel package comes from ``arch``
+    # /root/systemd-root.tar, for the switch-systemd scenario (a big tarball: only where used)
+    systemd_root: bool = True
+    # the glibc program the recovery scenario execs in the busybox image
+    recovery_init: bool = True
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("x86_64", X86_64),
+        # The arm64 scenarios are switch-busybox and rollback: no systemd image, no recovery.
+        Variant("arm64", ARM64, systemd_root=False, recovery_init=False),
+    )
+}
+DEFAULT = VARIANTS["x86_64"]
 
 
 @dataclass(frozen=True)
@@ -73,28 +162,45 @@ class VmBed:
     disk: Path
     base_seconds: float  # time spent building the base layer in this call; 0 when cached
     disk_seconds: float  # time spent building the final disk in this call; 0 when cached
+    variant: Variant = field(default=DEFAULT)
+
+    @property
+    def arch(self) -> GuestArch:
+        return self.variant.arch
 
 
 # --- Requirements ------------------------------------------------------------------------------
 
-# Tool -> the Debian package that provides it (scripts/setup.sh installs all of them).
+# Tool -> the Debian package that provides it (scripts/setup.sh installs all of them). Each
+# variant adds its architecture's QEMU and C compiler (``required_tools``).
 REQUIRED_TOOLS = {
     "debootstrap": "debootstrap",
     "mkfs.ext4": "e2fsprogs",
     "qemu-img": "qemu-utils",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "gcc": "gcc libc6-dev",
     "docker": "docker.io",
     "tar": "tar",
     "chroot": "coreutils",
 }
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
 
 
-def check_requirements() -> None:
+def required_tools(variant: Variant) -> dict[str, str]:
+    arch = variant.arch
+    tools = {**REQUIRED_TOOLS, arch.qemu: arch.qemu_package}
+    tools[arch.gcc.split()[0]] = arch.gcc_package
+    if arch.binfmt:
+        tools[arch.binfmt + "-static"] = "qemu-user-static binfmt-support"
+        tools["update-binfmts"] = "binfmt-support"
+    return tools
+
+
+def check_requirements(variant: Variant = DEFAULT) -> None:
     """Fail with one line naming every missing tool and the package to install."""
     if os.geteuid() != 0:
         raise BuildError("the VM test bed needs root (debootstrap, chroot, mkfs): run as root")
-    missing = sorted({pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None})
+    missing = sorted(
+        {pkg for tool, pkg in required_tools(variant).items() if shutil.which(tool) is None}
+    )
     if missing:
         raise BuildError(
             "VM test bed tools missing: apt-get install "
@@ -106,15 +212,41 @@ def check_requirements() -> None:
             f"building the guest's wheels needs CPython {GUEST_PYTHON[0]}.{GUEST_PYTHON[1]} "
             f"(the guest's version), not {sys.version.split()[0]}: run with the project's .venv"
         )
+    if variant.arch.binfmt:
+        enable_binfmt(variant.arch.binfmt)
+
+
+def enable_binfmt(entry: str) -> None:
+    """The foreign tree's maintainer scripts run through qemu-user-static: make sure the kernel
+    hands its ELF files to it. A container often starts without binfmt_misc mounted."""
+    if (BINFMT / entry).exists():
+        if (BINFMT / entry).read_text().startswith("enabled"):
+            return
+    else:
+        if not (BINFMT / "register").exists():
+            subprocess.run(
+                ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                capture_output=True,
+                check=False,
+            )
+    subprocess.run(["update-binfmts", "--enable", entry], capture_output=True, check=False)
+    entry_path = BINFMT / entry
+    if not entry_path.exists() or not entry_path.read_text().startswith("enabled"):
+        raise BuildError(
+            f"binfmt_misc has no enabled {entry} entry, so the foreign tree cannot run: mount "
+            f"-t binfmt_misc binfmt_misc {BINFMT} && update-binfmts --enable {entry}"
+        )
 
 
 # --- Small helpers -----------------------------------------------------------------------------
 
 
-def run(cmd: list[str], what: str, *, cwd: Path | None = None) -> str:
+def run(
+    cmd: list[str], what: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
     """Run a build step; on failure, one line with the step, the exit status and the last error."""
     # The engine here only builds with the legacy builder (no BuildKit).
-    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    env = {**(os.environ if env is None else env), "DOCKER_BUILDKIT": "0"}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
@@ -164,33 +296,37 @@ def prune(prefix: str, keep: Path, spare: int = 0) -> None:
 # --- Base layer --------------------------------------------------------------------------------
 
 
-def base_key() -> str:
+def base_key(variant: Variant = DEFAULT) -> str:
     return digest(
         [
-            *files_under(HERE, ["base.sh", "packages.txt"]),
+            *files_under(HERE, ["base.sh", variant.packages]),
+            ("arch", variant.arch.deb_arch.encode()),
+            ("kernel", variant.arch.kernel_package.encode()),
             ("suite", SUITE.encode()),
             ("mirror", MIRROR.encode()),
         ]
     )
 
 
-def build_base(log: Log) -> tuple[Path, float]:
+def build_base(variant: Variant, log: Log) -> tuple[Path, float]:
     """The debootstrap tree with its kernel and initramfs copied beside it: (dir, seconds built)."""
-    base = CACHE / f"base-{base_key()}"
+    base = CACHE / f"base-{variant.name}-{base_key(variant)}"
     if (base / ".complete").exists():
         return base, 0.0
     started = time.monotonic()
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    log(f"building the base tree in {base} (debootstrap, a minute or two)")
+    log(f"building the {variant.arch.deb_arch} base tree in {base} (debootstrap, minutes)")
     run_streaming(
         [
             "bash",
             str(HERE / "base.sh"),
             str(base / "tree"),
-            str(HERE / "packages.txt"),
+            str(HERE / variant.packages),
             SUITE,
             MIRROR,
+            variant.arch.deb_arch,
+            variant.arch.kernel_package,
         ],
         "debootstrap of the base tree (tests/vm/base.sh)",
     )
@@ -199,11 +335,12 @@ def build_base(log: Log) -> tuple[Path, float]:
         found = sorted(boot.glob(pattern))
         if not found:
             raise BuildError(
-                f"no /boot/{pattern} in the base tree: add linux-image-cloud-amd64 to packages.txt"
+                f"no /boot/{pattern} in the base tree: is {variant.arch.kernel_package} a "
+                f"{SUITE} package? (tests/vm/build.py, {variant.arch.name})"
             )
         shutil.copy2(found[-1], base / name)
-    (base / ".complete").write_text(f"{SUITE} {MIRROR}\n")
-    prune("base", base)
+    (base / ".complete").write_text(f"{SUITE} {variant.arch.deb_arch} {MIRROR}\n")
+    prune(f"base-{variant.name}", base)
     return base, time.monotonic() - started
 
 
@@ -224,48 +361,91 @@ def dependency_specs() -> list[str]:
     return deps
 
 
-def disk_key(base: Path) -> str:
+def disk_key(base: Path, variant: Variant = DEFAULT) -> str:
     return digest(
         [
             ("base", base.name.encode()),
+            ("variant", repr(variant).encode()),
             *files_under(HERE, ["build.py", "guest", "image"]),
-            *files_under(REPO, ["scripts/build-tinybox.sh"]),
+            *files_under(REPO, ["scripts/build-tinybox.sh", *GUEST_TEST_MODULES]),
             *(("src/" + name, content) for name, content in files_under(REPO, SOURCE_PATHS)),
         ]
     )
 
 
-def build_wheelhouse(out: Path, log: Log) -> None:
+def pip_command() -> list[str]:
+    return [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
+def dependency_wheels(arch: GuestArch, log: Log) -> Path:
+    """docker-boot's dependencies as wheels for the guest, cached by requirements and platform.
+
+    ``pip wheel`` on this host gives every pure wheel (and builds the sdist-only ones); for a
+    foreign guest, each wheel with compiled parts (psutil ...) is then swapped for the same
+    version's wheel for the guest's platform, downloaded from PyPI as a binary only.
+    """
+    specs = dependency_specs()
+    key = digest(
+        [("deps", json.dumps(specs).encode()), ("platforms", repr(arch.wheel_platforms).encode())]
+    )
+    deps = CACHE / f"wheels-{arch.name}-{key}"
+    if (deps / ".complete").exists():
+        return deps
+    log(f"downloading docker-boot's dependency wheels for {arch.name} from PyPI")
+    shutil.rmtree(deps, ignore_errors=True)
+    run([*pip_command(), "wheel", "-w", str(deps), *specs], "pip wheel of the dependencies")
+    if arch.wheel_platforms:
+        for wheel in sorted(deps.glob("*.whl")):
+            if wheel.name.endswith("-none-any.whl"):
+                continue
+            name, version = wheel.name.split("-")[:2]
+            platforms = [arg for tag in arch.wheel_platforms for arg in ("--platform", tag)]
+            run(
+                [
+                    *pip_command(),
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    *platforms,
+                    "--python-version",
+                    "".join(map(str, GUEST_PYTHON)),
+                    "--implementation",
+                    "cp",
+                    "-d",
+                    str(deps),
+                    f"{name}=={version}",
+                ],
+                f"pip download of {name} {version} for {arch.name}",
+            )
+            wheel.unlink()
+    (deps / ".complete").touch()
+    prune(f"wheels-{arch.name}", deps)
+    return deps
+
+
+def build_wheelhouse(out: Path, arch: GuestArch, log: Log) -> None:
     """docker-boot's wheel from a pristine copy of the sources, plus its dependencies' wheels.
 
     Copying first keeps setuptools' ``build/`` leftovers (deleted modules included) out of the
     wheel. Dependency wheels are cached by the requirement list, so only docker-boot is rebuilt.
     """
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    specs = dependency_specs()
-    deps = CACHE / f"wheels-{digest([('deps', json.dumps(specs).encode())])}"
-    if not (deps / ".complete").exists():
-        log("downloading docker-boot's dependency wheels from PyPI")
-        shutil.rmtree(deps, ignore_errors=True)
-        run([*pip, "wheel", "-w", str(deps), *specs], "pip wheel of the dependencies")
-        (deps / ".complete").touch()
-        prune("wheels", deps)
+    deps = dependency_wheels(arch, log)
     with tempfile.TemporaryDirectory(prefix="dboot-vm-src-") as src:
         for name, content in files_under(REPO, SOURCE_PATHS):
             dest = Path(src) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(content)
-        run([*pip, "wheel", "--no-deps", "-w", str(out), src], "pip wheel of docker-boot")
+        run([*pip_command(), "wheel", "--no-deps", "-w", str(out), src], "pip wheel of docker-boot")
     for wheel in deps.glob("*.whl"):
         shutil.copy2(wheel, out)
 
 
-def install_docker_boot(tree: Path, log: Log) -> None:
+def install_docker_boot(tree: Path, arch: GuestArch, log: Log) -> None:
     """A venv on the guest's own Python, with docker-boot from local wheels only (no index)."""
     log("installing docker-boot into the guest's /opt/dboot (chroot, Debian's python3)")
     wheels = tree / "tmp" / "wheels"
     wheels.mkdir(parents=True)
-    build_wheelhouse(wheels, log)
+    build_wheelhouse(wheels, arch, log)
     run(
         ["chroot", str(tree), "python3", "-m", "venv", "/opt/dboot"], "python3 -m venv in the guest"
     )
@@ -291,6 +471,14 @@ def install_docker_boot(tree: Path, log: Log) -> None:
         link.symlink_to(f"/opt/dboot/bin/{script}")
 
 
+def install_guest_tests(tree: Path) -> None:
+    """The test modules the guest runs itself (the rollback proof), beside docker-boot."""
+    for name, content in files_under(REPO, GUEST_TEST_MODULES):
+        dest = tree / GUEST_TESTS / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content)
+
+
 def install_scenario_unit(tree: Path) -> None:
     """The unit that, once multi-user.target is reached, runs the scenario named on the kernel
     command line (``dboot.test=NAME``), so one disk serves every scenario."""
@@ -303,56 +491,71 @@ def install_scenario_unit(tree: Path) -> None:
     (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
 
 
-def compile_helpers(out: Path) -> None:
-    """The test image's two C programs, built with the host's gcc.
+def compile_helpers(out: Path, variant: Variant) -> list[str]:
+    """The test image's C programs, built for the guest (the host's gcc, or a cross gcc).
 
     ``dboot-excl-open`` is static (the image has no libc): busybox cannot open with O_EXCL.
-    ``dboot-unrunnable-init`` is deliberately dynamic: its ELF interpreter, glibc's loader, is
-    absent from the busybox image, so execve() fails with ENOENT although the file exists and is
-    executable, the failure a user gets moving a Debian binary into a scratch image.
+    ``dboot-unrunnable-init`` (if the variant runs the recovery scenario) is deliberately
+    dynamic: its ELF interpreter, glibc's loader, is absent from the busybox image, so execve()
+    fails with ENOENT although the file exists and is executable, the failure a user gets moving
+    a Debian binary into a scratch image. Returns the names built.
     """
+    gcc = variant.arch.gcc
     run(
         [
-            "gcc",
+            gcc,
             "-static",
             "-Os",
             "-o",
             str(out / "dboot-excl-open"),
             str(IMAGE_FILES / "excl_open.c"),
         ],
-        "gcc -static of tests/vm/image/excl_open.c (needs libc6-dev)",
+        f"{gcc} -static of tests/vm/image/excl_open.c (needs {variant.arch.gcc_package})",
     )
+    if not variant.recovery_init:
+        return ["dboot-excl-open"]
     run(
         [
-            "gcc",
+            gcc,
             "-Os",
             "-o",
             str(out / "dboot-unrunnable-init"),
             str(IMAGE_FILES / "unrunnable_init.c"),
         ],
-        "gcc of tests/vm/image/unrunnable_init.c",
+        f"{gcc} of tests/vm/image/unrunnable_init.c",
     )
+    return ["dboot-excl-open", "dboot-unrunnable-init"]
 
 
-def save_test_image(dest: Path, log: Log) -> None:
-    """`docker save` of tinybox plus the test init and helpers, built with the running dockerd."""
-    log("building the busybox test image with the local Docker engine")
+def save_test_image(base_tree: Path, dest: Path, variant: Variant, log: Log) -> None:
+    """`docker save` of tinybox, made of the base tree's own busybox (so of the guest's
+    architecture), plus the test init and helpers, built with the running dockerd."""
+    platform = variant.arch.docker_platform
+    log(f"building the busybox test image ({platform}) with the local Docker engine")
     base_tag, tag = "dboot-vm-tinybox:build", "dboot-vm-test:build"
     with tempfile.TemporaryDirectory(prefix="dboot-vm-image-") as ctx:
         context = Path(ctx)
-        compile_helpers(context)
+        helpers = compile_helpers(context, variant)
         shutil.copy2(IMAGE_FILES / "dboot-test-init", context / "dboot-test-init")
-        for program in ("dboot-test-init", "dboot-unrunnable-init", "dboot-excl-open"):
+        for program in ("dboot-test-init", *helpers):
             (context / program).chmod(0o755)  # the legacy builder has no COPY --chmod
+        inits = " ".join(["dboot-test-init", *(h for h in helpers if h.endswith("-init"))])
         (context / "Dockerfile").write_text(
-            f"FROM {base_tag}\n"
-            "COPY dboot-test-init dboot-unrunnable-init /sbin/\n"
-            "COPY dboot-excl-open /usr/local/bin/\n"
+            f"FROM {base_tag}\nCOPY {inits} /sbin/\nCOPY dboot-excl-open /usr/local/bin/\n"
         )
+        tinybox_env = {
+            **os.environ,
+            "BUSYBOX": str(base_tree / "bin/busybox"),
+            "DOCKER_PLATFORM": platform,
+        }
         try:
-            run([str(REPO / "scripts/build-tinybox.sh"), base_tag], "scripts/build-tinybox.sh")
             run(
-                ["docker", "build", "-q", "-t", tag, ctx],
+                [str(REPO / "scripts/build-tinybox.sh"), base_tag],
+                "scripts/build-tinybox.sh",
+                env=tinybox_env,
+            )
+            run(
+                ["docker", "build", "-q", "--platform", platform, "-t", tag, ctx],
                 "docker build of the test image",
                 cwd=context,
             )
@@ -362,7 +565,7 @@ def save_test_image(dest: Path, log: Log) -> None:
             subprocess.run(["docker", "rmi", "-f", tag, base_tag], capture_output=True, check=False)
 
 
-def save_systemd_root(base_tree: Path, dest: Path) -> None:
+def save_systemd_root(base_tree: Path, dest: Path, variant: Variant) -> None:
     """A plain rootfs tarball: the debootstrap tree (minbase + systemd) minus the kernel, plus a
     unit that reports on the console once the switched-to systemd reaches multi-user.target."""
     excludes = [f"--exclude={pattern}" for pattern in SYSTEMD_ROOT_EXCLUDES]
@@ -382,8 +585,9 @@ def save_systemd_root(base_tree: Path, dest: Path) -> None:
         report = extra / "usr/local/sbin/dboot-newroot-report"
         shutil.copy2(GUEST_FILES / "dboot-newroot-report", report)
         report.chmod(0o755)
-        compile_helpers(extra / "usr/local/sbin")
-        (extra / "usr/local/sbin/dboot-unrunnable-init").unlink()
+        for helper in compile_helpers(extra / "usr/local/sbin", variant):
+            if helper.endswith("-init"):
+                (extra / "usr/local/sbin" / helper).unlink()
         run(
             [
                 "tar",
@@ -411,8 +615,8 @@ def make_ext4(tree: Path, image: Path) -> None:
     )
 
 
-def build_disk(base: Path, log: Log) -> tuple[Path, float]:
-    disk_dir = CACHE / f"disk-{disk_key(base)}"
+def build_disk(base: Path, variant: Variant, log: Log) -> tuple[Path, float]:
+    disk_dir = CACHE / f"disk-{variant.name}-{disk_key(base, variant)}"
     disk = disk_dir / "disk.raw"
     if (disk_dir / ".complete").exists():
         return disk, 0.0
@@ -423,27 +627,29 @@ def build_disk(base: Path, log: Log) -> tuple[Path, float]:
     try:
         log(f"building the disk in {disk_dir}")
         run(["cp", "-a", "--reflink=auto", str(base / "tree"), str(tree)], "copy of the base tree")
-        install_docker_boot(tree, log)
+        install_docker_boot(tree, variant.arch, log)
+        install_guest_tests(tree)
         install_scenario_unit(tree)
-        save_test_image(tree / "root/test-image.tar", log)
-        log("packing the systemd root (rootfs tarball of the base tree)")
-        save_systemd_root(base / "tree", tree / "root/systemd-root.tar")
+        save_test_image(base / "tree", tree / "root/test-image.tar", variant, log)
+        if variant.systemd_root:
+            log("packing the systemd root (rootfs tarball of the base tree)")
+            save_systemd_root(base / "tree", tree / "root/systemd-root.tar", variant)
         log("mkfs.ext4 -d")
         make_ext4(tree, disk)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     (disk_dir / ".complete").touch()
-    prune("disk", disk_dir, spare=1)
+    prune(f"disk-{variant.name}", disk_dir, spare=1)
     return disk, time.monotonic() - started
 
 
-def build(log: Log = print) -> VmBed:
-    """Build (or reuse) both layers and return the bed. Raises BuildError."""
-    check_requirements()
+def build(log: Log = print, variant: Variant = DEFAULT) -> VmBed:
+    """Build (or reuse) both layers of one variant and return the bed. Raises BuildError."""
+    check_requirements(variant)
     with cache_lock():
-        base, base_seconds = build_base(log)
-        disk, disk_seconds = build_disk(base, log)
-    return VmBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds)
+        base, base_seconds = build_base(variant, log)
+        disk, disk_seconds = build_disk(base, variant, log)
+    return VmBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds, variant)
 
 
 def main() -> int:
@@ -451,10 +657,11 @@ def main() -> int:
     parser.add_argument(
         "--boot", metavar="SCENARIO", help="then boot it (smoke, switch-busybox, ...)"
     )
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=DEFAULT.name)
     args = parser.parse_args()
     log: Log = lambda text: print(f"build-vm: {text}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        bed = build(log)
+        bed = build(log, VARIANTS[args.variant])
     except BuildError as e:
         log(str(e))
         return 2

@@ -34,8 +34,8 @@ class Timing:
 TIMINGS: list[Timing] = []
 
 
-@pytest.fixture(scope="session")
-def vm_bed(request: pytest.FixtureRequest) -> build.VmBed:
+def bed_for(request: pytest.FixtureRequest, variant_name: str) -> build.VmBed:
+    """Build (or take from the cache) one variant's bed; fail, never skip, when it cannot be."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
 
     def log(text: str) -> None:
@@ -43,11 +43,33 @@ def vm_bed(request: pytest.FixtureRequest) -> build.VmBed:
             reporter.write_line(f"build-vm: {text}")
 
     try:
-        bed = build.build(log)
+        bed = build.build(log, build.VARIANTS[variant_name])
     except build.BuildError as e:
-        pytest.fail(f"VM test bed: {e}", pytrace=False)
+        pytest.fail(f"VM test bed ({variant_name}): {e}", pytrace=False)
     if bed.base_seconds or bed.disk_seconds:
-        TIMINGS.append(Timing("build", {"base": bed.base_seconds, "disk": bed.disk_seconds}))
+        TIMINGS.append(
+            Timing(f"build-{variant_name}", {"base": bed.base_seconds, "disk": bed.disk_seconds})
+        )
+    return bed
+
+
+@pytest.fixture(scope="session")
+def vm_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    """The x86_64 bed (the default variant)."""
+    return bed_for(request, build.DEFAULT.name)
+
+
+@pytest.fixture(scope="session")
+def arm64_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    """The arm64 bed: an aarch64 Debian under qemu-system-aarch64 (TCG)."""
+    return bed_for(request, "arm64")
+
+
+@pytest.fixture(scope="session", params=["x86_64", "arm64"])
+def each_arch_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    """For a scenario that must hold on every architecture: one run per bed."""
+    fixture = "vm_bed" if request.param == build.DEFAULT.name else "arm64_bed"
+    bed: build.VmBed = request.getfixturevalue(fixture)
     return bed
 
 

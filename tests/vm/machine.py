@@ -27,9 +27,10 @@ from types import TracebackType
 
 from tests.vm.build import VmBed
 
-# Kernel command line: root on the virtio disk, console on the first serial port, and a panic
-# (PID 1 dying, say) ends the VM at once instead of hanging until the timeout.
-KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 panic=1"
+# Kernel command line: root on the virtio disk, console on the first serial port (the
+# architecture's: ttyS0, ttyAMA0), and a panic (PID 1 dying, say) ends the VM at once instead of
+# hanging until the timeout.
+KERNEL_ARGS = "root=/dev/vda rw console={console} panic=1"
 ACCEL = os.environ.get("DBOOT_VM_ACCEL", "tcg")
 # systemd's status lines are coloured; markers are matched on the plain text.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
@@ -89,8 +90,11 @@ class Machine:
 
     def qemu_command(self, overlay: Path, console: Path) -> list[str]:
         # Option/value pairs, one per line.
+        arch = self.bed.arch
+        kernel_args = KERNEL_ARGS.format(console=arch.console)
         return [
-            "qemu-system-x86_64",
+            arch.qemu,
+            *arch.qemu_machine,
             *("-accel", ACCEL),
             *("-m", str(self.memory_mb)),
             *("-smp", str(self.cpus)),
@@ -98,7 +102,7 @@ class Machine:
             *("-nodefaults", "-nographic", "-no-reboot"),
             *("-kernel", str(self.bed.kernel)),
             *("-initrd", str(self.bed.initrd)),
-            *("-append", f"{KERNEL_ARGS} dboot.test={self.scenario}"),
+            *("-append", f"{kernel_args} dboot.test={self.scenario}"),
             *("-drive", f"if=virtio,format=qcow2,file={overlay}"),
             # Entropy from the host (see base.sh: virtio_rng is in the initramfs).
             *("-device", "virtio-rng-pci"),

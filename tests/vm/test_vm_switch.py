@@ -78,8 +78,10 @@ def failed_checks(vm: Machine, prefix: str, after: int) -> list[str]:
     return [ln.text for ln in vm.lines[after:] if re.search(rf"{prefix} \S+ FAIL", ln.text)]
 
 
-def test_switch_systemd_machine_to_busybox_image(vm_bed: VmBed, tmp_path, vm_timing: Timing):
-    with Machine(vm_bed, "switch-busybox", tmp_path) as vm:
+def test_switch_systemd_machine_to_busybox_image(each_arch_bed: VmBed, tmp_path, vm_timing: Timing):
+    """On every architecture of the bed (x86_64, arm64): the same image recipe, with the tree's
+    own busybox, and the same claims of its init."""
+    with Machine(each_arch_bed, "switch-busybox", tmp_path) as vm:
         start = switch_started(vm, vm_timing)
         first = vm.wait_for(r"DBOOT-TEST: init-start uptime=", SWITCH_TIMEOUT, after=start.index)
         done = vm.wait_for(r"DBOOT-TEST: done", 120, after=first.index)
@@ -111,6 +113,11 @@ def test_switch_systemd_machine_to_busybox_image(vm_bed: VmBed, tmp_path, vm_tim
     kmsg = [ln.text for ln in vm.lines[first.index : done.index] if "DBOOT-TEST: kmsg:" in ln.text]
     assert_stage_steps_in_order(kmsg)
     record_injection(vm, vm_timing, start)
+    # The injection report names the guest's architecture and the call systemd was stopped in.
+    arch = each_arch_bed.arch.name
+    injected = vm.find(rf"\({arch}\) stopped in \w+.*execve injected in", after=start.index)
+    assert injected is not None, vm.error(f"no injection report naming {arch}")
+    assert "syscall_" not in injected.text, injected.text
     assert vm.find(r"Kernel panic") is None
     assert switch_seconds < SWITCH_BOUND_SECONDS, f"switch took {switch_seconds:.1f} s"
 
