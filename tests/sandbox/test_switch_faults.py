@@ -11,14 +11,17 @@ what was undone. Lab mode is on; no path reaches this machine's PID 1.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import termios
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,7 @@ from tests.sandbox.sandbox_checks import eventually, mounted_sources
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
 DBOOT = str(Path(sys.executable).with_name("dboot"))
+BUSYBOX = os.path.realpath(shutil.which("busybox") or "/bin/busybox")
 STATE_DIR = "/run/dboot-faults"
 # Python's own status when flushing stdout fails at exit: "nothing says what state it left".
 PYTHON_FLUSH_FAILED = 120
@@ -70,6 +74,62 @@ def tracer_of(pid: int) -> int:
     raise AssertionError(f"no TracerPid line for PID {pid}")
 
 
+def end_a_switch_on_a_pty(
+    target: int,
+    state_dir: str,
+    phase: str,
+    ending: str,
+    tmp_path: Path,
+    ram_root_mounted: Callable[[], bool],
+    pause_seconds: str | None,
+) -> tuple[int, str]:
+    """`dboot switch --target-pid` on a pty, ended by ``ending`` once paused at ``phase``.
+    Returns its exit status and what it wrote to the terminal."""
+    hangs_up = ending != "pty closed, no SIGHUP"
+    pause = {PAUSE_SECONDS_ENV: pause_seconds} if pause_seconds else {}
+    announce = tmp_path / "paused"
+    master, slave = os.openpty()
+    seen: list[bytes] = []
+    try:
+        dboot = subprocess.Popen(
+            [DBOOT, "switch", "--yes", "--grace", "1", "--state-dir", state_dir,
+             "--target-pid", str(target), "tinybox", "/bin/sh", "-c", "exec sleep 60"],
+            stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True,
+            preexec_fn=_controlling_terminal if hangs_up else _no_controlling_terminal,
+            env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1",
+                 LOG_FILE_ENV: str(tmp_path / "dboot.log"),
+                 PAUSE_ENV: f"{phase}:{announce}", **pause},
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    stop_reading = threading.Event()
+    reader = threading.Thread(target=_drain, args=(master, seen, stop_reading), daemon=True)
+    reader.start()
+    try:
+        paused = eventually(lambda: announce.exists() or dboot.poll() is not None, 60)
+        assert paused and announce.exists(), b"".join(seen).decode(errors="replace")
+        # The RAM root is there, in the target's mount namespace, when the ending comes.
+        assert ram_root_mounted()
+        if ending.startswith("pty closed"):
+            stop_reading.set()
+            reader.join(5)
+            os.close(master)
+            master = -1
+        else:
+            dboot.send_signal(signal.Signals[ending])
+        status = dboot.wait(60)
+    finally:
+        if dboot.poll() is None:
+            dboot.kill()
+            dboot.wait()
+        stop_reading.set()
+        reader.join(5)
+        if master >= 0:
+            os.close(master)
+    return status, b"".join(seen).decode(errors="replace")
+
+
 @pytest.mark.parametrize(
     ("phase", "ending"),
     [
@@ -85,55 +145,24 @@ def tracer_of(pid: int) -> int:
 def test_an_ending_before_the_commit_point_undoes_everything(
     phase: str, ending: str, tmp_path: Path
 ) -> None:
-    log_file, announce = tmp_path / "dboot.log", tmp_path / "paused"
-    hangs_up = ending != "pty closed, no SIGHUP"
+    log_file = tmp_path / "dboot.log"
     # Without a hang-up, dboot must go on to meet the dead terminal at its next write. At
     # the entry stop, the injection holds ending signals back: it must go on to see them.
     in_injection = phase == "entry-stop"
-    pause_seconds = {PAUSE_SECONDS_ENV: "1"} if in_injection or not hangs_up else {}
+    hangs_up = ending != "pty closed, no SIGHUP"
     with Sandbox(services=2, console="capture") as sandbox:
         pid = sandbox.pid
         exe_before = os.readlink(f"/proc/{pid}/exe")
         services = sandbox.service_pids()
-        master, slave = os.openpty()
-        seen: list[bytes] = []
-        try:
-            dboot = subprocess.Popen(
-                [DBOOT, "switch", "--yes", "--grace", "1", "--state-dir", STATE_DIR,
-                 "--target-pid", str(pid), "tinybox", "/bin/sh", "-c", "exec sleep 60"],
-                stdin=slave, stdout=slave, stderr=slave,
-                start_new_session=True,
-                preexec_fn=_controlling_terminal if hangs_up else _no_controlling_terminal,
-                env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1", LOG_FILE_ENV: str(log_file),
-                     PAUSE_ENV: f"{phase}:{announce}", **pause_seconds},
-            )  # fmt: skip
-        finally:
-            os.close(slave)
-        stop_reading = threading.Event()
-        reader = threading.Thread(target=_drain, args=(master, seen, stop_reading), daemon=True)
-        reader.start()
-        try:
-            paused = eventually(lambda: announce.exists() or dboot.poll() is not None, 60)
-            assert paused and announce.exists(), b"".join(seen).decode(errors="replace")
-            # The RAM root is there, in the target's mount namespace, when the ending comes.
-            assert "dboot" in mounted_sources(pid)
-            if ending.startswith("pty closed"):
-                stop_reading.set()
-                reader.join(5)
-                os.close(master)
-                master = -1
-            else:
-                dboot.send_signal(signal.Signals[ending])
-            status = dboot.wait(60)
-        finally:
-            if dboot.poll() is None:
-                dboot.kill()
-                dboot.wait()
-            stop_reading.set()
-            reader.join(5)
-            if master >= 0:
-                os.close(master)
-        said = b"".join(seen).decode(errors="replace")
+        status, said = end_a_switch_on_a_pty(
+            pid,
+            STATE_DIR,
+            phase,
+            ending,
+            tmp_path,
+            lambda: "dboot" in mounted_sources(pid),
+            "1" if in_injection or not hangs_up else None,
+        )
 
         # The tmpfs and the plan are gone from the target's mount namespace ...
         assert "dboot" not in mounted_sources(pid), said
@@ -228,3 +257,50 @@ def test_a_failed_execve_rolls_back_then_undoes(
     assert rolled_back < undoing < log.index(f"undone: plan {STATE_DIR}/plan.json: removed"), log
     assert f"undone: RAM root {STATE_DIR}/root: unmounted" in log, log
     assert "committed: PID" not in log, log
+
+
+@contextlib.contextmanager
+def pid1_sharing_our_mount_namespace() -> Iterator[int]:
+    """PID 1 of a new PID namespace in our own mount namespace, as the host's PID 1 shares
+    dboot's: the RAM root is then prepared by a thread of dboot, not by a forked child."""
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", BUSYBOX, "sleep", "600"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+        assert eventually(lambda: children.read_text().split() != [], 10)
+        (pid,) = (int(word) for word in children.read_text().split())
+        assert eventually(lambda: os.path.realpath(f"/proc/{pid}/exe") == BUSYBOX, 10)
+        yield pid
+    finally:
+        unshare.kill()  # --kill-child: its PID 1 goes with it
+        unshare.wait(10)
+
+
+def test_an_ending_in_our_own_mount_namespace_undoes_everything(tmp_path: Path) -> None:
+    """The real switch's case: PID 1 shares dboot's mount namespace, and the copy runs in
+    a thread of dboot that only notices a cancel at its next event."""
+    state_dir = tmp_path / "state"
+    with pid1_sharing_our_mount_namespace() as pid:
+        try:
+            status, said = end_a_switch_on_a_pty(
+                pid,
+                str(state_dir),
+                "copy",
+                "pty closed",
+                tmp_path,
+                lambda: os.path.ismount(state_dir / "root"),
+                "1",  # the copy thread must go on to its next event to see the cancel
+            )
+        finally:
+            if os.path.ismount(state_dir / "root"):
+                subprocess.run(["umount", "-l", str(state_dir / "root")], check=False)
+        assert not os.path.ismount(state_dir / "root"), said
+        assert not (state_dir / "plan.json").exists()
+        assert os.path.realpath(f"/proc/{pid}/exe") == BUSYBOX and tracer_of(pid) == 0
+    log = (tmp_path / "dboot.log").read_text()
+    assert "undoing (EndingSignal: SIGHUP received)" in log, log
+    assert f"undone: RAM root {state_dir}/root:" in log, log
+    assert "undo finished" in log and "committed" not in log, log
+    assert status != PYTHON_FLUSH_FAILED, said
