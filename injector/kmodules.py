@@ -108,6 +108,9 @@ def gather_modules(
         return facts
     facts.files, facts.bytes = _tree_cost(source)
     facts.firmware, facts.firmware_missing = _firmware(index, host_root, source, loaded or [])
+    # The directories the copy makes on the way, each an inode in the tmpfs.
+    destinations = [destination] + [item.destination for item in facts.firmware]
+    facts.bytes += len(_missing_parents(index, destinations)) * INODE_BYTES
     facts.copy = True
     facts.state = "copied into the new root"
     return facts
@@ -132,6 +135,16 @@ def resolve_in_image(index: ImageIndex | None, path: str) -> str | None:
     return path
 
 
+def _missing_parents(index: ImageIndex | None, paths: list[str]) -> set[str]:
+    missing = set()
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent not in ("/", "") and (index is None or index.lookup(parent) is None):
+            missing.add(parent)
+            parent = os.path.dirname(parent)
+    return missing
+
+
 def _loaded_modules(proc: Path) -> list[str] | None:
     """Names of the loaded modules; None when the kernel has no module support."""
     try:
@@ -142,9 +155,10 @@ def _loaded_modules(proc: Path) -> list[str] | None:
 
 
 def _tree_cost(top: Path) -> tuple[int, int]:
-    """(entries, bytes in a tmpfs) of a directory tree, symlinks not followed."""
-    entries = 0
-    cost = 0
+    """(entries, bytes in a tmpfs) of a directory tree, itself included, symlinks not
+    followed."""
+    entries = 1
+    cost = INODE_BYTES
     for path, info in _walk(top):
         entries += 1
         cost += INODE_BYTES

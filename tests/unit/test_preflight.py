@@ -181,13 +181,12 @@ def server(changes: dict[int, dict[str, object]] | None = None) -> list[FakeProc
 def run(
     scene: Scene, index: FakeIndex | None = None, init: list[str] | None = None, **kwargs: object
 ) -> Report:
-    options: dict[str, object] = {"our_pid": OUR_PID, "environ": {}}
+    options: dict[str, object] = {"our_pid": OUR_PID, "environ": {}, "host_root": scene.root}
     options.update(kwargs)
     return preflight.gather(
         index or FakeIndex(),
         ["/bin/sh"] if init is None else init,
         proc=scene.proc,
-        host_root=scene.root,
         **options,  # type: ignore[arg-type]
     )
 
