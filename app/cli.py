@@ -389,19 +389,31 @@ def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
         _guard.changes = True
         if not options.rehearse:  # a rehearsal leaves no trace on the host, no log either
             _guard.log_file = options.log_file
+    injected = False
     events = run(options)
     try:
-        for event in events:
-            if isinstance(event, Injection) and _guard is not None:
-                _guard.injected = True
-            renderer.render(event)
-            if isinstance(event, Finished) and event.exit_status is not None:
-                exit_status = event.exit_status
-    finally:
-        # Whatever ends the loop early (Ctrl-C, a dead terminal) ends the engine's generator
-        # here and now, so that its undo runs at once and not whenever it is collected.
-        if isinstance(events, Generator):
-            events.close()
+        try:
+            for event in events:
+                if isinstance(event, Injection):
+                    injected = True
+                    if _guard is not None:
+                        _guard.injected = True
+                renderer.render(event)
+                if isinstance(event, Finished) and event.exit_status is not None:
+                    exit_status = event.exit_status
+        finally:
+            # Whatever ends the loop early (Ctrl-C, a dead terminal) ends the engine's
+            # generator here and now, so its undo runs at once, not whenever it is collected.
+            if isinstance(events, Generator):
+                events.close()
+    except KeyboardInterrupt as error:
+        # The contract: Ctrl-C is how a rehearsal whose init never exits (a shell, a service
+        # manager) is ended, once that init runs; the sandbox went with the generator.
+        ctrl_c = getattr(error, "signum", signal.SIGINT) == signal.SIGINT
+        if not (options.rehearse and injected and ctrl_c):
+            raise
+        renderer.render(Finished("rehearsed", detail="ended with Ctrl-C; the sandbox is gone"))
+        return EXIT_OK
     return exit_status
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tarfile
@@ -379,3 +380,33 @@ def test_verbose_adds_the_traceback_after_the_one_line(tmp_path: Path) -> None:
     assert len(errors) == 1 and str(state) in errors[0]
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.index(errors[0]) < result.stderr.index("Traceback")
+
+
+def test_ctrl_c_ends_a_rehearsal_whose_init_never_exits() -> None:
+    before = mountinfo()
+    process = subprocess.Popen(
+        [DBOOT, "rehearse", "tinybox", "/bin/sh", "-c", "echo init-running; exec sleep 600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=LAB_ENV,
+    )
+    try:
+        assert process.stdout is not None
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if line.strip() == "init-running":
+                break
+        assert seen and seen[-1].strip() == "init-running", seen
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and stderr.strip() == "", stderr
+    assert rest.strip().splitlines()[-1].startswith("rehearsed: ended with Ctrl-C")
+    assert mountinfo() == before
