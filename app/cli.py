@@ -10,7 +10,8 @@ Options may come anywhere before INIT. INIT is the first word after IMAGE that s
 ``dboot rehearse tinybox /bin/sh -c 'echo --json'``, ``--json`` belongs to the shell.
 
 Exit codes: 0 ok, 1 bad usage or input, 2 environment failure, 3 refused by a safety check;
-128+N when signal N (Ctrl-C, SIGTERM, SIGHUP) ended the run. Every error is one line that
+128+N when signal N (Ctrl-C, SIGTERM, SIGHUP) ended the run, except that Ctrl-C is how a
+rehearsal whose init runs is ended: that exits 0. Every error is one line that
 names the cause and the fix, never a traceback (``-v`` adds it). An error that is none of
 the engine's own (a bug, or the system refusing something we did not foresee) exits 2, or 1
 when it concerns a path the user gave (``--state-dir``, an archive): that path is the input
