@@ -24,7 +24,11 @@ INTERPRETER_FLAGS = ("-I", "-S", "-B", "-X", "utf8")
 
 # The bootstrap runs as PID 1. If the stage cannot even be imported (files missing in the
 # target's mount namespace, a broken install), raising would exit PID 1 and panic the
-# kernel: instead it says so on the console and opens the old root's shell, or waits.
+# kernel, and exec'ing a shell would panic it as soon as the shell exits. Instead it says
+# so and, as the stage's recovery does, runs a shell as its child and starts another
+# whenever it exits, forever. On the machine the shell gets /dev/console; in a namespace
+# (a rehearsal) it keeps the stdio it was given: the host's console is not ours.
+# Only builtins and os, sys and time: the stdlib itself may be what is broken.
 _BOOTSTRAP = """\
 import os, sys, time
 sys.path.append(@PACKAGE_PARENT@)
@@ -33,24 +37,56 @@ try:
 except BaseException as error:
     if os.getpid() != 1:
         raise
-    message = f"dboot-stage: cannot load the init stage: {error!r}; opening /bin/sh\\n"
-    for path in ("/dev/console", "/dev/kmsg"):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
-            os.write(fd, message.encode())
-            os.close(fd)
-        except OSError:
-            pass
     try:
-        os.write(2, message.encode())
-        os.execv("/bin/sh", ["/bin/sh"])
+        with open("/proc/2/stat", "rb") as kthreadd:
+            flags = int(kthreadd.read().rsplit(b")", 1)[1].split()[6])
+        machine = os.readlink("/proc/self") == "1" and bool(flags & 0x00200000)
     except BaseException:
-        pass
+        machine = False
+    def say(text):
+        for path in ("/dev/console", "/dev/kmsg") if machine else ("/dev/kmsg",):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+                os.write(fd, text.encode())
+                os.close(fd)
+            except BaseException:
+                pass
+        try:
+            os.write(2, text.encode())
+        except BaseException:
+            pass
+    say(f"dboot-stage: cannot load the init stage: {error!r}; a shell on the console,"
+        " started again whenever it exits\\n")
+    shells = 0
     while True:
         try:
-            os.waitpid(-1, 0)
+            shells += 1
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setsid()
+                    if machine:
+                        console = os.open("/dev/console", os.O_RDWR)
+                        for fd in (0, 1, 2):
+                            os.dup2(console, fd)
+                        import fcntl
+                        fcntl.ioctl(0, 0x540E, 1)  # TIOCSCTTY: job control, Ctrl-C
+                except BaseException:
+                    pass
+                try:
+                    os.execv("/bin/sh", ["/bin/sh"])
+                finally:
+                    os._exit(127)
+            while os.waitpid(-1, 0)[0] != pid:
+                pass
+            if shells <= 5 or shells % 60 == 0:
+                say(f"dboot-stage: recovery shell exited ({shells}): another in 1 s\\n")
         except BaseException:
+            pass
+        try:
             time.sleep(1)
+        except BaseException:
+            pass
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -73,6 +109,17 @@ with open("/proc/self/maps") as maps:
             paths.add(fields[5].strip().removesuffix(" (deleted)"))
 print("\\n".join(sorted(path for path in paths if os.path.exists(path))))
 """
+
+
+class StageLaunchError(Exception):
+    """The stage cannot be started from here. Like the injector's errors (which this
+    stdlib-only package cannot import) it carries a cause and a fix; the injector turns
+    it into one of its own, so the user sees one line, never a traceback."""
+
+    def __init__(self, cause: str, fix: str) -> None:
+        self.cause = cause
+        self.fix = fix
+        super().__init__(f"{cause}: {fix}")
 
 
 def package_parent() -> str:
@@ -109,14 +156,19 @@ def stage_files(python: str | None = None, *, parent: str | None = None) -> list
     # Without -B: this run leaves the stage's bytecode in __pycache__, so that the real
     # run (with -B, writing nothing) does not spend ~30 ms compiling, as PID 1, at downtime.
     flags = [flag for flag in INTERPRETER_FLAGS if flag != "-B"]
-    result = subprocess.run(
-        [interpreter, *flags, "-c", _code(_LIST_FILES, parent)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    fix = "reinstall docker-boot (pipx or `make`), with every file of initstage readable"
+    try:
+        result = subprocess.run(
+            [interpreter, *flags, "-c", _code(_LIST_FILES, parent)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        cause = f"cannot run {interpreter} to list the init stage's files ({error})"
+        raise StageLaunchError(cause, fix) from error
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{interpreter} cannot import the init stage: {last}")
+        raise StageLaunchError(f"{interpreter} cannot import the init stage ({last})", fix)
     return result.stdout.split()

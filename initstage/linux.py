@@ -22,10 +22,13 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
 MNT_DETACH = 0x2
 CLONE_NEWNS = 0x00020000
 
@@ -68,6 +71,7 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.reboot.argtypes = [ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 
 def _fail(call: str) -> OSError:
@@ -156,6 +160,16 @@ def unshare(flags: int) -> None:
 
 def sync() -> None:
     os.sync()
+
+
+def syncfs(path: str) -> None:
+    """Flush the one filesystem that holds ``path`` (a directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if _libc.syncfs(fd) != 0:
+            raise _fail(f"syncfs({path!r})")
+    finally:
+        os.close(fd)
 
 
 def reboot(command: int) -> None:

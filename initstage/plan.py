@@ -39,6 +39,13 @@ class Plan:
     api_mounts: bool = True
     minimal_dev: bool = False  # a small tmpfs /dev instead of devtmpfs (rehearsals)
     log_path: str = "/var/log/dboot.log"  # inside the new root
+    # True only when the target is the machine's own PID 1 (a real switch). A rehearsal or
+    # a --target-pid lab namespace shares the host's filesystems: the stage must then never
+    # remount a superblock read-only, and its recovery shell may end the namespace.
+    machine: bool = False
+    # How long sync (and each read-only remount) may take without making progress before
+    # the stage names what did not finish and goes on: a hung NFS server must not hang PID 1.
+    sync_timeout_seconds: float = 10.0
     version: int = PLAN_VERSION
 
     def validate(self) -> None:
@@ -58,6 +65,14 @@ class Plan:
             raise PlanError(
                 f"plan grace_seconds {self.grace_seconds} exceeds {MAX_GRACE_SECONDS:.0f}: "
                 "give the grace period in seconds"
+            )
+        if not (
+            math.isfinite(self.sync_timeout_seconds)
+            and 0 < self.sync_timeout_seconds <= MAX_GRACE_SECONDS
+        ):
+            raise PlanError(
+                f"plan sync_timeout_seconds {self.sync_timeout_seconds!r} must be > 0 and at"
+                f" most {MAX_GRACE_SECONDS:.0f}"
             )
         if any("=" in key or not key for key in self.init_env):
             raise PlanError("plan init_env has an empty key or a key containing '='")
@@ -92,6 +107,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "api_mounts": (bool,),
     "minimal_dev": (bool,),
     "log_path": (str,),
+    "machine": (bool,),
+    "sync_timeout_seconds": (int, float),
 }
 _REQUIRED = ("version", "new_root", "init_argv")
 
@@ -118,7 +135,10 @@ def plan_from_dict(data: object) -> Plan:
     env: dict[str, Any] = data.get("init_env", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise PlanError("plan init_env must map strings to strings")
-    plan = Plan(**{**data, "grace_seconds": float(data.get("grace_seconds", 3.0))})
+    seconds = {
+        key: float(data[key]) for key in ("grace_seconds", "sync_timeout_seconds") if key in data
+    }
+    plan = Plan(**{**data, **seconds})
     plan.validate()
     return plan
 

@@ -22,14 +22,16 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
 from initstage import linux
+from initstage.children import JobResult, Outcome, run_jobs
 from initstage.console import Console, StageLog, retry_vt, take_console
+from initstage.mounts import Mount, is_mount_point, mount_of, one_per_superblock, read_mounts
 from initstage.plan import Plan, PlanError, read_plan
-from initstage.procs import KernelSignals, ProcTable, parse_stat, terminate_all
+from initstage.procs import KernelCgroups, KernelSignals, ProcTable, parse_stat, terminate_all
 
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
@@ -138,23 +140,6 @@ def is_mounted(path: str) -> bool:
         return False
 
 
-def is_mount_point(path: str) -> bool:
-    """Exactly a mount point, per /proc/self/mountinfo (a bind mount keeps its st_dev)."""
-    wanted = os.path.realpath(path)
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            mount_point = line.split()[4].decode("utf-8", "surrogateescape")
-            # mountinfo escapes space, tab, newline and backslash as \\ooo octal.
-            if _unescape_octal(mount_point) == wanted:
-                return True
-    return False
-
-
-def _unescape_octal(text: str) -> str:
-    parts = text.split("\\")
-    return parts[0] + "".join(chr(int(part[:3], 8)) + part[3:] for part in parts[1:])
-
-
 def describe_error(error: BaseException) -> list[str]:
     """The error, then where it happened (innermost frames), without reading source files:
     after the pivot the old root's sources are gone, and traceback would need linecache."""
@@ -213,7 +198,10 @@ class Stage:
         # Known before anything can fail: recovery on the real machine differs.
         self.machine_init = running_as_machine_init()
         self.pivoted = False
+        self.root_is_initramfs = False
         self.old_root_fd: int | None = None  # to chroot back into the old root to recover
+        self.old_devices: list[str] = []  # "major:minor" of the old system's block devices
+        self.hung_children: list[int] = []  # flush children stuck in the kernel
         self.step_number = 0
 
     def step(self, number: int, title: str) -> None:
@@ -267,15 +255,25 @@ class Stage:
 
     # Step 3 -------------------------------------------------------------------------
     def terminate_everything(self, plan: Plan) -> None:
-        linux.sync()
+        self.flush_filesystems(plan)
+        try:
+            cgroups: KernelCgroups | None = KernelCgroups()
+        except OSError as error:
+            self.log(f"cgroups: cannot read the mount table ({error}): no thaw, no cgroup.kill")
+            cgroups = None
+        if self.hung_children:
+            # Stuck in the kernel (they were SIGKILLed at the deadline): waiting on them
+            # again in the kill step would only add the grace and the kill timeout.
+            self.log(f"left behind, stuck flushing: pids {self.hung_children}")
         report = terminate_all(
-            ProcTable(),
+            ProcTable(ignore=self.hung_children),
             KernelSignals(),
             grace=plan.grace_seconds,
             kill_timeout=KILL_TIMEOUT,
             log=self.log,
             clock=time.monotonic,
             sleep=time.sleep,
+            cgroups=cgroups,
         )
         self.log(
             f"{report.initial} processes at the start, SIGTERM phase"
@@ -288,6 +286,87 @@ class Stage:
         except OSError as error:
             # No VGA (a serial-only VM or server): the console is all there is, and enough.
             self.log(f"console: no usable VT ({error}); staying on /dev/console")
+        self.remount_old_root_readonly(plan)
+
+    def flush_filesystems(self, plan: Plan) -> None:
+        """sync, one child per filesystem, under the plan's deadline: a filesystem that
+        cannot flush (a dead NFS server, a stalled FUSE daemon, a suspended dm device) is
+        named, and the switch goes on without its unwritten data."""
+        timeout = plan.sync_timeout_seconds
+        mounts = [mount for mount in one_per_superblock(read_mounts()) if mount.flushable]
+        jobs = [(mount.describe(), _syncfs_job(mount.mount_point)) for mount in mounts]
+        jobs.append(("sync(2) of everything else (block devices written directly)", _sync_job))
+        devices = {mount.describe(): mount.device for mount in mounts}
+        meter = WriteMeter()
+
+        def progress(unfinished: list[JobResult]) -> bool:
+            return meter.progressed(
+                [devices[job.label] for job in unfinished if job.label in devices]
+            )
+
+        outcome = run_jobs(jobs, timeout, time.monotonic, time.sleep, progress)
+        self.hung_children = [job.pid for job in outcome.unfinished]
+        for failed in outcome.failed:
+            self.log(f"sync: {failed.label}: {failed.message}")
+        self.log(
+            f"sync: {len(outcome.results) - len(outcome.unfinished)} of {len(outcome.results)}"
+            f" done in {outcome.seconds * 1000:.1f} ms (deadline {timeout:g} s without progress)"
+        )
+        if outcome.unfinished:
+            self.log(
+                f"warning: sync did not finish within {timeout:g} s, going on without it:"
+                f" {_labels(outcome)}; data not yet written there may be lost"
+            )
+
+    def remount_old_root_readonly(self, plan: Plan) -> None:
+        """As systemd-shutdown does: every block-backed filesystem of the old system goes
+        read-only before the old root is detached, so that it is clean (no journal to
+        replay) and a writer left behind cannot dirty it again.
+
+        Only on the machine itself, when both the plan and /proc agree that this is the
+        machine's PID 1: in a sandbox the filesystems are the host's (the mounts are
+        copies, the superblocks are shared), and a superblock remount would make them
+        read-only for everyone. There each mount copy goes read-only on its own
+        (MS_BIND | MS_REMOUNT), which the host never sees."""
+        mounts = read_mounts()
+        new_root = mount_of(plan.new_root, mounts)
+        keep = {new_root.device} if new_root is not None else set()
+        candidates = [
+            mount
+            for mount in mounts
+            if mount.block_backed and not mount.is_under(plan.new_root) and mount.device not in keep
+        ]
+        self.old_devices = sorted({mount.device for mount in candidates})
+        superblock = plan.machine and self.machine_init
+        if plan.machine != self.machine_init:
+            self.log(
+                f"read-only remount: the plan says machine={plan.machine}, /proc says"
+                f" {self.machine_init}: remounting each mount only, never a superblock"
+            )
+        if not candidates:
+            self.log("read-only remount: no block-backed filesystem of the old system")
+            return
+        if superblock:
+            targets = one_per_superblock(candidates)
+            jobs = [(mount.describe(), _remount_job(mount, superblock=True)) for mount in targets]
+            what = "filesystem"
+        else:
+            targets = candidates
+            jobs = [(mount.describe(), _remount_job(mount, superblock=False)) for mount in targets]
+            what = "mount (sandbox: this namespace's copies only, the host's stay writable)"
+        outcome = run_jobs(jobs, plan.sync_timeout_seconds, time.monotonic, time.sleep)
+        self.hung_children += [job.pid for job in outcome.unfinished]
+        for failed in outcome.failed:
+            self.log(f"warning: read-only remount refused: {failed.label}: {failed.message}")
+        done = [result.label for result in outcome.results if result.finished and result.ok]
+        self.log(f"read-only remount, per {what}: {len(done)} of {len(targets)} done")
+        for label in done:
+            self.log(f"  read-only: {label}")
+        if outcome.unfinished:
+            self.log(
+                f"warning: read-only remount did not finish within"
+                f" {plan.sync_timeout_seconds:g} s: {_labels(outcome)}"
+            )
 
     # Step 4 -------------------------------------------------------------------------
     def disarm_watchdog(self) -> None:
@@ -331,6 +410,7 @@ class Stage:
         if not is_mount_point(new_root):
             linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
             self.log(f"{new_root} was not a mount point: bind-mounted onto itself")
+        self.root_is_initramfs = root_is_initramfs()
         self.old_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.log.kmsg is not None:
             # Room for ~40 more lines (a failure and the recovery included).
@@ -348,16 +428,18 @@ class Stage:
             linux.umount2(".", linux.MNT_DETACH)
             how = "pivot_root, old root detached"
         except OSError as error:
-            if error.errno != errno.EINVAL:
+            if error.errno != errno.EINVAL or not self.root_is_initramfs:
                 raise
-            # EINVAL: the root is rootfs (an initramfs) or otherwise not pivotable. Do
-            # what switch_root does: move the new root over / and chroot into it.
+            # EINVAL because / is rootfs (an initramfs), which pivot_root cannot move. Do
+            # what switch_root does: move the new root over / and chroot into it. On any
+            # other root an EINVAL is a real fault, and recovery is the honest answer.
             linux.mount(".", "/", None, linux.MS_MOVE)
             os.chroot(".")
             how = f"pivot_root impossible ({error.strerror}): MS_MOVE + chroot"
         os.chdir("/")
         self.pivoted = True
-        linux.sync()
+        # No sync here: the flush was done (under a deadline) in step 3, and a bare sync
+        # would wait, as PID 1 and forever, on any device that stopped taking writes.
         self.log(f"now in the new root ({how})")
 
     # Step 6 -------------------------------------------------------------------------
@@ -402,6 +484,7 @@ class Stage:
             raise StageError(
                 f"the image's init {init} is missing or not executable in the new root"
             )
+        self.release_old_root(plan)
         self.log(f"exec {plan.init_argv}")
         self.save_log()
         try:
@@ -413,6 +496,18 @@ class Stage:
                 "interpreter (e.g. /lib64/ld-linux-x86-64.so.2) or its #! interpreter is "
                 "missing in the new root"
             ) from error
+
+    def release_old_root(self, plan: Plan) -> None:
+        """On the machine, let go of the old root (the fd kept for recovery pins it) and
+        say whether its block devices are free: free means they can be repartitioned."""
+        if not (plan.machine and self.machine_init):
+            self.log("old root's devices: a sandbox shares them with the host: not checked")
+            return
+        if self.old_root_fd is not None:
+            os.close(self.old_root_fd)
+            self.old_root_fd = None
+        for device in self.old_devices:
+            self.log(f"old root's device {device}: {device_state(device)}")
 
     def exec_clean(self, argv: list[str], extra_env: dict[str, str]) -> NoReturn:
         """Hand the process over as a fresh init would find it: default signals, an empty
@@ -462,17 +557,35 @@ class Stage:
             # It failed before step 2: our stdio is the old init's /dev/null.
             self.console = take_console("vt", False, self.log)
         self.save_log()
+        sandbox = self.plan_says_sandbox()
         for where in self.recovery_roots():
             if not self.enter_root(where):
                 continue
             self.log(f"recovery shell {RECOVERY_SHELL} from the {where}")
-            if self.machine_init:
+            if not sandbox:
                 self.supervise_shell()
             try:
                 self.exec_clean([RECOVERY_SHELL], {"PS1": "(dboot recovery) # "})
             except OSError as exec_error:
                 self.log(f"recovery shell: {exec_error}")
         self.log("no recovery shell could be started: staying alive as PID 1")
+
+    def plan_says_sandbox(self) -> bool:
+        """Only a plan we read and trusted can say "sandbox" (a rehearsal or a lab
+        namespace, whose shell may end as PID 1 and so end the namespace), and /proc must
+        agree. Without a plan nothing is known: the shell is supervised and respawned, as
+        on the machine, because a PID 1 that exits there panics the kernel."""
+        sandbox = self.plan is not None and not self.plan.machine and not self.machine_init
+        self.log(
+            "recovery: "
+            + (
+                "the plan says sandbox: the shell runs as this namespace's PID 1"
+                if sandbox
+                else "the shell runs as a child of PID 1 and is respawned when it exits"
+                + ("" if self.plan is not None else " (no trusted plan)")
+            )
+        )
+        return sandbox
 
     def recovery_roots(self) -> list[str]:
         """The root we stand in first (its shell works: its libraries are there), then
@@ -532,6 +645,139 @@ class Stage:
             linux.ioctl_int(0, linux.TIOCSCTTY, 1, "console")  # 1: take it from a dead session
         except OSError:
             pass  # no controlling terminal: the shell still works, without job control
+
+
+class WriteMeter:
+    """Sectors written by block devices (/sys/dev/block/M:m/stat): a device that still
+    completes writes is slow, not stalled, and its flush deserves more time. A filesystem
+    with no block device (NFS, FUSE) shows no progress: it gets the plain deadline."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    @staticmethod
+    def written(device: str) -> int | None:
+        fields = (_read_text(f"/sys/dev/block/{device}/stat") or "").split()
+        return int(fields[6]) if len(fields) > 6 and fields[6].isdigit() else None
+
+    def progressed(self, devices: list[str]) -> bool:
+        moved = False
+        for device in devices:
+            now = self.written(device)
+            if now is None:
+                continue
+            if device in self.last and now > self.last[device]:
+                moved = True
+            self.last[device] = now
+        return moved
+
+
+def _labels(outcome: Outcome) -> str:
+    return ", ".join(result.label for result in outcome.unfinished)
+
+
+def _syncfs_job(mount_point: str) -> Callable[[], str]:
+    def job() -> str:
+        linux.syncfs(mount_point)
+        return ""
+
+    return job
+
+
+def _sync_job() -> str:
+    linux.sync()
+    return ""
+
+
+def _remount_job(mount: Mount, *, superblock: bool) -> Callable[[], str]:
+    """In a child: remount read-only; on EBUSY, say what holds the filesystem."""
+    flags = linux.MS_REMOUNT | linux.MS_RDONLY | mount.flags()
+    if not superblock:
+        flags |= linux.MS_BIND  # per mount: the superblock (shared with the host) is untouched
+
+    def job() -> str:
+        if superblock and not running_as_machine_init():
+            raise StageError("refusing a superblock remount outside the machine's PID 1")
+        try:
+            linux.mount(None, mount.mount_point, None, flags)
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            raise OSError(error.errno, f"{error.strerror}; held by {holders(mount)}") from None
+        return ""
+
+    return job
+
+
+def holders(mount: Mount, limit: int | None = 10) -> str:
+    """What keeps a filesystem writable: loop devices and swap files backed by it, and
+    processes with files on it open for writing (the first ``limit`` of those)."""
+    device = os.makedev(*(int(part) for part in mount.device.split(":")))
+
+    def on_it(path: str) -> bool:
+        with contextlib.suppress(OSError):
+            return os.stat(path).st_dev == device
+        return False
+
+    found: list[str] = []
+    for name in sorted(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else []:
+        backing = _read_text(f"/sys/block/{name}/loop/backing_file")
+        if backing and on_it(backing):
+            found.append(f"{name} backed by {backing}")
+    swaps = (_read_text("/proc/swaps") or "").splitlines()[1:]
+    found += [f"swap {line.split()[0]}" for line in swaps if on_it(line.split()[0])]
+    writers: list[str] = []
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = f"/proc/{pid}/fd/{fd}"
+                if not on_it(link):
+                    continue
+                fdinfo = (_read_text(f"/proc/{pid}/fdinfo/{fd}") or "").split()
+                with contextlib.suppress(IndexError, ValueError, OSError):
+                    if int(fdinfo[3], 8) & os.O_ACCMODE != os.O_RDONLY:
+                        writer = f"pid {pid} ({_read_text(f'/proc/{pid}/comm')}) writing"
+                        writer += f" {os.readlink(link)}"
+                        if writer not in writers:
+                            writers.append(writer)
+    shown = writers if limit is None else writers[:limit]
+    found += shown
+    if len(writers) > len(shown):
+        found.append(f"and {len(writers) - len(shown)} more open files")
+    return ", ".join(found) or "nothing found in /proc, loop devices or swap"
+
+
+def device_state(device: str) -> str:
+    """Whether block device ``major:minor`` is free: an O_EXCL open fails while anything
+    (a mount, a dm or md device on top, a swap) holds it."""
+    sysfs = f"/sys/dev/block/{device}"
+    uevent = _read_text(f"{sysfs}/uevent") or ""
+    name = next((line[8:] for line in uevent.splitlines() if line.startswith("DEVNAME=")), "")
+    if not name:
+        return "not a block device the kernel lists (no DEVNAME): not checked"
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            return f"/dev/{name} not checked ({error.strerror})"
+        try:
+            users = ", ".join(sorted(os.listdir(f"{sysfs}/holders"))) or "a mount or swap"
+        except OSError:
+            users = "a mount or swap"
+        return f"/dev/{name} still busy (held by {users})"
+    os.close(fd)
+    return f"/dev/{name} free (opens with O_EXCL)"
+
+
+def root_is_initramfs() -> bool:
+    """/ is the kernel's rootfs (ramfs or tmpfs, unpacked from an initramfs)."""
+    try:
+        root = mount_of("/", read_mounts())
+        if root is not None and root.fstype == "rootfs":
+            return True
+        return linux.statfs_type("/") == linux.RAMFS_MAGIC
+    except OSError:
+        return False
 
 
 def _readlink_or_none(path: str) -> str | None:

@@ -35,7 +35,6 @@ pytestmark = [
 ]
 
 BUSYBOX = "/bin/busybox"
-FREEZER = Path("/sys/fs/cgroup/freezer")
 TMPFS_SOURCE = "dboot-stage-test"  # a name to find our mounts by, should one ever leak
 WRAPPER_MARK = "WRAPPER-EXECS-STAGE"
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -108,6 +107,7 @@ def run_stage(
     tamper: str = "",
     timeout: float = 30.0,
     while_running: object = None,
+    end_when: object = None,
 ) -> StageRun:
     """Run the stage as PID 1 of a new PID+mount namespace and wait for the namespace to end.
 
@@ -115,7 +115,9 @@ def run_stage(
     ``harness``: Python code to exec instead of the real bootstrap (it gets the plan path).
     ``tamper``: shell run on the plan file after it was written. ``while_running``: a
     callable given the StageRun so far, called in a loop until it returns True (to thaw
-    a frozen process once the init is up, say).
+    a frozen process once the init is up, say). ``end_when``: the same, but True ends the
+    namespace (for a PID 1 that never ends by itself, a supervised shell say); the
+    returncode is then -9.
     """
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -159,7 +161,16 @@ def run_stage(
                 if while_running(run):
                     break
                 time.sleep(0.02)
-        run.returncode = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if callable(end_when):
+            while time.monotonic() < deadline and process.poll() is None:
+                if end_when(run):
+                    process.send_signal(signal.SIGKILL)  # our unshare: its PID 1 goes too
+                    break
+                time.sleep(0.02)
+        try:
+            run.returncode = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no end in {timeout:g} s:\n{run.err}\n{run.out}") from None
     finally:
         if process.poll() is None:
             # Our own unshare, by pid: --kill-child takes the namespace's PID 1 with it.
@@ -264,55 +275,6 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(
     assert grace <= downtime < grace + 1.0
 
 
-@pytest.mark.skipif(
-    not (FREEZER / "freezer.state").exists() and not FREEZER.is_dir(),
-    reason="no cgroup v1 freezer to make an unkillable process; the naming "
-    "logic is covered by tests/unit/test_stage_procs.py",
-)
-def test_a_process_that_cannot_die_is_named_and_the_stage_goes_on(
-    tmp_path: Path, busybox_tree: Path
-):
-    # A task frozen by the cgroup v1 freezer sits in D state and ignores even SIGKILL
-    # until thawed: a real stand-in for a process stuck on dead NFS.
-    group = FREEZER / f"dboot-stage-test-{os.getpid()}"
-    group.mkdir()
-    freeze = (
-        f"sleep 1000 & echo $! > {group}/cgroup.procs; echo FROZEN > {group}/freezer.state\n"
-        f"while ! grep -q FROZEN {group}/freezer.state; do sleep 0.01; done\n"
-    )
-
-    def thaw_once_init_is_up(run: StageRun) -> bool:
-        if any("INIT-UP" in line for _, line in run.stdout):
-            (group / "freezer.state").write_text("THAWED\n")
-            return True
-        return False
-
-    try:
-        run = run_stage(
-            tmp_path,
-            busybox_tree,
-            plan_for(tmp_path, ["/bin/sh", "-c", "echo INIT-UP; sleep 0.2"], grace_seconds=0.2),
-            before=freeze,
-            while_running=thaw_once_init_is_up,
-        )
-    finally:
-        (group / "freezer.state").write_text("THAWED\n")
-        deadline = time.monotonic() + 10
-        while group.exists():
-            try:
-                group.rmdir()
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-    assert run.returncode == 0, run.err
-    assert re.search(r"will not die, going on without it: pid \d+ \(sleep\) state D", run.err), (
-        run.err
-    )
-    assert "1 will not die" in run.err
-    assert "INIT-UP" in run.out
-
-
 TAMPERING = {
     "world-writable": ("chmod 0646 {plan}", "group- or world-writable"),
     "wrong-owner": ("chown 65534 {plan}", "owned by uid 65534"),
@@ -336,11 +298,18 @@ def test_a_tampered_plan_is_refused_and_a_recovery_shell_opens(
         plan_for(tmp_path, ["/bin/sh"]),
         before=f"sleep 1000 & echo $! > {service_pid}",
         tamper=command.format(plan=plan_path),
-        stdin=f"echo RECOVERY-MARKER pid=$$; kill -0 $(cat {service_pid}) && echo SERVICE-ALIVE\n",
+        stdin=(
+            "echo RECOVERY-MARKER pid=$$ ppid=$PPID;"
+            f" kill -0 $(cat {service_pid}) && echo SERVICE-ALIVE\n"
+        ),
+        end_when=lambda run: "recovery shell exited (1)" in run.err,
     )
     assert "FAILED at step 1/8" in run.err and reason in run.err, run.err
     assert "recovery shell /bin/sh from the old root" in run.err
-    assert "RECOVERY-MARKER pid=1" in run.out
+    # A plan it refused cannot say "sandbox": the shell is supervised, as on the machine.
+    assert "respawned when it exits (no trusted plan)" in run.err
+    assert re.search(r"RECOVERY-MARKER pid=(?!1 )\d+ ppid=1$", run.out, re.M), run.out
+    assert "recovery shell exited (1): another in 1 s" in run.err
     assert "SERVICE-ALIVE" in run.out, "the stage acted on a plan it refused"
     assert 2 not in step_numbers(run.log_lines)
 
@@ -376,15 +345,21 @@ def test_without_a_shell_in_the_new_root_recovery_uses_the_old_root(tmp_path: Pa
 
 
 def test_a_stage_that_cannot_be_imported_still_leaves_pid1_alive(tmp_path: Path, busybox_tree):
+    # The bootstrap never execs the shell as PID 1 (its exit would panic the machine):
+    # the shell is a child, and a new one starts each time it exits.
     run = run_stage(
         tmp_path,
         busybox_tree,
         plan_for(tmp_path, ["/bin/sh"]),
         parent=str(tmp_path / "no-initstage-here"),
-        stdin="echo RECOVERY-MARKER pid=$$\n",
+        stdin="echo RECOVERY-MARKER pid=$$ ppid=$PPID; exit 3\n",
+        end_when=lambda run: "recovery shell exited (2)" in run.err,
     )
     assert "cannot load the init stage: ModuleNotFoundError" in run.err, run.err
-    assert "RECOVERY-MARKER pid=1" in run.out
+    assert re.search(r"RECOVERY-MARKER pid=(?!1 )\d+ ppid=1$", run.out, re.M), run.out
+    assert "recovery shell exited (1): another in 1 s" in run.err
+    assert "recovery shell exited (2): another in 1 s" in run.err
+    assert run.returncode == -signal.SIGKILL, "PID 1 ended before we ended it"
 
 
 PIVOT_ROOT_REFUSED = """
@@ -396,6 +371,7 @@ def pivot_root_as_on_rootfs(new_root: str, put_old: str) -> None:
     raise OSError(errno.EINVAL, "pivot_root: Invalid argument (faked)")
 
 linux.pivot_root = pivot_root_as_on_rootfs
+stage.root_is_initramfs = lambda: {initramfs!r}
 sys.exit(stage.main(sys.argv[1:]))
 """
 
@@ -404,7 +380,7 @@ def test_when_pivot_root_is_impossible_the_stage_moves_the_root_and_chroots(
     tmp_path: Path, busybox_tree: Path
 ):
     # pivot_root fails with EINVAL on rootfs (an initramfs), which cannot be made here:
-    # only that one call is faked; the MS_MOVE and the chroot are real.
+    # that call and the "/ is rootfs" answer are faked; the MS_MOVE and chroot are real.
     from initstage.launch import package_parent
 
     run = run_stage(
@@ -412,13 +388,32 @@ def test_when_pivot_root_is_impossible_the_stage_moves_the_root_and_chroots(
         busybox_tree,
         plan_for(tmp_path, ["/bin/sh", "-c", "echo pid=$$; ls /bin/busybox; echo /proc/[0-9]*"]),
         before=SERVICES,
-        harness=PIVOT_ROOT_REFUSED.format(parent=package_parent()),
+        harness=PIVOT_ROOT_REFUSED.format(parent=package_parent(), initramfs=True),
     )
     assert run.returncode == 0, run.err
     assert "pivot_root impossible (pivot_root: Invalid argument (faked)): MS_MOVE + chroot" in (
         run.err
     )
     assert "pid=1\n/bin/busybox\n/proc/1" in run.out
+
+
+def test_pivot_root_einval_on_a_root_that_is_no_initramfs_is_a_failure_not_a_chroot(
+    tmp_path: Path, busybox_tree: Path
+):
+    # Only rootfs justifies MS_MOVE + chroot. Anywhere else an EINVAL is a real fault: a
+    # chroot would leave the old root mounted under a process that thinks it is gone.
+    from initstage.launch import package_parent
+
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh", "-c", "echo INIT-RAN"]),
+        harness=PIVOT_ROOT_REFUSED.format(parent=package_parent(), initramfs=False),
+        stdin="echo RECOVERY-MARKER\n",
+    )
+    assert "MS_MOVE + chroot" not in run.err, run.err
+    assert "FAILED at step 5/8" in run.err and "pivot_root: Invalid argument (faked)" in run.err
+    assert "RECOVERY-MARKER" in run.out and "INIT-RAN" not in run.out
 
 
 OLD_INIT_STATE = """
@@ -546,16 +541,20 @@ def test_on_the_real_machine_the_recovery_shell_is_respawned_not_execd(tmp_path:
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_processes() -> Iterator[None]:
-    """After each test the namespace is gone: no process of ours runs a stage any more."""
+def _no_leftover_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After each test the namespace is gone: no process of ours runs a stage any more.
+    Ours: its command line names a plan under this session's temporary directory (other
+    sessions on the machine may run rehearsals, whose stages are theirs)."""
     yield
-    mine = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_leftover(int(pid))]
+    base = str(tmp_path_factory.getbasetemp()).encode()
+    mine = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_leftover(int(pid), base)]
     assert not mine, f"leftover stage processes: {mine}"
 
 
-def _is_leftover(pid: int) -> bool:
+def _is_leftover(pid: int, base: bytes) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"initstage.stage" in cmdline or TMPFS_SOURCE.encode() in cmdline
+    ours = base in cmdline
+    return ours and (b"initstage.stage" in cmdline or TMPFS_SOURCE.encode() in cmdline)

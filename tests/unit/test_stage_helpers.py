@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import initstage
-from initstage import console, linux, stage
+from initstage import console, linux, mounts, stage
 from initstage.launch import INTERPRETER_FLAGS, package_parent, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 
@@ -113,8 +113,8 @@ def test_describe_error_names_the_frames_without_source_lines():
 
 
 def test_mountinfo_octal_escapes_are_decoded():
-    assert stage._unescape_octal("/run/my\\040root\\011x") == "/run/my root\tx"
-    assert stage._unescape_octal("/plain") == "/plain"
+    assert mounts.unescape_octal("/run/my\\040root\\011x") == "/run/my root\tx"
+    assert mounts.unescape_octal("/plain") == "/plain"
 
 
 def test_syscall_errors_name_the_call_and_the_path(tmp_path: Path):
