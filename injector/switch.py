@@ -30,7 +30,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Literal
 
-from initstage.launch import stage_argv, stage_files
+from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 from injector import labmode, nsenter, preflight, procinfo, ptrace
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -543,7 +543,11 @@ def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[s
     from the target's root, which may differ from ours (a container, PrivateTmp, a lab ns).
     """
     python = os.path.realpath(sys.executable)
-    for needed in [python, *stage_files(), str(plan_path)]:
+    try:
+        files = stage_files()
+    except StageLaunchError as error:
+        raise EnvironmentFailure(error.cause, error.fix) from error
+    for needed in [python, *files, str(plan_path)]:
         if not Path(f"/proc/{target}/root{needed}").exists():
             raise EnvironmentFailure(
                 f"{needed} is not reachable from pid {target}'s root",
