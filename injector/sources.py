@@ -445,6 +445,7 @@ class DockerArchiveSource(ImageSource):
             self._tags: list[str] = list(manifest.get("RepoTags") or [])
             self._config_bytes = self._read_small_members({self._config_name})[self._config_name]
             self._config: dict[str, Any] = json.loads(self._config_bytes)
+            _check_docker_save_shape(manifest, self._config)
         except KeyError as error:
             raise self._bad(f"not a docker save archive ({error.args[0]} missing)") from None
         except (
@@ -694,6 +695,20 @@ class _ReportingFile(io.FileIO):
         count = super().readinto(buffer)
         self._report()
         return count
+
+
+def _check_docker_save_shape(manifest: Any, config: Any) -> None:
+    """Raise TypeError unless manifest.json and the image config have the types that
+    ``docker save`` writes, so that no later ``.get`` meets a list or a string."""
+    names = [manifest.get("Config"), *manifest.get("Layers"), *(manifest.get("RepoTags") or [])]
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError("manifest.json names something that is not a string")
+    if not isinstance(config, dict) or not isinstance(config.get("config") or {}, dict):
+        raise TypeError("the image config is not a JSON object")
+    if not isinstance(config.get("history") or [], list) or not all(
+        isinstance(step, dict) for step in config.get("history") or []
+    ):
+        raise TypeError("the image config's history is not a list of objects")
 
 
 def _check_readable(ref: str, path: Path) -> None:

@@ -4,6 +4,8 @@ temporary containers that must never outlive a call."""
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import os
 import subprocess
 import tarfile
@@ -214,3 +216,54 @@ def test_a_killed_copy_worker_is_one_line_that_says_what_to_do(tmp_path: Path) -
     assert text.endswith(
         "nothing was kept; run it again with -v for the worker's traceback, and report it"
     )
+
+
+def docker_save_like(path: Path, manifest: object, config: object) -> Path:
+    """A tar laid out as `docker save` writes it, with the given manifest and config."""
+    members = {
+        "manifest.json": json.dumps(manifest).encode(),
+        "config.json": json.dumps(config).encode(),
+    }
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    members["layer.tar"] = layer.getvalue()
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+GOOD_MANIFEST = [{"Config": "config.json", "Layers": ["layer.tar"], "RepoTags": ["x:y"]}]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "config"),
+    [
+        (GOOD_MANIFEST, []),
+        (GOOD_MANIFEST, {"config": "not an object"}),
+        (GOOD_MANIFEST, {"history": ["not an object"]}),
+        ([{"Config": "config.json", "Layers": [1]}], {}),
+        ([{"Config": "config.json", "Layers": ["layer.tar"], "RepoTags": [7]}], {}),
+    ],
+)
+def test_a_docker_save_archive_of_the_wrong_shape_is_bad_input(
+    manifest: object, config: object, tmp_path: Path
+) -> None:
+    archive = docker_save_like(tmp_path / "odd.tar", manifest, config)
+    with pytest.raises(BadInput) as raised, open_source(f"docker-archive:{archive}") as image:
+        image.details()  # where a list met .get() before
+    assert str(archive) in one_line(raised.value)
+
+
+def test_a_docker_save_archive_of_the_right_shape_opens(tmp_path: Path) -> None:
+    """Guard for the test above: the same builder with good JSON gives a usable archive."""
+    config = {"architecture": "amd64", "config": {"Cmd": ["/hello"]}, "history": [{}]}
+    archive = docker_save_like(tmp_path / "good.tar", GOOD_MANIFEST, config)
+    with open_source(f"docker-archive:{archive}") as image:
+        assert image.details().cmd == ["/hello"] and image.details().tags == ["x:y"]
+        assert image.scan().lookup("/hello") is not None
