@@ -613,6 +613,14 @@ class GuardedStream(io.TextIOBase):
         except (OSError, ValueError):
             self.on_terminal = False
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
     def isatty(self) -> bool:
         return self.on_terminal and not self.diverted
 
