@@ -23,10 +23,10 @@ from typing import Any, NamedTuple, Protocol
 from injector import execcheck, labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
-from injector.imageindex import ImageIndex
+from injector.imageindex import INODE_BYTES, ImageIndex, pages
 from injector.kmodules import ModulesFacts, gather_modules
 from injector.procinfo import PROC, SwapDevice, Unreadable
-from injector.rootfs import host_files, tmpfs_size_for
+from injector.rootfs import HostFile, host_files, tmpfs_size_for
 
 __all__ = [
     "FORCE_RULE",
@@ -111,8 +111,9 @@ class IndexView(Protocol):
 
 @dataclasses.dataclass
 class RamFacts:
-    """Bytes. ``estimated_bytes`` is everything the tmpfs will hold: the image plus
-    ``modules_bytes`` (the kernel's modules and firmware, 0 when not copied).
+    """Bytes. ``estimated_bytes`` is everything the tmpfs will hold: the image, the host
+    files added to it, and ``modules_bytes`` (the kernel's modules and firmware, 0 when not
+    copied).
     ``remaining_bytes`` is what MemAvailable leaves once that sits in the tmpfs (negative
     when it does not fit). ``available_bytes`` is 0 when /proc/meminfo was unreadable (a
     ``ram-unknown`` warning says so)."""
@@ -296,9 +297,9 @@ def gather(
     module_facts = gather_modules(
         real_index, wanted=modules, host_root=host_root, release=release, proc=proc
     )
-    ram = _ram_facts(
-        index.estimated_bytes, module_facts.total_bytes, tmpfs_size, mem_available, proc, gaps
-    )
+    found_host_files = host_files(host_root / "etc")
+    image_bytes = index.estimated_bytes + _host_files_cost(real_index, found_host_files)
+    ram = _ram_facts(image_bytes, module_facts.total_bytes, tmpfs_size, mem_available, proc, gaps)
     swap = _read_swaps(proc, gaps)
     members = _doomed_pids(stats, target_pid, our_pid, proc)
     processes = [
@@ -321,7 +322,7 @@ def gather(
         modules=module_facts,
         host_files=[
             HostFileFacts(found.name, found.state, found.content is not None)
-            for found in host_files(host_root / "etc")
+            for found in found_host_files
         ],
         image_architecture=_image_architecture(source),
         kernel_machine=machine,
@@ -330,6 +331,25 @@ def gather(
     if real_index is not None:
         report.notices = _sorted(report.notices + _exec_verdicts(report, real_index, source))
     return report
+
+
+def _host_files_cost(index: ImageIndex | None, found: list[HostFile]) -> int:
+    """What the host files add to the tmpfs on top of the image: a new file costs its pages
+    and an inode; one that replaces the image's own costs the difference in pages."""
+    if index is None:
+        return 0
+    cost = 0
+    for host_file in found:
+        if host_file.content is None:
+            continue
+        entry = index.get(f"/etc/{host_file.name}")
+        if entry is None:
+            cost += pages(len(host_file.content)) + INODE_BYTES
+        elif entry.kind == "file":
+            cost += pages(len(host_file.content)) - pages(entry.size)
+        elif entry.kind == "symlink":
+            cost += pages(len(host_file.content))
+    return cost
 
 
 def _image_architecture(source: Any) -> str:
