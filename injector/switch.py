@@ -122,10 +122,10 @@ def _validate_options(options: SwitchOptions) -> None:
     hits_our_pid1 = options.mode == "switch" or (
         options.target_pid is not None and _is_our_namespaces_pid1(options.target_pid)
     )
-    if hits_our_pid1 and not options.dry_run and labmode.lab_mode():
+    lab_mode = labmode.lab_mode_reason() if hits_our_pid1 and not options.dry_run else None
+    if lab_mode is not None:
         raise SafetyRefusal(
-            "lab mode is on (DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only): "
-            "this machine's PID 1 will not be replaced",
+            f"{lab_mode}: this machine's PID 1 will not be replaced",
             "use `dboot rehearse`, or --target-pid with the PID 1 of a namespace you made",
         )
 
