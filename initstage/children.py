@@ -75,9 +75,9 @@ def run_jobs(
 ) -> Outcome:
     """Run every job in its own child at once; wait until all end or ``timeout`` passes.
 
-    ``progress``, given the unfinished jobs about once a second, returns True while
-    their work visibly moves (their devices complete writes): the deadline then starts
-    again, up to ``MAX_EXTENSIONS`` times the timeout in all, so that a slow but healthy
+    ``progress``, given the unfinished jobs once a second (or twice per timeout), returns
+    True while their work visibly moves (their devices complete writes): the deadline then
+    starts again, up to ``MAX_EXTENSIONS`` times the timeout in all, so that a slow but healthy
     flush is not cut short; a stalled one gets exactly ``timeout``.
     """
     start = clock()
@@ -94,7 +94,8 @@ def run_jobs(
         outcome.results.append(JobResult(label, pid))
         pipes[pid] = read_fd
     deadline = start + timeout
-    next_progress_check = start + 1.0
+    check_every = min(1.0, timeout / 2)
+    next_progress_check = start + check_every
     interval = FIRST_POLL
     try:
         while True:
@@ -105,7 +106,7 @@ def run_jobs(
                 break
             now = clock()
             if progress is not None and now >= next_progress_check:
-                next_progress_check = now + 1.0
+                next_progress_check = now + check_every
                 if progress(outcome.unfinished):
                     deadline = min(max(deadline, now + timeout), start + MAX_EXTENSIONS * timeout)
             if now >= deadline:

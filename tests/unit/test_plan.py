@@ -180,3 +180,30 @@ def test_write_plan_refuses_an_invalid_plan_and_writes_nothing(state_dir: Path):
     with pytest.raises(PlanError, match="init_argv is empty"):
         write_plan(a_plan(init_argv=[]), state_dir / "plan.json")
     assert list(state_dir.iterdir()) == []
+
+
+def test_a_plan_says_sandbox_and_a_ten_second_sync_deadline_unless_told(state_dir: Path):
+    # An injector that does not know the fields yet gets the careful answers: no
+    # superblock is ever remounted read-only, and sync waits at most 10 s without progress.
+    path = write_raw(state_dir, {"version": 1, "new_root": "/r", "init_argv": ["/sbin/init"]})
+    plan = read_plan(path, owner_uid=OWNER)
+    assert plan.machine is False and plan.sync_timeout_seconds == 10.0
+    path = write_raw(state_dir, json.loads(a_plan(machine=True, sync_timeout_seconds=3).to_json()))
+    plan = read_plan(path, owner_uid=OWNER)
+    assert plan.machine is True and plan.sync_timeout_seconds == 3.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sync_timeout_seconds": 0}, "sync_timeout_seconds 0.0 must be > 0"),
+        ({"sync_timeout_seconds": 1e9}, "sync_timeout_seconds .* at most 600"),
+        ({"sync_timeout_seconds": False}, "field sync_timeout_seconds has type bool"),
+        ({"machine": "yes"}, "field machine has type str"),
+        ({"machine": 1}, "field machine has type int"),
+    ],
+)
+def test_malformed_new_fields_are_refused(state_dir: Path, change: dict[str, object], message: str):
+    data = json.loads(a_plan().to_json()) | change
+    with pytest.raises(PlanError, match=message):
+        read_plan(write_raw(state_dir, data), owner_uid=OWNER)

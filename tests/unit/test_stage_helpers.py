@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,13 @@ import pytest
 
 import initstage
 from initstage import console, linux, mounts, stage
-from initstage.launch import INTERPRETER_FLAGS, package_parent, stage_argv, stage_files
+from initstage.launch import (
+    INTERPRETER_FLAGS,
+    StageLaunchError,
+    package_parent,
+    stage_argv,
+    stage_files,
+)
 from initstage.plan import Plan, write_plan
 
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -228,3 +235,110 @@ def test_stage_files_lists_what_the_stage_process_needs():
     assert any(Path(path).name.startswith("_ctypes") for path in files), "extension modules"
     assert any(Path(path).name.startswith("libc.so") for path in files), "shared libraries"
     assert not any("site-packages" in path for path in files), "the stage needs no site-packages"
+
+
+@pytest.mark.parametrize("how", ["missing-interpreter", "unimportable-stage"])
+def test_a_stage_that_cannot_be_listed_is_one_error_with_cause_and_fix(tmp_path: Path, how: str):
+    """Not a RuntimeError or FileNotFoundError traceback: a StageLaunchError with a cause
+    and a fix, which the injector turns into its EnvironmentFailure (one line, exit 2)."""
+    if how == "missing-interpreter":
+        args: dict[str, str] = {"python": str(tmp_path / "no-python")}
+        cause = "cannot run"
+    else:
+        args = {"parent": str(tmp_path / "no-initstage-here")}
+        cause = "cannot import the init stage (ModuleNotFoundError"
+    with pytest.raises(StageLaunchError) as caught:
+        stage_files(args.get("python"), parent=args.get("parent"))
+    message = str(caught.value)
+    assert cause in caught.value.cause and "reinstall docker-boot" in caught.value.fix
+    assert "\n" not in message and message == f"{caught.value.cause}: {caught.value.fix}"
+
+
+def test_switch_maps_the_launch_error_to_an_environment_failure(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from injector import switch
+    from injector.errors import EnvironmentFailure
+
+    def broken(*_args: object, **_kwargs: object) -> list[str]:
+        raise StageLaunchError("python cannot import the init stage (PermissionError)", "fix")
+
+    monkeypatch.setattr(switch, "stage_files", broken)
+    with pytest.raises(EnvironmentFailure, match=r"cannot import the init stage .*: fix"):
+        switch._stage_command(os.getpid(), Path("/run/dboot/plan.json"))
+
+
+# The mount table and the jobs under a deadline -------------------------------------------
+MOUNTINFO = (
+    b"27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard\n"
+    b"42 27 254:0 /var/lib/docker /var/lib/docker rw,nosuid,nodev shared:1 - ext4 /dev/vda rw\n"
+    b"50 27 0:40 / /mnt/my\\040disk ro,noexec - btrfs /dev/sdb1 ro,space_cache\n"
+    b"51 27 0:41 / /run/dboot/root rw - tmpfs dboot rw,size=64m\n"
+    b"41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_mountinfo_parsing_and_the_questions_the_stage_asks():
+    table = mounts.parse_mountinfo(MOUNTINFO)
+    assert [m.mount_point for m in table] == [
+        "/",
+        "/var/lib/docker",
+        "/mnt/my disk",
+        "/run/dboot/root",
+        "/sys/fs/cgroup/unified",
+    ]
+    assert [m.block_backed for m in table] == [True, True, True, False, False]
+    assert [m.flushable for m in table] == [True, True, True, False, False]
+    assert [m.mount_point for m in mounts.one_per_superblock(table)] == [
+        "/",
+        "/mnt/my disk",
+        "/run/dboot/root",
+        "/sys/fs/cgroup/unified",
+    ]
+    assert table[1].flags() == linux.MS_NOSUID | linux.MS_NODEV
+    assert table[2].read_only and table[2].flags() == linux.MS_NOEXEC
+    assert mounts.mount_of("/run/dboot/root/etc", table) == table[3]
+    assert mounts.mount_of("/var/lib/docker/x", table) == table[1]
+    assert table[4].super_options == ("rw",) and table[0].root == "/"
+    assert table[3].is_under("/run/dboot/root") and not table[0].is_under("/run/dboot/root")
+
+
+def test_jobs_that_hang_are_named_at_the_deadline_and_the_rest_report():
+    from initstage.children import run_jobs
+
+    def hangs() -> str:
+        time.sleep(60)
+        return ""
+
+    def fails() -> str:
+        raise OSError(errno.EIO, "syncfs('/mnt/nfs'): Input/output error")
+
+    started = time.monotonic()
+    outcome = run_jobs(
+        [("fine", lambda: "done"), ("hangs", hangs), ("fails", fails)],
+        0.3,
+        time.monotonic,
+        time.sleep,
+    )
+    took = time.monotonic() - started
+    assert 0.3 <= took < 1.0 and 0.3 <= outcome.seconds < 1.0
+    assert [job.label for job in outcome.unfinished] == ["hangs"]
+    assert [(job.label, job.message) for job in outcome.failed] == [
+        ("fails", "[Errno 5] syncfs('/mnt/nfs'): Input/output error")
+    ]
+    assert outcome.results[0].ok and outcome.results[0].message == "done"
+    # The hung child was killed (the stage's kill step reaps it; here, we do).
+    _pid, status = os.waitpid(outcome.unfinished[0].pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_progress_extends_the_deadline_but_only_so_far():
+    from initstage.children import MAX_EXTENSIONS, run_jobs
+
+    def hangs() -> str:
+        time.sleep(60)
+        return ""
+
+    outcome = run_jobs([("slow", hangs)], 0.2, time.monotonic, time.sleep, lambda _jobs: True)
+    assert MAX_EXTENSIONS * 0.2 <= outcome.seconds < MAX_EXTENSIONS * 0.2 + 0.2
+    os.waitpid(outcome.unfinished[0].pid, 0)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from initstage.mounts import Mount
 from initstage.procs import (
     MAX_POLL,
     PF_KTHREAD,
+    KernelCgroups,
     KernelSignals,
     ProcInfo,
     ProcTable,
@@ -220,3 +222,99 @@ def test_kill_all_refuses_outside_pid_1_before_sending_anything():
     assert os.getpid() != 1
     with pytest.raises(RuntimeError, match="not PID 1"):
         KernelSignals().send_all(0)
+
+
+def test_a_zombie_main_thread_with_live_threads_is_still_a_process(tmp_path: Path):
+    proc = fake_proc(
+        tmp_path,
+        {
+            "40": "40 (postgres) Z 1 40 40 0 -1 4194564 0",  # main thread gone, one left
+            "41": "41 (defunct) Z 1 41 41 0 -1 4194564 0",  # a plain zombie: all gone
+        },
+    )
+    for pid, states in (("40", {"40": "Z", "43": "S"}), ("41", {"41": "Z"})):
+        for tid, state in states.items():
+            (proc / pid / "task" / tid).mkdir(parents=True)
+            (proc / pid / "task" / tid / "stat").write_text(f"{tid} (t) {state} 1 0 0 0 -1 0 0")
+    found = ProcTable(str(proc)).others()
+    assert [(p.pid, p.state, p.live_threads) for p in found] == [(40, "Z", 1)]
+    assert found[0].describe() == (
+        "pid 40 (postgres) state Z (main thread exited, 1 threads still running)"
+    )
+
+
+def test_the_table_leaves_out_what_it_is_told_to(tmp_path: Path):
+    proc = fake_proc(tmp_path, {"30": "30 (sync) D 1 30 30 0 -1 4194560 0"})
+    assert ProcTable(str(proc), ignore=[30]).others() == []
+
+
+class FakeCgroups:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def thaw(self, processes: list[ProcInfo]) -> list[str]:
+        self.calls.append(("thaw", [p.pid for p in processes]))
+        return ["/sys/fs/cgroup/frozen"]
+
+    def kill(self, processes: list[ProcInfo]) -> list[str]:
+        self.calls.append(("kill", [p.pid for p in processes]))
+        return ["/sys/fs/cgroup/stubborn"]
+
+
+def test_cgroups_are_thawed_before_sigterm_and_killed_after_the_grace():
+    world = FakeWorld([FakeProcess(7, "stubborn", dies_after_term=NEVER)])
+    cgroups = FakeCgroups()
+    terminate_all(
+        world, world, 0.5, 2.0, world.log.append, world.clock, world.sleep, cgroups=cgroups
+    )
+    assert cgroups.calls == [("thaw", [7]), ("kill", [7])]
+    assert world.log[0] == "thawed frozen cgroups: /sys/fs/cgroup/frozen"
+    assert world.log[-1] == "cgroup.kill: /sys/fs/cgroup/stubborn"
+
+
+def cgroup_tree(tmp_path: Path) -> tuple[Path, Path, list[Mount]]:
+    """A fake hybrid cgroup tree: v2 at unified/, v1 freezer at freezer/, one group each,
+    and a /proc/70/cgroup placing pid 70 in both."""
+    v2, v1 = tmp_path / "unified", tmp_path / "freezer"
+    for group, files in (
+        (v2 / "svc" / "inner", {"cgroup.freeze": "0\n", "cgroup.procs": "70\n"}),
+        (v2 / "svc", {"cgroup.freeze": "1\n", "cgroup.procs": "", "cgroup.kill": ""}),
+        (v1 / "svc", {"freezer.state": "FROZEN\n", "cgroup.procs": "70\n"}),
+    ):
+        group.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (group / name).write_text(text)
+    proc = tmp_path / "proc" / "70"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text("6:freezer:/svc\n0::/svc/inner\n")
+    mounts = [
+        Mount("0:38", "/", str(v2), ("rw",), "cgroup2", "cgroup2", ("rw",)),
+        Mount("0:34", "/", str(v1), ("rw",), "cgroup", "cgroup", ("rw", "freezer")),
+    ]
+    return v2, v1, mounts
+
+
+def test_kernel_cgroups_thaw_the_frozen_ancestors_in_v1_and_v2(tmp_path: Path):
+    v2, v1, mounts = cgroup_tree(tmp_path)
+    cgroups = KernelCgroups(str(tmp_path / "proc"), mounts)
+    thawed = cgroups.thaw([ProcInfo(70, 1, "svc", "D")])
+    assert thawed == [str(v1 / "svc"), str(v2 / "svc")]
+    # (A fake file keeps the tail of what was there before; cgroupfs takes the write.)
+    assert (v2 / "svc" / "cgroup.freeze").read_text().strip() == "0"
+    assert (v1 / "svc" / "freezer.state").read_text().startswith("THAWED")
+
+
+def test_cgroup_kill_only_for_a_group_holding_nothing_but_our_processes(tmp_path: Path):
+    v2, _v1, mounts = cgroup_tree(tmp_path)
+    (v2 / "svc" / "inner" / "cgroup.kill").write_text("")
+    cgroups = KernelCgroups(str(tmp_path / "proc"), mounts)
+    cgroups.own_pid = 1
+    # A process outside our PID namespace reads as pid 0: never kill that group (in a
+    # sandbox the cgroup tree is the host's).
+    (v2 / "svc" / "inner" / "cgroup.procs").write_text("70\n0\n")
+    assert cgroups.kill([ProcInfo(70, 1, "svc", "S")]) == []
+    (v2 / "svc" / "inner" / "cgroup.procs").write_text("70\n1\n")  # and never our own
+    assert cgroups.kill([ProcInfo(70, 1, "svc", "S")]) == []
+    (v2 / "svc" / "inner" / "cgroup.procs").write_text("70\n")
+    assert cgroups.kill([ProcInfo(70, 1, "svc", "S")]) == [str(v2 / "svc" / "inner")]
+    assert (v2 / "svc" / "inner" / "cgroup.kill").read_text() == "1"
