@@ -184,3 +184,21 @@ def test_check_exits_3_with_a_one_line_reason(
     assert events[-1] == {"event": "verdict", "blocked": True}
     [line] = [line for line in plain.splitlines() if words in line]
     assert line.startswith("blocker: ")
+
+
+def test_a_rehearsal_stops_before_the_copy(no_loader_image: str, cli_env: dict[str, str]) -> None:
+    """The sandbox shares this kernel: an init it cannot exec blocks a rehearsal too, before
+    any tmpfs is mounted or process touched."""
+    result = subprocess.run(
+        [*DBOOT, "rehearse", no_loader_image, "/sbin/init"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 3, result
+    assert result.stderr.strip().splitlines() == [
+        "dboot: preflight found blockers: init-loader-missing: fix them, or pass --force"
+    ]
+    assert "Copying" not in result.stdout and "Injecting" not in result.stdout
