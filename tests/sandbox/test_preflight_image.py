@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,20 +60,23 @@ def test_tinybox_init_checks_and_report() -> None:
 
 
 @pytest.fixture(scope="module")
-def arm64_image() -> str:
+def arm64_image() -> Iterator[str]:
     if platform.machine() != "x86_64":
         pytest.fail("this test needs an x86_64 host (the image is arm64)")
-    return images.build_arm64_image()
+    yield images.build_arm64_image()
+    images.remove_image(images.PREFIX + "arm64-busybox:latest")
 
 
 @pytest.fixture(scope="module")
-def no_interpreter_image() -> str:
-    return images.build_missing_interpreter_image()
+def no_interpreter_image() -> Iterator[str]:
+    yield images.build_missing_interpreter_image()
+    images.remove_image(images.PREFIX + "no-interpreter:latest")
 
 
 @pytest.fixture(scope="module")
-def no_loader_image() -> str:
-    return images.build_missing_loader_image()
+def no_loader_image() -> Iterator[str]:
+    yield images.build_missing_loader_image()
+    images.remove_image(images.PREFIX + "no-loader:latest")
 
 
 def exec_notices(ref: str, init: list[str], method: str = "auto") -> dict[str, str]:
