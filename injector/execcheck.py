@@ -26,6 +26,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Literal
 
+from injector.errors import DbootError
 from injector.events import Notice
 from injector.imageindex import ImageIndex, IndexEntry
 from injector.tarstream import ArchiveError, StrictTar, normalize
@@ -320,8 +321,8 @@ def head_reader(source: Any, index: ImageIndex) -> HeadReader:
         if path not in cache:
             try:
                 cache[path] = _read_head(source, index, path)
-            except (OSError, ArchiveError, tarfile.TarError, EOFError, ValueError):
-                cache[path] = None
+            except (DbootError, OSError, ArchiveError, tarfile.TarError, EOFError, ValueError):
+                cache[path] = None  # the engine or the archive would not tell: unchecked
             except Exception as error:  # the engine's SDK errors, which need no import here
                 if type(error).__module__.split(".")[0] not in ("docker", "requests"):
                     raise

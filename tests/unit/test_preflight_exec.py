@@ -229,3 +229,20 @@ def test_layer_reads_follow_no_symlink(tmp_path: Path) -> None:
     assert execcheck._head_from_layers(layers, "/sbin/init") is None
     assert execcheck._head_from_layers(layers, "/lib/host-file") is None
     assert execcheck._head_from_layers(layers, "/etc/init") == b"#!/bin/sh\n"
+
+
+class VanishedArchive:
+    """A rootfs source whose archive is gone by the time its file is read."""
+
+    kind = "rootfs"
+
+    def _stream(self) -> object:
+        raise FileNotFoundError(2, "No such file or directory", "/tmp/gone.tar")
+
+
+def test_an_unreadable_source_leaves_the_init_unverified_not_a_crash() -> None:
+    index = index_of({"/sbin/init": "x"})
+    reader = execcheck.head_reader(VanishedArchive(), index)
+    assert reader("/sbin/init") is None
+    [notice] = judge_init(index, "/sbin/init", reader, "x86_64")
+    assert (notice.level, notice.code) == ("warning", "init-unverified")
