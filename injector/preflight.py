@@ -990,10 +990,11 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
     so no test can turn off the host's swap. swapoff blocks until every page is back in RAM;
     the preflight checked that they fit.
     """
-    if labmode.lab_mode():
+    lab_mode = labmode.lab_mode_reason()
+    if lab_mode is not None:
         raise SafetyRefusal(
-            "lab mode is on: the host's swap is left alone",
-            "only the real switch turns swap off; unset DBOOT_REHEARSAL_ONLY on a real host",
+            f"{lab_mode}: the host's swap is left alone",
+            "only a real switch turns swap off, and lab mode allows none",
         )
     current = swaps_still_to_turn_off(report, procinfo.read_text(proc / "swaps") or "")
     libc = ctypes.CDLL(None, use_errno=True)
