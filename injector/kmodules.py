@@ -279,6 +279,9 @@ def add_kernel_modules(root: Path, facts: ModulesFacts) -> list[str]:
     """
     if not facts.copy:
         return []
+    if not Path(facts.source).is_dir():
+        # The copy runs in the target's mount namespace (a lab namespace may not show it).
+        return [f"no kernel modules: {facts.source} is not visible from the target"]
     done = []
     target = _inside(root, facts.destination)
     _make_parents(root, target.parent)
@@ -286,9 +289,9 @@ def add_kernel_modules(root: Path, facts: ModulesFacts) -> list[str]:
     done.append(f"kernel modules {facts.source} -> {facts.destination} ({facts.files} entries)")
     for item in facts.firmware:
         destination = _inside(root, item.destination)
-        _make_parents(root, destination.parent)
-        if destination.exists() or destination.is_symlink():
+        if destination.exists() or destination.is_symlink() or not Path(item.source).is_file():
             continue
+        _make_parents(root, destination.parent)
         shutil.copy2(item.source, destination)
         done.append(f"firmware {item.name} -> {item.destination}")
     return done

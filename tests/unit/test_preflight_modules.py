@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,12 @@ def test_the_copy(tmp_path: Path) -> None:
     assert oct((root / "usr/lib/firmware").stat().st_mode & 0o777) == "0o755"
     (tmp_path / "again").mkdir()
     assert add_kernel_modules(root, facts(tmp_path / "again", wanted=False)) == []
+    # Where the target's mount namespace does not show the host's modules: said, not fatal.
+    (tmp_path / "gone").mkdir()
+    gone = facts(tmp_path / "gone")
+    shutil.rmtree(gone.source)
+    [said] = add_kernel_modules(tmp_path / "gone", gone)
+    assert "is not visible from the target" in said
 
 
 # --- In the preflight report -------------------------------------------------------------------
