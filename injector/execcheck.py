@@ -21,6 +21,7 @@ import dataclasses
 import io
 import os
 import posixpath
+import stat
 import struct
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -349,38 +350,59 @@ def _read_head(source: Any, index: ImageIndex, path: str) -> bytes | None:
 
 
 def _head_from_layers(layers: list[str], path: str) -> bytes | None:
-    """The topmost layer that has the path holds the file the merged view shows."""
+    """Read ``path`` the way overlayfs resolves it: the topmost layer that has it holds
+    the file, unless a whiteout or an opaque directory on the way hides the layers below."""
     parts = [part for part in path.split("/") if part]
     for layer in layers:
-        fd = _open_beneath(layer, parts)
-        if fd is None:
-            continue
-        with os.fdopen(fd, "rb") as handle:
-            return handle.read(HEAD_BYTES)
+        found = _open_in_layer(layer, parts)
+        if found is _HIDDEN:
+            return None
+        if isinstance(found, int):
+            with os.fdopen(found, "rb") as handle:
+                return handle.read(HEAD_BYTES)
     return None
 
 
-def _open_beneath(top: str, parts: list[str]) -> int | None:
-    """Open top/parts... for reading, following no symlink on the way (None if absent)."""
+_HIDDEN = "hidden"  # a whiteout or an opaque directory: the layers below do not count
+
+
+def _open_in_layer(top: str, parts: list[str]) -> int | str | None:
+    """An fd of the regular file top/parts..., opened following no symlink on the way;
+    None when this layer does not have it; ``_HIDDEN`` when this layer deletes it."""
     try:
         current = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         for number, part in enumerate(parts):
-            last = number == len(parts) - 1
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
             try:
-                child = os.open(part, flags, dir_fd=current)
+                info = os.stat(part, dir_fd=current, follow_symlinks=False)
             except OSError:
+                return _HIDDEN if _opaque(current) else None
+            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                return _HIDDEN  # overlayfs whiteout
+            last = number == len(parts) - 1
+            wanted = stat.S_ISREG(info.st_mode) if last else stat.S_ISDIR(info.st_mode)
+            if not wanted:
                 return None
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            child = os.open(part, flags | (0 if last else os.O_DIRECTORY), dir_fd=current)
             os.close(current)
             current = child
         result, current = current, -1
         return result
+    except OSError:
+        return None
     finally:
         if current >= 0:
             os.close(current)
+
+
+def _opaque(dir_fd: int) -> bool:
+    try:
+        return os.getxattr(dir_fd, "trusted.overlay.opaque") == b"y"
+    except OSError:
+        return False
 
 
 def _head_from_engine(source: Any, path: str) -> bytes | None:

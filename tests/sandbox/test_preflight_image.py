@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from injector import preflight
+from injector import execcheck, preflight
 from injector.errors import BadInput
 from injector.sources import open_source
 from tests import images
@@ -206,3 +207,26 @@ def test_a_rehearsal_stops_before_the_copy(no_loader_image: str, cli_env: dict[s
         "dboot: preflight found blockers: init-loader-missing: fix them, or pass --force"
     ]
     assert "Copying" not in result.stdout and "Injecting" not in result.stdout
+
+
+def test_layer_reads_honour_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
+    """overlay2 layer directories, top first, as the engine keeps them: a whiteout (a 0/0
+    character device) deletes a file below, an opaque directory hides what is below it."""
+    top, middle, bottom = (tmp_path / name for name in ("top", "middle", "bottom"))
+    for layer in (top, middle, bottom):
+        (layer / "sbin").mkdir(parents=True)
+    (bottom / "sbin/init").write_bytes(b"#!/bin/old\n")
+    (bottom / "sbin/other").write_bytes(b"#!/bin/old\n")
+    os.mknod(middle / "sbin/init", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # deleted here
+    (top / "etc").mkdir()
+    os.setxattr(top / "etc", "trusted.overlay.opaque", b"y")
+    (middle / "etc").mkdir()
+    (middle / "etc/rc").write_bytes(b"#!/bin/hidden\n")
+    os.mkfifo(top / "sbin/pipe")
+    layers = [str(top), str(middle), str(bottom)]
+    assert execcheck._head_from_layers(layers, "/sbin/init") is None
+    assert execcheck._head_from_layers(layers, "/sbin/other") == b"#!/bin/old\n"
+    assert execcheck._head_from_layers(layers, "/etc/rc") is None
+    assert execcheck._head_from_layers(layers, "/sbin/pipe") is None  # never blocks on a FIFO
+    (top / "sbin/init").write_bytes(b"#!/bin/new\n")  # re-created above the whiteout
+    assert execcheck._head_from_layers(layers, "/sbin/init") == b"#!/bin/new\n"
