@@ -183,7 +183,7 @@ def judge_init(
     for _depth in range(MAX_INTERPRETER_DEPTH + 1):
         entry = index.lookup(path)
         if entry is None or entry.kind != "file":
-            return []  # validate_init names a missing init; interpreters are checked below
+            return []  # a missing init is validate_init's to name (an interpreter is not)
         head = read_head(entry.path)
         if head is None:
             return [
@@ -221,12 +221,16 @@ def judge_init(
         # A relative #! path is looked up from the working directory, / for PID 1.
         interpreter = posixpath.join("/", interpreter)
         if not index.executable(interpreter):
-            what = "lacks" if index.lookup(interpreter) is None else "has no executable"
+            what = (
+                "the image lacks"
+                if index.lookup(interpreter) is None
+                else "is not an executable file in the image"
+            )
             return [
                 Notice(
                     "blocker",
                     "init-interpreter-missing",
-                    f"{chain} is a script for {interpreter}, which the image {what}",
+                    f"{chain} is a script for {interpreter}, which {what}",
                     f"install {posixpath.basename(interpreter)} in the image, or pick another init",
                 )
             ]
