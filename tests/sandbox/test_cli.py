@@ -50,6 +50,13 @@ def mountinfo() -> str:
     return Path("/proc/self/mountinfo").read_text()
 
 
+def mounts_under(path: Path, pid: int | str = "self") -> list[str]:
+    """Mount points at or under ``path`` in ``pid``'s mount namespace. Other tests' mounts
+    (dockerd's overlays, their sandboxes) come and go meanwhile: only ours are compared."""
+    points = [line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    return [point for point in points if point == str(path) or point.startswith(f"{path}/")]
+
+
 def test_images_json_lists_tinybox() -> None:
     result = dboot("images", "--json")
     assert result.returncode == 0, result.stderr
@@ -250,10 +257,9 @@ def test_output_that_fails_is_one_line_exit_2(command: tuple[str, ...], fault: s
 def test_state_dir_that_is_a_file_rehearse(tmp_path: Path) -> None:
     state = tmp_path / "not-a-dir"
     state.write_text("a file where the state directory should be\n")
-    before = mountinfo()
     result = dboot("rehearse", "--state-dir", str(state), "tinybox", "/bin/true")
     assert_one_line_fault(result, 1, str(state))
-    assert mountinfo() == before and state.read_text().startswith("a file")
+    assert mounts_under(state) == [] and state.read_text().startswith("a file")
 
 
 def test_state_dir_that_is_a_file_switch_target_pid_dry_run(tmp_path: Path) -> None:
@@ -262,13 +268,12 @@ def test_state_dir_that_is_a_file_switch_target_pid_dry_run(tmp_path: Path) -> N
     state = tmp_path / "not-a-dir"
     state.write_text("a file where the state directory should be\n")
     with Sandbox(services=1, console="capture") as sandbox:
-        before = Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
         result = dboot(
             "switch", "--dry-run", "--target-pid", str(sandbox.pid), "--state-dir", str(state),
             "tinybox", "/sbin/init",
         )  # fmt: skip
         assert_one_line_fault(result, 1, str(state))
-        assert Path(f"/proc/{sandbox.pid}/mountinfo").read_text() == before
+        assert mounts_under(state, sandbox.pid) == []
         assert sandbox.running()
 
 
@@ -318,29 +323,31 @@ def assert_stopped_by_the_dead_terminal(code: int, stderr: str, seen: bytes) -> 
 
 
 @pytest.mark.parametrize("after", [b"==> Reading image", b"==> Copying"])
-def test_rehearse_on_a_terminal_that_goes_away(after: bytes) -> None:
-    before = mountinfo()
+def test_rehearse_on_a_terminal_that_goes_away(after: bytes, tmp_path: Path) -> None:
+    state = tmp_path / "state"
     code, stderr, seen = run_until_the_terminal_closes(
-        ["rehearse", "tinybox", "/bin/sh", "-c", "echo never"], after, env=LAB_ENV
+        ["rehearse", "--state-dir", str(state), "tinybox", "/bin/sh", "-c", "echo never"],
+        after,
+        env=LAB_ENV,
     )
     assert_stopped_by_the_dead_terminal(code, stderr, seen)
-    assert mountinfo() == before
+    assert mounts_under(state) == [] and not state.exists()
 
 
-def test_rehearse_closed_mid_copy_of_a_large_tarball() -> None:
+def test_rehearse_closed_mid_copy_of_a_large_tarball(tmp_path: Path) -> None:
     """A 200 MB tree takes a second or more to copy: the terminal goes while it runs."""
     from tests import images
 
     tarball = images.debootstrap_tarball()
-    before = mountinfo()
+    state = tmp_path / "state"
     code, stderr, seen = run_until_the_terminal_closes(
-        ["rehearse", f"rootfs:{tarball}", "/bin/sh", "-c", "echo never"],
+        ["rehearse", "--state-dir", str(state), f"rootfs:{tarball}", "/bin/sh", "-c", "echo never"],
         b"==> Copying",
         env=LAB_ENV,
     )
     assert_stopped_by_the_dead_terminal(code, stderr, seen)
     assert b"used in the tmpfs" not in seen and b"never" not in seen
-    assert mountinfo() == before
+    assert mounts_under(state) == [] and not state.exists()
 
 
 @pytest.mark.parametrize("stderr_on_terminal", [False, True])
@@ -352,7 +359,6 @@ def test_switch_target_dry_run_on_a_terminal_that_goes_away(
     log_file = tmp_path / "dboot.log"
     state = tmp_path / "state"
     with Sandbox(services=1, console="capture") as sandbox:
-        before = Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
         code, stderr, seen = run_until_the_terminal_closes(
             ["switch", "--dry-run", "--target-pid", str(sandbox.pid), "--state-dir", str(state),
              "tinybox", "/sbin/init"],
@@ -360,7 +366,8 @@ def test_switch_target_dry_run_on_a_terminal_that_goes_away(
             stderr_on_terminal=stderr_on_terminal,
             env={**LAB_ENV, "DBOOT_LOG_FILE": str(log_file)},
         )  # fmt: skip
-        assert Path(f"/proc/{sandbox.pid}/mountinfo").read_text() == before
+        assert mounts_under(state, sandbox.pid) == []
+        assert not Path(f"/proc/{sandbox.pid}/root{state}/plan.json").exists()
         assert sandbox.running()
     if stderr_on_terminal:
         # Nothing reached the dead terminal; the run log has the line it would have shown.
@@ -382,10 +389,11 @@ def test_verbose_adds_the_traceback_after_the_one_line(tmp_path: Path) -> None:
     assert result.stderr.index(errors[0]) < result.stderr.index("Traceback")
 
 
-def test_ctrl_c_ends_a_rehearsal_whose_init_never_exits() -> None:
-    before = mountinfo()
+def test_ctrl_c_ends_a_rehearsal_whose_init_never_exits(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    init = ["/bin/sh", "-c", "echo init-running; exec sleep 600"]
     process = subprocess.Popen(
-        [DBOOT, "rehearse", "tinybox", "/bin/sh", "-c", "echo init-running; exec sleep 600"],
+        [DBOOT, "rehearse", "--state-dir", str(state), "tinybox", *init],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -409,4 +417,4 @@ def test_ctrl_c_ends_a_rehearsal_whose_init_never_exits() -> None:
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and stderr.strip() == "", stderr
     assert rest.strip().splitlines()[-1].startswith("rehearsed: ended with Ctrl-C")
-    assert mountinfo() == before
+    assert mounts_under(state) == [] and not state.exists()
