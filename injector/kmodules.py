@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import lzma
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -103,8 +104,9 @@ def gather_modules(
     if index is not None and index.lookup(f"/lib/modules/{release}") is not None:
         facts.state = f"the image has its own /lib/modules/{release}"
         return facts
-    if destination is None:
-        facts.state = "the image's /lib cannot hold them (not a directory)"
+    if destination is None or (index is not None and index.get(destination) is not None):
+        # A file, or a symlink that leads nowhere, where the modules would go.
+        facts.state = f"the image's /lib/modules/{release} cannot hold them (not a directory)"
         return facts
     facts.files, facts.bytes = _tree_cost(source)
     facts.firmware, facts.firmware_missing = _firmware(index, host_root, source, loaded or [])
@@ -119,19 +121,21 @@ def gather_modules(
 def resolve_in_image(index: ImageIndex | None, path: str) -> str | None:
     """``path`` with the image's symlinks resolved (``/lib`` -> ``/usr/lib`` on merged-/usr
     images); the part that does not exist yet is kept as written. None when a component is
-    something other than a directory."""
+    something other than a directory, or a symlink that leads nowhere: nothing can be
+    created there without writing through it."""
     if index is None:
         return path
     parts = [part for part in path.split("/") if part]
-    for cut in range(len(parts), 0, -1):
-        prefix = "/" + "/".join(parts[:cut])
-        entry = index.lookup(prefix)
+    for cut in range(len(parts), -1, -1):
+        entry = index.lookup("/" + "/".join(parts[:cut]))
         if entry is None:
             continue
         if entry.kind != "dir":
             return None
-        rest = parts[cut:]
-        return "/".join([entry.path.rstrip("/"), *rest]) or "/"
+        resolved = "/".join([entry.path.rstrip("/"), *parts[cut:]]) or "/"
+        if cut < len(parts) and index.get(posixpath.join(entry.path, parts[cut])) is not None:
+            return None  # the first missing component is there after all: a dangling link
+        return resolved
     return path
 
 

@@ -84,6 +84,20 @@ def facts(tmp_path: Path, *, wanted: bool = True) -> kmodules.ModulesFacts:
     )
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({}, "/lib/firmware/a/b.bin"),
+        ({"/lib": "-> usr/lib", "/usr": "dir", "/usr/lib": "dir"}, "/usr/lib/firmware/a/b.bin"),
+        ({"/lib": "dir", "/lib/firmware": "-> /nowhere"}, None),  # would write through it
+        ({"/lib": "dir", "/lib/firmware": "file"}, None),
+        ({"/lib": "-> /nowhere"}, None),
+    ],
+)
+def test_where_things_go_inside_the_image(spec: dict[str, str], expected: str | None) -> None:
+    assert kmodules.resolve_in_image(entries(spec), "/lib/firmware/a/b.bin") == expected
+
+
 def test_firmware_names_from_modinfo(tmp_path: Path) -> None:
     host = fake_host(tmp_path)
     net = host / "lib/modules" / RELEASE / "kernel/drivers/net"
@@ -131,6 +145,13 @@ def test_when_nothing_is_copied(tmp_path: Path) -> None:
         file_lib, host_root=tmp_path / "host", release=RELEASE, proc=tmp_path / "proc"
     )
     assert not blocked.copy and "cannot hold them" in blocked.state
+    dangling = entries(
+        {"/lib": "dir", "/lib/modules": "dir", f"/lib/modules/{RELEASE}": "-> /nowhere"}
+    )
+    pointless = gather_modules(
+        dangling, host_root=tmp_path / "host", release=RELEASE, proc=tmp_path / "proc"
+    )
+    assert not pointless.copy and "cannot hold them" in pointless.state
 
 
 def test_a_host_without_modules(tmp_path: Path) -> None:
