@@ -212,7 +212,11 @@ class Stage:
         plan = self.read_and_check_plan()
         self.step(2, f"console ({plan.console})")
         self.console = take_console(plan.console, not self.machine_init, self.log)
-        self.step(3, f"sync, then end every other process (grace {plan.grace_seconds:g} s)")
+        self.step(
+            3,
+            f"sync, end every other process (grace {plan.grace_seconds:g} s), make the old"
+            " filesystems read-only",
+        )
         self.terminate_everything(plan)
         self.step(4, "hardware watchdog")
         self.disarm_watchdog()
@@ -498,16 +502,23 @@ class Stage:
             ) from error
 
     def release_old_root(self, plan: Plan) -> None:
-        """On the machine, let go of the old root (the fd kept for recovery pins it) and
-        say whether its block devices are free: free means they can be repartitioned."""
+        """On the machine, say whether the old root's block devices will be free, which
+        is what repartitioning needs. Until the exec this interpreter runs from them (its
+        binary and libraries are mapped, and the fd kept for recovery is close-on-exec),
+        so the question is who else holds them: anyone named here keeps them busy."""
         if not (plan.machine and self.machine_init):
             self.log("old root's devices: a sandbox shares them with the host: not checked")
             return
-        if self.old_root_fd is not None:
-            os.close(self.old_root_fd)
-            self.old_root_fd = None
         for device in self.old_devices:
-            self.log(f"old root's device {device}: {device_state(device)}")
+            state = device_state(device)
+            if "busy" in state:
+                others = users_of(device)
+                state += (
+                    "; used only by this stage, which lets go at the exec"
+                    if not others
+                    else f"; also used by {', '.join(others)}: it stays busy"
+                )
+            self.log(f"old root's device {device}: {state}")
 
     def exec_clean(self, argv: list[str], extra_env: dict[str, str]) -> NoReturn:
         """Hand the process over as a fresh init would find it: default signals, an empty
@@ -690,14 +701,16 @@ def _sync_job() -> str:
 
 
 def _remount_job(mount: Mount, *, superblock: bool) -> Callable[[], str]:
-    """In a child: remount read-only; on EBUSY, say what holds the filesystem."""
+    """A job remounting read-only (run in a child); on EBUSY it says what holds the
+    filesystem. The superblock kind is refused here, in PID 1, unless this is the
+    machine's PID 1: in any sandbox it would make the host's filesystem read-only."""
     flags = linux.MS_REMOUNT | linux.MS_RDONLY | mount.flags()
     if not superblock:
         flags |= linux.MS_BIND  # per mount: the superblock (shared with the host) is untouched
+    elif not running_as_machine_init():
+        raise StageError("refusing a superblock remount outside the machine's PID 1")
 
     def job() -> str:
-        if superblock and not running_as_machine_init():
-            raise StageError("refusing a superblock remount outside the machine's PID 1")
         try:
             linux.mount(None, mount.mount_point, None, flags)
         except OSError as error:
@@ -767,6 +780,28 @@ def device_state(device: str) -> str:
         return f"/dev/{name} still busy (held by {users})"
     os.close(fd)
     return f"/dev/{name} free (opens with O_EXCL)"
+
+
+def users_of(device: str) -> list[str]:
+    """Other processes whose root, cwd, executable, open files or mapped files are on
+    block device ``major:minor`` (map_files: the paths no longer resolve after the pivot)."""
+    wanted = os.makedev(*(int(part) for part in device.split(":")))
+    own = str(os.getpid())
+    users = []
+    for pid in (name for name in os.listdir("/proc") if name.isdigit() and name != own):
+        links = [f"/proc/{pid}/{name}" for name in ("root", "cwd", "exe")]
+        for directory in ("fd", "map_files"):
+            with contextlib.suppress(OSError):
+                links += [
+                    f"/proc/{pid}/{directory}/{entry}"
+                    for entry in os.listdir(f"/proc/{pid}/{directory}")
+                ]
+        for link in links:
+            with contextlib.suppress(OSError):
+                if os.stat(link).st_dev == wanted:
+                    users.append(f"pid {pid} ({_read_text(f'/proc/{pid}/comm')})")
+                    break
+    return users
 
 
 def root_is_initramfs() -> bool:

@@ -416,3 +416,43 @@ def _mount_options(mount_point: str) -> str:
         if fields[4] == mount_point:
             return fields[5]
     raise AssertionError(f"{mount_point} is not mounted")
+
+
+def test_the_old_devices_report_names_busy_free_and_their_users(
+    tmp_path: Path, stallable_disk: StallableDisk
+):
+    """What the stage logs after the pivot about the old root's devices, asked on the host
+    (read-only: an O_EXCL open and /proc look-ups): a mounted disk is busy and the process
+    working on it is named; a loop device nobody mounted is free."""
+    from initstage.stage import device_state, users_of
+
+    mount_point = tmp_path / "busy"
+    mount_point.mkdir()
+    ready = tmp_path / "mounted"
+    # Mounted in a mount namespace of its own, by a process that then works in it.
+    squatter = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount {stallable_disk.device} {mount_point} && cd {mount_point}"
+         f" && touch {ready} && exec sleep 60"],
+    )  # fmt: skip
+    image = tmp_path / "free.img"
+    with image.open("wb") as image_file:
+        image_file.truncate(1 << 20)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        deadline = time.monotonic() + 5
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = stallable_disk.major_minor()
+        assert " still busy (held by " in device_state(busy), device_state(busy)
+        assert f"pid {squatter.pid} (sleep)" in users_of(busy)
+        rdev = os.stat(loop).st_rdev
+        assert device_state(f"{os.major(rdev)}:{os.minor(rdev)}") == (
+            f"{loop} free (opens with O_EXCL)"
+        )
+    finally:
+        squatter.kill()
+        squatter.wait()
+        subprocess.run(["losetup", "-d", loop], check=False)

@@ -342,3 +342,12 @@ def test_progress_extends_the_deadline_but_only_so_far():
     outcome = run_jobs([("slow", hangs)], 0.2, time.monotonic, time.sleep, lambda _jobs: True)
     assert MAX_EXTENSIONS * 0.2 <= outcome.seconds < MAX_EXTENSIONS * 0.2 + 0.2
     os.waitpid(outcome.unfinished[0].pid, 0)
+
+
+def test_a_superblock_remount_is_refused_outside_the_machines_pid_1():
+    """Built in PID 1 before any child runs it: here (not the machine's PID 1) the job is
+    never even made, so nothing can remount the host's filesystem read-only."""
+    root = mounts.mount_of("/", mounts.read_mounts())
+    assert root is not None
+    with pytest.raises(stage.StageError, match="refusing a superblock remount"):
+        stage._remount_job(root, superblock=True)
