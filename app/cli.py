@@ -10,12 +10,12 @@ Options may come anywhere before INIT. INIT is the first word after IMAGE that s
 ``dboot rehearse tinybox /bin/sh -c 'echo --json'``, ``--json`` belongs to the shell.
 
 Exit codes: 0 ok, 1 bad usage or input, 2 environment failure, 3 refused by a safety check;
-128+N when signal N (Ctrl-C, SIGTERM, SIGHUP) ended the run, except that Ctrl-C is how a
-rehearsal whose init runs is ended: that exits 0. Every error is one line that
-names the cause and the fix, never a traceback (``-v`` adds it). An error that is none of
-the engine's own (a bug, or the system refusing something we did not foresee) exits 2, or 1
-when it concerns a path the user gave (``--state-dir``, an archive): that path is the input
-to fix.
+128+N when signal N (Ctrl-C, SIGTERM) ended the run, except that Ctrl-C is how a rehearsal
+whose init runs is ended: that exits 0. A hang-up (SIGHUP) is a terminal gone: 2. Every error
+is one line that names the cause and the fix, never a traceback (``-v`` adds it). An error
+that is none of the engine's own (a bug, or the system refusing something we did not
+foresee) exits 2, or 1 when it concerns a path the user gave (``--state-dir``, an archive):
+that path is the input to fix.
 
 When standard output or standard error stops taking writes (a closed terminal: EIO; a
 closed pipe: EPIPE; a full disk), the run stops and undoes what it did, as for Ctrl-C, and
@@ -740,6 +740,10 @@ def _run_command(words: list[str], out: TextIO, guard: OutputGuard) -> int:
     except KeyboardInterrupt as error:
         # Ctrl-C, or SIGTERM/SIGHUP turned into an exception by the engine (``signum``).
         signum = int(getattr(error, "signum", signal.SIGINT))
+        if signum == signal.SIGHUP:
+            # The terminal went away: the same environment failure as a write failing with EIO.
+            guard.say(f"dboot: the terminal hung up (SIGHUP): {guard.outcome()}")
+            return EnvironmentFailure.exit_code
         name = signal.Signals(signum).name if signum != signal.SIGINT else "Ctrl-C"
         guard.say(f"dboot: interrupted by {name}: {guard.outcome()}")
         return 128 + signum

@@ -188,6 +188,10 @@ def test_an_ending_before_the_commit_point_undoes_everything(
         print(f"\n{ending} at {phase}: exit status {status}; the log says:")
         print("".join(line for line in log.splitlines(True) if "undo" in line))
         assert status != PYTHON_FLUSH_FAILED, said
+        # A terminal gone, by SIGHUP or by EIO, is an environment failure; SIGTERM and Ctrl-C
+        # keep the shell's 128+N.
+        expected = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+        assert status == expected.get(ending, 2), (ending, status, said)
     with pytest.raises(FileNotFoundError):
         os.stat(f"/proc/{pid}")  # the sandbox ended with the test, as sandboxes do
 
