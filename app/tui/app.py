@@ -111,7 +111,9 @@ def rehearse_only_reason(*, rehearse_flag: bool, backend: Backend) -> str | None
     """Why the real switch is off, in words for the Confirm modal; None when it is on."""
     if rehearse_flag:
         return "the wizard was started with --rehearse"
-    if not backend.lab_mode():
+    # --target-pid: the switch replaces a namespace's PID 1, which lab mode allows (the
+    # engine still refuses this machine's own).
+    if backend.switch_target() is not None or not backend.lab_mode():
         return None
     return lab_mode_reason() or "lab mode is on (the engine cannot switch here)"
 

@@ -32,6 +32,8 @@ INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/syste
 FALLBACK_SHELL = "/bin/sh"
 
 T = TypeVar("T")
+# Told (bytes read, bytes in all) while an archive is read.
+ReadProgress = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,17 @@ class Backend(Protocol):
 
     def details(self, ref: str) -> ImageDetails:
         """Tags, history, CMD/ENTRYPOINT, architecture; ``BadInput`` for an unknown ref."""
+        ...
+
+    def file_ref(self, given: str) -> str:
+        """The reference for a file the user named: its plain path, whose kind is told from
+        its content, or an explicit ``docker-archive:``/``rootfs:`` reference kept as it
+        is. ``BadInput`` says in one line why a path cannot be opened."""
+        ...
+
+    def read(self, ref: str, progress: ReadProgress) -> None:
+        """Read the image's file index (once: later questions reuse it), telling
+        ``progress`` how far reading an archive has got."""
         ...
 
     def suggest_init(self, ref: str) -> InitSuggestion:
@@ -93,6 +106,11 @@ class Backend(Protocol):
         """True when this machine's PID 1 must never be replaced: the wizard only rehearses."""
         ...
 
+    def switch_target(self) -> int | None:
+        """The PID 1 of a namespace that a real switch replaces instead of this machine's
+        (``--target-pid``, for labs and tests); None for this machine's own PID 1."""
+        ...
+
     def close(self) -> None:
         """Release temporary containers and mounts held for browsing images."""
         ...
@@ -110,6 +128,22 @@ def _engine_module() -> Iterator[None]:
         ) from error
 
 
+def check_target_pid(pid: int) -> None:
+    """``--target-pid``: the PID 1 of a namespace the user made, never this machine's own."""
+    with _engine_module():
+        from injector import ptrace
+    if pid == 1:
+        raise SafetyRefusal(
+            "--target-pid 1 is this machine's own PID 1",
+            "give the PID 1 of a namespace you made (see NSpid in /proc/PID/status)",
+        )
+    if not ptrace.is_pid1_of_its_namespace(pid):
+        raise BadInput(
+            f"pid {pid} is not PID 1 of its own PID namespace",
+            "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
+        )
+
+
 class EngineBackend:
     """The real engine: ``injector.sources``, ``injector.preflight`` and ``injector.switch``."""
 
@@ -120,9 +154,13 @@ class EngineBackend:
         state_dir: Path | None = None,
         mem_available: int | None = None,
         tmpfs_size: int | None = None,
+        target_pid: int | None = None,
     ) -> None:
+        if target_pid is not None:
+            check_target_pid(target_pid)
         self.docker_host = docker_host
         self.state_dir = state_dir
+        self.target_pid = target_pid
         # Overrides MemAvailable in the preflight: tests use it to force the RAM blocker.
         self.mem_available = mem_available
         self.tmpfs_size = tmpfs_size
@@ -151,6 +189,16 @@ class EngineBackend:
     def details(self, ref: str) -> ImageDetails:
         return self._with_source(ref, lambda source: source.details())
 
+    def file_ref(self, given: str) -> str:
+        with _engine_module():
+            from injector import sources
+        if given.startswith((sources.DOCKER_ARCHIVE, sources.ROOTFS)):
+            return given
+        return sources.source_for_path(given)
+
+    def read(self, ref: str, progress: ReadProgress) -> None:
+        self._with_source(ref, lambda source: source.scan(progress))
+
     # --- init command --------------------------------------------------------------------
     def suggest_init(self, ref: str) -> InitSuggestion:
         index = self._with_source(ref, lambda source: source.scan())
@@ -178,7 +226,11 @@ class EngineBackend:
             from injector import preflight
         index = self._with_source(ref, lambda source: source.scan())
         return preflight.gather(
-            index, init_argv, tmpfs_size=self.tmpfs_size, mem_available=self.mem_available
+            index,
+            init_argv,
+            target_pid=self.target_pid or 1,
+            tmpfs_size=self.tmpfs_size,
+            mem_available=self.mem_available,
         )
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
@@ -186,15 +238,21 @@ class EngineBackend:
             from injector import switch
         # The engine decides which blockers a rehearsal ignores (the host's own swap,
         # processes and session); the wizard only asks.
-        mode: Literal["rehearse", "switch"] = "rehearse" if rehearse else "switch"
+        mode: Literal["rehearse", "target", "switch"] = "rehearse" if rehearse else "switch"
+        if mode == "switch" and self.target_pid is not None:
+            mode = "target"
         return switch.blockers(report, mode)
 
     # --- the run ---------------------------------------------------------------------------
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         with _engine_module():
             from injector import switch
-        # Defence in depth: the engine refuses too, but the wizard never even asks.
-        if not request.rehearse and self.lab_mode():
+        # Defence in depth: the engine refuses too, but the wizard never even asks. A
+        # --target-pid run replaces a namespace's PID 1, checked again here: that pid may
+        # have ended, and its number been reused, since the wizard started.
+        if not request.rehearse and self.target_pid is not None:
+            check_target_pid(self.target_pid)
+        elif not request.rehearse and self.lab_mode():
             raise SafetyRefusal(
                 "lab mode is on (--rehearse, DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only)",
                 "choose Rehearse: this machine's PID 1 will not be replaced",
@@ -205,6 +263,7 @@ class EngineBackend:
             rehearse=request.rehearse,
             docker_host=self.docker_host,
             tmpfs_size=self.tmpfs_size,
+            target_pid=None if request.rehearse else self.target_pid,
             # The wizard's Confirm modal asked for the typed hostname already.
             yes=True,
             last_words=last_words,
@@ -225,6 +284,9 @@ class EngineBackend:
         except ImportError:
             return True  # No engine, no switch: the safe answer.
         return lab_mode()
+
+    def switch_target(self) -> int | None:
+        return self.target_pid
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from app.tui.app import create_app
 from app.tui.backend import EngineBackend
+from injector.errors import DbootError
 
 DEFAULT_LOG = Path("/tmp/dboot-tui.log")
 
@@ -26,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--docker-host", help="Docker engine URL (default: $DOCKER_HOST)")
     parser.add_argument("--state-dir", type=Path, help="where the RAM root goes (/run/dboot)")
+    parser.add_argument(
+        "--target-pid",
+        type=int,
+        metavar="PID",
+        help="switch PID, the PID 1 of its own namespace, not this machine's (labs, tests)",
+    )
     parser.add_argument(
         "--log-file",
         type=Path,
@@ -56,7 +63,13 @@ def main() -> None:
         print(f"dboot-tui: cannot write the log {path}: {error}: use --log-file", file=sys.stderr)
         sys.exit(2)
     logging.getLogger(__name__).info("dboot-tui starting, pid %d", os.getpid())
-    backend = EngineBackend(docker_host=args.docker_host, state_dir=args.state_dir)
+    try:
+        backend = EngineBackend(
+            docker_host=args.docker_host, state_dir=args.state_dir, target_pid=args.target_pid
+        )
+    except DbootError as error:
+        print(f"dboot-tui: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     create_app(backend, rehearse_only=args.rehearse).run()
 
 

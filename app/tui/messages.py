@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 from app.tui.backend import InitSuggestion
-from injector.events import Event, Notice
+from injector.events import Event, Notice, Progress
 
 if TYPE_CHECKING:
     from injector.preflight import Report
@@ -34,6 +34,23 @@ class DetailsLoaded(Message):
         self.ref = ref
         self.details = details
         self.error = error
+
+
+class FileOpened(Message):
+    """The Open file dialog's answer: the reference for a path, or why it cannot be opened."""
+
+    def __init__(self, ref: str | None, error: str | None) -> None:
+        super().__init__()
+        self.ref = ref
+        self.error = error
+
+
+class ImageReading(Message):
+    """How far reading the image's archive has got (bytes), while it is indexed."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
 
 
 class InitSuggested(Message):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from app.tui.backend import InitSuggestion, RunRequest
+from app.tui.progress import PROGRESS_INTERVAL_S
 from injector.errors import BadInput, EnvironmentFailure
 from injector.events import (
     Console,
@@ -107,6 +109,15 @@ DETAILS = {
         size=7_800_000,
     ),
 }
+
+# What the fake engine's content sniffing says of a plain path (FakeBackend.file_ref).
+FILES = {
+    "/srv/images/rescue.tar": "docker-archive:/srv/images/rescue.tar",
+}
+NOT_AN_ARCHIVE = "/srv/images/notes.txt"
+OPEN_FIX = "give a `docker save` archive or a filesystem tarball (plain, gzip, zstd or xz)"
+# An archive's size, for the progress that reading it reports.
+ARCHIVE_BYTES = 31 * MiB
 
 # Executables present in each fake image, for validate_init.
 EXECUTABLES = {
@@ -274,6 +285,10 @@ class FakeBackend:
     hold: threading.Event | None = None
     requests: list[RunRequest] = dataclasses.field(default_factory=list)
     closed: int = 0
+    # --target-pid: the namespace's PID 1 a real switch replaces instead of this machine's.
+    target_pid: int | None = None
+    # When set, read() waits for it halfway through an archive: a test can look at it.
+    hold_read: threading.Event | None = None
 
     def list_images(self) -> list[ImageSummary]:
         if self.engine_down is not None:
@@ -284,6 +299,27 @@ class FakeBackend:
         if ref not in DETAILS:
             raise BadInput(f"no such image {ref!r}", "check `docker images`")
         return DETAILS[ref]
+
+    def file_ref(self, given: str) -> str:
+        if given.startswith(("docker-archive:", "rootfs:")):
+            return given
+        if given == NOT_AN_ARCHIVE:
+            raise BadInput(f"{given}: not a tar archive (truncated header)", OPEN_FIX)
+        if given not in FILES:
+            raise BadInput(
+                f"cannot read {given} (No such file or directory)",
+                "give the path of a readable file",
+            )
+        return FILES[given]
+
+    def read(self, ref: str, progress: Callable[[int, int], None]) -> None:
+        if not ref.startswith(("docker-archive:", "rootfs:")):
+            return  # An engine image: no archive to read.
+        for done in range(0, ARCHIVE_BYTES + 1, ARCHIVE_BYTES // 4):
+            time.sleep(PROGRESS_INTERVAL_S)  # a real read's pace: the wizard shows each step
+            progress(done, ARCHIVE_BYTES)
+            if done == ARCHIVE_BYTES // 2 and self.hold_read is not None:
+                self.hold_read.wait(timeout=30)
 
     def suggest_init(self, ref: str) -> InitSuggestion:
         if "/sbin/init" in EXECUTABLES.get(ref, set()):
@@ -326,6 +362,9 @@ class FakeBackend:
 
     def lab_mode(self) -> bool:
         return self.lab
+
+    def switch_target(self) -> int | None:
+        return self.target_pid
 
     def close(self) -> None:
         self.closed += 1

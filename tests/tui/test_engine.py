@@ -7,6 +7,11 @@ and EngineBackend refuses anything else on top of the engine's own refusal.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +20,15 @@ from textual.pilot import Pilot
 from textual.widgets import Button, Input, RichLog
 
 from app.tui.app import DbootApp, create_app
-from app.tui.backend import EngineBackend
+from app.tui.backend import EngineBackend, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.init import InitScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
+from injector.errors import BadInput
+from injector.events import Progress, StepDone
+from tests.images import export_tar
 from tests.tui.helpers import (
     press,
     screen_text,
@@ -33,6 +41,7 @@ from tests.tui.helpers import (
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
 SIZE = (80, 24)
+WIZARD = [sys.executable, "-m", "app.tui.main"]
 # An init that ends by itself: tinybox's /sbin/init execs an interactive shell.
 SAY_HELLO = "/bin/sh -c 'echo hello from PID $$; echo running $(cat /proc/1/comm)'"
 
@@ -132,3 +141,127 @@ async def test_an_engine_that_does_not_answer_gets_the_how_to_start_it_screen(
         text = screen_text(app)
         assert "systemctl start docker" in text
         assert app.screen.query_one("#nav-next", Button).disabled
+
+
+# --- issue 13: plain paths, progress while an archive is read, --target-pid ------------
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tinybox as a docker save archive and as a filesystem tarball, each plain and
+    compressed, plus files that are neither. Built with the real tools."""
+    where = tmp_path_factory.mktemp("archives")
+    saved = where / "saved.tar"
+    subprocess.run(["docker", "save", "-o", str(saved), "tinybox:latest"], check=True)
+    root = export_tar("tinybox:latest", where / "root.tar")
+    made = {"docker save": saved, "rootfs": root}
+    for tool, suffix in (("gzip", "gz"), ("zstd", "zst"), ("xz", "xz")):
+        for name, plain in (("docker save", saved), ("rootfs", root)):
+            packed = where / f"{plain.name}.{suffix}"
+            with packed.open("wb") as out:
+                subprocess.run([tool, "-c", str(plain)], stdout=out, check=True)
+            made[f"{name} {tool}"] = packed
+    (where / "notes.txt").write_text("not an archive\n")
+    made["text"] = where / "notes.txt"
+    with (where / "notes.gz").open("wb") as out:
+        subprocess.run(["gzip", "-c", str(made["text"])], stdout=out, check=True)
+    made["gzip text"] = where / "notes.gz"
+    with tarfile.open(where / "empty.tar", "w"):
+        pass
+    made["empty tar"] = where / "empty.tar"
+    return made
+
+
+def test_a_plain_path_is_told_by_its_content(archives: dict[str, Path]) -> None:
+    backend = EngineBackend()
+    for name, path in archives.items():
+        kind = name.split()[0]
+        if kind in ("docker", "rootfs"):
+            expected = ("docker-archive:" if kind == "docker" else "rootfs:") + str(path)
+            assert backend.file_ref(str(path)) == expected, name
+    # Explicit references are taken as given.
+    assert backend.file_ref("rootfs:/x.tar") == "rootfs:/x.tar"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("text", "notes.txt: not a tar archive"),
+        ("gzip text", "notes.gz: gzip-compressed, but not a tar archive"),
+        ("empty tar", "empty.tar: an empty tar archive"),
+        ("missing", "cannot read {dir}/missing.tar (No such file or directory)"),
+        ("directory", "{dir} is not a regular file"),
+    ],
+)
+def test_a_path_that_cannot_open_gets_one_line_reason(
+    archives: dict[str, Path], name: str, reason: str
+) -> None:
+    folder = archives["text"].parent
+    path = {"missing": folder / "missing.tar", "directory": folder}.get(name) or archives[name]
+    with pytest.raises(BadInput) as raised:
+        EngineBackend().file_ref(str(path))
+    message = str(raised.value)
+    assert reason.format(dir=folder) in message
+    assert "\n" not in message and message.count(": give ") == 1  # one line, cause and fix
+
+
+def read_progress(path: Path) -> list[tuple[int, int]]:
+    """What the wizard's backend reports while it reads the archive at ``path``."""
+    backend = EngineBackend()
+    seen: list[tuple[int, int]] = []
+    try:
+        backend.read(backend.file_ref(str(path)), lambda done, total: seen.append((done, total)))
+    finally:
+        backend.close()
+    return seen
+
+
+def test_reading_an_archive_reports_its_bytes(archives: dict[str, Path]) -> None:
+    for name in ("docker save", "rootfs", "rootfs zstd"):
+        seen = read_progress(archives[name])
+        size = archives[name].stat().st_size
+        assert seen and all(total == size for _, total in seen), (name, seen)
+        assert [done for done, _ in seen] == sorted(done for done, _ in seen), (name, seen)
+        assert seen[-1] == (size, size), (name, seen)
+
+
+def test_a_run_yields_progress_while_it_reads_the_archive(archives: dict[str, Path]) -> None:
+    ref = "docker-archive:" + str(archives["docker save"])
+    run = EngineBackend().run(RunRequest(ref, ["/sbin/init"], rehearse=True), print)
+    assert isinstance(run, Generator)
+    before_done: list[Progress] = []
+    try:
+        for event in run:
+            if isinstance(event, StepDone) and event.step == "source":
+                break
+            if isinstance(event, Progress):
+                before_done.append(event)
+    finally:
+        run.close()  # Stop before the sandbox: only the reading step is under test.
+    size = archives["docker save"].stat().st_size
+    assert before_done and {event.step for event in before_done} == {"source"}
+    assert before_done[-1] == Progress("source", size, size)
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "words"),
+    [
+        ("1", 3, "--target-pid 1 is this machine's own PID 1"),
+        ("self", 1, "is not PID 1 of its own PID namespace"),
+    ],
+)
+def test_the_wizard_refuses_a_target_that_is_not_a_namespaces_pid_1(
+    tmp_path: Path, target: str, status: int, words: str
+) -> None:
+    # Refused before the wizard even starts: nothing is ever attached to.
+    pid = str(os.getpid()) if target == "self" else target
+    result = subprocess.run(
+        [*WIZARD, "--target-pid", pid, "--log-file", str(tmp_path / "tui.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == status, result.stderr
+    assert words in result.stderr and result.stderr.count("\n") == 1

@@ -116,6 +116,37 @@ def test_open_file_dialog(snap_compare: SnapCompare) -> None:
     assert snap_compare(make(), run_before=opening)
 
 
+def test_open_file_not_an_archive(snap_compare: SnapCompare) -> None:
+    async def refused(pilot: Pilot[Any]) -> None:
+        await images(pilot)
+        await press(pilot, "o")
+        await wait_for_screen(pilot, OpenFileScreen)
+        await press(pilot, *"/srv/images/notes.txt", "enter")
+
+    assert snap_compare(make(), run_before=refused)
+
+
+def test_init_reading_an_archive(snap_compare: SnapCompare) -> None:
+    hold = threading.Event()
+
+    async def reading(pilot: Pilot[Any]) -> None:
+        await images(pilot)
+        await press(pilot, "o")
+        await wait_for_screen(pilot, OpenFileScreen)
+        await press(pilot, *"/srv/images/rescue.tar", "enter")
+        await wait_for_screen(pilot, ImagesScreen)
+        await wait_until(pilot, lambda: "rescue:1.0" in screen_text(pilot.app), 10, "the file")
+        await pilot.press("enter")  # No settle(): it would wait for the held read.
+        await wait_for_screen(pilot, InitScreen)
+        text = "15.5 MiB of 31.0 MiB"
+        await wait_until(pilot, lambda: text in screen_text(pilot.app), 10, "read progress")
+
+    try:
+        assert snap_compare(make(FakeBackend(hold_read=hold)), run_before=reading)
+    finally:
+        hold.set()
+
+
 def test_init(snap_compare: SnapCompare) -> None:
     assert snap_compare(make(), run_before=init)
 
@@ -145,14 +176,30 @@ def test_confirm_rehearse_only(snap_compare: SnapCompare) -> None:
     assert snap_compare(make(), run_before=confirm)
 
 
+# The real-switch modal in each state. Fake engine with lab mode off: only the modal is
+# under test, nothing can switch.
+def real_switch() -> DbootApp:
+    return make(FakeBackend(lab=False), rehearse_only=False)
+
+
+def test_confirm_switch_empty(snap_compare: SnapCompare) -> None:
+    assert snap_compare(real_switch(), run_before=confirm)
+
+
+def test_confirm_switch_wrong_hostname(snap_compare: SnapCompare) -> None:
+    async def wrong(pilot: Pilot[Any]) -> None:
+        await confirm(pilot)
+        await press(pilot, *"labhots", "enter")
+
+    assert snap_compare(real_switch(), run_before=wrong)
+
+
 def test_confirm_switch_typed(snap_compare: SnapCompare) -> None:
-    # Fake engine with lab mode off: only the modal is under test, nothing can switch.
     async def typed(pilot: Pilot[Any]) -> None:
         await confirm(pilot)
-        pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
-        await settle(pilot)
+        await press(pilot, *HOSTNAME)
 
-    assert snap_compare(make(FakeBackend(lab=False), rehearse_only=False), run_before=typed)
+    assert snap_compare(real_switch(), run_before=typed)
 
 
 def test_run_in_flight(snap_compare: SnapCompare) -> None:
@@ -176,9 +223,7 @@ def test_run_rehearsed(snap_compare: SnapCompare) -> None:
 def test_run_real_switch_last_words(snap_compare: SnapCompare) -> None:
     async def switched(pilot: Pilot[Any]) -> None:
         await confirm(pilot)
-        pilot.app.screen.query_one("#confirm-hostname", Input).value = HOSTNAME
-        await settle(pilot)
-        await press(pilot, "tab", "tab", "enter")  # Cancel -> Rehearse -> Switch
+        await press(pilot, *HOSTNAME, "enter")  # typed into the focused field
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
         await settle(pilot)

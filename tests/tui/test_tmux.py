@@ -1,20 +1,26 @@
-"""End to end, as a person would: `dboot-tui --rehearse` in an 80x24 tmux, driven by keys.
+"""End to end, as a person would: `dboot-tui` in an 80x24 tmux, driven by keys.
 
 A private tmux server (its own socket) keeps this away from anyone's tmux sessions; the
-test kills only that server. The rehearsal runs in a sandbox: lab mode is on.
+test kills only that server. Lab mode is on in every run. The rehearsal runs in a sandbox;
+the real switch runs with --target-pid against the PID 1 of a namespace the test makes,
+never this machine's PID 1.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from injector.sandbox import Sandbox
+from tests.sandbox.sandbox_checks import eventually
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
@@ -55,26 +61,39 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal(tmp_path: Path) -> Iterator[Terminal]:
+def wizard(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
+    """``wizard(*flags)`` starts dboot-tui with those flags, in lab mode, in a fresh tmux."""
     program = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "app.tui.main"]
-    command = shlex.join(
-        [
-            "env",
-            "DBOOT_REHEARSAL_ONLY=1",
-            f"PYTHONPATH={REPO}",
-            *program,
-            "--rehearse",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--log-file",
-            str(tmp_path / "tui.log"),
-        ]
-    )
-    term = Terminal(f"dboot-tui-test-{os.getpid()}", f"cd {shlex.quote(str(REPO))} && {command}")
+    started: list[Terminal] = []
+
+    def start(*flags: str) -> Terminal:
+        command = shlex.join(
+            [
+                "env",
+                "DBOOT_REHEARSAL_ONLY=1",
+                f"PYTHONPATH={REPO}",
+                *program,
+                *flags,
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--log-file",
+                str(tmp_path / "tui.log"),
+            ]
+        )
+        socket_name = f"dboot-tui-test-{os.getpid()}"
+        started.append(Terminal(socket_name, f"cd {shlex.quote(str(REPO))} && {command}"))
+        return started[-1]
+
     try:
-        yield term
+        yield start
     finally:
-        term.tmux("kill-server")  # Our private server only.
+        for term in started:
+            term.tmux("kill-server")  # Our private server only.
+
+
+@pytest.fixture
+def terminal(wizard: Callable[..., Terminal]) -> Terminal:
+    return wizard("--rehearse")
 
 
 @pytest.mark.timeout(300)
@@ -111,10 +130,76 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     assert "tinybox: init running as PID 1" in shown
     assert "exit status 0" in shown
     assert "done" in shown
+    quit_wizard(terminal)
+    log = (tmp_path / "tui.log").read_text()
+    assert "Rehearsal finished" in log
+
+
+def pid1_identity() -> tuple[str, str]:
+    """This machine's PID 1: its name and its start time (fields 2 and 22 of its stat)."""
+    head, _, rest = Path("/proc/1/stat").read_text().rpartition(")")
+    return head.partition("(")[2], rest.split()[19]
+
+
+def quit_wizard(terminal: Terminal) -> None:
     terminal.keys("q")
     deadline = time.monotonic() + 15
     while terminal.alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not terminal.alive(), "the wizard did not quit on q"
+
+
+@pytest.mark.timeout(300)
+def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
+    wizard: Callable[..., Terminal], tmp_path: Path
+) -> None:
+    archive = tmp_path / "tinybox.tar"
+    subprocess.run(["docker", "save", "-o", str(archive), "tinybox:latest"], check=True)
+    with Sandbox(services=1, console="capture") as target:
+        # Never this machine's PID 1: the target is PID 1 of a PID namespace made here.
+        assert target.pid != 1
+        assert os.readlink(f"/proc/{target.pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        services = target.service_pids()
+        machine_pid1 = pid1_identity()
+        terminal = wizard("--target-pid", str(target.pid))
+        shown = terminal.wait_for("Open file")
+        assert "REHEARSAL ONLY" not in shown
+        # 1 Images: open the docker save archive by its plain path; its kind is sniffed.
+        terminal.keys("o")
+        terminal.wait_for("Open an image file")
+        terminal.keys(str(archive), literal=True)
+        terminal.wait_for(archive.name)
+        terminal.keys("Enter")
+        shown = terminal.wait_for("(docker save)")
+        assert "tinybox:latest" in shown  # the archive's own tag, in the details pane
+        terminal.keys("Enter")
+        # 2 Init, 3 Resources, 4 Processes.
+        shown = terminal.wait_for("is an executable in the image", timeout=60)
+        assert "/sbin/init" in shown
+        terminal.keys("Enter")
+        terminal.wait_for("Enter: see the processes", timeout=60)
+        terminal.keys("Enter")
+        shown = terminal.wait_for("Enter: confirm")
+        assert "1 process in 1 service" in shown  # the namespace's own service, not ours
+        terminal.keys("Enter")
+        # 5 Confirm: the hostname field has the focus, so the typed name lands there.
+        shown = terminal.wait_for("type the hostname")
+        assert "namespace of pid" in shown and str(target.pid) in shown, shown
+        assert "own PID 1 is not touched" in shown, shown
+        hostname = socket.gethostname()
+        terminal.keys(hostname, literal=True)
+        terminal.wait_for("Enter switches for real")
+        terminal.keys("Enter")
+        # 6 Run: it starts, the injection lands, and the namespace's PID 1 runs tinybox.
+        terminal.wait_for("Reading image")
+        shown = terminal.wait_for("Finished: injected", timeout=120)
+        assert f"Finished: injected. pid {target.pid} now" in shown, shown
+        assert target.wait_for_output("tinybox: init running as PID 1", timeout=30), target.output()
+        assert eventually(lambda: os.readlink(f"/proc/{target.pid}/exe") == "/bin/busybox", 10)
+        # The stage ended the namespace's other processes before it exec'd the new init.
+        gone = eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in services), 10)
+        assert gone, target.output()
+        assert pid1_identity() == machine_pid1  # this machine's PID 1: untouched
+        quit_wizard(terminal)
     log = (tmp_path / "tui.log").read_text()
-    assert "Rehearsal finished" in log
+    assert "Finished: injected" in log

@@ -273,3 +273,144 @@ async def test_a_missing_engine_module_is_shown_not_raised(monkeypatch: pytest.M
         text = screen_text(app)
         assert "the engine module injector.sources cannot be imported" in text
         assert app.screen.query_one("#nav-next", Button).disabled
+
+
+# --- issue 13: the real switch's three traps ---------------------------------------------
+
+
+async def open_file(pilot, path: str) -> None:
+    """`o`, then the path typed key by key, as a person would, then Enter."""
+    await press(pilot, "o")
+    await wait_for_screen(pilot, OpenFileScreen)
+    await press(pilot, *path, "enter")
+
+
+async def test_a_plain_path_in_the_file_dialog_opens_the_archive() -> None:
+    backend = FakeBackend(engine_down="the engine is down")
+    app = make(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await open_file(pilot, "/srv/images/rescue.tar")
+        await wait_for_screen(pilot, ImagesScreen)
+        await settle(pilot)
+        assert "rescue:1.0" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        assert app.wizard.choices.image == "docker-archive:/srv/images/rescue.tar"
+
+
+async def test_the_file_dialog_says_in_one_line_why_a_path_does_not_open() -> None:
+    app = make(FakeBackend(engine_down="the engine is down"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await open_file(pilot, "/srv/images/notes.txt")
+        assert isinstance(app.screen, OpenFileScreen)
+        assert "/srv/images/notes.txt: not a tar archive" in screen_text(app)
+        field = app.screen.query_one(Input)
+        field.value = ""
+        await press(pilot, *"/srv/nowhere.tar", "enter")
+        assert isinstance(app.screen, OpenFileScreen)
+        assert "cannot read /srv/nowhere.tar (No such file or directory)" in screen_text(app)
+        field.value = ""
+        await press(pilot, "enter")
+        assert "Type the path of an image file first" in screen_text(app)
+        await press(pilot, "escape")
+        assert isinstance(app.screen, ImagesScreen)
+
+
+async def to_real_confirm(pilot) -> ConfirmScreen:
+    await to_processes(pilot)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, ConfirmScreen)
+    screen = pilot.app.screen
+    assert isinstance(screen, ConfirmScreen)
+    return screen
+
+
+def real_switch_app(backend: FakeBackend) -> DbootApp:
+    # Fake engine, lab mode off: the modal is under test; nothing here can switch anything.
+    return make(backend, rehearse_only=False)
+
+
+async def test_typing_the_hostname_then_enter_switches() -> None:
+    backend = FakeBackend(lab=False)
+    app = real_switch_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await to_real_confirm(pilot)
+        field = screen.query_one("#confirm-hostname", Input)
+        switch = screen.query_one("#confirm-switch", Button)
+        assert app.focused is field
+        await press(pilot, *HOSTNAME[:-1])
+        assert field.value == HOSTNAME[:-1] and switch.disabled
+        await press(pilot, HOSTNAME[-1])
+        assert not switch.disabled
+        assert "Enter switches for real" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False)]
+
+
+async def test_enter_with_a_wrong_hostname_says_what_is_wrong_and_switches_nothing() -> None:
+    backend = FakeBackend(lab=False)
+    app = real_switch_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await to_real_confirm(pilot)
+        field = screen.query_one("#confirm-hostname", Input)
+        await press(pilot, "enter")
+        assert "Nothing typed: type labhost to switch" in screen_text(app)
+        await press(pilot, *"labhots", "enter")
+        assert app.screen is screen and field.value == "labhots"
+        assert (
+            "'labhots' is not labhost: type labhost exactly, or Escape to cancel."
+            in screen_text(app)
+        )
+        assert screen.query_one("#confirm-switch", Button).disabled
+        field.value = "LABHOST"
+        await press(pilot, "enter")
+        assert "'LABHOST' differs in case" in screen_text(app)
+        assert app.screen is screen
+        # A rehearsal needs no typing: Tab to Cancel, Tab to Rehearse.
+        await press(pilot, "tab", "tab", "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True)]
+
+
+async def test_escape_while_typing_the_hostname_cancels() -> None:
+    backend = FakeBackend(lab=False)
+    app = real_switch_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await to_real_confirm(pilot)
+        await press(pilot, *HOSTNAME)
+        assert screen.query_one("#confirm-hostname", Input).value == HOSTNAME
+        await press(pilot, "escape")
+        await wait_for_screen(pilot, ProcessesScreen)
+        # Back again: Cancel too, with the mouse's button.
+        await press(pilot, "n")
+        await wait_for_screen(pilot, ConfirmScreen)
+        app.screen.query_one("#confirm-cancel", Button).press()
+        await wait_for_screen(pilot, ProcessesScreen)
+    assert backend.requests == []
+
+
+async def test_reading_an_archive_shows_bytes_and_an_eta() -> None:
+    hold = threading.Event()
+    app = make(FakeBackend(engine_down="the engine is down", hold_read=hold))
+    async with app.run_test(size=SIZE) as pilot:
+        try:
+            await settle(pilot)
+            await open_file(pilot, "/srv/images/rescue.tar")
+            await wait_for_screen(pilot, ImagesScreen)
+            await settle(pilot)
+            await pilot.press("enter")  # No settle(): it would wait for the held read.
+            await wait_for_screen(pilot, InitScreen)
+            await wait_until(
+                pilot, lambda: "15.5 MiB of 31.0 MiB" in screen_text(app), 10, "read progress"
+            )
+            assert "Reading the image: 15.5 MiB of 31.0 MiB ·" in screen_text(app)
+            assert "ETA" in screen_text(app)
+            assert app.screen.query_one("#nav-next", Button).disabled
+        finally:
+            hold.set()
+        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 10, "the init")

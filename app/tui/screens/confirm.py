@@ -1,4 +1,10 @@
-"""Step 5: the modal that says plainly what cannot be undone. Cancel has the focus first."""
+"""Step 5: the modal that says plainly what cannot be undone.
+
+For a real switch the hostname field has the focus: what the user types lands there, Switch
+stays off until it matches exactly, and Enter in it either switches or says what is wrong.
+Otherwise (rehearse-only, or blockers) Cancel has the focus, so a stray Enter starts nothing.
+Escape cancels in every case.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +24,23 @@ from app.tui.wizard import Outcome, Wizard
 
 def consequences(wizard: Wizard) -> Text:
     choices = wizard.choices
-    host = wizard.backend.hostname()
+    init = " ".join(choices.init_argv)
+    target = wizard.backend.switch_target()
     text = Text()
     text.append("A real switch cannot be undone. ", style="bold red")
-    text.append(
-        f"Every process on {host} is killed, its userspace is replaced by "
-        f"{choices.image} held in RAM, and `{' '.join(choices.init_argv)}` becomes PID 1. "
-        "Unsaved work is lost; only a reboot brings the old system back.\n\n"
-    )
+    if target is None:
+        host = wizard.backend.hostname()
+        text.append(
+            f"Every process on {host} is killed, its userspace is replaced by "
+            f"{choices.image} held in RAM, and `{init}` becomes PID 1. "
+            "Unsaved work is lost; only a reboot brings the old system back.\n\n"
+        )
+    else:
+        text.append(
+            f"Every process in the namespace of pid {target} is killed, its userspace is "
+            f"replaced by {choices.image} held in RAM, and `{init}` becomes its PID 1 "
+            "(--target-pid: this machine's own PID 1 is not touched).\n\n"
+        )
     text.append("A rehearsal ", style="bold green")
     text.append(
         "does exactly the same inside a sandbox (new PID, mount, UTS, IPC and network "
@@ -35,13 +50,16 @@ def consequences(wizard: Wizard) -> Text:
 
 
 class ConfirmScreen(ModalScreen[Outcome]):
-    AUTO_FOCUS = "#confirm-cancel"
+    # The first match in screen order: the hostname field when a real switch is on offer
+    # (it comes before the buttons), else Cancel.
+    AUTO_FOCUS = "#confirm-hostname, #confirm-cancel"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, wizard: Wizard) -> None:
         super().__init__()
         self.wizard = wizard
         self.hostname = wizard.backend.hostname()
+        self.refusal = self.switch_refusal()
 
     def switch_refusal(self) -> str | None:
         """Why the real switch is not offered, or None when typing the hostname enables it."""
@@ -53,29 +71,62 @@ class ConfirmScreen(ModalScreen[Outcome]):
         return None
 
     def compose(self) -> ComposeResult:
-        refusal = self.switch_refusal()
         with Vertical(id="confirm"):
             yield Label("[b]Rehearse or switch?[/b]", id="confirm-title")
             yield Static(consequences(self.wizard), id="confirm-text")
-            if refusal is None:
-                yield Label(f"To switch for real, type the hostname [b]{self.hostname}[/b]:")
-                yield Field(placeholder=self.hostname, id="confirm-hostname")
+            if self.refusal is None:
+                yield Label(
+                    f"To switch for real, type the hostname [b]{self.hostname}[/b] and press Enter:"
+                )
+                # No placeholder: a dimmed hostname in the field would read as already typed.
+                yield Field(id="confirm-hostname")
+                yield Static(self.hint(""), id="confirm-status")
             else:
-                yield Label(Text(refusal, style="yellow"), id="confirm-refusal")
+                yield Label(Text(self.refusal, style="yellow"), id="confirm-refusal")
             with Horizontal(id="confirm-buttons"):
                 yield Button("Cancel", id="confirm-cancel")
                 yield Button("Rehearse", id="confirm-rehearse", variant="success")
                 yield Button("Switch", id="confirm-switch", variant="error", disabled=True)
 
+    # --- the typed hostname --------------------------------------------------------------
+    def typed(self) -> str:
+        return self.query_one("#confirm-hostname", Input).value
+
     def switch_allowed(self) -> bool:
-        if self.switch_refusal() is not None:
-            return False
-        return self.query_one("#confirm-hostname", Input).value.strip() == self.hostname
+        return self.refusal is None and self.typed() == self.hostname
+
+    def hint(self, value: str) -> Text:
+        """What Enter would do now, before the user presses it."""
+        if value == self.hostname:
+            return Text(f"✓ {self.hostname}: Enter switches for real.", style="bold green")
+        return Text("Escape cancels; Tab reaches Rehearse, which needs no typing.", style="dim")
+
+    def mismatch(self, value: str) -> Text:
+        """Why Enter did not switch, in one line."""
+        if not value:
+            why = f"Nothing typed: type {self.hostname} to switch"
+        elif value.strip() == self.hostname:
+            why = f"{value!r} has spaces around it: type just {self.hostname}"
+        elif value.lower() == self.hostname.lower():
+            why = f"{value!r} differs in case: type {self.hostname} exactly"
+        else:
+            why = f"{value!r} is not {self.hostname}: type {self.hostname} exactly"
+        return Text(f"✗ {why}, or Escape to cancel.", style="bold red")
 
     @on(Input.Changed, "#confirm-hostname")
-    def typed(self, event: Input.Changed) -> None:
-        self.query_one("#confirm-switch", Button).disabled = event.value.strip() != self.hostname
+    def hostname_changed(self, event: Input.Changed) -> None:
+        self.query_one("#confirm-switch", Button).disabled = not self.switch_allowed()
+        self.query_one("#confirm-status", Static).update(self.hint(event.value))
 
+    @on(Input.Submitted, "#confirm-hostname")
+    def hostname_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if self.switch_allowed():
+            self.dismiss(Outcome.SWITCH)
+        else:
+            self.query_one("#confirm-status", Static).update(self.mismatch(event.value))
+
+    # --- buttons and Escape ----------------------------------------------------------------
     @on(Button.Pressed)
     def pressed(self, event: Button.Pressed) -> None:
         event.stop()

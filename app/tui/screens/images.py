@@ -1,7 +1,8 @@
-"""Step 1: pick an image — from the engine's list, or a docker-archive:/rootfs: file."""
+"""Step 1: pick an image — from the engine's list, or an archive file by its path."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
@@ -12,8 +13,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Static
 
+from app.tui.backend import Backend
 from app.tui.format import human_bytes, image_label, plural, short_created, short_id
-from app.tui.messages import DetailsLoaded, EngineDown, ImagesLoaded
+from app.tui.messages import DetailsLoaded, EngineDown, FileOpened, ImagesLoaded
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.chrome import Field
 from app.tui.wizard import Wizard
@@ -28,8 +30,12 @@ Start it, then press [b]r[/b] to look again:
     [b]systemctl start docker[/b]                 on a host with systemd
     [b]dockerd >/var/log/dockerd.log 2>&1 &[/b]    anywhere else (as root)
 
-Or press [b]o[/b] to open a file instead: a [b]docker save[/b] archive as
-[b]docker-archive:/path/image.tar[/b], or a filesystem tarball as [b]rootfs:/path/root.tar[/b]."""
+Or press [b]o[/b] to open a file instead, by its path: a [b]docker save[/b] archive
+or a filesystem tarball, compressed or not."""
+
+
+# How an opened file's kind shows in the Tag column.
+FILE_KINDS = {"docker-archive": "docker save", "rootfs": "tarball"}
 
 
 def sort_key(image: ImageSummary) -> tuple[bool, str, str]:
@@ -39,28 +45,60 @@ def sort_key(image: ImageSummary) -> tuple[bool, str, str]:
 
 
 class OpenFileScreen(ModalScreen[str | None]):
-    """Ask for a docker-archive:PATH or rootfs:PATH reference."""
+    """Ask for an image file by its plain path: the engine tells its kind from its content.
+
+    The dialog stays open until the file is known to open (its details read), and says in
+    one line why not otherwise. ``docker-archive:PATH`` and ``rootfs:PATH`` work too.
+    """
 
     AUTO_FOCUS = "#open-file-ref"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
 
     def compose(self) -> ComposeResult:
         with Vertical(id="open-file"):
             yield Label("[b]Open an image file[/b]")
             yield Label(
-                "docker-archive:PATH  a `docker save` tarball\n"
-                "rootfs:PATH          a filesystem tarball (gzip/zstd or plain)"
+                "The path of a `docker save` archive or of a filesystem tarball, plain\n"
+                "or compressed (gzip, zstd, xz): its kind is read from its content."
             )
-            yield Field(value="docker-archive:", id="open-file-ref")
-            yield Label("Enter opens it, Escape cancels.", classes="hint")
+            yield Field(placeholder="/path/to/image.tar", id="open-file-ref")
+            yield Static("Enter opens it, Escape cancels.", id="open-file-status", classes="hint")
 
     def action_cancel(self) -> None:
         self.dismiss(None)
 
+    def status(self, text: str, style: str = "dim") -> None:
+        self.query_one("#open-file-status", Static).update(Text(text, style=style))
+
     @on(Input.Submitted)
     def submitted(self, event: Input.Submitted) -> None:
-        ref = event.value.strip()
-        self.dismiss(ref if ref.partition(":")[2] else None)
+        event.stop()
+        given = event.value.strip()
+        if not given:
+            self.status("✗ Type the path of an image file first, or Escape to cancel.", "bold red")
+            return
+        self.status(f"Reading {given}…")
+        self.identify(given)
+
+    @work(thread=True, exclusive=True, group="open-file")
+    def identify(self, given: str) -> None:
+        try:
+            ref = self.backend.file_ref(given)
+            self.backend.details(ref)  # Opens it: a broken archive is told here, not later.
+        except DbootError as error:
+            self.post_message(FileOpened(None, str(error)))
+            return
+        self.post_message(FileOpened(ref, None))
+
+    def on_file_opened(self, message: FileOpened) -> None:
+        if message.ref is None:
+            self.status(f"✗ {message.error}", "bold red")
+            return
+        self.dismiss(message.ref)
 
 
 class ImagesScreen(StepScreen):
@@ -160,8 +198,12 @@ class ImagesScreen(StepScreen):
         needle = self.query_one("#filter", Input).value.strip().lower()
         for ref, details in self.opened.items():
             if needle in ref.lower():
+                # The file's name and its kind fit at 80 columns; the details show its path.
+                kind, _, path = ref.partition(":")
+                name = PurePosixPath(path).name
                 size = human_bytes(details.size)
-                table.add_row(ref, "(file)", short_id(details.id), size, "", key=ref)
+                kind_label = f"({FILE_KINDS.get(kind, kind)})"
+                table.add_row(name, kind_label, short_id(details.id), size, "", key=ref)
         for image in self.images:
             ref = image_label(image.repository, image.tag, image.id)
             if needle and not any(needle in f.lower() for f in (ref, image.id)):
@@ -264,13 +306,13 @@ class ImagesScreen(StepScreen):
         self.load_images()
 
     def action_open_file(self) -> None:
-        self.app.push_screen(OpenFileScreen(), self.open_ref)
+        self.app.push_screen(OpenFileScreen(self.wizard.backend), self.open_ref)
 
     def open_ref(self, ref: str | None) -> None:
         if ref is None:
             return
+        # The dialog read it already: its details come from the backend's open source.
         self.pending_open.add(ref)
-        self.notify(f"Opening {ref}…", title="Open file")
         self.load_details(ref)
 
 

@@ -10,11 +10,13 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Input, Label, Static
 
-from app.tui.messages import InitChecked, InitSuggested
+from app.tui.messages import ImageReading, InitChecked, InitSuggested
+from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.chrome import Field
 from app.tui.wizard import Choices
 from injector.errors import DbootError
+from injector.events import Progress
 
 LESSON = (
     "This program becomes PID 1 of the new system: the kernel's first process, the parent "
@@ -49,6 +51,7 @@ class InitScreen(StepScreen):
         self.query_one("#init-image", Label).update(_image_line(choices.image, choices))
         self.block("looking for an init in the image…")
         self.checked: list[str] | None = None
+        self.eta = EtaClock(self.wizard.clock)
         if choices.init_argv:
             # Back from a later step, same image: keep what the user typed.
             self._fill(choices.init_argv, "your previous choice")
@@ -57,10 +60,23 @@ class InitScreen(StepScreen):
 
     @work(thread=True, exclusive=True, group="suggest")
     def suggest(self, ref: str) -> None:
+        throttle = ProgressThrottle()
+
+        def progress(done: int, total: int) -> None:
+            event = Progress("read", done, total)
+            if throttle.due(event):
+                self.post_message(ImageReading(event))
+
         try:
+            # Reading an archive's index can take a while: it is done once, here, in sight.
+            self.wizard.backend.read(ref, progress)
             self.post_message(InitSuggested(self.wizard.backend.suggest_init(ref), None))
         except DbootError as error:
             self.post_message(InitSuggested(None, str(error)))
+
+    def on_image_reading(self, message: ImageReading) -> None:
+        status = self.query_one("#init-status", Static)
+        status.update(Text(f"Reading the image: {self.eta.describe(message.progress)}"))
 
     def on_init_suggested(self, message: InitSuggested) -> None:
         if message.suggestion is None:

@@ -7,9 +7,6 @@ to the thread that attached, so the injection must never hop between threads.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from datetime import datetime
 from typing import ClassVar
 
 from rich.text import Text
@@ -20,8 +17,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, ProgressBar, RichLog
 
 from app.tui.backend import RunRequest
-from app.tui.format import human_bytes, human_seconds
 from app.tui.messages import EngineEvent, LastWords, RunEnded
+from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.run_panels import StepList, TeachingPanel
 from app.tui.wizard import Outcome, Wizard
@@ -41,38 +38,20 @@ from injector.events import (
 
 logger = logging.getLogger(__name__)
 
-# Progress events can come for every chunk copied; the screen needs a few per second.
-PROGRESS_INTERVAL_S = 0.1
-
-
-class EtaClock:
-    """Bytes per second since the first Progress of a step, from the wizard's clock."""
-
-    def __init__(self, clock: Callable[[], datetime]) -> None:
-        self.clock = clock
-        self.start: tuple[str, datetime, int] | None = None
-
-    def describe(self, event: Progress) -> str:
-        now = self.clock()
-        if self.start is None or self.start[0] != event.step:
-            self.start = (event.step, now, event.done)
-        _, since, done_then = self.start
-        amount = f"{human_bytes(event.done)} of {human_bytes(event.total)}"
-        elapsed = (now - since).total_seconds()
-        rate = (event.done - done_then) / elapsed if elapsed > 0 else 0.0
-        if event.done >= event.total:
-            return f"{amount} · done"
-        if rate <= 0:
-            return f"{amount} · ETA …"
-        remaining = human_seconds((event.total - event.done) / rate)
-        return f"{amount} · {human_bytes(int(rate))}/s · ETA {remaining}"
-
 
 def expect_next(init_argv: list[str]) -> str:
     return (
         "Next: this terminal closes. Watch VT 3 (Alt+F3) or the serial console: the init "
         "stage stops the old processes, pivots into the RAM root and starts "
         f"`{' '.join(init_argv)}` as PID 1."
+    )
+
+
+def target_next(init_argv: list[str]) -> str:
+    return (
+        "The namespace's PID 1 now runs the init stage: it stops the namespace's other "
+        f"processes, pivots into the RAM root and starts `{' '.join(init_argv)}`. Its "
+        "console is the namespace's own. This machine's PID 1 was not touched."
     )
 
 
@@ -86,7 +65,7 @@ class RunScreen(StepScreen):
         self.request = request
         self.running = True
         self.eta = EtaClock(wizard.clock)
-        self._last_progress = 0.0
+        self.throttle = ProgressThrottle()
 
     def body(self) -> ComposeResult:
         with Horizontal(id="run-top"):
@@ -127,7 +106,7 @@ class RunScreen(StepScreen):
 
         try:
             for event in self.wizard.backend.run(request, last_words):
-                if isinstance(event, Progress) and not self._progress_due(event):
+                if isinstance(event, Progress) and not self.throttle.due(event):
                     continue
                 self.post_message(EngineEvent(event))
         except DbootError as error:
@@ -138,13 +117,6 @@ class RunScreen(StepScreen):
             self.post_message(RunEnded(f"unexpected {name}: {error} (see the log file)"))
         else:
             self.post_message(RunEnded(None))
-
-    def _progress_due(self, event: Progress) -> bool:
-        now = time.monotonic()
-        if event.done >= event.total or now - self._last_progress >= PROGRESS_INTERVAL_S:
-            self._last_progress = now
-            return True
-        return False
 
     # --- rendering the events ------------------------------------------------------------
     def log_line(self, text: str, style: str = "") -> None:
@@ -200,6 +172,11 @@ class RunScreen(StepScreen):
             )
         else:
             self.log_line(f"Finished: {event.outcome}. {event.detail}", "bold green")
+        if event.outcome == "injected":
+            # --target-pid: this terminal stays; the namespace's own console shows the rest.
+            console = self.query_one("#run-console", RichLog)
+            console.clear()
+            console.write(Text(target_next(self.request.init_argv), style="bold"))
 
     def on_last_words(self, message: LastWords) -> None:
         # The last thing this terminal shows before the init stage takes it away.
