@@ -248,6 +248,8 @@ def read_kmsg(fd: int) -> list[str]:
         except BrokenPipeError:  # EPIPE: overwritten while we read; keep going
             continue
         message = record.split(";", 1)[-1].strip()
+        # /dev/kmsg writes a backslash and unprintable bytes as \xNN: undo that.
+        message = re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), message)
         if message.startswith("dboot-stage: "):
             records.append(message)
 
