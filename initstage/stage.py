@@ -235,7 +235,8 @@ class Stage:
         self.log(
             f"plan: new root {plan.new_root}, init {plan.init_argv}, console {plan.console}, "
             f"grace {plan.grace_seconds:g} s, api mounts {plan.api_mounts}, "
-            f"minimal /dev {plan.minimal_dev}"
+            f"minimal /dev {plan.minimal_dev}, machine {plan.machine},"
+            f" sync deadline {plan.sync_timeout_seconds:g} s"
         )
         if self.machine_init:
             self.log("running as the machine's PID 1")
@@ -297,7 +298,11 @@ class Stage:
         cannot flush (a dead NFS server, a stalled FUSE daemon, a suspended dm device) is
         named, and the switch goes on without its unwritten data."""
         timeout = plan.sync_timeout_seconds
-        mounts = [mount for mount in one_per_superblock(read_mounts()) if mount.flushable]
+        try:
+            mounts = [mount for mount in one_per_superblock(read_mounts()) if mount.flushable]
+        except OSError as error:
+            self.log(f"sync: no mount table ({error}): one sync(2) for everything")
+            mounts = []
         jobs = [(mount.describe(), _syncfs_job(mount.mount_point)) for mount in mounts]
         jobs.append(("sync(2) of everything else (block devices written directly)", _sync_job))
         devices = {mount.describe(): mount.device for mount in mounts}
@@ -332,7 +337,11 @@ class Stage:
         copies, the superblocks are shared), and a superblock remount would make them
         read-only for everyone. There each mount copy goes read-only on its own
         (MS_BIND | MS_REMOUNT), which the host never sees."""
-        mounts = read_mounts()
+        try:
+            mounts = read_mounts()
+        except OSError as error:
+            self.log(f"warning: read-only remount skipped: no mount table ({error})")
+            return
         new_root = mount_of(plan.new_root, mounts)
         keep = {new_root.device} if new_root is not None else set()
         candidates = [
@@ -347,17 +356,16 @@ class Stage:
                 f"read-only remount: the plan says machine={plan.machine}, /proc says"
                 f" {self.machine_init}: remounting each mount only, never a superblock"
             )
-        if not candidates:
-            self.log("read-only remount: no block-backed filesystem of the old system")
-            return
         if superblock:
-            targets = one_per_superblock(candidates)
-            jobs = [(mount.describe(), _remount_job(mount, superblock=True)) for mount in targets]
+            targets = [m for m in one_per_superblock(candidates) if "ro" not in m.super_options]
             what = "filesystem"
         else:
-            targets = candidates
-            jobs = [(mount.describe(), _remount_job(mount, superblock=False)) for mount in targets]
+            targets = [mount for mount in candidates if not mount.read_only]
             what = "mount (sandbox: this namespace's copies only, the host's stay writable)"
+        if not targets:
+            self.log("read-only remount: no writable block-backed filesystem of the old system")
+            return
+        jobs = [(mount.describe(), _remount_job(mount, superblock=superblock)) for mount in targets]
         outcome = run_jobs(jobs, plan.sync_timeout_seconds, time.monotonic, time.sleep)
         self.hung_children += [job.pid for job in outcome.unfinished]
         for failed in outcome.failed:
