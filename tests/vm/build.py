@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -344,6 +345,16 @@ def build_base(variant: Variant, log: Log) -> tuple[Path, float]:
     return base, time.monotonic() - started
 
 
+LEGACY_LAYER = re.compile(r"(base|disk|wheels)-[0-9a-f]{16}")
+
+
+def prune_legacy() -> None:
+    """Layers named before there were variants (``base-<hash>``): nothing uses them any more."""
+    for old in CACHE.iterdir():
+        if old.is_dir() and LEGACY_LAYER.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def run_streaming(cmd: list[str], what: str) -> None:
     """A long step whose progress lines (stderr) should reach the user as they come."""
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
@@ -647,6 +658,7 @@ def build(log: Log = print, variant: Variant = DEFAULT) -> VmBed:
     """Build (or reuse) both layers of one variant and return the bed. Raises BuildError."""
     check_requirements(variant)
     with cache_lock():
+        prune_legacy()
         base, base_seconds = build_base(variant, log)
         disk, disk_seconds = build_disk(base, variant, log)
     return VmBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds, variant)
