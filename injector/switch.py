@@ -408,6 +408,10 @@ class _Prepare:
                 grace_seconds=self.options.grace,
                 api_mounts=self.options.api_mounts,
                 minimal_dev=self.mode != "switch",
+                # Only the machine's own PID 1 may remount the old filesystems read-only for
+                # real (superblocks are shared with the host); a namespace's stage does it per
+                # mount. The stage checks /proc agrees before it believes this.
+                machine=self.mode == "switch",
             )
             write_plan(plan, self.plan_path)
             send(Log(f"plan written to {self.plan_path}"))
