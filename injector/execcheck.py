@@ -29,7 +29,7 @@ from typing import IO, Any, Literal
 
 from injector.errors import DbootError
 from injector.events import Notice
-from injector.imageindex import ImageIndex, IndexEntry
+from injector.imageindex import ImageIndex
 from injector.tarstream import ArchiveError, StrictTar, normalize
 
 # Enough for the ELF header, the program headers and the PT_INTERP string of every
@@ -317,15 +317,23 @@ def head_reader(source: Any, index: ImageIndex) -> HeadReader:
 
     Engine images on overlay2 are read from their layer directories (each path component
     opened without following symlinks); other engine images through the engine's archive
-    API on a created container; archives by one more pass over their tar streams.
+    API on a created container; archives by one more pass over their tar streams, which
+    also keeps the heads of the usual interpreters (the executables in the bin directories),
+    so that a script's interpreter costs no second pass.
     Any failure reads as None: the verdict then says the check was not possible.
     """
     cache: dict[str, bytes | None] = {}
+    archive = getattr(source, "kind", "") in ("docker-archive", "rootfs")
 
     def read(path: str) -> bytes | None:
         if path not in cache:
             try:
-                cache[path] = _read_head(source, index, path)
+                if archive:
+                    wanted = {path} if cache else {path, *_interpreter_candidates(index)}
+                    found = _heads_from_tar_source(source, index, wanted)
+                    cache.update({name: found.get(name) for name in wanted})
+                else:
+                    cache[path] = _read_head(source, path)
             except (DbootError, OSError, ArchiveError, tarfile.TarError, EOFError, ValueError):
                 cache[path] = None  # the engine or the archive would not tell: unchecked
             except Exception as error:  # the engine's SDK errors, which need no import here
@@ -337,20 +345,39 @@ def head_reader(source: Any, index: ImageIndex) -> HeadReader:
     return read
 
 
-def _read_head(source: Any, index: ImageIndex, path: str) -> bytes | None:
-    kind = getattr(source, "kind", "")
-    if kind == "engine":
-        layers = source.layer_dirs() if getattr(source, "_method", "auto") != "stream" else None
-        if layers is not None:
-            return _head_from_layers(layers, path)
-        return _head_from_engine(source, path)
-    names = _hardlink_names(index, path)
-    if kind == "docker-archive":
-        return _head_from_tars(source._layer_streams(), names)
-    if kind == "rootfs":
-        with source._stream() as stream:
-            return _head_from_tars([stream], names)
-    return None
+def _read_head(source: Any, path: str) -> bytes | None:
+    if getattr(source, "kind", "") != "engine":
+        return None
+    layers = source.layer_dirs() if getattr(source, "_method", "auto") != "stream" else None
+    if layers is not None:
+        return _head_from_layers(layers, path)
+    return _head_from_engine(source, path)
+
+
+# Where the interpreters of #! lines live; merged-/usr images resolve /bin to /usr/bin.
+INTERPRETER_DIRS = frozenset(
+    {"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"}
+)
+
+
+def _interpreter_candidates(index: ImageIndex) -> set[str]:
+    return {
+        entry.path
+        for entry in index
+        if entry.kind == "file"
+        and entry.mode & 0o111
+        and posixpath.dirname(entry.path) in INTERPRETER_DIRS
+    }
+
+
+def _heads_from_tar_source(source: Any, index: ImageIndex, paths: set[str]) -> dict[str, bytes]:
+    """The heads of ``paths`` (resolved paths of regular files) in one pass over the
+    archive's tar streams."""
+    names = _hardlink_names(index, paths)
+    if source.kind == "docker-archive":
+        return _heads_from_tars(source._layer_streams(), names)
+    with source._stream() as stream:
+        return _heads_from_tars([stream], names)
 
 
 def _head_from_layers(layers: list[str], path: str) -> bytes | None:
@@ -427,23 +454,25 @@ def _head_from_engine(source: Any, path: str) -> bytes | None:
     return None
 
 
-def _hardlink_names(index: ImageIndex, path: str) -> set[str]:
-    """Every name of the file at ``path``: in a tar, a hardlink's data sits under the name
-    that came first, which may be any of them."""
-    entry = index.get(path)
-    if entry is None:
-        return {path}
-    return {other.path for other in index if _same_file(other, entry)} | {path}
+def _hardlink_names(index: ImageIndex, paths: set[str]) -> dict[str, set[str]]:
+    """Member name -> the wanted paths whose data it carries. In a tar, a hardlinked file's
+    data sits under whichever of its names came first."""
+    inodes: dict[int, set[str]] = {}
+    for path in paths:
+        entry = index.get(path)
+        if entry is not None and entry.kind == "file":
+            inodes.setdefault(entry.inode, set()).add(path)
+    names: dict[str, set[str]] = {path: {path} for path in paths}
+    for entry in index:
+        if entry.kind == "file" and entry.inode in inodes:
+            names.setdefault(entry.path, set()).update(inodes[entry.inode])
+    return names
 
 
-def _same_file(one: IndexEntry, other: IndexEntry) -> bool:
-    return one.kind == "file" and one.inode == other.inode
-
-
-def _head_from_tars(streams: Iterable[IO[bytes]], names: set[str]) -> bytes | None:
-    """The head of the last regular member named one of ``names`` across the streams
+def _heads_from_tars(streams: Iterable[IO[bytes]], names: dict[str, set[str]]) -> dict[str, bytes]:
+    """The head of the last regular member carrying each wanted path, across the streams
     (layers in order: a later layer's file replaces an earlier one's)."""
-    found: bytes | None = None
+    found: dict[str, bytes] = {}
     with contextlib.ExitStack() as stack:
         if isinstance(streams, Iterator):
             close = getattr(streams, "close", None)
@@ -452,6 +481,8 @@ def _head_from_tars(streams: Iterable[IO[bytes]], names: set[str]) -> bytes | No
         for stream in streams:
             tar = StrictTar(stream)
             for member in tar:
-                if member.isreg() and normalize(member.name) in names:
-                    found = next(tar.data(member), b"")[:HEAD_BYTES]
+                carried = names.get(normalize(member.name)) if member.isreg() else None
+                if carried:
+                    head = next(tar.data(member), b"")[:HEAD_BYTES]
+                    found.update(dict.fromkeys(carried, head))
     return found

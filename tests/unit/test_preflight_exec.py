@@ -5,14 +5,18 @@ runs the same checks on real binaries (Debian's arm64 busybox, the host's /bin/t
 
 from __future__ import annotations
 
+import io
 import struct
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from injector import execcheck
 from injector.execcheck import Executable, judge_architecture, judge_init, parse_head
 from injector.imageindex import ImageIndex, IndexEntry
+from injector.sources import RootfsSource
 
 EM_X86_64, EM_AARCH64, EM_386, EM_PPC64 = 62, 183, 3, 21
 LOADER = "/lib64/ld-linux-x86-64.so.2"
@@ -246,3 +250,41 @@ def test_an_unreadable_source_leaves_the_init_unverified_not_a_crash() -> None:
     assert reader("/sbin/init") is None
     [notice] = judge_init(index, "/sbin/init", reader, "x86_64")
     assert (notice.level, notice.code) == ("warning", "init-unverified")
+
+
+def test_an_archive_is_read_once_for_a_script_and_its_interpreter(tmp_path: Path) -> None:
+    """A rootfs tarball whose init is a script for /bin/sh, a hardlink to a static busybox
+    that comes first in the tar under another name: one pass reads both heads."""
+    archive = tmp_path / "root.tar"
+    busybox = elf(EM_X86_64)
+    with tarfile.open(archive, "w") as tar:
+        for name, kind, data in (
+            ("bin", tarfile.DIRTYPE, b""),
+            ("bin/busybox", tarfile.REGTYPE, busybox),
+            ("bin/sh", tarfile.LNKTYPE, b""),
+            ("sbin", tarfile.DIRTYPE, b""),
+            ("sbin/init", tarfile.REGTYPE, b"#!/bin/sh\nexec sh\n"),
+            ("sbin/init-perl", tarfile.REGTYPE, b"#!/opt/perl/bin/perl\n"),
+            ("opt/perl/bin/perl", tarfile.REGTYPE, elf(EM_AARCH64)),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.size = kind, 0o755, len(data)
+            if kind == tarfile.LNKTYPE:
+                info.linkname = "bin/busybox"
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    source = RootfsSource(f"rootfs:{archive}", archive)
+    index = source.scan()
+    passes = []
+    stream = source._stream
+
+    def counted() -> Any:
+        passes.append(1)
+        return stream()
+
+    source._stream = counted  # type: ignore[method-assign]
+    reader = execcheck.head_reader(source, index)
+    assert judge_init(index, "/sbin/init", reader, "x86_64") == []
+    assert len(passes) == 1  # /bin/sh's head came with the init's
+    # An interpreter outside the usual directories costs one more pass, and is judged.
+    [notice] = judge_init(index, "/sbin/init-perl", reader, "x86_64")
+    assert notice.code == "init-foreign-arch" and len(passes) == 2
