@@ -1,9 +1,10 @@
-"""Thin ctypes wrappers for the syscalls the stdlib lacks.
+"""Thin ctypes wrappers for the syscalls the stdlib lacks: the project's one syscall module.
 
 Every wrapper raises ``OSError`` with the errno and a message that names the call and
 its path, e.g. ``[Errno 22] pivot_root('.', '.'): Invalid argument``. libc is loaded
 once, at import: the stage imports this module before the pivot, when the old root
-(and the libc file behind ``CDLL(None)``) is still reachable.
+(and the libc file behind ``CDLL(None)``) is still reachable. ``injector/`` takes libc and
+the mount, clone and prctl constants from here too (it may import initstage, not the reverse).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 # include/uapi/linux/mount.h
 MS_RDONLY = 0x1
@@ -30,16 +32,18 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MNT_DETACH = 0x2
+# include/uapi/linux/sched.h, prctl.h
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
 
 # Magic numbers of include/uapi/linux/magic.h, for "is this already mounted here?".
 PROC_SUPER_MAGIC = 0x9FA0
-SYSFS_MAGIC = 0x62656572
-TMPFS_MAGIC = 0x01021994
-DEVPTS_SUPER_MAGIC = 0x1CD1
 RAMFS_MAGIC = 0x858458F6
 
-# Per-architecture syscall numbers. close_range is 436 in the generic table too.
+# The calls the stage itself makes by number. Kept by hand because initstage is stdlib only
+# (it runs as PID 1, past the pivot); injector/arch.py takes every number from python-ptrace's
+# tables, and tests/unit/test_arch.py checks these three against them.
 _SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"pivot_root": 155, "close_range": 436, "rt_sigaction": 13},
     "aarch64": {"pivot_root": 41, "close_range": 436, "rt_sigaction": 134},
@@ -54,24 +58,18 @@ KD_TEXT = 0x00
 TIOCSCTTY = 0x540E
 TIOCGDEV = 0x80045432
 
-# Reboot commands (include/uapi/linux/reboot.h).
-RB_POWER_OFF = 0x4321FEDC
-RB_AUTOBOOT = 0x01234567
-
-_libc.syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
     ctypes.c_char_p,
     ctypes.c_ulong,
     ctypes.c_char_p,
 ]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.reboot.argtypes = [ctypes.c_int]
-_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-_libc.syncfs.argtypes = [ctypes.c_int]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.unshare.argtypes = [ctypes.c_int]
+libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+libc.syncfs.argtypes = [ctypes.c_int]
 
 
 def _fail(call: str) -> OSError:
@@ -86,12 +84,12 @@ def _b(text: str | None) -> bytes | None:
 def mount(
     source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
 ) -> None:
-    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+    if libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
         raise _fail(f"mount({source!r} on {target!r}, type {fstype!r}, flags {flags:#x})")
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    if _libc.umount2(_b(target), flags) != 0:
+    if libc.umount2(_b(target), flags) != 0:
         raise _fail(f"umount2({target!r}, {flags:#x})")
 
 
@@ -104,7 +102,7 @@ def syscall_number(name: str) -> int:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     number = syscall_number("pivot_root")
-    if _libc.syscall(ctypes.c_long(number), _b(new_root), _b(put_old)) != 0:
+    if libc.syscall(ctypes.c_long(number), _b(new_root), _b(put_old)) != 0:
         raise _fail(f"pivot_root({new_root!r}, {put_old!r})")
 
 
@@ -124,7 +122,7 @@ def default_disposition(signum: int) -> None:
     signals it reserves for itself (32, 33), yet an ignored one is inherited across execve."""
     action = _KernelSigaction(None, 0, None, 0)
     number = syscall_number("rt_sigaction")
-    if _libc.syscall(ctypes.c_long(number), signum, ctypes.byref(action), None, 8) != 0:
+    if libc.syscall(ctypes.c_long(number), signum, ctypes.byref(action), None, 8) != 0:
         raise _fail(f"rt_sigaction({signum}, SIG_DFL)")
 
 
@@ -139,7 +137,7 @@ def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) ->
     number = syscall_number("close_range")
     flags = CLOSE_RANGE_CLOEXEC if cloexec else 0
     args = (ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
-    if _libc.syscall(ctypes.c_long(number), *args) == 0:
+    if libc.syscall(ctypes.c_long(number), *args) == 0:
         return
     if ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL):
         raise _fail(f"close_range({first}, {last:#x}, {flags:#x})")
@@ -153,40 +151,50 @@ def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) ->
             pass  # EBADF: not open
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies; exit now if the parent is already gone."""
+    parent = os.getppid()
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent or parent == 1:  # died before prctl took effect: reparented
+        os._exit(1)
+
+
+def setns(fd: int, nstype: int) -> None:
+    if libc.setns(fd, nstype) != 0:
+        raise _fail(f"setns({fd}, {nstype:#x})")
+
+
+def swapon(path: str) -> None:
+    """Turn swap area ``path`` on at the default priority."""
+    if libc.swapon(os.fsencode(path), 0) != 0:
+        raise _fail(f"swapon({path!r})")
+
+
+def swapoff(path: str) -> None:
+    if libc.swapoff(os.fsencode(path)) != 0:
+        raise _fail(f"swapoff({path!r})")
+
+
 def unshare(flags: int) -> None:
-    if _libc.unshare(flags) != 0:
+    if libc.unshare(flags) != 0:
         raise _fail(f"unshare({flags:#x})")
-
-
-def sync() -> None:
-    os.sync()
 
 
 def syncfs(path: str) -> None:
     """Flush the one filesystem that holds ``path`` (a directory)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        if _libc.syncfs(fd) != 0:
+        if libc.syncfs(fd) != 0:
             raise _fail(f"syncfs({path!r})")
     finally:
         os.close(fd)
 
 
-def reboot(command: int) -> None:
-    if _libc.reboot(command) != 0:
-        raise _fail(f"reboot({command:#x})")
-
-
-def sethostname(name: str) -> None:
-    raw = name.encode()
-    if _libc.sethostname(raw, len(raw)) != 0:
-        raise _fail(f"sethostname({name!r})")
-
-
 def statfs_type(path: str) -> int:
     """The filesystem magic of ``path`` (struct statfs starts with a long f_type)."""
     buffer = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on 64-bit
-    if _libc.statfs(_b(path), buffer) != 0:
+    if libc.statfs(_b(path), buffer) != 0:
         raise _fail(f"statfs({path!r})")
     return int(ctypes.c_long.from_buffer(buffer).value)
 

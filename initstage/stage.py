@@ -704,7 +704,7 @@ def _syncfs_job(mount_point: str) -> Callable[[], str]:
 
 
 def _sync_job() -> str:
-    linux.sync()
+    os.sync()
     return ""
 
 

@@ -31,7 +31,6 @@ no Python module can be found.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -50,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from initstage import linux
 from injector.errors import BadInput, EnvironmentFailure
 from injector.tarstream import (
     ArchiveError,
@@ -74,14 +74,6 @@ NS_PER_SECOND = 1_000_000_000
 MOUNT_DATA_LIMIT = 4000
 OPAQUE_MARKER = ".wh..wh..opq"
 WHITEOUT_PREFIX = ".wh."
-
-CLONE_NEWNS = 0x00020000
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-PR_SET_PDEATHSIG = 1
 
 _BOOT = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
@@ -282,7 +274,7 @@ def worker_main(job_text: str) -> None:
     reporter = _Reporter(job["status_fd"])
     code = 1
     try:
-        _die_with_parent()
+        linux.die_with_parent()
         # The parent owns Ctrl-C: it kills us, then unmounts. Ignoring SIGINT here means a
         # terminal's Ctrl-C cannot leave a half-done worker racing its own cleanup.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -351,44 +343,18 @@ _JOBS: dict[str, Callable[[dict[str, Any], _Reporter], dict[str, Any]]] = {
 
 # --- the process's own confinement --------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str, path: str | None = None) -> None:
-    if result != 0:
-        number = ctypes.get_errno()
-        raise OSError(number, f"{what}: {os.strerror(number)}", path)
-
-
-def _die_with_parent() -> None:
-    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-    if os.getppid() == 1:  # the parent died before the line above took effect
-        os._exit(1)
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
-    _check(
-        _libc.mount(
-            source.encode(),
-            target.encode(),
-            fstype.encode(),
-            ctypes.c_ulong(flags),
-            data.encode() if data is not None else None,
-        ),
-        f"mount {fstype} on {target}",
-        target,
-    )
-
 
 @contextlib.contextmanager
 def _overlay(layers: list[str], scratch: str) -> Iterator[int]:
     """A read-only overlay of ``layers`` (top first) in a private mount namespace; yields an
     fd of its root. The overlay hides whiteouts and opaque directories, so the merged view
     is the image's filesystem as a container would see it."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    linux.unshare(linux.CLONE_NEWNS)
     # Private first, or our mounts would propagate back to the host's shared mounts.
-    _check(_libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount")
-    _mount("dboot-scratch", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0700")
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount(
+        "dboot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,mode=0700"
+    )
     empty, merged = f"{scratch}/empty", f"{scratch}/merged"
     os.mkdir(empty)
     os.mkdir(merged)
@@ -397,7 +363,7 @@ def _overlay(layers: list[str], scratch: str) -> Iterator[int]:
     data = "lowerdir=" + ":".join(lower)
     if len(data) > MOUNT_DATA_LIMIT:
         data = _short_lowerdir(lower)
-    _mount("overlay", merged, "overlay", MS_RDONLY, data)
+    linux.mount("overlay", merged, "overlay", linux.MS_RDONLY, data)
     os.chdir("/")
     fd = os.open(merged, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -28,7 +28,6 @@ this one controlled path is the only one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import queue
@@ -48,11 +47,8 @@ from injector.errors import EnvironmentFailure
 T = TypeVar("T")
 Send = Callable[[Any], None]
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWPID = 0x20000000
 HEADER = struct.Struct("!Q")  # length of the pickle that follows
 CANCEL_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 def shares_mount_namespace(pid: int) -> bool:
@@ -282,18 +278,18 @@ def _child(
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if pid_ns is None:
-            _setns(mount_ns, CLONE_NEWNS, pid)
+            _setns(mount_ns, linux.CLONE_NEWNS, pid)
             status = _work(channel, fn)
         else:
             # setns(CLONE_NEWPID) places our next child, not us: fork the worker. SIGTERM
             # stays blocked across the fork so that a cancel arriving meanwhile is not lost:
             # we forward it, the worker handles it.
-            _setns(pid_ns, CLONE_NEWPID, pid)
-            _setns(mount_ns, CLONE_NEWNS, pid)
+            _setns(pid_ns, linux.CLONE_NEWPID, pid)
+            _setns(mount_ns, linux.CLONE_NEWNS, pid)
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
             worker = os.fork()
             if worker == 0:
-                _die_with_parent()
+                linux.die_with_parent()
                 os._exit(_work(channel, fn))
             os.close(channel)
             signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(worker, signal.SIGTERM))
@@ -353,24 +349,15 @@ def _post_error(channel: int, error: BaseException) -> None:
     _post(channel, ("error", (pickled, summary, text)))
 
 
-def _die_with_parent() -> None:
-    """SIGKILL the worker if its parent dies (the parent's SIGKILL after a cancel timeout)."""
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-
-
 def _setns(fd: int, nstype: int, pid: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, nstype) != 0:
-        errno = ctypes.get_errno()
-        kind = "mount" if nstype == CLONE_NEWNS else "PID"
+    try:
+        linux.setns(fd, nstype)
+    except OSError as error:
+        kind = "mount" if nstype == linux.CLONE_NEWNS else "PID"
         raise EnvironmentFailure(
-            f"cannot enter the {kind} namespace of pid {pid}: {os.strerror(errno)}",
+            f"cannot enter the {kind} namespace of pid {pid}: {os.strerror(error.errno or 0)}",
             "run as root (sudo)",
-        )
+        ) from None
 
 
 # -- state directories, for code running inside a namespace ---------------------------------

@@ -12,7 +12,6 @@ explains. The rule, the same in the code (``FORCE_RULE``), in ``--help`` and in 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import pwd
@@ -20,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from initstage import linux
 from injector import execcheck, labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
@@ -997,14 +997,14 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
             "only a real switch turns swap off, and lab mode allows none",
         )
     current = swaps_still_to_turn_off(report, procinfo.read_text(proc / "swaps") or "")
-    libc = ctypes.CDLL(None, use_errno=True)
     turned_off = []
     for device in current:
-        if libc.swapoff(os.fsencode(device.path)) != 0:
-            error = ctypes.get_errno()
+        try:
+            linux.swapoff(device.path)
+        except OSError as error:
             raise EnvironmentFailure(
-                f"swapoff {device.path} failed: {os.strerror(error)}",
+                f"swapoff {device.path} failed: {os.strerror(error.errno or 0)}",
                 "free RAM so its pages fit, or run `swapoff` yourself, then retry",
-            )
+            ) from None
         turned_off.append(device.path)
     return turned_off

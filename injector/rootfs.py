@@ -9,7 +9,6 @@ once the new init owns it) leaves it in place.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import os
@@ -18,6 +17,7 @@ import socket
 import stat
 from pathlib import Path
 
+from initstage import linux
 from injector.errors import BadInput, EnvironmentFailure
 from injector.imageindex import INODE_BYTES
 from injector.signals import signals_deferred
@@ -25,12 +25,9 @@ from injector.signals import signals_deferred
 MiB = 1 << 20
 MIN_HEADROOM = 64 * MiB  # logs, package caches and the like written in the first hours
 HEADROOM_FRACTION = 4  # ... or a quarter of the image, whichever is larger
-MNT_DETACH = 2
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # systemd-resolved's local stubs: useless once resolved is gone with the old userspace.
 STUB_RESOLVERS = ("127.0.0.53", "127.0.0.54")
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def tmpfs_size_for(estimated_bytes: int) -> int:
@@ -89,14 +86,13 @@ class RamRoot:
                     f"{self.path} is not empty", "empty it or choose another --state-dir"
                 )
             options = f"size={self.size_bytes},mode=0755,uid=0,gid=0"
-            if _libc.mount(
-                b"dboot", bytes(self.path), b"tmpfs", ctypes.c_ulong(0), options.encode()
-            ):
-                number = ctypes.get_errno()
+            try:
+                linux.mount("dboot", str(self.path), "tmpfs", 0, options)
+            except OSError as error:
                 raise EnvironmentFailure(
-                    f"cannot mount a tmpfs on {self.path}: {os.strerror(number)}",
+                    f"cannot mount a tmpfs on {self.path}: {os.strerror(error.errno or 0)}",
                     "run as root on the host (CAP_SYS_ADMIN), or choose another --state-dir",
-                )
+                ) from None
             self._mounted = True
         except BaseException:
             self.unmount()
@@ -131,11 +127,13 @@ class RamRoot:
         """Unmount (if we mounted) and remove the directories we created. Idempotent."""
         with signals_deferred():
             if self._mounted:
-                if _libc.umount2(bytes(self.path), 0) != 0:
-                    number = ctypes.get_errno()
-                    if number != errno.EINVAL:  # EINVAL: no longer mounted
+                try:
+                    linux.umount2(str(self.path))
+                except OSError as error:
+                    if error.errno != errno.EINVAL:  # EINVAL: no longer mounted
                         # Busy: detach it now; the kernel frees it with its last user.
-                        _libc.umount2(bytes(self.path), MNT_DETACH)
+                        with contextlib.suppress(OSError):
+                            linux.umount2(str(self.path), linux.MNT_DETACH)
                 self._mounted = False
             for directory in reversed(self._created):
                 with contextlib.suppress(OSError):

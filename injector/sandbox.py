@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -50,6 +49,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Literal
 
+from initstage import linux
 from injector import standin
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.procinfo import nspid_chain
@@ -57,7 +57,6 @@ from injector.procinfo import nspid_chain
 ConsoleMode = Literal["relay", "capture"]
 IdleMode = Literal["wait", "read"]
 
-CLONE_NEWPID = 0x20000000
 WNOTHREAD = 0x20000000  # __WNOTHREAD, include/uapi/linux/wait.h; not in the os module
 EXIT_STATUS_UNKNOWN = 255
 DEFAULT_HOSTNAME = "dboot-rehearsal"
@@ -120,13 +119,13 @@ def process_state(pid: int) -> str:
 
 
 def _unshare_pid_namespace_for_this_thread() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWPID) != 0:
-        errno = ctypes.get_errno()
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+    except OSError as error:
         raise EnvironmentFailure(
-            f"cannot create a PID namespace: {os.strerror(errno)}",
+            f"cannot create a PID namespace: {os.strerror(error.errno or 0)}",
             "run as root (sudo), outside a container that forbids namespaces",
-        )
+        ) from None
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:

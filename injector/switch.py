@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import os
 import queue
@@ -30,6 +29,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Literal
 
+from initstage import linux
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 from injector import labmode, nsenter, preflight, procinfo, ptrace
@@ -470,13 +470,13 @@ def _undo_state(target: int, state_dir: Path) -> list[str]:
 
 def _swapon(paths: list[str]) -> list[str]:
     """Turn disk swap that we turned off back on (default priority); one line each."""
-    libc = ctypes.CDLL(None, use_errno=True)
     lines = []
     for path in paths:
-        if libc.swapon(os.fsencode(path), 0) == 0:
+        try:
+            linux.swapon(path)
             lines.append(f"swap {path}: turned back on")
-        else:
-            lines.append(f"swap {path}: swapon failed ({os.strerror(ctypes.get_errno())})")
+        except OSError as error:
+            lines.append(f"swap {path}: swapon failed ({os.strerror(error.errno or 0)})")
     return lines
 
 
