@@ -127,7 +127,6 @@ class Arch:
     args: tuple[str, ...]
     ret: str
     syscall_insn_len: int
-    execve_nr: int
     red_zone: int  # bytes below sp that leaf functions may use without moving sp
     stack_align: int
     # Where the kernel keeps the number it dispatches on, and so how to change it:
@@ -141,6 +140,10 @@ class Arch:
     def __post_init__(self) -> None:
         if (self.kernel_nr_field is None) == (self.kernel_nr_regset is None):
             raise ValueError(f"{self.name}: set exactly one of kernel_nr_field/kernel_nr_regset")
+
+    @property
+    def execve_nr(self) -> int:
+        return syscall_number(self, "execve")
 
     @property
     def regs_size(self) -> int:
@@ -171,7 +174,6 @@ X86_64 = Arch(
     args=("rdi", "rsi", "rdx", "r10", "r8", "r9"),
     ret="rax",
     syscall_insn_len=2,  # 0f 05; int 0x80 (cd 80) is also 2, but that is the i386 ABI
-    execve_nr=59,
     red_zone=128,
     stack_align=16,
     kernel_nr_field="orig_rax",
@@ -190,7 +192,6 @@ AARCH64 = Arch(
     args=("x0", "x1", "x2", "x3", "x4", "x5"),
     ret="x0",
     syscall_insn_len=4,  # svc #0
-    execve_nr=221,
     red_zone=0,
     stack_align=16,
     kernel_nr_field=None,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from initstage import linux
 from injector import arch as archmod
 from injector.arch import AARCH64, X86_64, Arch
 
@@ -301,3 +302,10 @@ def test_signed64() -> None:
     assert archmod.signed64(U64_MAX) == -1
     assert archmod.signed64((-2) & U64_MAX) == -2
     assert archmod.signed64(59) == 59
+
+
+@pytest.mark.parametrize("arch", [X86_64, AARCH64], ids=lambda arch: arch.name)
+def test_the_stages_hand_kept_syscall_numbers_agree_with_the_tables(arch: Arch) -> None:
+    """initstage is stdlib only, so it keeps the few numbers it calls; they must not drift."""
+    for name, nr in linux._SYSCALLS[arch.name].items():
+        assert archmod.syscall_number(arch, name) == nr, name
