@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from ptrace.syscall.linux import aarch64 as ptrace_aarch64
 from ptrace.syscall.linux import x86_64 as ptrace_x86_64
 
+from injector.ptrace_ext import NT_ARM_SYSTEM_CALL
+
 # -ERESTART* codes a blocking system call returns inside the kernel when a signal (or a
 # ptrace interrupt) wakes it. They never reach userspace: the kernel either restarts the
 # call or turns them into EINTR on the way out.
@@ -52,8 +54,6 @@ EINTR = 4
 # is exactly what the caller would do.
 EINTR_ON_INTERRUPT = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "rt_sigtimedwait"})
 
-NT_PRSTATUS = 1
-NT_ARM_SYSTEM_CALL = 0x404
 AUDIT_ARCH_X86_64 = 0xC000003E
 AUDIT_ARCH_AARCH64 = 0xC00000B7
 
@@ -70,6 +70,8 @@ def _u64_fields(names: Sequence[str]) -> list[tuple[str, type[ctypes.c_uint64]]]
     return [(name, ctypes.c_uint64) for name in names]
 
 
+# Both layouts stay here: python-ptrace's user_regs_struct exists only for the host's CPU, and
+# the unit tests need the aarch64 one on x86_64 (tests/unit/test_arch.py checks the host's).
 class X86_64Regs(ctypes.Structure):
     """``struct user_regs_struct`` from <sys/user.h>, the NT_PRSTATUS regset (216 bytes)."""
 

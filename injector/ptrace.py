@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from ptrace.binding.func import ptrace as raw_ptrace
+from ptrace.debugger.memory_mapping import readProcessMappings
 from ptrace.error import PtraceError
 
 from injector import arch as archmod
@@ -49,40 +50,33 @@ from injector import labmode, procinfo
 from injector.arch import Arch, RegisterEdit
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Injection
+from injector.ptrace_ext import (
+    NT_PRSTATUS,
+    PTRACE_DETACH,
+    PTRACE_EVENT_EXEC,
+    PTRACE_EVENT_STOP,
+    PTRACE_GET_SYSCALL_INFO,
+    PTRACE_GETREGSET,
+    PTRACE_INTERRUPT,
+    PTRACE_O_TRACEEXEC,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_SEIZE,
+    PTRACE_SETREGSET,
+    PTRACE_SYSCALL,
+    PTRACE_SYSCALL_INFO_ENTRY,
+    PTRACE_SYSCALL_INFO_EXIT,
+    REQUEST_NAMES,
+    WAIT_ALL,
+    Iovec,
+    SyscallInfo,
+)
 from injector.signals import EndingSignal, pending_call_off, signals_deferred
 from injector.testhooks import pause_point
 
-# --- ptrace(2) requests, options and events (<linux/ptrace.h>) ---------------------------
-PTRACE_SYSCALL = 24
-PTRACE_DETACH = 17
-PTRACE_GETREGSET = 0x4204
-PTRACE_SETREGSET = 0x4205
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-PTRACE_GET_SYSCALL_INFO = 0x420E
-
-PTRACE_O_TRACESYSGOOD = 0x01  # syscall stops report SIGTRAP|0x80, unlike a real SIGTRAP
-PTRACE_O_TRACEEXEC = 0x10  # a successful execve stops with PTRACE_EVENT_EXEC
+# TRACESYSGOOD: syscall stops report SIGTRAP|0x80, unlike a real SIGTRAP;
+# TRACEEXEC: a successful execve stops with PTRACE_EVENT_EXEC.
 SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEEXEC
-
-PTRACE_EVENT_EXEC = 4
-PTRACE_EVENT_STOP = 128
-
-PTRACE_SYSCALL_INFO_ENTRY = 1
-PTRACE_SYSCALL_INFO_EXIT = 2
-
 SYSCALL_STOP_SIGNAL = signal.SIGTRAP | 0x80
-WAIT_ALL = 0x40000000  # __WALL: a tracee is reported whatever kind of child it is
-
-_REQUEST_NAMES = {
-    PTRACE_SYSCALL: "PTRACE_SYSCALL",
-    PTRACE_DETACH: "PTRACE_DETACH",
-    PTRACE_GETREGSET: "PTRACE_GETREGSET",
-    PTRACE_SETREGSET: "PTRACE_SETREGSET",
-    PTRACE_SEIZE: "PTRACE_SEIZE",
-    PTRACE_INTERRUPT: "PTRACE_INTERRUPT",
-    PTRACE_GET_SYSCALL_INFO: "PTRACE_GET_SYSCALL_INFO",
-}
 
 # Lab mode: the CLI contract's switch for "never touch this machine's PID 1".
 
@@ -136,8 +130,8 @@ class InjectionRolledBack(EnvironmentFailure):
 
 
 # --- the raw system call ---------------------------------------------------------------
-# python-ptrace's raw binding: its higher layers know neither PTRACE_SEIZE nor
-# PTRACE_INTERRUPT nor the regsets, so every request goes through this one plain call.
+# python-ptrace's raw binding: its higher layers (PtraceProcess) know neither PTRACE_SEIZE
+# nor PTRACE_INTERRUPT nor other regsets, so every request goes through this one plain call.
 
 
 def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
@@ -150,26 +144,9 @@ def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
         result: int = raw_ptrace(request, pid, addr, data)
     except PtraceError as error:
         code = error.errno or errno.EIO
-        name = _REQUEST_NAMES.get(request, hex(request))
+        name = REQUEST_NAMES.get(request, hex(request))
         raise OSError(code, f"{name}({pid}): {os.strerror(code)}") from None
     return result
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _SyscallInfo(ctypes.Structure):
-    """``struct ptrace_syscall_info``: 24 bytes of header, then a union of six u64 args+."""
-
-    _fields_ = [
-        ("op", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
-        ("arch", ctypes.c_uint32),
-        ("instruction_pointer", ctypes.c_uint64),
-        ("stack_pointer", ctypes.c_uint64),
-        ("data", ctypes.c_uint64 * 8),  # entry: nr, args[6]; exit: rval, is_error
-    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,14 +257,16 @@ def _comm(pid: int) -> str:
         return "gone"
 
 
-def _mapping_holding(pid: int, start: int, end: int) -> str | None:
-    """The /proc/PID/maps line whose range holds [start, end), if it is writable."""
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        bounds, perms = line.split()[:2]
-        low, high = (int(part, 16) for part in bounds.split("-"))
-        if low <= start and end <= high and perms.startswith("rw"):
-            return line
-    return None
+def _writable_mapping_holds(tracee: _Tracee, start: int, end: int) -> bool:
+    """Does one writable mapping of the tracee hold all of [start, end)?"""
+    try:
+        mappings = readProcessMappings(tracee)
+    except PtraceError as error:  # /proc/PID/maps unreadable or not understood
+        raise OSError(errno.EIO, f"PID {tracee.pid}'s memory map: {error}") from None
+    return any(
+        mapping.start <= start and end <= mapping.end and mapping.permissions.startswith("rw")
+        for mapping in mappings
+    )
 
 
 def _signals_pending(pid: int) -> bool:
@@ -407,11 +386,11 @@ class _Tracee:
 
     def get_regs(self) -> ctypes.Structure:
         regs = self.arch.regs_type()
-        self._regset(PTRACE_GETREGSET, archmod.NT_PRSTATUS, regs)
+        self._regset(PTRACE_GETREGSET, NT_PRSTATUS, regs)
         return regs
 
     def set_regs(self, edit: RegisterEdit) -> None:
-        self._regset(PTRACE_SETREGSET, archmod.NT_PRSTATUS, edit.regs)
+        self._regset(PTRACE_SETREGSET, NT_PRSTATUS, edit.regs)
         if edit.kernel_nr is not None and self.arch.kernel_nr_regset is not None:
             self._regset(PTRACE_SETREGSET, self.arch.kernel_nr_regset, ctypes.c_int(edit.kernel_nr))
 
@@ -423,14 +402,14 @@ class _Tracee:
         return value.value
 
     def _regset(self, request: int, note: int, buffer: ctypes.Structure | ctypes.c_int) -> None:
-        iov = _Iovec(ctypes.addressof(buffer), ctypes.sizeof(buffer))
+        iov = Iovec(ctypes.addressof(buffer), ctypes.sizeof(buffer))
         _ptrace(request, self.pid, note, ctypes.addressof(iov))
 
-    def syscall_info(self) -> _SyscallInfo | None:
+    def syscall_info(self) -> SyscallInfo | None:
         """PTRACE_GET_SYSCALL_INFO, or None on kernels before 5.3 (EIO)."""
         if not self._have_syscall_info:
             return None
-        info = _SyscallInfo()
+        info = SyscallInfo()
         try:
             _ptrace(PTRACE_GET_SYSCALL_INFO, self.pid, ctypes.sizeof(info), ctypes.addressof(info))
         except OSError as error:
@@ -518,7 +497,7 @@ class _Tracee:
             self.set_regs(rewind)
             self.log(f"{name}() got EINTR only from our interrupt: rewound it to run again")
 
-    def _is_entry(self, info: _SyscallInfo | None) -> bool:
+    def _is_entry(self, info: SyscallInfo | None) -> bool:
         if info is not None:
             return int(info.op) == PTRACE_SYSCALL_INFO_ENTRY
         is_entry = self._next_syscall_stop_is_entry
@@ -693,7 +672,7 @@ def _inject(
     saved: bytes | None = None
     swapped = False
     try:
-        if _mapping_holding(pid, base, base + size) is None:
+        if not _writable_mapping_holds(tracee, base, base + size):
             raise EnvironmentFailure(
                 f"PID {pid}'s stack has no {size} writable bytes below {arch.sp}={sp:#x}",
                 "use a shorter init command line and environment",

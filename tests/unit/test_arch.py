@@ -7,6 +7,7 @@ NT_PRSTATUS regset would hand them over.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 import struct
@@ -309,3 +310,11 @@ def test_the_stages_hand_kept_syscall_numbers_agree_with_the_tables(arch: Arch) 
     """initstage is stdlib only, so it keeps the few numbers it calls; they must not drift."""
     for name, nr in linux._SYSCALLS[arch.name].items():
         assert archmod.syscall_number(arch, name) == nr, name
+
+
+def test_the_host_register_layout_matches_python_ptraces() -> None:
+    """arch.py keeps both layouts (python-ptrace has only the host's); the host's must agree."""
+    from ptrace.binding.linux_struct import user_regs_struct
+
+    host = archmod.host_arch()
+    assert ctypes.sizeof(host.regs_type) == ctypes.sizeof(user_regs_struct)
