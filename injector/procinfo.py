@@ -16,7 +16,7 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PROC = Path("/proc")
 
@@ -260,3 +260,79 @@ def nspid_chain(pid: int, proc: Path = PROC) -> list[int]:
         if line.startswith("NSpid:"):
             return [int(field) for field in line.split()[1:]]
     raise Unreadable(f"{proc}/{pid}/status has no NSpid line (Linux 4.1 or later has it)")
+
+
+# --- may we ptrace it? ----------------------------------------------------------------------
+
+
+class PtraceVerdict(NamedTuple):
+    allowed: bool
+    reason: str
+    fix: str = ""
+
+
+def ptrace_permission(
+    target_pid: int, our_pid: int | None = None, proc: Path = PROC
+) -> PtraceVerdict:
+    """Would PTRACE_SEIZE of the target be allowed? (Yama, an existing tracer, privileges.)
+
+    Read-only: it never attaches; it opens and closes ``/proc/PID/mem`` (see below). The
+    preflight report and ``inject_execve`` (right before the attach) both ask it.
+    """
+    as_root = "run dboot as root"
+    our_pid = os.getpid() if our_pid is None else our_pid
+    try:
+        target_text = read_text(proc / str(target_pid) / "status")
+        our_text = read_text(proc / str(our_pid) / "status")
+        yama = read_text(proc / "sys" / "kernel" / "yama" / "ptrace_scope")
+    except Unreadable as error:
+        return PtraceVerdict(False, f"cannot tell: {error}", as_root)
+    if target_text is None:
+        return PtraceVerdict(False, f"pid {target_pid} does not exist", "check the target pid")
+    target = parse_status(target_text)
+    ours = parse_status(our_text or "")
+    tracer = int(target.get("TracerPid", "0"))
+    if tracer:
+        try:
+            name = (read_text(proc / str(tracer) / "comm") or "gone").strip()
+        except Unreadable:
+            name = "unknown"
+        return PtraceVerdict(
+            False,
+            f"already traced by pid {tracer} ({name}): a process has only one tracer",
+            f"end the debugger or strace that traces it (pid {tracer}), then retry",
+        )
+    privileged = has_capability(ours, CAP_SYS_PTRACE)
+    scope = (yama or "").strip()
+    if scope == "3":
+        return PtraceVerdict(
+            False,
+            "Yama ptrace_scope is 3: no attaching at all until the next reboot",
+            "reboot (scope 3 cannot be lowered at run time), with kernel.yama.ptrace_scope<=2",
+        )
+    if scope in ("1", "2") and not privileged:
+        return PtraceVerdict(
+            False, f"Yama ptrace_scope is {scope}: attaching needs CAP_SYS_PTRACE", as_root
+        )
+    same_user = target.get("Uid", "").split()[:1] == ours.get("Uid", "").split()[:1]
+    if not privileged and not same_user:
+        return PtraceVerdict(False, "the target belongs to another user", as_root)
+    if not privileged:  # an init runs with every capability: a tracer needs them too
+        return PtraceVerdict(False, "no CAP_SYS_PTRACE: run as root", as_root)
+    # The kernel's own answer: opening /proc/PID/mem runs the same ptrace_may_access() check
+    # (PTRACE_MODE_ATTACH, LSMs and Yama included) as an attach, without touching the target.
+    try:
+        os.close(os.open(proc / str(target_pid) / "mem", os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        pass  # no such file in a crafted tree (or the process just exited): the rules held
+    except OSError as error:
+        return PtraceVerdict(
+            False,
+            f"the kernel refuses ptrace access (opening {proc}/{target_pid}/mem: "
+            f"{error.strerror}): a security module, lockdown or a user namespace boundary",
+            "run dboot unconfined in the machine's initial namespaces (not in a container)",
+        )
+    capability = ", we have CAP_SYS_PTRACE" if privileged else ""
+    if scope:
+        return PtraceVerdict(True, f"Yama ptrace_scope is {scope}{capability}")
+    return PtraceVerdict(True, f"no Yama restriction{capability}")

@@ -26,7 +26,8 @@ where it stands: before the swap it re-runs its own call (our bytes lie below th
 dead by the ABI); after it, it executes our execve. So the caller must have everything that
 execve needs (the RAM root, the plan) in place before calling ``inject_execve``.
 
-``check_attachable`` and ``is_pid1_of_its_namespace`` only read /proc.
+``is_pid1_of_its_namespace`` only reads /proc; ``procinfo.ptrace_permission`` decides
+whether we may attach.
 """
 
 from __future__ import annotations
@@ -199,62 +200,12 @@ def _errno_name(code: int) -> str:
 # --- /proc readers ------------------------------------------------------------------------
 
 
-def _status_fields(pid: int) -> dict[str, str]:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return {
-        key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())
-    }
-
-
 def is_pid1_of_its_namespace(pid: int) -> bool:
     """True when ``pid`` is PID 1 inside its own PID namespace (NSpid's last field is 1)."""
     try:
         return procinfo.nspid_chain(pid)[-1:] == [1]
     except (OSError, procinfo.Unreadable):
         return False
-
-
-def _yama_scope() -> int | None:
-    try:
-        return int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
-    except (OSError, ValueError):
-        return None  # no Yama in this kernel: only the classic rules apply
-
-
-def _has_cap_sys_ptrace() -> bool:
-    cap_sys_ptrace = 19
-    return bool(int(_status_fields(os.getpid())["CapEff"], 16) >> cap_sys_ptrace & 1)
-
-
-def check_attachable(pid: int) -> tuple[bool, str]:
-    """Could we attach to ``pid``? Returns (allowed, one line saying why or why not)."""
-    if pid <= 0:
-        return False, f"{pid} is not a process id"
-    try:
-        fields = _status_fields(pid)
-    except FileNotFoundError:
-        return False, f"no process with PID {pid}"
-    except OSError as error:
-        return False, f"cannot read /proc/{pid}/status: {error.strerror}"
-
-    tracer = int(fields.get("TracerPid", "0"))
-    if tracer:
-        return False, f"PID {pid} is already traced by PID {tracer} ({_comm(tracer)})"
-
-    scope = _yama_scope()
-    if scope == 3:
-        return False, "Yama ptrace_scope is 3: no process may attach until the next reboot"
-    if not _has_cap_sys_ptrace():
-        return False, "no CAP_SYS_PTRACE: run as root"
-    where = "no Yama" if scope is None else f"Yama ptrace_scope {scope}"
-    return True, f"ptrace allowed ({where}, CAP_SYS_PTRACE held)"
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "gone"
 
 
 def _writable_mapping_holds(tracee: _Tracee, start: int, end: int) -> bool:
@@ -271,7 +222,7 @@ def _writable_mapping_holds(tracee: _Tracee, start: int, end: int) -> bool:
 
 def _signals_pending(pid: int) -> bool:
     """Is a signal queued for ``pid`` that its mask lets through?"""
-    fields = _status_fields(pid)
+    fields = procinfo.parse_status(Path(f"/proc/{pid}/status").read_text())
     pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
     return bool(pending & ~int(fields["SigBlk"], 16))
 
@@ -610,9 +561,9 @@ def inject_execve(
     except archmod.UnsupportedArch as error:
         raise EnvironmentFailure(str(error)) from None
     _validate(arch, path, argv, envp)
-    allowed, reason = check_attachable(pid)
-    if not allowed:
-        raise EnvironmentFailure(reason, "pick an untraced target you may ptrace")
+    verdict = procinfo.ptrace_permission(pid)
+    if not verdict.allowed:
+        raise EnvironmentFailure(verdict.reason, verdict.fix)
 
     tracee = _Tracee(pid, arch, log)
     started = time.monotonic()

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from injector import labmode, ptrace
+from injector import labmode, procinfo, ptrace
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.ptrace import (
     InjectionRolledBack,
-    check_attachable,
     inject_execve,
     is_pid1_of_its_namespace,
 )
@@ -59,9 +58,9 @@ def test_already_traced_target_is_refused_and_left_alone() -> None:
         )
         try:
             assert tracer.stdout is not None and tracer.stdout.readline() == b"seized\n"
-            allowed, reason = check_attachable(init.pid)
+            allowed, reason, _ = procinfo.ptrace_permission(init.pid)
             assert not allowed
-            assert reason.startswith(f"PID {init.pid} is already traced by PID {tracer.pid}")
+            assert reason.startswith(f"already traced by pid {tracer.pid}")
             with pytest.raises(EnvironmentFailure) as caught:
                 inject_execve(init.pid, "/bin/true", ["true"], [], no_log)
             assert not isinstance(caught.value, InjectionRolledBack)
@@ -70,16 +69,16 @@ def test_already_traced_target_is_refused_and_left_alone() -> None:
             tracer.communicate(timeout=10)  # closes its stdin: it exits, the kernel detaches
         # Our refusal and their detach changed nothing for PID 1.
         assert init.echo(b"untouched") == b"untouched"
-        assert check_attachable(init.pid)[0]
+        assert procinfo.ptrace_permission(init.pid).allowed
 
 
 @pytest.mark.root
 @needs_root
 def test_missing_pid_is_refused() -> None:
     beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # can never exist
-    assert check_attachable(beyond) == (False, f"no process with PID {beyond}")
-    assert check_attachable(0)[0] is False
-    with pytest.raises(EnvironmentFailure, match=f"no process with PID {beyond}"):
+    assert procinfo.ptrace_permission(beyond)[:2] == (False, f"pid {beyond} does not exist")
+    assert procinfo.ptrace_permission(0).allowed is False
+    with pytest.raises(EnvironmentFailure, match=f"pid {beyond} does not exist"):
         inject_execve(beyond, "/bin/true", ["true"], [], no_log)
     assert not is_pid1_of_its_namespace(beyond)
 
@@ -98,10 +97,10 @@ def test_pid1_of_its_namespace() -> None:
 WITHOUT_CAP_SYS_PTRACE = textwrap.dedent(
     """
     import sys
-    from injector import arch, ptrace
+    from injector import arch, procinfo, ptrace
     from injector.errors import EnvironmentFailure
     pid = int(sys.argv[1])
-    print(ptrace.check_attachable(pid)[1])
+    print(procinfo.ptrace_permission(pid).reason)
     try:
         ptrace._Tracee(pid, arch.host_arch(), print).seize()
     except EnvironmentFailure as error:

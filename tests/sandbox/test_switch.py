@@ -186,7 +186,7 @@ def test_target_pid_must_be_pid_1_of_its_namespace() -> None:
 
 
 def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
-    from injector import ptrace
+    from injector import procinfo
 
     with Sandbox(services=1, console="capture") as sandbox:
         tracer = subprocess.Popen(
@@ -196,7 +196,7 @@ def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
         )
         try:
             assert tracer.stdout is not None and tracer.stdout.readline().strip() == "seized"
-            allowed, reason = ptrace.check_attachable(sandbox.pid)
+            allowed, reason, _ = procinfo.ptrace_permission(sandbox.pid)
             assert not allowed and str(tracer.pid) in reason
             state = tmp_path / "state"
             options = SwitchOptions(
