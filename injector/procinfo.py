@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from initstage.mounts import unescape_octal
+
 PROC = Path("/proc")
 
 # include/linux/sched.h: set on every kernel thread, including kthreadd itself.
@@ -89,11 +91,6 @@ class SwapDevice:
         return self.kind != "zram"
 
 
-def _unescape_octal(name: str) -> str:
-    # The kernel's seq_file escapes blanks in paths as \040 (mangle_path); undo it.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), name)
-
-
 def classify_swap(path: str, swap_type: str) -> SwapKind:
     if re.fullmatch(r"/dev/zram\d+", path):
         return "zram"
@@ -107,7 +104,7 @@ def parse_swaps(text: str) -> list[SwapDevice]:
         fields = line.split()
         if len(fields) < 4:
             continue
-        path = _unescape_octal(fields[0])
+        path = unescape_octal(fields[0])
         devices.append(
             SwapDevice(
                 path=path,
