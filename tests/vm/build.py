@@ -220,9 +220,10 @@ def check_requirements(variant: Variant = DEFAULT) -> None:
 def enable_binfmt(entry: str) -> None:
     """The foreign tree's maintainer scripts run through qemu-user-static: make sure the kernel
     hands its ELF files to it. A container often starts without binfmt_misc mounted."""
-    if (BINFMT / entry).exists():
-        if (BINFMT / entry).read_text().startswith("enabled"):
-            return
+    path = BINFMT / entry
+    if path.exists():
+        if not _enabled(path):
+            path.write_text("1")
     else:
         if not (BINFMT / "register").exists():
             subprocess.run(
@@ -230,13 +231,16 @@ def enable_binfmt(entry: str) -> None:
                 capture_output=True,
                 check=False,
             )
-    subprocess.run(["update-binfmts", "--enable", entry], capture_output=True, check=False)
-    entry_path = BINFMT / entry
-    if not entry_path.exists() or not entry_path.read_text().startswith("enabled"):
+        subprocess.run(["update-binfmts", "--enable", entry], capture_output=True, check=False)
+    if not path.exists() or not _enabled(path):
         raise BuildError(
             f"binfmt_misc has no enabled {entry} entry, so the foreign tree cannot run: mount "
             f"-t binfmt_misc binfmt_misc {BINFMT} && update-binfmts --enable {entry}"
         )
+
+
+def _enabled(entry: Path) -> bool:
+    return entry.read_text().startswith("enabled")
 
 
 # --- Small helpers -----------------------------------------------------------------------------
