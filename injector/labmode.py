@@ -25,6 +25,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from initstage.procs import ProcInfo
 from injector import procinfo
 
 LAB_MODE_ENV = "DBOOT_REHEARSAL_ONLY"
@@ -71,12 +72,11 @@ def ancestor_with_lab_mode(pid: int, proc: Path | None = None) -> tuple[int, str
     return None
 
 
-def _stat(proc: Path, pid: int) -> procinfo.Stat | None:
+def _stat(proc: Path, pid: int) -> ProcInfo | None:
     try:
-        text = procinfo.read_text(proc / str(pid) / "stat")
+        return procinfo.read_stat(pid, proc)
     except procinfo.Unreadable:
         return None
-    return procinfo.parse_stat(text) if text else None
 
 
 def _environ_sets_lab_mode(path: Path) -> bool:

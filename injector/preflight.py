@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from initstage import linux
+from initstage.procs import ProcInfo
 from injector import execcheck, labmode, procinfo
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Level, Notice
@@ -371,21 +372,21 @@ def _exec_verdicts(report: Report, index: ImageIndex, source: Any) -> list[Notic
     return notices
 
 
-def _read_stats(proc: Path, gaps: _Gaps) -> dict[int, procinfo.Stat]:
+def _read_stats(proc: Path, gaps: _Gaps) -> dict[int, ProcInfo]:
     """Every process's stat line; processes that exit meanwhile are simply left out."""
     stats = {}
     for pid in procinfo.list_pids(proc):
         try:
-            text = procinfo.read_text(proc / str(pid) / "stat")
+            stat = procinfo.read_stat(pid, proc)
         except Unreadable as error:
             gaps.files.append(str(error))
             continue
-        if text is not None:
-            stats[pid] = procinfo.parse_stat(text)
+        if stat is not None:
+            stats[pid] = stat
     return stats
 
 
-def _ancestors(stats: dict[int, procinfo.Stat], pid: int) -> list[int]:
+def _ancestors(stats: dict[int, ProcInfo], pid: int) -> list[int]:
     """Our parent, its parent, ... up to PID 1: the user's session chain."""
     chain: list[int] = []
     current = stats.get(pid)
@@ -430,7 +431,7 @@ def _read_swaps(proc: Path, gaps: _Gaps) -> list[SwapDevice]:
 
 
 def _doomed_pids(
-    stats: dict[int, procinfo.Stat], target_pid: int, our_pid: int, proc: Path
+    stats: dict[int, ProcInfo], target_pid: int, our_pid: int, proc: Path
 ) -> list[int]:
     """The processes the init stage will kill: all userspace but the target and us.
 
@@ -441,7 +442,7 @@ def _doomed_pids(
     userspace = {
         pid
         for pid, stat in stats.items()
-        if not stat.is_kernel_thread and stat.state != "Z" and pid not in (target_pid, our_pid)
+        if not stat.kernel_thread and stat.state != "Z" and pid not in (target_pid, our_pid)
     }
     if target_pid == 1:
         return sorted(userspace)
@@ -476,9 +477,7 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def _process_info(
-    stat: procinfo.Stat, in_chain: bool, proc: Path, gaps: _Gaps
-) -> ProcessInfo | None:
+def _process_info(stat: ProcInfo, in_chain: bool, proc: Path, gaps: _Gaps) -> ProcessInfo | None:
     """None when the process exited while we looked at it."""
     base = proc / str(stat.pid)
     try:
@@ -512,7 +511,7 @@ def _process_info(
 
 def _session_facts(
     index: IndexView,
-    stats: dict[int, procinfo.Stat],
+    stats: dict[int, ProcInfo],
     chain: list[int],
     our_pid: int,
     proc: Path,

@@ -16,15 +16,14 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 from initstage.mounts import unescape_octal
+from initstage.procs import ProcInfo, parse_stat
 
 PROC = Path("/proc")
+T = TypeVar("T")
 
-# include/linux/sched.h: set on every kernel thread, including kthreadd itself.
-PF_KTHREAD = 0x00200000
-KTHREADD_PID = 2
 CAP_SYS_PTRACE = 19
 
 SwapKind = Literal["disk", "zram", "file"]
@@ -44,7 +43,7 @@ def read_link(path: Path) -> str | None:
     return _tolerant(path, os.readlink)
 
 
-def _tolerant(path: Path, read: Callable[[Path], str]) -> str | None:
+def _tolerant(path: Path, read: Callable[[Path], T]) -> T | None:
     try:
         return read(path)
     except (FileNotFoundError, ProcessLookupError):
@@ -119,31 +118,10 @@ def parse_swaps(text: str) -> list[SwapDevice]:
 # --- /proc/PID/stat, status, cgroup ---------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Stat:
-    """The few fields of ``/proc/PID/stat`` that preflight needs."""
-
-    pid: int
-    comm: str
-    state: str
-    ppid: int
-    flags: int
-
-    @property
-    def is_kernel_thread(self) -> bool:
-        return bool(self.flags & PF_KTHREAD) or KTHREADD_PID in (self.pid, self.ppid)
-
-
-def parse_stat(text: str) -> Stat:
-    """``/proc/PID/stat``. The command may contain blanks and parentheses, so split on the
-    *last* ``)``."""
-    head, _, tail = text.rpartition(")")
-    pid_text, _, comm = head.partition(" (")
-    fields = tail.split()
-    # After the comm: state(3) ppid(4) pgrp session tty_nr tpgid flags(9).
-    return Stat(
-        pid=int(pid_text), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6])
-    )
+def read_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
+    """``/proc/PID/stat`` through the stage's parser: one reader, one kernel-thread rule
+    (PF_KTHREAD); ``None`` for a process that is gone."""
+    return _tolerant(proc / str(pid) / "stat", lambda path: parse_stat(pid, path.read_bytes()))
 
 
 def parse_status(text: str) -> dict[str, str]:

@@ -50,7 +50,7 @@ from types import FrameType, TracebackType
 from typing import IO, Literal
 
 from initstage import linux
-from injector import standin
+from injector import procinfo, standin
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.procinfo import nspid_chain
 
@@ -94,28 +94,20 @@ def pids_in_namespace(kind: str, identity: str) -> list[int]:
 def children_of(pid: int) -> dict[int, str]:
     """Host pid -> comm of every child of ``pid``, zombies included."""
     children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in procinfo.list_pids():
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            stat = procinfo.read_stat(child)
+        except procinfo.Unreadable:
             continue
-        # comm is in parentheses and may itself contain spaces or parentheses.
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == pid:
-            children[int(entry)] = comm
+        if stat is not None and stat.ppid == pid:
+            children[child] = stat.comm
     return children
 
 
 def process_state(pid: int) -> str:
     """The one-letter state of a process (``S``, ``R``, ``Z``...), or ``""`` once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):  # gone before, or while we read
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[0]
+    stat = procinfo.read_stat(pid)
+    return stat.state if stat is not None else ""
 
 
 def _unshare_pid_namespace_for_this_thread() -> None:

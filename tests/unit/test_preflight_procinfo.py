@@ -48,31 +48,25 @@ def test_no_swap_is_an_empty_list() -> None:
     assert procinfo.parse_swaps("Filename\tType\tSize\tUsed\tPriority\n") == []
 
 
-def test_stat_with_a_hostile_command_name() -> None:
-    # comm may hold blanks and parentheses: the fields start after the *last* ')'.
-    stat = procinfo.parse_stat("4242 (a) b (c) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0")
-    assert (stat.pid, stat.comm, stat.state, stat.ppid, stat.flags) == (
-        4242,
-        "a) b (c",
-        "S",
-        17,
-        4194560,
-    )
-    assert not stat.is_kernel_thread
-
-
 @pytest.mark.parametrize(
     ("line", "kernel"),
     [
         ("2 (kthreadd) S 0 0 0 0 -1 2129984 0", True),  # kthreadd: PF_KTHREAD, ppid 0
         ("15 (rcu_preempt) I 2 0 0 0 -1 2129984 0", True),
-        ("99 (odd) S 2 0 0 0 -1 0 0", True),  # a child of kthreadd even without the flag
+        # The stage's rule, now the only one: the flag, not "PPID 2" (a sandbox's pid 2 is
+        # an ordinary service).
+        ("99 (odd) S 2 0 0 0 -1 0 0", False),
         ("1 (systemd) S 0 1 1 0 -1 4194560 0", False),
-        ("812 (sshd) S 1 812 812 0 -1 4194560 0", False),
+        ("812 (a) b (c) S 1 812 812 0 -1 4194560 0", False),
     ],
 )
-def test_kernel_threads(line: str, kernel: bool) -> None:
-    assert procinfo.parse_stat(line).is_kernel_thread is kernel
+def test_read_stat_uses_the_stages_parser(tmp_path: Path, line: str, kernel: bool) -> None:
+    pid = int(line.split()[0])
+    (tmp_path / str(pid)).mkdir()
+    (tmp_path / str(pid) / "stat").write_text(line)
+    stat = procinfo.read_stat(pid, tmp_path)
+    assert stat is not None and stat.kernel_thread is kernel
+    assert procinfo.read_stat(pid + 1, tmp_path) is None  # gone
 
 
 @pytest.mark.parametrize(
