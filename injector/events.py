@@ -12,6 +12,7 @@ import re
 from typing import Any, Literal
 
 Level = Literal["info", "warning", "blocker"]
+Scope = Literal["host", "any"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,17 @@ class Fact:
 
 @dataclasses.dataclass(frozen=True)
 class Notice:
-    """A warning or a blocker, with what to do about it."""
+    """A warning or a blocker, with what to do about it.
+
+    ``scope`` "host": it speaks of this machine's own userspace (its swap, processes,
+    session, container, PID 1), so it stops a real switch but is only a fact to learn from
+    in a rehearsal, whose target is a sandbox."""
 
     level: Level
     code: str
     message: str
     fix: str = ""
+    scope: Scope = "any"
 
 
 @dataclasses.dataclass(frozen=True)

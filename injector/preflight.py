@@ -768,6 +768,7 @@ def _swap_verdicts(
                 f"disk swap ({names}) holds {_human(swapped_out)} that must come back into RAM "
                 f"before the switch, but only {_human(max(room, 0))} is left next to the image",
                 "stop services to shrink what is swapped out, or pick a smaller image",
+                scope="host",
             )
         )
         return
@@ -782,6 +783,7 @@ def _swap_verdicts(
             "swap-disk-active",
             f"disk swap ({names}) will be turned off before the switch; {absorb}",
             "nothing to do: the switch runs swapoff; zram swap may stay",
+            scope="host",
         )
     )
 
@@ -804,6 +806,7 @@ def _process_verdicts(processes: list[ProcessInfo], notices: list[Notice]) -> No
             f"{len(writers)} processes hold files open for writing and will be killed: "
             f"{shown}{more}",
             f"{stop} cleanly first; the switch only syncs, then kills",
+            scope="host",
         )
     )
 
@@ -822,6 +825,7 @@ def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
                 f"this is a remote session ({session.via}) and the image has no SSH server: "
                 "you will lose access to this machine",
                 "switch from a local console, or use an image with sshd or dropbear and your keys",
+                scope="host",
             )
         )
     else:
@@ -831,6 +835,7 @@ def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
                 "session-remote-ends",
                 f"this remote session ({session.via}) ends at the switch",
                 "reconnect once the new system's init has started its SSH server",
+                scope="host",
             )
         )
 
@@ -843,6 +848,7 @@ def _pid1_verdicts(pid1: Pid1Facts, notices: list[Notice]) -> None:
                 "ptrace-denied",
                 f"cannot attach to pid {pid1.pid}: {pid1.ptrace_reason}",
                 pid1.ptrace_fix,
+                scope="host" if pid1.pid == 1 else "any",
             )
         )
     # Only the machine's own PID 1 is affected by where we run; a namespace target is not.
@@ -854,6 +860,7 @@ def _pid1_verdicts(pid1: Pid1Facts, notices: list[Notice]) -> None:
                 f"dboot seems to run inside a container ({pid1.container_hint}): PID 1 here is "
                 "the container's init, so only the container's userspace would be replaced",
                 "run dboot on the host itself to switch the machine",
+                scope="host",
             )
         )
 

@@ -56,10 +56,6 @@ from injector.testhooks import pause_point
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 
-# Notices that describe the host's own userspace. They matter for a real switch and are
-# facts to learn from in a rehearsal, whose target is a sandbox and not the host.
-HOST_ONLY_NOTICE_PREFIXES = ("swap", "processes", "session", "container")
-
 Mode = Literal["switch", "target", "rehearse"]
 
 
@@ -352,18 +348,15 @@ def blockers(report: preflight.Report, mode: Mode) -> list[Notice]:
     A rehearsal's target is a sandbox: the host's own processes, swap and session are facts
     to learn from there, and so is a verdict about the host's PID 1 (the wizard shows the
     host's report, while the rehearsal injects into the sandbox's PID 1)."""
-    return [n for n in report.notices if n.level == "blocker" and _applies(n, mode, report)]
+    return [n for n in report.notices if n.level == "blocker" and _applies(n, mode)]
 
 
-def _applies(notice: Notice, mode: Mode, report: preflight.Report) -> bool:
-    if mode != "rehearse":
-        return True
-    about_host_pid1 = notice.code == "ptrace-denied" and report.pid1.pid == 1
-    return not (notice.code.startswith(HOST_ONLY_NOTICE_PREFIXES) or about_host_pid1)
+def _applies(notice: Notice, mode: Mode) -> bool:
+    return mode != "rehearse" or notice.scope != "host"
 
 
 def _count_warnings(report: preflight.Report, mode: Mode) -> int:
-    return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode, report))
+    return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode))
 
 
 @dataclasses.dataclass

@@ -645,6 +645,7 @@ def test_events_as_json_lines(tmp_path: Path) -> None:
         "code": "session-remote-ends",
         "message": "this remote session (sshd[600] in the session chain) ends at the switch",
         "fix": "reconnect once the new system's init has started its SSH server",
+        "scope": "host",
     }
 
 
@@ -674,6 +675,7 @@ def test_report_to_json(tmp_path: Path) -> None:
         "message": "cannot attach to pid 1: Yama ptrace_scope is 3: "
         "no attaching at all until the next reboot",
         "fix": "reboot (scope 3 cannot be lowered at run time), with kernel.yama.ptrace_scope<=2",
+        "scope": "host",
     }
 
 
