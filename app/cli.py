@@ -459,8 +459,8 @@ class HumanRenderer:
                 self.line(f"==> {title}")
             case StepDone(detail=detail) if detail:
                 self.line(f"    {detail}")
-            case StepFailed(step=step, error=error):
-                self.line(f"    {step} failed: {error}")
+            case StepFailed(step=step):
+                self.line(f"    {step} failed")  # the error itself follows, on stderr
             case Progress(done=done, total=total):
                 self.progress(done, total)
             case Notice():

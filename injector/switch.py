@@ -43,6 +43,7 @@ from injector.events import (
     Notice,
     Progress,
     StepDone,
+    StepFailed,
     StepStarted,
 )
 from injector.imageindex import ImageIndex
@@ -164,14 +165,24 @@ def _logged_run(options: SwitchOptions) -> Generator[Event, None, None]:
     """``_run``'s events, each also written to the log file (not for rehearsals)."""
     runlog = RunLog(options.log_file if options.mode != "rehearse" else None)
     runlog.write(f"start: {options.mode} {options.image} {' '.join(options.init_argv)}")
+    open_step: str | None = None  # started and not done: the step an error ends
     try:
         with ending_signals_raise():
             for event in _run(options, runlog):
+                if isinstance(event, StepStarted | StepDone):
+                    open_step = event.step if isinstance(event, StepStarted) else None
                 runlog.event(event)
                 yield event
                 if runlog.problem and runlog.problem != "said":
                     yield Notice("warning", "log-file", runlog.problem, "see the events instead")
                     runlog.problem = "said"
+    except Exception as error:
+        if open_step is not None:  # Ctrl-C and hang-ups end a run, they fail no step
+            failed = StepFailed(open_step, str(error))
+            runlog.event(failed)
+            yield failed
+        runlog.write(f"ended: {type(error).__name__}: {error}")
+        raise
     except BaseException as error:
         runlog.write(f"ended: {type(error).__name__}: {error}")
         raise

@@ -191,6 +191,21 @@ def test_rehearse_json_reports_the_injection() -> None:
     assert events[-1]["outcome"] == "rehearsed" and events[-1]["exit_status"] == 0
 
 
+def test_a_failed_step_is_an_event_then_the_one_line_error() -> None:
+    result = dboot("rehearse", "--json", "tinybox", "/sbin/no-such-init")
+    assert_one_line_error(result, 1, "/sbin/no-such-init")
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0] == {
+        "event": "step_started",
+        "step": "source",
+        "title": "Reading image tinybox",
+    }
+    assert events[-1]["event"] == "step_failed" and events[-1]["step"] == "source"
+    assert "/sbin/no-such-init" in events[-1]["error"]
+    human = dboot("rehearse", "tinybox", "/sbin/no-such-init")
+    assert human.stdout.splitlines()[-1] == "    source failed"  # the cause is on stderr, once
+
+
 def test_rootfs_tarball_source(tmp_path: Path) -> None:
     exported = tmp_path / "tinybox-rootfs.tar"
     container = subprocess.run(
