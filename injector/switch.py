@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from initstage import linux
+from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 from injector import labmode, nsenter, preflight, procinfo, ptrace
@@ -321,7 +322,8 @@ def _switch_target(
         if mode == "switch" and options.last_words is not None:
             options.last_words(
                 f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
-                "dboot init stage. This terminal will now close; watch VT 3 or the serial console."
+                f"dboot init stage. This terminal will now close; watch VT {VT_NUMBER} or the "
+                "serial console."
             )
         injection = yield from _inject_live(target, python, argv, envp, undo)
     except BaseException as error:

@@ -22,6 +22,7 @@ from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.run_panels import StepList, TeachingPanel
 from app.tui.wizard import Outcome, Wizard
+from initstage.console import VT_NUMBER
 from injector.errors import DbootError
 from injector.events import (
     Console,
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 def expect_next(init_argv: list[str]) -> str:
     return (
-        "Next: this terminal closes. Watch VT 3 (Alt+F3) or the serial console: the init "
+        f"Next: this terminal closes. Watch VT {VT_NUMBER} (Alt+F{VT_NUMBER}) or the serial "
+        "console: the init "
         "stage stops the old processes, pivots into the RAM root and starts "
         f"`{' '.join(init_argv)}` as PID 1."
     )
