@@ -61,7 +61,6 @@ WNOTHREAD = 0x20000000  # __WNOTHREAD, include/uapi/linux/wait.h; not in the os 
 EXIT_STATUS_UNKNOWN = 255
 DEFAULT_HOSTNAME = "dboot-rehearsal"
 STANDIN_SCRIPT = Path(standin.__file__).resolve()
-EXIT_ON_SIGUSR1 = standin.EXIT_ON_SIGUSR1
 START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
 REPEAT_SIGNAL_EVERY = 0.05
@@ -423,17 +422,6 @@ class Sandbox:
         """Host pids of the stand-in's services."""
         return sorted(self.services())
 
-    def signal_service(self, pid: int, signum: int) -> None:
-        """Send ``signum`` to a process of this sandbox, refusing anything outside it."""
-        # SAFETY: a pid that is not in the sandbox's namespace (the host's PID 1 above all)
-        # is refused, whatever the caller passes.
-        if pid == 1 or not self.running() or namespace_of(pid, "pid") != self.pid_namespace:
-            raise SafetyRefusal(
-                f"pid {pid} is not a process of the sandbox {self._pid}",
-                "signal only processes inside the sandbox",
-            )
-        os.kill(pid, signum)
-
     # -- console --------------------------------------------------------------------------
 
     def _read_console(self) -> None:
@@ -486,13 +474,6 @@ class Sandbox:
 
     def _more_than(self, seen: int) -> Callable[[], bool]:
         return lambda: len(self._lines) > seen or self._console_closed
-
-    def wait_for_output(self, text: str, timeout: float = 5.0) -> bool:
-        """Whether ``text`` shows up on the console within ``timeout`` seconds."""
-        with self._console_changed:
-            return self._console_changed.wait_for(
-                lambda: text in "".join(self._text) or self._console_closed, timeout
-            ) and text in "".join(self._text)
 
     def send(self, text: str) -> None:
         """Write ``text`` to the sandbox's stdin (capture mode)."""

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from injector.errors import SafetyRefusal
 from injector.sandbox import Sandbox, namespace_of, pids_in_namespace
 
 
@@ -18,6 +19,23 @@ def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def wait_for_output(sandbox: Sandbox, text: str, timeout: float = 5.0) -> bool:
+    """Whether ``text`` shows up on the sandbox's console within ``timeout`` seconds."""
+    return eventually(lambda: text in sandbox.output(), timeout)
+
+
+def signal_service(sandbox: Sandbox, pid: int, signum: int) -> None:
+    """Send ``signum`` to a process of ``sandbox``, refusing anything outside it."""
+    # SAFETY: a pid that is not in the sandbox's namespace (the host's PID 1 above all)
+    # is refused, whatever the caller passes.
+    if pid == 1 or not sandbox.running() or namespace_of(pid, "pid") != sandbox.pid_namespace:
+        raise SafetyRefusal(
+            f"pid {pid} is not a process of the sandbox {sandbox.pid}",
+            "signal only processes inside the sandbox",
+        )
+    os.kill(pid, signum)
 
 
 class Footprint:

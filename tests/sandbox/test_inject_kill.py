@@ -24,9 +24,10 @@ import pytest
 
 from injector import arch as archmod
 from injector.runlog import LOG_FILE_ENV
-from injector.sandbox import EXIT_ON_SIGUSR1, Sandbox
+from injector.sandbox import Sandbox
+from injector.standin import EXIT_ON_SIGUSR1
 from injector.testhooks import PAUSE_ENV
-from tests.sandbox.sandbox_checks import eventually
+from tests.sandbox.sandbox_checks import eventually, wait_for_output
 from tests.sandbox.standin import READ_ECHO, StandIn, ns_pid, syscall_in_progress
 
 pytestmark = [
@@ -188,9 +189,9 @@ def test_sigkilled_switch_leaves_pid1_untouched_or_in_the_stage(phase: str, tmp_
 def switch_outcome(sandbox: Sandbox, exe_before: str) -> str:
     """'stage with plan' or 'untouched', asserting that it is one of them."""
     assert eventually(lambda: tracer_of(sandbox.pid) == 0, 5)
-    if sandbox.wait_for_output("dboot-stage:", timeout=3):
+    if wait_for_output(sandbox, "dboot-stage:", timeout=3):
         # The stage found its plan: it went through to the image's init.
-        assert sandbox.wait_for_output("exec ['/bin/sh'", timeout=20), sandbox.output()
+        assert wait_for_output(sandbox, "exec ['/bin/sh'", timeout=20), sandbox.output()
         assert eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") != exe_before)
         return "stage with plan"
     assert os.readlink(f"/proc/{sandbox.pid}/exe") == exe_before

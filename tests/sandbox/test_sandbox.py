@@ -21,7 +21,6 @@ from injector.errors import BadInput, SafetyRefusal
 from injector.nsenter import run_in_mount_namespace
 from injector.procinfo import nspid_chain
 from injector.sandbox import (
-    EXIT_ON_SIGUSR1,
     STANDIN_SCRIPT,
     IdleMode,
     Sandbox,
@@ -30,7 +29,15 @@ from injector.sandbox import (
     pids_in_namespace,
     process_state,
 )
-from tests.sandbox.sandbox_checks import Footprint, eventually, mounted_sources, our_children
+from injector.standin import EXIT_ON_SIGUSR1
+from tests.sandbox.sandbox_checks import (
+    Footprint,
+    eventually,
+    mounted_sources,
+    our_children,
+    signal_service,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.root
 
@@ -87,10 +94,10 @@ def test_services_one_ignores_sigterm_plain_ones_die_and_are_reaped(sandbox: San
     by_kind = {kind: pid for pid, kind in services.items()}
 
     inner_plain = nspid_chain(by_kind["plain"])[-1]
-    sandbox.signal_service(by_kind["stubborn"], signal.SIGTERM)
-    sandbox.signal_service(by_kind["plain"], signal.SIGTERM)
+    signal_service(sandbox, by_kind["stubborn"], signal.SIGTERM)
+    signal_service(sandbox, by_kind["plain"], signal.SIGTERM)
     assert eventually(lambda: process_state(by_kind["plain"]) == "")
-    assert sandbox.wait_for_output(f"reaped pid {inner_plain} (killed by SIGTERM)")
+    assert wait_for_output(sandbox, f"reaped pid {inner_plain} (killed by SIGTERM)")
     time.sleep(0.2)
     assert process_state(by_kind["stubborn"]) in ("S", "R")
     assert sorted(sandbox.services().values()) == ["stubborn", "zombies"]
@@ -105,9 +112,9 @@ def test_zombies_pile_up_under_their_service_until_pid1_reaps_them(sandbox: Sand
     assert eventually(lambda: len(zombies()) >= 2)
     left_behind = zombies()
     # When their parent dies they are reparented to the sandbox's PID 1, which reaps them.
-    sandbox.signal_service(zombie_maker, signal.SIGTERM)
+    signal_service(sandbox, zombie_maker, signal.SIGTERM)
     assert eventually(lambda: all(process_state(pid) == "" for pid in left_behind))
-    assert sandbox.wait_for_output("(exit 0)")  # a reaped zombie's own status
+    assert wait_for_output(sandbox, "(exit 0)")  # a reaped zombie's own status
 
 
 def test_exit_status_of_pid1_propagates_and_ends_the_namespace() -> None:
@@ -142,7 +149,7 @@ def test_capture_mode_collects_the_console() -> None:
 def test_send_reaches_a_stand_in_idling_in_read() -> None:
     with Sandbox(services=0, idle="read") as sandbox:
         sandbox.send("hello\n")
-        assert sandbox.wait_for_output("standin: read b'hello\\n'")
+        assert wait_for_output(sandbox, "standin: read b'hello\\n'")
         sandbox.send("exit 5\n")
         assert sandbox.wait(5) == 5
 
@@ -231,7 +238,7 @@ def test_bad_arguments_and_foreign_pids_are_refused() -> None:
             sandbox.send("x")
         for foreign in (1, os.getpid()):
             with pytest.raises(SafetyRefusal):
-                sandbox.signal_service(foreign, signal.SIGTERM)
+                signal_service(sandbox, foreign, signal.SIGTERM)
 
 
 def test_the_stand_in_refuses_to_run_outside_a_pid_namespace() -> None:

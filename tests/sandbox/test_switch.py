@@ -21,7 +21,7 @@ from injector.events import Console, Event, Finished, Injection, StepDone
 from injector.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.images import build_debian_image
-from tests.sandbox.sandbox_checks import eventually
+from tests.sandbox.sandbox_checks import eventually, wait_for_output
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
@@ -162,9 +162,9 @@ def test_target_pid_switches_a_namespace_pid_1(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         events = [json.loads(line) for line in result.stdout.splitlines()]
         assert events[-1]["outcome"] == "injected"
-        assert sandbox.wait_for_output("step 7/8", timeout=15), sandbox.output()
+        assert wait_for_output(sandbox, "step 7/8", timeout=15), sandbox.output()
         # PID 1 of the namespace now runs the image's own binary ...
-        deadline_output = sandbox.wait_for_output("exec ['/bin/sh'", timeout=15)
+        deadline_output = wait_for_output(sandbox, "exec ['/bin/sh'", timeout=15)
         assert deadline_output, sandbox.output()
         assert eventually(lambda: os.readlink(f"/proc/{sandbox.pid}/exe") == "/bin/busybox", 10)
         # ... every stand-in service is gone ...

@@ -28,7 +28,8 @@ import pytest
 
 from injector import ptrace, switch
 from injector.runlog import LOG_FILE_ENV, RunLog
-from injector.sandbox import EXIT_ON_SIGUSR1, Sandbox
+from injector.sandbox import Sandbox
+from injector.standin import EXIT_ON_SIGUSR1
 from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
 from tests.sandbox.sandbox_checks import eventually, mounted_sources
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from injector.sandbox import Sandbox
-from tests.sandbox.sandbox_checks import eventually
+from tests.sandbox.sandbox_checks import eventually, wait_for_output
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
@@ -216,7 +216,9 @@ def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
         terminal.wait_for("Reading image")
         shown = terminal.wait_for("Finished: injected", timeout=120)
         assert f"Finished: injected. pid {target.pid} now" in shown, shown
-        assert target.wait_for_output("tinybox: init running as PID 1", timeout=30), target.output()
+        assert wait_for_output(target, "tinybox: init running as PID 1", timeout=30), (
+            target.output()
+        )
         assert eventually(lambda: os.readlink(f"/proc/{target.pid}/exe") == "/bin/busybox", 10)
         # The stage ended the namespace's other processes before it exec'd the new init (one
         # it could not reap in time stays a zombie of the new init: ended all the same).
