@@ -182,8 +182,8 @@ class ImageSource:
     def __init__(self, ref: str) -> None:
         self.ref = ref
         self._index: ImageIndex | None = None
-        # Told how far reading the archive has got, while ``scan(progress)`` runs.
-        self._reading: Progress | None = None
+        # Counts the archive's bytes read, while ``scan(progress)`` runs.
+        self._reading: _ReadProgress | None = None
 
     def __enter__(self) -> ImageSource:
         return self
@@ -203,24 +203,23 @@ class ImageSource:
         Reading an archive takes a while (a 270 MB archive under emulation: 25 s):
         ``progress(bytes_read, archive_bytes)`` is called as it goes, a few times a second."""
         if self._index is None:
-            totals: list[int] = []
-
-            def report(done: int, total: int) -> None:
-                totals[:] = [total]
-                if progress is not None:
-                    progress(done, total)
-
-            self._reading = report if progress is not None else None
+            total = self._scan_bytes() if progress is not None else 0
+            reading = _ReadProgress(progress, total) if progress is not None and total else None
+            self._reading = reading
             try:
                 self._index = self._scan()
             finally:
                 self._reading = None
-            if progress is not None and totals:
-                progress(totals[0], totals[0])  # the end-of-archive padding is never read
+            if reading is not None:
+                reading.finish()  # the end-of-archive padding is never read
         return self._index
 
+    def _scan_bytes(self) -> int:
+        """How many archive bytes a scan reads; 0 when there is no archive to count."""
+        return 0
+
     def _open_archive(self, path: Path) -> IO[bytes]:
-        """``path`` opened for reading; while a scan runs, it reports how far it has got."""
+        """``path`` opened for reading; while a scan runs, it counts the bytes read."""
         if self._reading is None:
             return path.open("rb")
         return _ReportingFile(path, self._reading)
@@ -473,6 +472,11 @@ class DockerArchiveSource(ImageSource):
             size=self.path.stat().st_size,
         )
 
+    def _scan_bytes(self) -> int:
+        # Compressed, the archive is read once per layer (see _layer_streams).
+        passes = len(self._layers) if self._compressed else 1
+        return self.path.stat().st_size * passes
+
     def _layer_streams(self) -> Iterator[IO[bytes]]:
         """Each layer's tar bytes, in order, decompressed."""
         if not self._compressed:
@@ -574,6 +578,9 @@ class RootfsSource(ImageSource):
             size=self.path.stat().st_size,
         )
 
+    def _scan_bytes(self) -> int:
+        return self.path.stat().st_size
+
     @contextlib.contextmanager
     def _stream(self) -> Iterator[IO[bytes]]:
         with self._open_archive(self.path) as raw:
@@ -671,29 +678,41 @@ def _compression_of(path: Path) -> str:
         return detect_compression(handle.read(8))
 
 
-class _ReportingFile(io.FileIO):
-    """An archive file that says how far into it reading has got, about once a MiB."""
+class _ReadProgress:
+    """Archive bytes read in a whole scan, told about once a MiB. Bytes read, not a file
+    offset: tarfile reads every header before it seeks back to a layer's data."""
 
-    def __init__(self, path: Path, progress: Progress) -> None:
-        super().__init__(path, "rb")
+    def __init__(self, progress: Progress, total: int) -> None:
         self._progress = progress
-        self._size = os.fstat(self.fileno()).st_size
-        self._reported = -CHUNK
+        self.total = total
+        self.done = 0
+        self._told = 0
 
-    def _report(self) -> None:
-        offset = self.tell()
-        if offset - self._reported >= CHUNK or offset >= self._size:
-            self._reported = offset
-            self._progress(min(offset, self._size), self._size)
+    def add(self, count: int) -> None:
+        self.done = min(self.done + count, self.total)
+        if self.done - self._told >= CHUNK:
+            self._told = self.done
+            self._progress(self.done, self.total)
+
+    def finish(self) -> None:
+        self._progress(self.total, self.total)
+
+
+class _ReportingFile(io.FileIO):
+    """An archive file that counts the bytes read from it into a :class:`_ReadProgress`."""
+
+    def __init__(self, path: Path, reading: _ReadProgress) -> None:
+        super().__init__(path, "rb")
+        self._reading = reading
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
-        self._report()
+        self._reading.add(len(data))
         return data
 
     def readinto(self, buffer: Any) -> int:
         count = super().readinto(buffer)
-        self._report()
+        self._reading.add(count)
         return count
 
 

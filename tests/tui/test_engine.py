@@ -217,7 +217,7 @@ def read_progress(path: Path) -> list[tuple[int, int]]:
 
 
 def test_reading_an_archive_reports_its_bytes(archives: dict[str, Path]) -> None:
-    for name in ("docker save", "rootfs", "rootfs zstd"):
+    for name in ("docker save", "docker save gzip", "rootfs", "rootfs zstd"):
         seen = read_progress(archives[name])
         size = archives[name].stat().st_size
         assert seen and all(total == size for _, total in seen), (name, seen)
