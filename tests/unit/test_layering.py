@@ -4,6 +4,9 @@
   exists. Proven twice: by importing every initstage module in an isolated interpreter
   and checking what landed in sys.modules, and by reading every import statement.
 - injector never imports textual (nor app): checked the same two ways.
+- libc is loaded in one place, ``initstage/linux.py``, the project's syscall module.
+- The preflight's /proc readers load no python-ptrace: an unprivileged user's interpreter
+  (Debian's own, outside the venv) runs them.
 """
 
 from __future__ import annotations
@@ -84,3 +87,21 @@ def test_importing_every_injector_module_loads_no_textual():
         pytest.fail("no injector modules found: is the repository layout intact?")
     loaded = loaded_after_importing(modules)
     assert "textual" not in loaded and "app" not in loaded
+
+
+def test_libc_is_loaded_only_by_the_syscall_module():
+    for package in ("app", "injector", "initstage"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "initstage" / "linux.py":
+                continue
+            calls = [
+                node.lineno
+                for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                if isinstance(node, ast.Attribute) and node.attr == "CDLL"
+            ]
+            assert not calls, f"{path.relative_to(REPO)}:{calls} loads libc: use initstage.linux"
+
+
+def test_the_preflight_loads_no_python_ptrace():
+    loaded = loaded_after_importing(["injector.preflight", "injector.procinfo", "injector.labmode"])
+    assert "ptrace" not in loaded
