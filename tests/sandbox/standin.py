@@ -12,7 +12,6 @@ namespace with it) and the ``unshare`` process that waits for it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import shutil
@@ -23,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from initstage import linux
+from injector import procinfo
 
 PROLOGUE = """\
 import ctypes, os, signal, sys
@@ -41,10 +43,7 @@ def syscall_in_progress(pid: int) -> int | None:
 
 def ns_pid(pid: int) -> int:
     """``pid``'s number inside its own PID namespace (NSpid's last field)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return int(line.split()[-1])
-    raise AssertionError(f"no NSpid line for PID {pid}")
+    return procinfo.nspid_chain(pid)[-1]
 
 
 class StandIn:
@@ -88,7 +87,9 @@ class StandIn:
             self._unshare = subprocess.Popen(
                 command,
                 pass_fds=(in_read, out_write),
-                preexec_fn=_die_with_parent,
+                # If the test process dies, so does unshare (and, through --kill-child,
+                # the whole namespace).
+                preexec_fn=linux.die_with_parent,
                 stderr=self._stderr,
             )
         finally:
@@ -169,19 +170,9 @@ class StandIn:
         self._stderr.close()
 
 
-def _die_with_parent() -> None:
-    """In the forked child: if the test process dies, so does unshare (and, through
-    --kill-child, the whole namespace)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
 def _parent_of(pid: int) -> int | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return None
-    return int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+    stat = procinfo.read_stat(pid)
+    return stat.ppid if stat is not None else None
 
 
 def _kill(pid: int) -> None:
