@@ -6,6 +6,10 @@ Front-ends print ``str(error)`` and exit with ``error.exit_code``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 
 class DbootError(Exception):
     """Base class. Its message is a single line a user can act on."""
@@ -34,3 +38,13 @@ class SafetyRefusal(DbootError):
     """A safety check refused: lab mode, a preflight blocker, an unconfirmed switch (exit 3)."""
 
     exit_code = 3
+
+
+@contextlib.contextmanager
+def system_call_failure(cause: str, fix: str) -> Iterator[None]:
+    """An OSError of the system call inside becomes ``EnvironmentFailure("cause: strerror",
+    fix)``: the one line that names what the kernel refused."""
+    try:
+        yield
+    except OSError as error:
+        raise EnvironmentFailure(f"{cause}: {os.strerror(error.errno or 0)}", fix) from None

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from initstage import linux
-from injector.errors import EnvironmentFailure
+from injector.errors import EnvironmentFailure, system_call_failure
 
 T = TypeVar("T")
 Send = Callable[[Any], None]
@@ -350,14 +350,11 @@ def _post_error(channel: int, error: BaseException) -> None:
 
 
 def _setns(fd: int, nstype: int, pid: int) -> None:
-    try:
+    kind = "mount" if nstype == linux.CLONE_NEWNS else "PID"
+    with system_call_failure(
+        f"cannot enter the {kind} namespace of pid {pid}", "run as root (sudo)"
+    ):
         linux.setns(fd, nstype)
-    except OSError as error:
-        kind = "mount" if nstype == linux.CLONE_NEWNS else "PID"
-        raise EnvironmentFailure(
-            f"cannot enter the {kind} namespace of pid {pid}: {os.strerror(error.errno or 0)}",
-            "run as root (sudo)",
-        ) from None
 
 
 # -- state directories, for code running inside a namespace ---------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from initstage import linux
 from initstage.procs import ProcInfo
 from injector import execcheck, labmode, procinfo
-from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
 from injector.events import Event, Fact, Level, Notice
 from injector.imageindex import INODE_BYTES, ImageIndex, pages
 from injector.kmodules import ModulesFacts, gather_modules
@@ -936,12 +936,10 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
     current = swaps_still_to_turn_off(report, procinfo.read_text(proc / "swaps") or "")
     turned_off = []
     for device in current:
-        try:
+        with system_call_failure(
+            f"swapoff {device.path} failed",
+            "free RAM so its pages fit, or run `swapoff` yourself, then retry",
+        ):
             linux.swapoff(device.path)
-        except OSError as error:
-            raise EnvironmentFailure(
-                f"swapoff {device.path} failed: {os.strerror(error.errno or 0)}",
-                "free RAM so its pages fit, or run `swapoff` yourself, then retry",
-            ) from None
         turned_off.append(device.path)
     return turned_off

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from initstage import linux
-from injector.errors import BadInput, EnvironmentFailure
+from injector.errors import BadInput, EnvironmentFailure, system_call_failure
 from injector.imageindex import INODE_BYTES
 from injector.signals import signals_deferred
 
@@ -86,13 +86,11 @@ class RamRoot:
                     f"{self.path} is not empty", "empty it or choose another --state-dir"
                 )
             options = f"size={self.size_bytes},mode=0755,uid=0,gid=0"
-            try:
+            with system_call_failure(
+                f"cannot mount a tmpfs on {self.path}",
+                "run as root on the host (CAP_SYS_ADMIN), or choose another --state-dir",
+            ):
                 linux.mount("dboot", str(self.path), "tmpfs", 0, options)
-            except OSError as error:
-                raise EnvironmentFailure(
-                    f"cannot mount a tmpfs on {self.path}: {os.strerror(error.errno or 0)}",
-                    "run as root on the host (CAP_SYS_ADMIN), or choose another --state-dir",
-                ) from None
             self._mounted = True
         except BaseException:
             self.unmount()

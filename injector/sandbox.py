@@ -51,7 +51,7 @@ from typing import IO, Literal
 
 from initstage import linux
 from injector import procinfo, standin
-from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
 from injector.procinfo import nspid_chain
 
 ConsoleMode = Literal["relay", "capture"]
@@ -110,13 +110,11 @@ def process_state(pid: int) -> str:
 
 
 def _unshare_pid_namespace_for_this_thread() -> None:
-    try:
+    with system_call_failure(
+        "cannot create a PID namespace",
+        "run as root (sudo), outside a container that forbids namespaces",
+    ):
         linux.unshare(linux.CLONE_NEWPID)
-    except OSError as error:
-        raise EnvironmentFailure(
-            f"cannot create a PID namespace: {os.strerror(error.errno or 0)}",
-            "run as root (sudo), outside a container that forbids namespaces",
-        ) from None
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
