@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import platform
 import struct
 from collections.abc import Mapping, Sequence
@@ -47,7 +48,7 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK})
-EINTR = 4
+EINTR = errno.EINTR
 
 # The "waits" that answer a mere ptrace interrupt with EINTR instead of a restart code
 # (ptrace(2), BUGS). Nothing has happened when they return EINTR, so running them again

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from injector import preflight
+from injector.ptrace_ext import PTRACE_SEIZE
 from tests.unit.test_preflight import FakeIndex
 
 pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parents[2]
-PTRACE_SEIZE = 0x4206
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:
