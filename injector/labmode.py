@@ -22,7 +22,7 @@ Everything only ever turns lab mode *on*: a setting further out cannot be undone
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from initstage.procs import ProcInfo
@@ -59,6 +59,20 @@ def lab_mode_reason(environ: Mapping[str, str] | None = None, pid: int | None = 
 def ancestor_with_lab_mode(pid: int, proc: Path | None = None) -> tuple[int, str] | None:
     """The nearest ancestor of ``pid`` (pid, command name) that was started with the
     variable set; None when none was, or their environments cannot be read."""
+    found = ancestor_variable(pid, LAB_MODE_ENV, proc, accept=_is_set)
+    return None if found is None else (found[0], found[1])
+
+
+def ancestor_variable(
+    pid: int,
+    name: str,
+    proc: Path | None = None,
+    accept: Callable[[str], bool] = bool,
+) -> tuple[int, str, str] | None:
+    """The nearest ancestor of ``pid`` that was started with ``name`` set to a value
+    ``accept`` takes: (its pid, its command name, the value). None when none was, or their
+    environments cannot be read. What survives ``sudo``: the environment it reset is still
+    in the one sudo itself was started with."""
     proc = ANCESTOR_PROC if proc is None else proc
     current = pid
     for _hop in range(MAX_ANCESTORS):
@@ -66,9 +80,10 @@ def ancestor_with_lab_mode(pid: int, proc: Path | None = None) -> tuple[int, str
         if stat is None or stat.ppid <= 0:
             return None
         current = stat.ppid
-        if _environ_sets_lab_mode(proc / str(current) / "environ"):
+        value = _environ_value(proc / str(current) / "environ", name)
+        if value is not None and accept(value):
             parent = _stat(proc, current)
-            return current, parent.comm if parent is not None else "?"
+            return current, parent.comm if parent is not None else "?", value
     return None
 
 
@@ -79,15 +94,16 @@ def _stat(proc: Path, pid: int) -> ProcInfo | None:
         return None
 
 
-def _environ_sets_lab_mode(path: Path) -> bool:
+def _environ_value(path: Path, name: str) -> str | None:
     try:
         text = procinfo.read_text(path) or ""
     except procinfo.Unreadable:
-        return False
-    prefix = LAB_MODE_ENV + "="
-    return any(
-        _is_set(entry[len(prefix) :]) for entry in text.split("\0") if entry.startswith(prefix)
-    )
+        return None
+    prefix = name + "="
+    for entry in text.split("\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :]
+    return None
 
 
 def lab_mode() -> bool:
