@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from injector.errors import SafetyRefusal
+from injector.ptrace_ext import PTRACE_SEIZE
 from injector.sandbox import Sandbox, namespace_of, pids_in_namespace
 
 
@@ -19,6 +21,21 @@ def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# A tracer of our own: seizes the pid given as argv[1], says "seized" and holds on until its
+# stdin closes (start it with stdin=PIPE). Run with -I: it needs nothing of ours.
+SEIZE_AND_HOLD = textwrap.dedent(
+    f"""
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace({PTRACE_SEIZE}, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+        sys.exit("seize failed: errno %d" % ctypes.get_errno())
+    print("seized", flush=True)
+    sys.stdin.read()
+    """
+)
 
 
 def wait_for_output(sandbox: Sandbox, text: str, timeout: float = 5.0) -> bool:

@@ -23,6 +23,7 @@ from injector.ptrace import (
     is_pid1_of_its_namespace,
 )
 from tests.sandbox import standin
+from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD
 from tests.sandbox.standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,20 +32,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and namespaces
 
 def no_log(line: str) -> None:
     pass
-
-
-# A tracer of our own: seizes the pid given as argv[1], says so, holds on until stdin closes.
-SEIZE_AND_HOLD = textwrap.dedent(
-    """
-    import ctypes, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
-        sys.exit("seize failed: errno %d" % ctypes.get_errno())
-    print("seized", flush=True)
-    sys.stdin.read()
-    """
-)
 
 
 @pytest.mark.root

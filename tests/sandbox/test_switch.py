@@ -21,7 +21,7 @@ from injector.events import Console, Event, Finished, Injection, StepDone
 from injector.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.images import build_debian_image
-from tests.sandbox.sandbox_checks import eventually, wait_for_output
+from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD, eventually, wait_for_output
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
 
@@ -190,7 +190,8 @@ def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
 
     with Sandbox(services=1, console="capture") as sandbox:
         tracer = subprocess.Popen(
-            [sys.executable, "-c", _SEIZE_AND_WAIT, str(sandbox.pid)],
+            [sys.executable, "-I", "-c", SEIZE_AND_HOLD, str(sandbox.pid)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -209,14 +210,3 @@ def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
             tracer.wait()
         assert sandbox.running()
         assert not Path(f"/proc/{sandbox.pid}/root{state}/root").is_mount()
-
-
-_SEIZE_AND_WAIT = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-PTRACE_SEIZE = 0x4206
-if libc.ptrace(PTRACE_SEIZE, int(sys.argv[1]), None, None) != 0:
-    raise SystemExit(f"seize failed: errno {ctypes.get_errno()}")
-print("seized", flush=True)
-time.sleep(60)
-"""
