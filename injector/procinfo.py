@@ -5,6 +5,11 @@ test can hand it a crafted tree of the same shape. Parsers take text and never t
 filesystem; readers return ``None`` for a process that vanished and raise ``Unreadable`` for a
 file the kernel refused to show us (not root, ``hidepid=``, a PID 1 whose ``environ`` is
 protected), so that the caller can say what it could not see instead of crashing.
+
+Why these readers and not psutil: the preflight is tested on crafted trees through ``proc``
+(psutil reads one process-wide ``PROCFS_PATH``), and it runs unprivileged under Debian's
+own python3, which has no psutil (tests/sandbox/test_preflight_host.py). psutil also has no
+NSpid chain, no cgroup-to-unit mapping and no swap device types.
 """
 
 from __future__ import annotations
