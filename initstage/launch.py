@@ -19,6 +19,8 @@ import subprocess
 import sys
 
 import initstage
+from initstage import linux
+from initstage.procs import PF_KTHREAD
 
 INTERPRETER_FLAGS = ("-I", "-S", "-B", "-X", "utf8")
 
@@ -28,7 +30,8 @@ INTERPRETER_FLAGS = ("-I", "-S", "-B", "-X", "utf8")
 # so and, as the stage's recovery does, runs a shell as its child and starts another
 # whenever it exits, forever. On the machine the shell gets /dev/console; in a namespace
 # (a rehearsal) it keeps the stdio it was given: the host's console is not ours.
-# Only builtins and os, sys and time: the stdlib itself may be what is broken.
+# Only builtins and os, sys and time: the stdlib itself may be what is broken. The kernel's
+# numbers are filled in from initstage.linux and initstage.procs when the code is made.
 _BOOTSTRAP = """\
 import os, sys, time
 sys.path.append(@PACKAGE_PARENT@)
@@ -40,7 +43,7 @@ except BaseException as error:
     try:
         with open("/proc/2/stat", "rb") as kthreadd:
             flags = int(kthreadd.read().rsplit(b")", 1)[1].split()[6])
-        machine = os.readlink("/proc/self") == "1" and bool(flags & 0x00200000)
+        machine = os.readlink("/proc/self") == "1" and bool(flags & @PF_KTHREAD@)
     except BaseException:
         machine = False
     def say(text):
@@ -70,7 +73,7 @@ except BaseException as error:
                         for fd in (0, 1, 2):
                             os.dup2(console, fd)
                         import fcntl
-                        fcntl.ioctl(0, 0x540E, 1)  # TIOCSCTTY: job control, Ctrl-C
+                        fcntl.ioctl(0, @TIOCSCTTY@, 1)  # job control, Ctrl-C
                 except BaseException:
                     pass
                 try:
@@ -128,7 +131,11 @@ def package_parent() -> str:
 
 
 def _code(template: str, parent: str | None) -> str:
-    return template.replace("@PACKAGE_PARENT@", repr(parent or package_parent()))
+    return (
+        template.replace("@PACKAGE_PARENT@", repr(parent or package_parent()))
+        .replace("@PF_KTHREAD@", hex(PF_KTHREAD))
+        .replace("@TIOCSCTTY@", hex(linux.TIOCSCTTY))
+    )
 
 
 def stage_argv(python: str, plan_path: str, *, parent: str | None = None) -> list[str]:
