@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from initstage import linux
 from initstage.procs import ProcInfo
 from injector import execcheck, labmode, procinfo
+from injector.access import facts as access_facts
+from injector.access.facts import AccessFacts
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
 from injector.events import Event, Fact, Level, Notice
 from injector.imageindex import INODE_BYTES, ImageIndex, pages
@@ -87,6 +89,8 @@ SSH_SERVER_PATHS = (
 # Process names that carry a remote login: a session chain through one of them is remote.
 # sshd-session is OpenSSH 9.8+'s per-connection process.
 REMOTE_LOGIN_COMMS = frozenset({"sshd", "sshd-session", "dropbear", "mosh-server"})
+# Those of them whose sockets are the SSH connection itself.
+SSHD_COMMS = frozenset({"sshd", "sshd-session", "dropbear"})
 
 # Hints that PID 1 of our PID namespace is a container's init, not the machine's.
 CONTAINER_FILES = ("/.dockerenv", "/run/.containerenv")
@@ -196,6 +200,8 @@ class Report:
     host_files: list[HostFileFacts] = dataclasses.field(default_factory=list)
     image_architecture: str = ""  # as the image declares it ("" when it does not)
     kernel_machine: str = ""  # uname -m
+    # The network, DNS, SSH session and SSH access (None: not gathered).
+    access: AccessFacts | None = None
 
     @property
     def blocked(self) -> bool:
@@ -272,6 +278,7 @@ def gather(
     source: Any = None,
     modules: bool = True,
     kernel: tuple[str, str] | None = None,
+    network: tuple[list[access_facts.Interface], list[access_facts.Route], str] | None = None,
 ) -> Report:
     """Read the facts and judge them. Changes nothing.
 
@@ -310,6 +317,20 @@ def gather(
     ]
     session = _session_facts(index, stats, chain, our_pid, proc, environ)
     pid1 = _pid1_facts(target_pid, our_pid, proc, host_root, gaps)
+    access = access_facts.gather(
+        index,
+        init_argv,
+        host_root=host_root,
+        environ=environ,
+        our_pid=our_pid,
+        proc=proc,
+        session_pids=[pid for pid in chain if pid in stats and stats[pid].comm in SSHD_COMMS],
+        network=network,
+    )
+    if access.session is not None and not session.remote:
+        # sudo reset SSH_CONNECTION and no sshd is in the chain (a tmux or screen server in
+        # between): an ancestor's environment still says where the session comes from.
+        session = SessionFacts(True, f"ssh from {access.session.client}", session.image_has_ssh)
 
     report = Report(
         ram=ram,
@@ -327,6 +348,7 @@ def gather(
         ],
         image_architecture=_image_architecture(source),
         kernel_machine=machine,
+        access=access,
     )
     report.notices = _verdicts(report, index)
     if real_index is not None:
@@ -610,6 +632,12 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     _pid1_verdicts(report.pid1, notices)
     _modules_verdicts(report.modules, notices)
     _host_file_verdicts(report.host_files, notices)
+    if report.access is not None:
+        notices += access_facts.verdicts(
+            report.access,
+            remote=report.session.remote,
+            image_has_ssh=report.session.image_has_ssh,
+        )
     if report.init_argv:
         try:
             validate_init(index, report.init_argv)
@@ -812,19 +840,20 @@ def _process_verdicts(processes: list[ProcessInfo], notices: list[Notice]) -> No
 
 
 def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
-    # A warning, not a blocker: a remote switch to an image without SSH is legitimate (a
-    # serial or KVM console, an image that phones home, a lab) and the switch is deliberate
-    # (typed confirmation); the warning is shown before the copy and does not stop the run.
+    # A blocker (issue 9): without an SSH server nobody gets back in, and no revert timer
+    # brings the old system back yet. --force is the way for a serial or KVM console, an
+    # image that phones home, or a lab.
     if not session.remote:
         return
     if not session.image_has_ssh:
         notices.append(
             Notice(
-                "warning",
+                "blocker",
                 "session-remote-no-ssh",
                 f"this is a remote session ({session.via}) and the image has no SSH server: "
                 "you will lose access to this machine",
-                "switch from a local console, or use an image with sshd or dropbear and your keys",
+                "use an image with sshd or dropbear (make rescue-image builds one), switch from "
+                "a local console, or pass --force if a console is at hand",
                 scope="host",
             )
         )
@@ -884,6 +913,8 @@ def report_events(report: Report) -> Iterator[Event]:
         yield Fact("modules", "firmware_bytes", report.modules.firmware_bytes)
         yield Fact("modules", "total_bytes", report.modules.total_bytes)
     yield Fact("host_files", "files", [dataclasses.asdict(item) for item in report.host_files])
+    if report.access is not None:
+        yield from _dataclass_facts("access", report.access)
     yield Fact("preflight", "unreadable", list(report.unreadable))
     yield from report.notices
 

@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from initstage import linux
+from injector.access.facts import choose_resolv_conf, upstream_files
 from injector.errors import BadInput, EnvironmentFailure, system_call_failure
 from injector.imageindex import INODE_BYTES
 from injector.signals import signals_deferred
@@ -26,8 +27,6 @@ MiB = 1 << 20
 MIN_HEADROOM = 64 * MiB  # logs, package caches and the like written in the first hours
 HEADROOM_FRACTION = 4  # ... or a quarter of the image, whichever is larger
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-# systemd-resolved's local stubs: useless once resolved is gone with the old userspace.
-STUB_RESOLVERS = ("127.0.0.53", "127.0.0.54")
 
 
 def tmpfs_size_for(estimated_bytes: int) -> int:
@@ -204,30 +203,24 @@ def read_host_file(path: Path) -> tuple[str, bytes | None]:
 
 
 def upstream_resolv_conf(
-    resolv_conf: Path = Path("/etc/resolv.conf"),
-    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+    resolv_conf: Path = Path("/etc/resolv.conf"), resolved_upstream: Path | None = None
 ) -> bytes:
-    """The host's resolv.conf with real upstream servers: when it points at
-    systemd-resolved's local stub, resolved's own list of upstream servers instead.
-    Raises OSError when the host has no readable resolv.conf (see ``host_files``)."""
+    """The host's resolv.conf with real upstream servers: when it points at a local
+    resolver (systemd-resolved's stub, dnsmasq, 127.0.0.1), that resolver's own upstream
+    list instead, by ``injector.access.facts.choose_resolv_conf`` (the one rule);
+    ``resolved_upstream`` replaces the usual state files. What there is when none names a
+    real server (the preflight warns). Raises OSError when the host has no readable
+    resolv.conf (see ``host_files``)."""
     content = resolv_conf.read_bytes()
-    if _uses_stub(content):
-        with contextlib.suppress(OSError):
-            return resolved_upstream.read_bytes()
-    return content
-
-
-def _uses_stub(content: bytes) -> bool:
-    for line in content.decode(errors="replace").splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver" and fields[1] in STUB_RESOLVERS:
-            return True
-    return False
+    host_root = resolv_conf.parent.parent
+    files = upstream_files(host_root) if resolved_upstream is None else [resolved_upstream]
+    chosen, _ = choose_resolv_conf(content, files)
+    return content if chosen is None else chosen
 
 
 def host_files(
     etc: Path = Path("/etc"),
-    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+    resolved_upstream: Path | None = None,
 ) -> list[HostFile]:
     """What each of ``HOST_FILES`` is on this host and what the new root gets from it.
 
@@ -244,7 +237,7 @@ def host_files(
             state += ", the kernel's hostname is used"
         elif name == "machine-id" and content is not None and not MACHINE_ID.fullmatch(content):
             state, content = f"{state}, not a machine id", None
-        elif name == "resolv.conf" and content is not None and _uses_stub(content):
+        elif name == "resolv.conf" and content is not None:
             with contextlib.suppress(OSError):
                 content = upstream_resolv_conf(etc / name, resolved_upstream)
         found.append(HostFile(name, state, content))
@@ -255,7 +248,7 @@ def add_host_files(
     root: Path,
     *,
     etc: Path = Path("/etc"),
-    resolved_upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+    resolved_upstream: Path | None = None,
 ) -> list[str]:
     """Give the new root this host's name, hosts table, upstream DNS servers and machine id.
 
@@ -274,7 +267,7 @@ def add_host_files(
                 if host_file.content is None:
                     continue
                 try:
-                    _replace_file(etc_fd, host_file.name, host_file.content)
+                    replace_file(etc_fd, host_file.name, host_file.content)
                 except IsADirectoryError:
                     continue  # the image made it a directory: its choice, left alone
                 written.append(f"/etc/{host_file.name}")
@@ -296,21 +289,32 @@ def _open_etc(root_fd: int, root: Path) -> int:
         ) from None
 
 
-def _replace_file(dir_fd: int, name: str, content: bytes) -> None:
+def replace_file(
+    dir_fd: int,
+    name: str,
+    content: bytes,
+    mode: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> None:
     """Write ``name`` in ``dir_fd`` as a fresh regular file, then rename it into place:
     an existing symlink is replaced, never followed. Raises IsADirectoryError, leaving
-    nothing behind, when ``name`` is a directory there."""
+    nothing behind, when ``name`` is a directory there. ``mode`` defaults to 0644 (0444
+    for machine-id); ``owner`` (uid, gid) is set before the file is in place."""
     temporary = f".{name}.dboot"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary, dir_fd=dir_fd)
     fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
     )
     try:
         view = memoryview(content)
         while view:
             view = view[os.write(fd, view) :]
-        os.fchmod(fd, 0o444 if name == "machine-id" else 0o644)  # as systemd makes it
+        if mode is None:
+            mode = 0o444 if name == "machine-id" else 0o644  # as systemd makes it
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     try:

@@ -309,10 +309,11 @@ def test_local_console(tmp_path: Path) -> None:
     assert (session.remote, session.via) == (False, "console /dev/pts/0")
 
 
-def test_remote_without_ssh_in_the_image_warns(tmp_path: Path) -> None:
+def test_remote_without_ssh_in_the_image_blocks(tmp_path: Path) -> None:
+    """Issue 9: nobody gets back in, and nothing reverts: a blocker (--force overrides)."""
     report = run(build(tmp_path, server()))
-    assert codes(report)["session-remote-no-ssh"] == "warning"
-    assert not report.blocked
+    assert codes(report)["session-remote-no-ssh"] == "blocker"
+    assert report.blocked
 
 
 @pytest.mark.parametrize("sshd", ["/usr/sbin/sshd", "/usr/sbin/dropbear"])
@@ -356,7 +357,8 @@ def test_ptrace_permission(
     tmp_path: Path, yama: str | None, our_uid: int, tracer: int, allowed: bool, reason: str
 ) -> None:
     processes = server({1: {"tracer": tracer}, OUR_PID: {"uid": our_uid}})
-    report = run(build(tmp_path, processes, yama=yama))
+    # An sshd in the image: the remote session alone does not block (issue 9).
+    report = run(build(tmp_path, processes, yama=yama), FakeIndex({"/usr/sbin/sshd": "x"}))
     assert report.pid1.ptrace_allowed is allowed
     assert reason in report.pid1.ptrace_reason
     assert ("ptrace-denied" in codes(report)) is not allowed
@@ -570,6 +572,16 @@ def test_notices_come_blockers_first(tmp_path: Path) -> None:
     assert report.blocked
 
 
+ACCESS_FACT_KEYS = (
+    "interfaces",
+    "routes",
+    "dns",
+    "session",
+    "host_keys",
+    "authorized_keys",
+    "image_init",
+    "network_state",
+)
 MODULES_FACT_KEYS = (
     "release",
     "source",
@@ -624,6 +636,7 @@ def test_report_events_are_facts_then_notices_in_a_stable_order(tmp_path: Path) 
         ("kernel", "machine"),
         *[("modules", key) for key in MODULES_FACT_KEYS],
         ("host_files", "files"),
+        *[("access", key) for key in ACCESS_FACT_KEYS],
         ("preflight", "unreadable"),
     ]
     assert events == list(preflight.report_events(report))
@@ -666,6 +679,7 @@ def test_report_to_json(tmp_path: Path) -> None:
         "host_files",
         "image_architecture",
         "kernel_machine",
+        "access",
         "blocked",
     ]
     assert data["processes"][4]["writing"][0].endswith("/data/base.db")
