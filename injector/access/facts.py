@@ -463,7 +463,8 @@ def image_init(index: ImageTree, init_argv: list[str]) -> ImageInit | None:
     entry = index.lookup(path)
     resolved = str(getattr(entry, "path", "")) if entry is not None else ""
     name = resolved.rsplit("/", 1)[-1]
-    if name in SHELLS:
+    # A multi-call binary runs what it is called as: /bin/sh -> busybox is a shell.
+    if name in SHELLS or path.rsplit("/", 1)[-1] in SHELLS:
         return ImageInit(path, resolved, "shell", False)
     for suffix, kind, starts in INIT_KINDS:
         if resolved.endswith(suffix):
