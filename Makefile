@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 export DBOOT_REHEARSAL_ONLY := 1
 
-.PHONY: setup demo test test-fast test-vm lint bench
+.PHONY: setup demo test test-fast test-vm lint bench rescue-image
 
 setup:
 	./scripts/setup.sh
@@ -33,3 +33,8 @@ lint: setup
 
 bench: setup
 	$(PY) tests/bench/bench_copyin.py
+
+# dboot-rescue:latest, the image to switch a remote machine to: Debian 12 minbase, systemd, sshd and
+# the disk tools, by debootstrap and `docker import` (no registry). Cached under .cache/rescue/.
+rescue-image:
+	./scripts/build-rescue-image.sh
