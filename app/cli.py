@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="stop just before the injection and undo everything",
             )
             sub.add_argument(
+                "--no-carry",
+                action="store_true",
+                help="do not carry this machine's SSH host keys and authorized_keys over",
+            )
+            sub.add_argument(
                 "--target-pid",
                 type=int,
                 metavar="PID",
@@ -346,9 +351,61 @@ def print_report(report: Any, image: str, out: TextIO) -> None:
     pid1 = report.pid1
     ptrace_state = "ptrace allowed" if pid1.ptrace_allowed else pid1.ptrace_reason
     print(f"  PID 1    {pid1.exe} ({ptrace_state})", file=out)
+    if report.access is not None:
+        print_access(report.access, report.session.image_has_ssh, out)
     for notice in report.notices:
         print_notice(notice, out)
     print("verdict: " + ("BLOCKED" if report.blocked else "ok to switch"), file=out)
+
+
+def _address_text(item: Any) -> str:
+    if not item.dynamic:
+        return f"{item.address} static"
+    if item.valid_seconds is None:
+        return f"{item.address} dynamic"
+    return f"{item.address} dynamic, {item.valid_seconds}s left"
+
+
+def print_access(access: Any, image_has_ssh: bool, out: TextIO) -> None:
+    """The access section of ``check``: how this machine is reached, and who gets back in."""
+    for interface in access.interfaces:
+        if interface.name == "lo":
+            continue
+        addresses = ", ".join(_address_text(item) for item in interface.addresses)
+        driver = f" {interface.driver}" if interface.driver else ""
+        print(f"  net      {interface.name} {interface.mac}{driver}: {addresses or '-'}", file=out)
+    if access.network_state != "ok":
+        print(f"  net      {access.network_state}", file=out)
+    for route in access.routes:
+        if route.destination == "default":
+            onlink = " onlink" if route.onlink else ""
+            print(f"  route    default via {route.gateway} dev {route.device}{onlink}", file=out)
+    dns = access.dns
+    if dns.servers:
+        via = f" (behind {dns.local_stub}, from {dns.source})" if dns.local_stub else ""
+        print(f"  DNS      {' '.join(dns.servers)}{via}", file=out)
+    else:
+        print(f"  DNS      none found: {dns.state}", file=out)
+    if access.session is not None:
+        session = access.session
+        print(
+            f"  SSH      from {session.client} to {session.local_address}:{session.local_port}"
+            f" on {session.interface or '?'}",
+            file=out,
+        )
+    for key in access.host_keys:
+        print(f"  host key {key.type} {key.fingerprint}", file=out)
+    for keys in access.authorized_keys:
+        types = f" ({', '.join(keys.types)})" if keys.types else ""
+        print(f"  keys     {keys.user}: {keys.count} in {keys.path}{types}", file=out)
+    init = access.image_init
+    init_text = (
+        f"; init {init.path} is {init.kind}"
+        + (" (starts services)" if init.starts_services else " (starts no services)")
+        if init is not None
+        else ""
+    )
+    print(f"  image    {'has' if image_has_ssh else 'has no'} SSH server{init_text}", file=out)
 
 
 # --- rehearse / switch -----------------------------------------------------------------------
@@ -368,6 +425,7 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         tmpfs_size=args.tmpfs_size,
         api_mounts=not args.no_api_mounts,
         modules=not args.no_modules,
+        carry=not getattr(args, "no_carry", False),
         dry_run=getattr(args, "dry_run", False),
         target_pid=getattr(args, "target_pid", None),
         rehearse=args.rehearse,

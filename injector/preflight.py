@@ -655,6 +655,11 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     return _sorted(notices)
 
 
+def add_notices(report: Report, notices: list[Notice]) -> None:
+    """Verdicts the run's options add (``--no-carry``), in their place by level."""
+    report.notices = _sorted(report.notices + notices)
+
+
 def _sorted(notices: list[Notice]) -> list[Notice]:
     # Blockers first, then warnings, then explanations; within a level, in section order.
     return sorted(notices, key=lambda notice: _LEVEL_ORDER[notice.level])

@@ -34,6 +34,8 @@ from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 from injector import labmode, nsenter, preflight, procinfo, ptrace
+from injector.access.carry import carry_ssh
+from injector.access.facts import carry_verdicts
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -71,6 +73,8 @@ class SwitchOptions:
     api_mounts: bool = True
     # The running kernel's modules and firmware go into the new root (--no-modules: not).
     modules: bool = True
+    # The host's SSH host keys and authorized_keys go into the new root (--no-carry: not).
+    carry: bool = True
     dry_run: bool = False
     target_pid: int | None = None
     rehearse: bool = False
@@ -251,6 +255,9 @@ def _switch_target(
         modules=options.modules,
     )
     tmpfs_size = report.ram.tmpfs_size
+    preflight.add_notices(
+        report, carry_verdicts(report.session.remote, options.carry or mode == "rehearse")
+    )
     yield from preflight.report_events(report)
     blocking = blockers(report, mode)
     # No --force can make the kernel allow an attach: that is the environment, exit 2.
@@ -403,6 +410,11 @@ class _Prepare:
             pause_point("copy")
             for added in add_host_files(root.path):
                 send(Log(f"added host file {added}"))
+            # Not in a rehearsal: its sandbox is no machine anyone logs in to. A --target-pid
+            # run is the lab of a real switch, and the keys stay in its root-only state dir.
+            if self.options.carry and self.mode != "rehearse":
+                for line in carry_ssh(root.path):
+                    send(Log(f"carried over {line}"))
             if self.modules is not None:
                 for line in add_kernel_modules(root.path, self.modules):
                     send(Log(f"added {line}"))
