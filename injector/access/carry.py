@@ -1,0 +1,222 @@
+"""Carry-over: the host's SSH identity and access into the new root, so that the machine
+answers with the same host key and lets the same people in.
+
+What goes in (``carry_ssh``): the host keys (``/etc/ssh/ssh_host_*``), root's
+authorized_keys, and ``$SUDO_USER``'s when the image has that user. machine-id and the
+upstream resolv.conf are host files (``injector.rootfs.add_host_files``), written for every
+run. Every file written is named in the returned lines; a file the image had is named as
+replaced, or, for authorized_keys, merged (the image's own keys stay, the host's are added).
+
+Writes happen inside the RAM root without following any symlink the image has on the way
+(``/root`` -> ``/home/x`` in an image must not lead the write onto the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from injector.access.facts import authorized_keys_users, home_of, parse_public_key
+from injector.rootfs import replace_file
+
+# Private host keys are read by sshd only; the public halves by anyone.
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_KEY_MODE = 0o644
+SSH_DIR_MODE = 0o700
+AUTHORIZED_KEYS_MODE = 0o600
+HOST_KEY_MAX = 64 << 10  # a host key file bigger than this is not a key
+
+
+def carry_ssh(
+    root: Path, *, host_root: Path = Path("/"), environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Copy the host's SSH host keys and authorized_keys into ``root``; returns one line per
+    file written or left out, for the log."""
+    environ = os.environ if environ is None else environ
+    lines: list[str] = []
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        lines += _carry_host_keys(root_fd, host_root / "etc" / "ssh")
+        for user in authorized_keys_users(environ):
+            lines += _carry_authorized_keys(root_fd, root, user, host_root)
+    finally:
+        os.close(root_fd)
+    return lines
+
+
+def _carry_host_keys(root_fd: int, host_ssh: Path) -> list[str]:
+    try:
+        names = sorted(
+            name
+            for name in os.listdir(host_ssh)
+            if name.startswith("ssh_host_") and (name.endswith("_key") or name.endswith(".pub"))
+        )
+    except OSError:
+        return ["no host keys carried over: the host has no readable /etc/ssh"]
+    if not names:
+        return ["no host keys carried over: the host's /etc/ssh has none"]
+    lines = []
+    dir_fd = open_dir(root_fd, "etc/ssh", 0o755, (0, 0))
+    try:
+        for name in names:
+            content = _read_small(host_ssh / name)
+            if content is None:
+                lines.append(f"host key /etc/ssh/{name} left out: not a readable regular file")
+                continue
+            existed = _exists(dir_fd, name)
+            mode = PUBLIC_KEY_MODE if name.endswith(".pub") else PRIVATE_KEY_MODE
+            replace_file(dir_fd, name, content, mode, (0, 0))
+            lines.append(
+                f"host key /etc/ssh/{name}" + (" (replaced the image's own)" if existed else "")
+            )
+    finally:
+        os.close(dir_fd)
+    return lines
+
+
+def _carry_authorized_keys(root_fd: int, root: Path, user: str, host_root: Path) -> list[str]:
+    host_home = home_of(user, host_root / "etc" / "passwd")
+    if host_home is None:
+        return []
+    source = host_root / host_home.lstrip("/") / ".ssh" / "authorized_keys"
+    content = _read_small(source)
+    if content is None or not _keys(content):
+        return []  # nothing to carry: the facts already say how many keys there are
+    account = _image_account(root / "etc" / "passwd", user)
+    if account is None:
+        return [f"authorized_keys of {user} left out: the image has no user {user}"]
+    home, uid, gid = account
+    relative = home.strip("/")
+    if not relative:
+        return [f"authorized_keys of {user} left out: the image gives {user} the home /"]
+    target = f"{home.rstrip('/')}/.ssh/authorized_keys"
+    home_fd = open_dir(root_fd, relative, 0o700 if user == "root" else 0o755, (uid, gid))
+    try:
+        ssh_fd = _open_ssh_dir(home_fd, uid, gid)
+    finally:
+        os.close(home_fd)
+    try:
+        existed = _exists(ssh_fd, "authorized_keys")
+        existing = _read_at(ssh_fd, "authorized_keys")
+        merged, added = _merge_keys(existing, content)
+        replace_file(ssh_fd, "authorized_keys", merged, AUTHORIZED_KEYS_MODE, (uid, gid))
+    finally:
+        os.close(ssh_fd)
+    if existing is None:
+        replaced = " (replaced the image's, which was not a regular file)" if existed else ""
+        return [f"{target} ({added} keys of the host's {user}){replaced}"]
+    return [f"{target} (merged: {added} keys of the host's {user} added to the image's own)"]
+
+
+def _keys(content: bytes) -> list[str]:
+    return [
+        line
+        for line in content.decode(errors="replace").splitlines()
+        if parse_public_key(line) is not None
+    ]
+
+
+def _blob(line: str) -> str:
+    parsed = parse_public_key(line)
+    return "" if parsed is None else parsed[1]
+
+
+def _merge_keys(existing: bytes | None, host: bytes) -> tuple[bytes, int]:
+    """The image's lines as they are, then the host's keys it does not have yet."""
+    have = {_blob(line) for line in _keys(existing or b"")}
+    added = [line for line in _keys(host) if _blob(line) not in have]
+    text = (existing or b"").decode(errors="replace")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return (text + "".join(line + "\n" for line in added)).encode(), len(added)
+
+
+def _image_account(passwd: Path, user: str) -> tuple[str, int, int] | None:
+    """(home, uid, gid) of ``user`` in the image's passwd; None when it has no such user."""
+    try:
+        text = passwd.read_text(errors="replace") if not passwd.is_symlink() else ""
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[0] == user and fields[2].isdigit() and fields[3].isdigit():
+            return fields[5], int(fields[2]), int(fields[3])
+    if user == "root":
+        return "/root", 0, 0  # an image without a passwd still runs as root
+    return None
+
+
+def open_dir(root_fd: int, relative: str, mode: int, owner: tuple[int, int]) -> int:
+    """A directory fd for ``relative`` under ``root_fd``, made (with ``mode`` and ``owner``
+    for the last one, 0755 root for those on the way) where missing. Never follows a
+    symlink: an image that has one on the way gets an OSError (ELOOP, ENOTDIR)."""
+    current = os.dup(root_fd)
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    try:
+        for at, part in enumerate(parts):
+            if part == "..":
+                raise OSError(f"{relative}: '..' in a path inside the image")
+            last = at == len(parts) - 1
+            made = False
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, mode if last else 0o755, dir_fd=current)
+                made = True
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
+            os.close(current)
+            current = child
+            if made:
+                os.fchown(current, *(owner if last else (0, 0)))
+                os.fchmod(current, mode if last else 0o755)  # not the umask's
+    except BaseException:
+        os.close(current)
+        raise
+    return current
+
+
+def _open_ssh_dir(home_fd: int, uid: int, gid: int) -> int:
+    """``.ssh`` in a home: made 0700 for its user, or tightened to 0700 when the image has
+    it looser (sshd's StrictModes refuses keys in a group- or world-writable one)."""
+    fd = open_dir(home_fd, ".ssh", SSH_DIR_MODE, (uid, gid))
+    info = os.fstat(fd)
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        os.fchmod(fd, SSH_DIR_MODE)
+    return fd
+
+
+def _read_small(path: Path) -> bytes | None:
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > HOST_KEY_MAX:
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _read_at(dir_fd: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None  # a symlink or worse: replaced, not read through
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
