@@ -39,9 +39,18 @@ def carry_ssh(
     lines: list[str] = []
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        lines += _carry_host_keys(root_fd, host_root / "etc" / "ssh")
+        try:
+            lines += _carry_host_keys(root_fd, host_root / "etc" / "ssh")
+        except OSError as error:  # the image's /etc/ssh is a symlink, or no directory
+            lines.append(f"host keys left out: the image's /etc/ssh is unusable ({error})")
         for user in authorized_keys_users(environ):
-            lines += _carry_authorized_keys(root_fd, root, user, host_root)
+            try:
+                lines += _carry_authorized_keys(root_fd, root, user, host_root)
+            except OSError as error:  # a symlink on the way to the image's home
+                lines.append(
+                    f"authorized_keys of {user} left out: its home in the image is unusable "
+                    f"({error})"
+                )
     finally:
         os.close(root_fd)
     return lines

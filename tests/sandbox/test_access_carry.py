@@ -1,0 +1,140 @@
+"""Carry-over into a real RAM root (a tmpfs, as a switch mounts it) from a crafted host tree:
+the host keys with their modes, authorized_keys merged into the image's, $SUDO_USER's only
+when the image has that user, every file named, and nothing written through a symlink of
+the image. The host's own /etc/ssh and authorized_keys are never read here."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from injector.access.carry import carry_ssh
+from injector.access.facts import fingerprint, parse_public_key
+from injector.rootfs import RamRoot
+
+pytestmark = pytest.mark.root
+
+HOST_ROOT_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJvb3Rrb290cm9vdHJvb3Ryb290cm9vdHJvb3Q admin@desk"
+)
+HOST_ANN_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFubmFubmFubmFubmFubmFubmFubmFubmFubmFubmE ann@laptop"
+)
+IMAGE_KEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDimage image@builder"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """A host tree: two host keys, root's and ann's authorized_keys (root's holds the image's
+    key too, which must not be added twice)."""
+    root = tmp_path / "host"
+    (root / "etc/ssh").mkdir(parents=True)
+    for kind in ("ed25519", "ecdsa"):
+        key = root / f"etc/ssh/ssh_host_{kind}_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
+    (root / "etc/ssh/sshd_config").write_text("# not a key: stays the image's\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/bash\nann:x:1000:1000::/home/ann:/bin/bash\n"
+    )
+    (root / "root/.ssh").mkdir(parents=True)
+    (root / "root/.ssh/authorized_keys").write_text(f"{HOST_ROOT_KEY}\n{IMAGE_KEY}\n")
+    (root / "home/ann/.ssh").mkdir(parents=True)
+    (root / "home/ann/.ssh/authorized_keys").write_text(f"# ann\n{HOST_ANN_KEY}\n")
+    return root
+
+
+@pytest.fixture
+def ram_root(tmp_path: Path) -> Iterator[Path]:
+    with RamRoot(tmp_path / "state", 16 << 20) as ram:
+        yield ram.path
+
+
+def make_image(root: Path, passwd: str) -> None:
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/passwd").write_text(passwd)
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("the image's own key\n")
+    (root / "root/.ssh").mkdir(parents=True, mode=0o755)
+    (root / "root/.ssh").chmod(0o775)  # too loose for sshd's StrictModes
+    (root / "root/.ssh/authorized_keys").write_text(IMAGE_KEY)  # no final newline
+
+
+IMAGE_PASSWD = "root:x:0:0:root:/root:/bin/sh\nann:x:1001:1002::/home/ann:/bin/sh\n"
+
+
+def test_keys_and_authorized_keys_go_in_with_their_modes(host: Path, ram_root: Path) -> None:
+    make_image(ram_root, IMAGE_PASSWD)
+    lines = carry_ssh(ram_root, host_root=host, environ={"SUDO_USER": "ann"})
+    assert lines == [
+        "host key /etc/ssh/ssh_host_ecdsa_key",
+        "host key /etc/ssh/ssh_host_ecdsa_key.pub",
+        "host key /etc/ssh/ssh_host_ed25519_key (replaced the image's own)",
+        "host key /etc/ssh/ssh_host_ed25519_key.pub",
+        "/root/.ssh/authorized_keys (merged: 1 keys of the host's root added to the image's own)",
+        "/home/ann/.ssh/authorized_keys (1 keys of the host's ann)",
+    ]
+    ssh = ram_root / "etc/ssh"
+    for kind in ("ed25519", "ecdsa"):
+        private, public = ssh / f"ssh_host_{kind}_key", ssh / f"ssh_host_{kind}_key.pub"
+        assert private.read_bytes() == (host / f"etc/ssh/ssh_host_{kind}_key").read_bytes()
+        assert (mode(private), mode(public)) == (0o600, 0o644)
+        assert os.lstat(private).st_uid == 0
+    # The host's fingerprint is what a client will see (StrictHostKeyChecking=yes passes).
+    blob = parse_public_key((ssh / "ssh_host_ed25519_key.pub").read_text())
+    host_blob = parse_public_key((host / "etc/ssh/ssh_host_ed25519_key.pub").read_text())
+    assert blob is not None and host_blob is not None
+    assert fingerprint(blob[1]) == fingerprint(host_blob[1])
+    assert not (ssh / "sshd_config").exists()
+
+    root_keys = ram_root / "root/.ssh/authorized_keys"
+    assert root_keys.read_text() == f"{IMAGE_KEY}\n{HOST_ROOT_KEY}\n"  # no duplicate
+    assert (mode(root_keys.parent), mode(root_keys)) == (0o700, 0o600)
+    ann_keys = ram_root / "home/ann/.ssh/authorized_keys"
+    assert ann_keys.read_text() == HOST_ANN_KEY + "\n"
+    assert (mode(ann_keys.parent), mode(ann_keys)) == (0o700, 0o600)
+    # The image's ids for ann, not the host's 1000.
+    for path in (ann_keys, ann_keys.parent, ann_keys.parent.parent):
+        assert (os.lstat(path).st_uid, os.lstat(path).st_gid) == (1001, 1002)
+    assert not list(ram_root.rglob(".*.dboot"))  # no temporary left behind
+
+
+def test_a_user_the_image_lacks_gets_nothing(host: Path, ram_root: Path) -> None:
+    (ram_root / "etc").mkdir()
+    (ram_root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    lines = carry_ssh(ram_root, host_root=host, environ={"SUDO_USER": "ann"})
+    assert "authorized_keys of ann left out: the image has no user ann" in lines
+    assert "/root/.ssh/authorized_keys (2 keys of the host's root)" in lines
+    assert not (ram_root / "home").exists()
+    assert mode(ram_root / "root") == 0o700
+
+
+def test_symlinks_of_the_image_are_never_followed(
+    host: Path, ram_root: Path, tmp_path: Path
+) -> None:
+    """An image whose /root and /etc/ssh point at absolute paths: on the host, those would
+    be the host's own directories."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (ram_root / "etc").mkdir()
+    (ram_root / "etc/passwd").write_text(IMAGE_PASSWD)
+    (ram_root / "etc/ssh").symlink_to(victim)
+    (ram_root / "root").symlink_to(victim)
+    lines = carry_ssh(ram_root, host_root=host, environ={})
+    assert os.listdir(victim) == []
+    assert lines[0].startswith("host keys left out: the image's /etc/ssh is unusable")
+    assert lines[1].startswith("authorized_keys of root left out: its home in the image")
+
+
+def test_a_host_without_ssh_carries_nothing_and_says_so(tmp_path: Path, ram_root: Path) -> None:
+    (tmp_path / "bare/etc").mkdir(parents=True)
+    lines = carry_ssh(ram_root, host_root=tmp_path / "bare", environ={"SUDO_USER": "ann"})
+    assert lines == ["no host keys carried over: the host has no readable /etc/ssh"]
+    assert os.listdir(ram_root) == []
