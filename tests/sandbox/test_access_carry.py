@@ -5,9 +5,11 @@ the image. The host's own /etc/ssh and authorized_keys are never read here."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,62 @@ def test_a_host_without_ssh_carries_nothing_and_says_so(tmp_path: Path, ram_root
     lines = carry_ssh(ram_root, host_root=tmp_path / "bare", environ={"SUDO_USER": "ann"})
     assert lines == ["no host keys carried over: the host has no readable /etc/ssh"]
     assert os.listdir(ram_root) == []
+
+
+# A --target-pid switch carries over what its target's mount namespace shows as the host's
+# /etc/ssh and root's home: crafted ones, bound over the real ones in a mount namespace of ours that
+# the sandbox (and so the switch's worker) inherits. Prints the events and the new root's files.
+TARGET_RUN = """
+import json, os, subprocess, sys, time
+from injector.sandbox import Sandbox
+dboot, = sys.argv[1:]
+with Sandbox(services=1, console="capture") as sandbox:
+    done = subprocess.run(
+        [dboot, "switch", "--json", "--yes", "--grace", "1", "--target-pid", str(sandbox.pid),
+         "tinybox", "/bin/sh", "-c", "exec sleep 60"],
+        capture_output=True, text=True, timeout=120,
+    )
+    root = f"/proc/{sandbox.pid}/root"
+    for _ in range(100):  # the stage pivots, then execs the init
+        if os.readlink(f"/proc/{sandbox.pid}/exe") == "/bin/busybox":
+            break
+        time.sleep(0.1)
+    files = {}
+    for name in ("etc/ssh/ssh_host_ed25519_key", "root/.ssh/authorized_keys"):
+        path = os.path.join(root, name)
+        info = os.lstat(path)
+        files[name] = [open(path).read(), oct(info.st_mode & 0o777)]
+    print(json.dumps({"returncode": done.returncode, "stderr": done.stderr,
+                      "events": done.stdout, "files": files}))
+"""
+
+
+@pytest.mark.engine
+def test_a_target_pid_switch_carries_the_keys_in(host: Path, tmp_path: Path) -> None:
+    # Not /root itself (this venv's interpreter may live there): a passwd naming another home.
+    (host / "etc/passwd").write_text(f"root:x:0:0:root:{host}/root:/bin/sh\n")
+    script = 'for f in ssh passwd; do mount --bind "$0/etc/$f" "/etc/$f"; done && exec "$@"'
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(host),
+         sys.executable, "-c", TARGET_RUN, str(Path(sys.executable).with_name("dboot"))],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+        cwd=Path(__file__).parents[2],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["returncode"] == 0, outcome["stderr"]
+    logs = [
+        event["text"]
+        for line in outcome["events"].splitlines()
+        if (event := json.loads(line))["event"] == "log"
+    ]
+    assert "carried over host key /etc/ssh/ssh_host_ed25519_key" in logs
+    assert "carried over /root/.ssh/authorized_keys (2 keys of the host's root)" in logs
+    key, key_mode = outcome["files"]["etc/ssh/ssh_host_ed25519_key"]
+    assert key == (host / "etc/ssh/ssh_host_ed25519_key").read_text() and key_mode == "0o600"
+    keys, keys_mode = outcome["files"]["root/.ssh/authorized_keys"]
+    assert keys == f"{HOST_ROOT_KEY}\n{IMAGE_KEY}\n" and keys_mode == "0o600"
