@@ -286,9 +286,13 @@ def choose_resolv_conf(content: bytes, upstream_files: list[Path]) -> tuple[byte
         if upstream is not None and real:
             return upstream.encode(), DnsFacts(real, local[0], str(path), "ok")
     remote = [server for server in servers if not is_local_resolver(server)]
-    if remote:  # a local cache first, real servers after it: those are kept
-        kept = "".join(f"nameserver {server}\n" for server in remote).encode()
-        return kept, DnsFacts(remote, local[0], "/etc/resolv.conf", "ok")
+    if remote:  # a local cache first, real servers after it: those, and search and options
+        kept = [
+            line
+            for line in content.decode(errors="replace").splitlines(keepends=True)
+            if nameservers(line) not in ([server] for server in local)
+        ]
+        return "".join(kept).encode(), DnsFacts(remote, local[0], "/etc/resolv.conf", "ok")
     return None, DnsFacts(
         [],
         local[0],

@@ -280,3 +280,10 @@ def test_a_minimal_host_gives_empty_facts(tmp_path: Path, monkeypatch: pytest.Mo
     )
     assert report.dns.state.startswith("no readable /etc/resolv.conf")
     assert [keys.user for keys in report.authorized_keys] == []
+
+
+def test_a_local_cache_before_real_servers_is_dropped_search_and_options_stay() -> None:
+    content = b"search lan\nnameserver 127.0.0.1\nnameserver 203.0.113.9\noptions rotate\n"
+    chosen, dns = facts.choose_resolv_conf(content, [])
+    assert chosen == b"search lan\nnameserver 203.0.113.9\noptions rotate\n"
+    assert (dns.servers, dns.local_stub) == (["203.0.113.9"], "127.0.0.1")
