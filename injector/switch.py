@@ -34,8 +34,8 @@ from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import Plan, write_plan
 from injector import labmode, nsenter, preflight, procinfo, ptrace
-from injector.access.carry import carry_ssh
-from injector.access.facts import carry_verdicts
+from injector.access.carry import carry_network, carry_ssh
+from injector.access.facts import carry_verdicts, read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -413,8 +413,9 @@ class _Prepare:
             # Not in a rehearsal: its sandbox is no machine anyone logs in to. A --target-pid
             # run is the lab of a real switch, and the keys stay in its root-only state dir.
             if self.options.carry and self.mode != "rehearse":
-                for line in carry_ssh(root.path):
-                    send(Log(f"carried over {line}"))
+                interfaces, routes, _state = read_network()
+                for line in carry_ssh(root.path) + carry_network(root.path, interfaces, routes):
+                    send(Log(f"carry-over: {line}"))
             if self.modules is not None:
                 for line in add_kernel_modules(root.path, self.modules):
                     send(Log(f"added {line}"))

@@ -19,7 +19,13 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from injector.access.facts import authorized_keys_users, home_of, parse_public_key
+from injector.access.facts import (
+    Interface,
+    Route,
+    authorized_keys_users,
+    home_of,
+    parse_public_key,
+)
 from injector.rootfs import replace_file
 
 # Private host keys are read by sshd only; the public halves by anyone.
@@ -229,3 +235,151 @@ def _exists(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+# --- The network, for the image's own network manager ----------------------------------------
+
+# Where an image enables systemd-networkd, and where ifupdown keeps its configuration.
+NETWORKD_WANTS = (
+    "etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
+    "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
+)
+IFUPDOWN_PROGRAMS = ("sbin/ifup", "usr/sbin/ifup")
+# Default routes a client learnt (DHCP, router advertisements) come back with the client.
+LEARNT_PROTOCOLS = frozenset({"dhcp", "ra"})
+
+
+def image_network_manager(root: Path) -> str:
+    """``networkd`` when the image enables systemd-networkd, ``ifupdown`` when it has ifup
+    and an interfaces file, else ``""``: then nothing is written, and the kernel keeps the
+    addresses and routes as they are (no daemon of the new system takes them down)."""
+    if any(os.path.lexists(root / path) for path in NETWORKD_WANTS):
+        return "networkd"
+    if any(os.path.lexists(root / path) for path in IFUPDOWN_PROGRAMS) and os.path.lexists(
+        root / "etc/network/interfaces"
+    ):
+        return "ifupdown"
+    return ""
+
+
+def _configured(interfaces: list[Interface]) -> list[Interface]:
+    return [
+        interface
+        for interface in interfaces
+        if interface.name != "lo"
+        and interface.mac
+        and any(item.scope == "global" for item in interface.addresses)
+    ]
+
+
+def networkd_unit(interface: Interface, routes: list[Route]) -> str:
+    """A ``.network`` file matched by MAC: static addresses as they are, DHCP asking for the
+    same address where it was dynamic, gateways (on-link ones too) kept."""
+    global_addresses = [item for item in interface.addresses if item.scope == "global"]
+    dhcp4 = [item for item in global_addresses if item.dynamic and item.family == "inet"]
+    dynamic6 = any(item.dynamic and item.family == "inet6" for item in global_addresses)
+    lines = [
+        f"# Written by dboot: {interface.name} as it was before the switch.",
+        "[Match]",
+        f"MACAddress={interface.mac}",
+        "",
+        "[Network]",
+        # What the kernel still has stays until a lease replaces it.
+        "KeepConfiguration=yes",
+        f"DHCP={'ipv4' if dhcp4 else 'no'}",
+        f"IPv6AcceptRA={'yes' if dynamic6 else 'no'}",
+    ]
+    lines += [f"Address={item.address}" for item in global_addresses if not item.dynamic]
+    if dhcp4:
+        lines += ["", "[DHCPv4]", f"RequestAddress={dhcp4[0].address.split('/')[0]}"]
+    for route in routes:
+        if route.device != interface.name or not route.gateway:
+            continue
+        if route.protocol in LEARNT_PROTOCOLS and (dhcp4 or dynamic6):
+            continue
+        lines += ["", "[Route]", f"Gateway={route.gateway}"]
+        if route.destination != "default":
+            lines.append(f"Destination={route.destination}")
+        if route.onlink:
+            lines.append("GatewayOnLink=yes")
+    return "\n".join(lines) + "\n"
+
+
+def ifupdown_stanza(interface: Interface, routes: list[Route]) -> str:
+    """``interfaces`` stanzas for one interface (ifupdown matches names; the kernel, and so
+    the names, stay across a switch)."""
+    global_addresses = [item for item in interface.addresses if item.scope == "global"]
+    lines = [f"# Written by dboot: {interface.name} as it was before the switch.",
+             f"auto {interface.name}"]  # fmt: skip
+    for family in ("inet", "inet6"):
+        of_family = [item for item in global_addresses if item.family == family]
+        if not of_family:
+            continue
+        gateway = next(
+            (
+                route.gateway
+                for route in routes
+                if route.family == family
+                and route.device == interface.name
+                and route.destination == "default"
+            ),
+            "",
+        )
+        if any(item.dynamic for item in of_family):
+            lines.append(
+                f"iface {interface.name} {family} {'dhcp' if family == 'inet' else 'auto'}"
+            )
+            continue
+        lines.append(f"iface {interface.name} {family} static")
+        lines.append(f"    address {of_family[0].address}")
+        if gateway:
+            lines.append(f"    gateway {gateway}")
+        for extra in of_family[1:]:
+            lines.append(f"    up ip addr add {extra.address} dev {interface.name} || true")
+    return "\n".join(lines) + "\n"
+
+
+def carry_network(root: Path, interfaces: list[Interface], routes: list[Route]) -> list[str]:
+    """Configuration for the image's own network manager, one file per interface with a
+    global address; returns the log lines."""
+    manager = image_network_manager(root)
+    configured = _configured(interfaces)
+    if not manager:
+        return ["no network configuration written: the image enables no network manager "
+                "(the kernel keeps the addresses and routes)"]  # fmt: skip
+    if not configured:
+        return ["no network configuration written: no interface has a global address"]
+    if manager == "networkd":
+        directory = "etc/systemd/network"
+        files = {f"10-dboot-{i.name}.network": networkd_unit(i, routes) for i in configured}
+    else:
+        directory = "etc/network/interfaces.d"
+        files = {f"dboot-{i.name}": ifupdown_stanza(i, routes) for i in configured}
+    lines = []
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        dir_fd = open_dir(root_fd, directory, 0o755, (0, 0))
+    except OSError as error:
+        os.close(root_fd)
+        return [f"no network configuration written: the image's /{directory} is unusable "
+                f"({error})"]  # fmt: skip
+    try:
+        for name, content in files.items():
+            existed = _exists(dir_fd, name)
+            replace_file(dir_fd, name, content.encode(), 0o644, (0, 0))
+            replaced = " (replaced the image's own)" if existed else ""
+            lines.append(f"{manager} configuration /{directory}/{name}{replaced}")
+    finally:
+        os.close(dir_fd)
+        os.close(root_fd)
+    if manager == "ifupdown" and "interfaces.d" not in _text(root / "etc/network/interfaces"):
+        lines.append("the image's /etc/network/interfaces does not read interfaces.d: add "
+                     "`source /etc/network/interfaces.d/*` there for these to count")  # fmt: skip
+    return lines
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace") if not path.is_symlink() else ""
+    except OSError:
+        return ""

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from injector.access.carry import carry_ssh
-from injector.access.facts import fingerprint, parse_public_key
+from injector.access.carry import carry_network, carry_ssh
+from injector.access.facts import Address, Interface, Route, fingerprint, parse_public_key
 from injector.rootfs import RamRoot
 
 pytestmark = pytest.mark.root
@@ -193,9 +193,98 @@ def test_a_target_pid_switch_carries_the_keys_in(host: Path, tmp_path: Path) -> 
         for line in outcome["events"].splitlines()
         if (event := json.loads(line))["event"] == "log"
     ]
-    assert "carried over host key /etc/ssh/ssh_host_ed25519_key" in logs
-    assert "carried over /root/.ssh/authorized_keys (2 keys of the host's root)" in logs
+    assert "carry-over: host key /etc/ssh/ssh_host_ed25519_key" in logs
+    assert "carry-over: /root/.ssh/authorized_keys (2 keys of the host's root)" in logs
+    # tinybox has no network manager: nothing written, and the log says why.
+    assert any(line.startswith("carry-over: no network configuration written") for line in logs)
     key, key_mode = outcome["files"]["etc/ssh/ssh_host_ed25519_key"]
     assert key == (host / "etc/ssh/ssh_host_ed25519_key").read_text() and key_mode == "0o600"
     keys, keys_mode = outcome["files"]["root/.ssh/authorized_keys"]
     assert keys == f"{HOST_ROOT_KEY}\n{IMAGE_KEY}\n" and keys_mode == "0o600"
+
+
+def network() -> tuple[list[Interface], list[Route]]:
+    leased = Address("10.0.2.15/24", "inet", "global", True, 86190, 86190)
+    static = Address("192.0.2.7/24", "inet", "global", False, None, None)
+    slaac = Address("2001:db8::5/64", "inet6", "global", True, 2591990, 604790)
+    link_local = Address("fe80::1/64", "inet6", "link", False, None, None)
+    eth0 = Interface("eth0", "52:54:00:12:34:56", "virtio_net", "UP", [leased, static, slaac])
+    eth1 = Interface("eth1", "52:54:00:ab:cd:ef", "e1000", "UP", [static, link_local])
+    lo = Interface("lo", "00:00:00:00:00:00", "", "UNKNOWN", [])
+    routes = [
+        Route("inet", "default", "10.0.2.2", "eth0", False, "dhcp"),  # comes back with DHCP
+        Route("inet", "default", "172.31.1.1", "eth1", True, "static"),
+        Route("inet", "198.51.100.0/24", "192.0.2.1", "eth1", False, "boot"),
+        Route("inet6", "default", "fe80::1", "eth0", False, "ra"),
+    ]
+    return [lo, eth0, eth1], routes
+
+
+NETWORKD_ETH1 = """\
+# Written by dboot: eth1 as it was before the switch.
+[Match]
+MACAddress=52:54:00:ab:cd:ef
+
+[Network]
+KeepConfiguration=yes
+DHCP=no
+IPv6AcceptRA=no
+Address=192.0.2.7/24
+
+[Route]
+Gateway=172.31.1.1
+GatewayOnLink=yes
+
+[Route]
+Gateway=192.0.2.1
+Destination=198.51.100.0/24
+"""
+
+
+def test_networkd_files_matched_by_mac(ram_root: Path) -> None:
+    wants = ram_root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "systemd-networkd.service").symlink_to("/lib/systemd/system/systemd-networkd.service")
+    (ram_root / "etc/systemd/network").mkdir()
+    (ram_root / "etc/systemd/network/10-dboot-eth1.network").write_text("old\n")
+    lines = carry_network(ram_root, *network())
+    assert lines == [
+        "networkd configuration /etc/systemd/network/10-dboot-eth0.network",
+        "networkd configuration /etc/systemd/network/10-dboot-eth1.network"
+        " (replaced the image's own)",
+    ]
+    eth0 = (ram_root / "etc/systemd/network/10-dboot-eth0.network").read_text()
+    assert "MACAddress=52:54:00:12:34:56\n" in eth0
+    assert "DHCP=ipv4\nIPv6AcceptRA=yes\nAddress=192.0.2.7/24\n" in eth0
+    assert "[DHCPv4]\nRequestAddress=10.0.2.15\n" in eth0
+    assert "Gateway=" not in eth0  # both defaults of eth0 come back with DHCP and RAs
+    eth1 = ram_root / "etc/systemd/network/10-dboot-eth1.network"
+    assert eth1.read_text() == NETWORKD_ETH1
+    assert mode(eth1) == 0o644
+
+
+def test_ifupdown_stanzas_and_no_manager(ram_root: Path, tmp_path: Path) -> None:
+    (ram_root / "sbin").mkdir()
+    (ram_root / "sbin/ifup").write_text("")
+    (ram_root / "etc/network").mkdir(parents=True)
+    (ram_root / "etc/network/interfaces").write_text("source /etc/network/interfaces.d/*\n")
+    lines = carry_network(ram_root, *network())
+    assert lines == [
+        "ifupdown configuration /etc/network/interfaces.d/dboot-eth0",
+        "ifupdown configuration /etc/network/interfaces.d/dboot-eth1",
+    ]
+    assert (ram_root / "etc/network/interfaces.d/dboot-eth0").read_text().splitlines()[1:] == [
+        "auto eth0",
+        "iface eth0 inet dhcp",
+        "iface eth0 inet6 auto",
+    ]
+    assert (ram_root / "etc/network/interfaces.d/dboot-eth1").read_text().splitlines()[1:] == [
+        "auto eth1",
+        "iface eth1 inet static",
+        "    address 192.0.2.7/24",
+        "    gateway 172.31.1.1",
+    ]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert carry_network(bare, *network())[0].startswith("no network configuration written")
+    assert os.listdir(bare) == []
