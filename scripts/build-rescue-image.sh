@@ -6,7 +6,7 @@
 #
 # Usage: build-rescue-image.sh [TAG]          (root; default TAG dboot-rescue:latest)
 # The packages, downloaded by debootstrap, are cached as one tarball under .cache/rescue/, keyed by
-# the hash of this script, the suite and the mirror: a warm build only unpacks and imports.
+# the package list, the suite and the mirror: a warm build only unpacks, configures and imports.
 set -euo pipefail
 
 tag=${1:-dboot-rescue:latest}
@@ -22,7 +22,8 @@ for tool in debootstrap docker; do
     command -v "$tool" >/dev/null || { log "$tool is missing: apt-get install $tool"; exit 2; }
 done
 
-key=$( (cat "$0"; echo "$suite $mirror $packages") | sha256sum | cut -c1-16)
+# The tarball holds only the downloaded packages: keyed by what chooses them, not by this script.
+key=$(echo "$suite $mirror $packages" | sha256sum | cut -c1-16)
 tarball=$cache/debootstrap-$key.tar
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/tree.XXXXXX")
@@ -69,12 +70,15 @@ ExecStart=/usr/bin/ssh-keygen -A
 WantedBy=multi-user.target
 UNIT
 chroot "$tree" systemctl enable dboot-ssh-keygen.service ssh.service >/dev/null 2>&1
+# systemd-networkd manages only the links a .network file matches: the ones dboot's carry-over
+# writes (by MAC, DHCP asking for the same address), so a lease is renewed by the new system.
+# Links nothing matches keep what the kernel has.
+chroot "$tree" systemctl enable systemd-networkd.service >/dev/null 2>&1
 # Root logs in with a key only (Debian's default: prohibit-password); the password stays locked.
 echo dboot-rescue >"$tree/etc/hostname"
 # An empty machine-id: systemd's first-boot marker, unless the switch carries the host's in.
 : >"$tree/etc/machine-id"
-# The kernel keeps the interfaces' addresses and routes across a switch: nothing here configures
-# the network, so nothing takes it down. ip and dhclient are there to do it by hand.
+# ip and dhclient are there to configure the network by hand.
 chroot "$tree" apt-get clean
 rm -rf "$tree"/var/lib/apt/lists/* "$tree"/var/cache/apt/*.bin "$tree"/var/log/*.log
 
