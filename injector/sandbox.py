@@ -21,6 +21,12 @@ How it is built, and why:
   every other process in it before PID 1 can be reaped; and a mount namespace, with every
   mount in it, is freed with its last process. So ending a sandbox is: SIGKILL our own
   child through a pidfd (no pid-reuse race), reap it, join the console thread.
+- **Hermetic** (``initstage/hermetic.py``): PID 1 runs with the capabilities that act
+  on the whole machine dropped from its bounding set (``setpriv --bounding-set``), with
+  ``container=dboot`` in its environment, in a cgroup of its own made under ours (the
+  delegated subtree, :class:`DelegatedCgroup`) and in a cgroup namespace rooted there; the
+  stand-in then makes ``/proc/sys`` and ``/sys`` read-only and ``/dev`` minimal in its
+  mount namespace. The cgroup is killed and removed when the sandbox ends.
 - The child starts a new session, so a Ctrl-C typed at the terminal reaches us and not
   the sandbox; we then kill it on the way out.
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -49,7 +56,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Literal
 
-from initstage import linux
+from initstage import hermetic, linux
+from initstage.mounts import read_mounts
 from injector import procinfo, standin
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
 from injector.procinfo import nspid_chain
@@ -64,6 +72,8 @@ STANDIN_SCRIPT = Path(standin.__file__).resolve()
 START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
 REPEAT_SIGNAL_EVERY = 0.05
+CGROUP_EMPTY_TIMEOUT = 5.0
+_cgroup_numbers = itertools.count(1)
 
 
 def default_kinds(count: int) -> list[str]:
@@ -156,6 +166,59 @@ def _sigint_deferred() -> Iterator[None]:
             previous(signal.SIGINT, caught[0])
 
 
+def own_cgroup_directory() -> Path:
+    """Where our own cgroup v2 directory is (the cgroup2 mount that shows it)."""
+    with open("/proc/self/cgroup") as cgroup_file:
+        entries = [line.rstrip("\n").split(":", 2) for line in cgroup_file]
+    path = next((entry[2] for entry in entries if entry[:2] == ["0", ""]), None)
+    for mount in read_mounts():
+        root = mount.root.rstrip("/")
+        if path is not None and mount.fstype == "cgroup2" and (path + "/").startswith(root + "/"):
+            return Path(mount.mount_point) / path[len(root) :].lstrip("/")
+    raise EnvironmentFailure(
+        "no cgroup v2 hierarchy shows our cgroup: a rehearsal needs one to delegate",
+        "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified) or boot with cgroup v2",
+    )
+
+
+class DelegatedCgroup:
+    """The rehearsal's cgroup: a child of ours, the root of its cgroup namespace.
+
+    Everything the rehearsed system creates (systemd's slices and scopes) lives under it,
+    so ending it is: cgroup.kill, wait until nothing is left in it, remove it bottom-up."""
+
+    def __init__(self) -> None:
+        parent = own_cgroup_directory()
+        self.path = parent / f"dboot-rehearsal-{os.getpid()}-{next(_cgroup_numbers)}"
+        with system_call_failure(
+            f"cannot make the rehearsal's cgroup {self.path}", "run as root, with cgroup v2"
+        ):
+            self.path.mkdir()
+
+    def populated(self) -> bool:
+        try:
+            events = (self.path / "cgroup.events").read_text()
+        except FileNotFoundError:
+            return False
+        return "populated 1" in events.splitlines()
+
+    def remove(self) -> None:
+        """Kill what is left in it and remove it with its subtree. Idempotent."""
+        if not self.path.exists():
+            return
+        with contextlib.suppress(OSError):  # no cgroup.kill before Linux 5.14
+            (self.path / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + CGROUP_EMPTY_TIMEOUT
+        while self.populated() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for here, _subdirs, _files in sorted(os.walk(self.path), key=lambda w: -len(w[0])):
+            with system_call_failure(
+                f"cannot remove the rehearsal's cgroup {here}",
+                "see which processes are still in it (cgroup.procs) and end them",
+            ):
+                os.rmdir(here)
+
+
 class Sandbox:
     """A stand-in init as PID 1 of new PID, mount, UTS, IPC and network namespaces.
 
@@ -195,6 +258,7 @@ class Sandbox:
         self._pid: int | None = None
         self._pidfd: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self.cgroup: DelegatedCgroup | None = None
         self._status: int | None = None
         self._started = False
         self._spawned = threading.Event()  # the owner thread tried: _pidfd is set or it failed
@@ -239,6 +303,7 @@ class Sandbox:
         return pid
 
     def _start(self) -> int:
+        self.cgroup = DelegatedCgroup()
         ready_read, ready_write = os.pipe()
         failure: list[BaseException] = []
 
@@ -282,8 +347,11 @@ class Sandbox:
         return self._check_isolated()
 
     def _spawn(self, ready_fd: int) -> subprocess.Popen[bytes]:
+        assert self.cgroup is not None
+        dropped = ",".join(f"-{name}" for name in hermetic.DROPPED_CAPABILITIES)
         argv = [
-            "setpriv", "--pdeathsig", "KILL", "--",
+            "setpriv", "--pdeathsig", "KILL", "--inh-caps", "-all", "--bounding-set", dropped,
+            "--",
             "unshare", "--mount", "--uts", "--ipc", "--net",
             "--propagation", "private", "--mount-proc", "--",
             self.python, "-I", "-S", str(STANDIN_SCRIPT),
@@ -292,6 +360,7 @@ class Sandbox:
             "--zombie-period", str(self.zombie_period),
             "--idle", self.idle,
             "--ready-fd", str(ready_fd),
+            "--cgroup", str(self.cgroup.path),
         ]  # fmt: skip
         capture = self.console == "capture"
         try:
@@ -302,6 +371,7 @@ class Sandbox:
                 stderr=subprocess.STDOUT if capture else None,
                 pass_fds=(ready_fd,),
                 start_new_session=True,
+                env={**os.environ, hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME},
             )
         except OSError as error:
             raise EnvironmentFailure(
@@ -346,6 +416,10 @@ class Sandbox:
             raise SafetyRefusal(
                 f"the sandbox (pid {pid}) is not PID 1 of its namespace", "this is a bug: report it"
             )
+        if namespace_of(pid, "cgroup") == namespace_of("self", "cgroup"):
+            raise SafetyRefusal(
+                f"the sandbox (pid {pid}) shares our cgroup namespace", "this is a bug: report it"
+            )
         return pid
 
     def close(self) -> None:
@@ -365,6 +439,8 @@ class Sandbox:
             self._pidfd = None
         if self._owner is not None:
             self._owner.join()
+        if self.cgroup is not None:
+            self.cgroup.remove()
         self._join_console()
         if self._process is not None and self._process.stdin is not None:
             self._process.stdin.close()

@@ -18,7 +18,16 @@ real host:
                      (the line ``exit N`` makes it exit N); reaps in a SIGCHLD handler; on
                      end of file it falls back to ``wait``.
 
-Test hook: SIGUSR1 makes it exit with status ``EXIT_ON_SIGUSR1`` (7). PID 1 of a PID
+Hermetic (``initstage/hermetic.py``): before anything else it joins the delegated cgroup
+``--cgroup`` and takes a cgroup namespace of its own, makes ``/proc/sys`` and
+``/proc/sysrq-trigger`` read-only, replaces ``/sys`` by a read-only sysfs with the
+delegated cgroup2 under it and ``/dev`` by a minimal one (plus ``kmsg``, where the init
+stage logs, and ``console`` when the console is a terminal). Its children get no
+CAP_MKNOD: only PID 1 keeps it, for the init stage's own minimal ``/dev``.
+
+Test hooks: in ``--idle read``, the line ``run COMMAND`` runs ``/bin/sh -c COMMAND`` as a
+child of PID 1 (so with everything PID 1's children get), its output on the console.
+SIGUSR1 makes it exit with status ``EXIT_ON_SIGUSR1`` (7). PID 1 of a PID
 namespace only receives the signals it has a handler for, so nothing else can end it
 short of SIGKILL from outside. Python runs a handler between bytecodes, so a SIGUSR1 that
 lands just before ``wait4`` is entered waits there until something else interrupts it:
@@ -35,8 +44,14 @@ import sys
 import time
 from collections.abc import Callable
 
+if not __package__:  # run as a script with -I: the repository is not on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from initstage import hermetic, linux
+
 EXIT_ON_SIGUSR1 = 7
 MAX_ZOMBIES = 5
+KMSG_NODE = ("kmsg", 1, 11)
+RUN_PREFIX = b"run "
 SERVICE_KINDS = ("stubborn", "zombies", "plain")
 READY_LINE = "ready"
 
@@ -47,10 +62,17 @@ def say(text: str) -> None:
     os.write(1, f"standin: {text}\n".encode())
 
 
-def become_service(kind: str) -> None:
-    """Turn a freshly forked child into a service: its name and signal dispositions."""
+def become_child() -> None:
+    """What every child of PID 1 gets: default signals, and no CAP_MKNOD (so no device
+    node of its own making, hence no raw host device)."""
+    hermetic.drop_capability(hermetic.CAP_MKNOD)
     for sig in (signal.SIGUSR1, signal.SIGCHLD, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def become_service(kind: str) -> None:
+    """Turn a freshly forked child into a service: its name and signal dispositions."""
+    become_child()
     if kind == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open("/proc/self/comm", "w") as comm:
@@ -129,9 +151,46 @@ def idle_reading(reaper: Callable[[int, object], None]) -> None:
             say("stdin closed, idling in wait4")
             return
         say(f"read {data!r}")
+        if data.startswith(RUN_PREFIX):
+            run_command(data.removeprefix(RUN_PREFIX).decode().strip())
+            continue
         words = data.split()
         if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
             sys.exit(int(words[1]))
+
+
+def run_command(command: str) -> None:
+    """The ``run`` test hook: ``/bin/sh -c COMMAND`` as a child of PID 1; not waited for
+    here (the SIGCHLD reaper says how it ended)."""
+    if os.fork() == 0:
+        try:
+            become_child()
+            os.execv("/bin/sh", ["/bin/sh", "-c", command])
+        finally:
+            os._exit(127)
+
+
+def harden(cgroup: str | None) -> None:
+    """Enter the delegated cgroup and a cgroup namespace, then the hermetic mounts (in our
+    own, private mount namespace: ``unshare --mount --propagation private``)."""
+    if cgroup:
+        with open(f"{cgroup}/cgroup.procs", "w") as procs:
+            procs.write("0")  # 0: the writer itself
+        linux.unshare(hermetic.CLONE_NEWCGROUP)
+    hermetic.make_proc_read_only()
+    console = os.ttyname(1) if os.isatty(1) else None
+    console_fd = os.open(console, os.O_RDWR | os.O_NOCTTY) if console else None
+    linux.umount2("/sys", hermetic.MNT_DETACH)
+    hermetic.mount_read_only_sys()
+    linux.umount2("/dev", hermetic.MNT_DETACH)
+    hermetic.mount_minimal_dev()
+    name, major, minor = KMSG_NODE
+    os.mknod(f"/dev/{name}", 0o020600, os.makedev(major, minor))
+    hermetic.mount_devpts()
+    if console_fd is not None:
+        open("/dev/console", "w").close()
+        linux.mount(f"/proc/self/fd/{console_fd}", "/dev/console", None, linux.MS_BIND)
+        os.close(console_fd)
 
 
 def ignore(signum: int, frame: object) -> None:
@@ -151,6 +210,7 @@ def main() -> None:
     parser.add_argument("--zombie-period", type=float, default=0.2)
     parser.add_argument("--idle", choices=("wait", "read"), default="wait")
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--cgroup", help="the delegated cgroup (a host path) to join")
     args = parser.parse_args()
     kinds = [kind for kind in args.services.split(",") if kind]
 
@@ -159,6 +219,7 @@ def main() -> None:
     if os.getpid() != 1:
         print("standin: refusing to run: not PID 1 of a PID namespace", file=sys.stderr)
         sys.exit(3)
+    harden(args.cgroup)
     signal.signal(signal.SIGUSR1, on_sigusr1)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, ignore)
