@@ -552,6 +552,19 @@ def verdicts(facts: AccessFacts, *, remote: bool, image_has_ssh: bool) -> list[N
                 scope="host",
             )
         )
+    if remote and image_has_ssh and not any(keys.count for keys in facts.authorized_keys):
+        users = " or ".join(keys.user for keys in facts.authorized_keys) or "root"
+        notices.append(
+            Notice(
+                "warning",
+                "remote-no-keys",
+                f"no authorized_keys of {users} on this machine to carry over: the new "
+                "system's sshd lets in only the keys the image has (root's password login "
+                "is off by default)",
+                "add your public key to ~root/.ssh/authorized_keys before the switch",
+                scope="host",
+            )
+        )
     return notices
 
 

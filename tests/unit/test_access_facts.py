@@ -248,8 +248,9 @@ def test_the_images_init(paths: dict[str, str], init: str, kind: str, starts: bo
 
 
 def empty_facts(**changes: object) -> facts.AccessFacts:
-    base = facts.AccessFacts([], [], facts.DnsFacts(["192.0.2.53"], "", "", "ok"), None, [], [],
-                             None)  # fmt: skip
+    keys = [facts.AuthorizedKeys("root", "/root/.ssh/authorized_keys", 1, ["ssh-ed25519"], [])]
+    dns = facts.DnsFacts(["192.0.2.53"], "", "", "ok")
+    base = facts.AccessFacts([], [], dns, None, [], keys, None)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -287,3 +288,11 @@ def test_a_local_cache_before_real_servers_is_dropped_search_and_options_stay() 
     chosen, dns = facts.choose_resolv_conf(content, [])
     assert chosen == b"search lan\nnameserver 203.0.113.9\noptions rotate\n"
     assert (dns.servers, dns.local_stub) == (["203.0.113.9"], "127.0.0.1")
+
+
+def test_a_remote_session_with_no_keys_to_carry_warns() -> None:
+    none = [facts.AuthorizedKeys("root", "/root/.ssh/authorized_keys", 0, [], [])]
+    notices = facts.verdicts(empty_facts(authorized_keys=none), remote=True, image_has_ssh=True)
+    assert [(n.level, n.code) for n in notices] == [("warning", "remote-no-keys")]
+    some = [dataclasses.replace(none[0], count=1)]
+    assert facts.verdicts(empty_facts(authorized_keys=some), remote=True, image_has_ssh=True) == []
