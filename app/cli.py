@@ -40,6 +40,8 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
+from app.format import human_bytes, short_id
+from initstage.plan import DEFAULT_GRACE_SECONDS
 from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.events import (
     Console,
@@ -96,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--grace",
         type=float,
-        default=3.0,
+        default=DEFAULT_GRACE_SECONDS,
         metavar="SECONDS",
-        help="how long processes get between SIGTERM and SIGKILL (default 3)",
+        help="how long processes get between SIGTERM and SIGKILL"
+        f" (default {DEFAULT_GRACE_SECONDS:g})",
     )
     common.add_argument(
         "--tmpfs-size",
@@ -282,26 +285,15 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from injector import preflight
+    from injector.check import check
     from injector.sources import open_source
     from injector.switch import require_root
 
     require_root()
-    if args.init and not args.init[0].startswith("/"):
-        raise BadInput(
-            f"init {args.init[0]!r} is not an absolute path",
-            "give the full path inside the image, e.g. /sbin/init",
-        )
     with open_source(args.image, args.docker_host) as source:
-        index = source.scan()
-        if args.init:
-            preflight.validate_init(index, args.init)
-        report = preflight.gather(
-            index,
-            args.init,
-            tmpfs_size=args.tmpfs_size,
-            source=source,
-            modules=not args.no_modules,
-        )
+        report = check(
+            source, args.init, tmpfs_size=args.tmpfs_size, modules=not args.no_modules
+        ).report
     if args.json:
         for event in preflight.report_events(report):
             print(json.dumps(to_json(event)), file=out)
@@ -415,8 +407,6 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
     """The engine's options for `rehearse` and `switch`, from the command line."""
     from injector.switch import SwitchOptions
 
-    if not args.init:
-        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
     return SwitchOptions(
         image=args.image,
         init_argv=list(args.init),
@@ -565,22 +555,6 @@ class HumanRenderer:
 def print_notice(notice: Notice, out: TextIO) -> None:
     fix = f" ({notice.fix})" if notice.fix else ""
     print(f"{notice.level}: {notice.message}{fix}", file=out)
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def short_id(image_id: str) -> str:
-    return image_id.removeprefix("sha256:")[:12]
-
-
-def human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 # --- errors and output that goes away ----------------------------------------------------

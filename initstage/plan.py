@@ -20,6 +20,8 @@ PLAN_VERSION = 1
 CONSOLE_MODES = ("vt", "inherit")
 # Longer than any sane shutdown; a typo like 3000 (ms meant as s) should not hang a switch.
 MAX_GRACE_SECONDS = 600.0
+# How long the old system's processes get between SIGTERM and SIGKILL, unless told.
+DEFAULT_GRACE_SECONDS = 3.0
 MAX_PLAN_BYTES = 1 << 20
 
 
@@ -35,7 +37,7 @@ class Plan:
     init_argv: list[str]
     init_env: dict[str, str] = field(default_factory=dict)
     console: str = "inherit"  # "vt" on a real host, "inherit" in a rehearsal
-    grace_seconds: float = 3.0
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
     api_mounts: bool = True
     minimal_dev: bool = False  # a small tmpfs /dev instead of devtmpfs (rehearsals)
     log_path: str = "/var/log/dboot.log"  # inside the new root

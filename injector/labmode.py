@@ -27,12 +27,15 @@ from pathlib import Path
 
 from initstage.procs import ProcInfo
 from injector import procinfo
+from injector.errors import SafetyRefusal
 
 LAB_MODE_ENV = "DBOOT_REHEARSAL_ONLY"
 LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")
 # Where the ancestors are looked up (tests point it at a crafted tree).
 ANCESTOR_PROC = procinfo.PROC
 MAX_ANCESTORS = 64
+# What a lab-mode refusal tells the user to do instead, unless the caller knows better.
+REFUSAL_FIX = "use `dboot rehearse`, or --target-pid with the PID 1 of a namespace you made"
 
 
 def _is_set(value: str | None) -> bool:
@@ -108,3 +111,12 @@ def _environ_value(path: Path, name: str) -> str | None:
 
 def lab_mode() -> bool:
     return lab_mode_reason() is not None
+
+
+def refuse(what_is_kept: str, fix: str = REFUSAL_FIX) -> None:
+    """The one lab-mode refusal: raise ``SafetyRefusal`` ("<why lab mode is on>: <what is
+    kept>", exit 3) when lab mode is on; return when it is off. Every layer that could reach
+    the host's PID 1 or its swap asks this: the switch, the injector, swap-off, the wizard."""
+    reason = lab_mode_reason()
+    if reason is not None:
+        raise SafetyRefusal(f"{reason}: {what_is_kept}", fix)

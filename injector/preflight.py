@@ -24,7 +24,7 @@ from initstage.procs import ProcInfo
 from injector import execcheck, labmode, procinfo
 from injector.access import facts as access_facts
 from injector.access.facts import AccessFacts
-from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
+from injector.errors import BadInput, EnvironmentFailure, system_call_failure
 from injector.events import Event, Fact, Level, Notice
 from injector.imageindex import INODE_BYTES, ImageIndex, pages
 from injector.kmodules import ModulesFacts, gather_modules
@@ -222,17 +222,23 @@ def processes_by_service(processes: list[ProcessInfo]) -> dict[str, list[Process
 # --- The init command --------------------------------------------------------------------------
 
 
+def check_init_argv(init_argv: list[str]) -> None:
+    """The one rule for an init command before any image is read: given, and an absolute
+    path (inside the image, checked by ``validate_init`` once the index is there)."""
+    if not init_argv or not init_argv[0]:
+        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
+    if not init_argv[0].startswith("/"):
+        raise BadInput(
+            f"init {init_argv[0]!r} is not an absolute path",
+            "give the full path inside the image, e.g. /sbin/init or /bin/sh",
+        )
+
+
 def validate_init(index: IndexView, init_argv: list[str]) -> None:
     """The new PID 1 must be an absolute path to an executable file *inside the image*
     (symlinks are resolved within the image by the index, never on the host)."""
-    if not init_argv or not init_argv[0]:
-        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
+    check_init_argv(init_argv)
     path = init_argv[0]
-    if not path.startswith("/"):
-        raise BadInput(
-            f"init {path!r} is not an absolute path",
-            "give the full path inside the image, e.g. /sbin/init or /bin/sh",
-        )
     if index.lookup(path) is None:
         raise BadInput(
             f"init {path} does not exist in the image (or is a dangling symlink there)",
@@ -963,12 +969,10 @@ def swapoff_disk_swaps(report: Report, *, proc: Path = PROC) -> list[str]:
     so no test can turn off the host's swap. swapoff blocks until every page is back in RAM;
     the preflight checked that they fit.
     """
-    lab_mode = labmode.lab_mode_reason()
-    if lab_mode is not None:
-        raise SafetyRefusal(
-            f"{lab_mode}: the host's swap is left alone",
-            "only a real switch turns swap off, and lab mode allows none",
-        )
+    labmode.refuse(
+        "the host's swap is left alone",
+        "only a real switch turns swap off, and lab mode allows none",
+    )
     current = swaps_still_to_turn_off(report, procinfo.read_text(proc / "swaps") or "")
     turned_off = []
     for device in current:

@@ -49,7 +49,7 @@ from ptrace.error import PtraceError
 from injector import arch as archmod
 from injector import labmode, procinfo
 from injector.arch import Arch, RegisterEdit
-from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.errors import BadInput, EnvironmentFailure
 from injector.events import Injection
 from injector.ptrace_ext import (
     NT_PRSTATUS,
@@ -508,12 +508,8 @@ def _attach_failure(pid: int, error: OSError) -> EnvironmentFailure:
 
 def _refuse_host_pid1_in_lab_mode(pid: int) -> None:
     """Defence in depth: in lab mode, this machine's PID 1 is never touched."""
-    if pid == 1 and labmode.lab_mode():
-        raise SafetyRefusal(
-            "refusing to inject into this machine's PID 1 in lab mode "
-            f"({labmode.LAB_MODE_ENV}=1 or {labmode.LAB_MODE_FLAG})",
-            "target the PID 1 of a sandbox (--target-pid), or leave lab mode for a real switch",
-        )
+    if pid == 1:
+        labmode.refuse("this machine's PID 1 will not be replaced")
 
 
 def _validate(arch: Arch, path: str, argv: Sequence[str], envp: Sequence[str]) -> None:

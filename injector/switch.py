@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import math
 import os
 import queue
 import socket
@@ -32,8 +33,8 @@ from typing import Literal
 from initstage import linux
 from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
-from initstage.plan import Plan, write_plan
-from injector import labmode, nsenter, preflight, procinfo, ptrace
+from initstage.plan import DEFAULT_GRACE_SECONDS, MAX_GRACE_SECONDS, Plan, write_plan
+from injector import check, labmode, nsenter, preflight, procinfo, ptrace
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import carry_verdicts, read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -55,7 +56,7 @@ from injector.rootfs import RamRoot, add_host_files
 from injector.runlog import RunLog, default_log_file
 from injector.sandbox import Sandbox
 from injector.signals import ending_signals_raise, signals_deferred
-from injector.sources import ImageSource, open_source, scan_events
+from injector.sources import ImageSource, open_source
 from injector.testhooks import pause_point
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
@@ -68,7 +69,7 @@ class SwitchOptions:
     image: str
     init_argv: list[str]
     state_dir: Path = DEFAULT_STATE_DIR
-    grace: float = 3.0
+    grace: float = DEFAULT_GRACE_SECONDS
     tmpfs_size: int | None = None
     api_mounts: bool = True
     # The running kernel's modules and firmware go into the new root (--no-modules: not).
@@ -94,6 +95,18 @@ class SwitchOptions:
     console: Literal["capture", "relay"] = "capture"
     # The host's record of the run (not written by rehearsals); None: no log file.
     log_file: Path | None = dataclasses.field(default_factory=default_log_file)
+    # An image a check already opened and read (the wizard's): the run copies from it
+    # instead of reading the image again. Whoever opened it closes it.
+    source: ImageSource | None = None
+
+    def __post_init__(self) -> None:
+        """Every rule about the options alone, checked up front: before any image is read."""
+        preflight.check_init_argv(self.init_argv)
+        if not (math.isfinite(self.grace) and 0 <= self.grace <= MAX_GRACE_SECONDS):
+            raise BadInput(
+                f"grace period {self.grace:g} s is not between 0 and {MAX_GRACE_SECONDS:.0f} s",
+                f"give --grace in seconds, from 0 to {MAX_GRACE_SECONDS:.0f}",
+            )
 
     @property
     def mode(self) -> Mode:
@@ -109,27 +122,14 @@ def require_root() -> None:
         )
 
 
-def _validate_options(options: SwitchOptions) -> None:
-    if not options.init_argv:
-        raise BadInput("no init command given", "name the new PID 1, e.g. /sbin/init")
-    if not options.init_argv[0].startswith("/"):
-        raise BadInput(
-            f"init {options.init_argv[0]!r} is not an absolute path",
-            "give the full path inside the image, e.g. /sbin/init",
-        )
-    if options.grace < 0:
-        raise BadInput(f"grace period {options.grace} is negative", "use --grace 0 or more")
+def _refuse_in_lab_mode(options: SwitchOptions) -> None:
     # The real PID 1 of this machine: refused outright in lab mode, before anything else runs.
     # --target-pid 1, or any PID 1 of our own PID namespace, is that machine's PID 1 too.
     hits_our_pid1 = options.mode == "switch" or (
         options.target_pid is not None and _is_our_namespaces_pid1(options.target_pid)
     )
-    lab_mode = labmode.lab_mode_reason() if hits_our_pid1 and not options.dry_run else None
-    if lab_mode is not None:
-        raise SafetyRefusal(
-            f"{lab_mode}: this machine's PID 1 will not be replaced",
-            "use `dboot rehearse`, or --target-pid with the PID 1 of a namespace you made",
-        )
+    if hits_our_pid1 and not options.dry_run:
+        labmode.refuse("this machine's PID 1 will not be replaced")
 
 
 def _is_our_namespaces_pid1(pid: int) -> bool:
@@ -196,18 +196,16 @@ def _logged_run(options: SwitchOptions) -> Generator[Event, None, None]:
 
 
 def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
-    _validate_options(options)
+    _refuse_in_lab_mode(options)
     require_root()
-    with open_source(options.image, options.docker_host) as source:
+    opened = (
+        contextlib.nullcontext(options.source)
+        if options.source is not None
+        else open_source(options.image, options.docker_host)
+    )
+    with opened as source:
         yield StepStarted("source", f"Reading image {options.image}")
-        details = source.details()
-        yield Fact("image", "id", details.id)
-        yield Fact("image", "tags", details.tags)
-        yield Fact("image", "architecture", details.architecture)
-        index = yield from scan_events(source, "source")  # Progress while an archive is read
-        yield Fact("image", "files", index.file_count)
-        yield Fact("image", "estimated_bytes", index.estimated_bytes)
-        preflight.validate_init(index, options.init_argv)
+        index = (yield from check.read_image(source, options.init_argv)).index
         yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
 
         if options.mode == "rehearse":
@@ -246,12 +244,12 @@ def _switch_target(
 
     # --- Preflight: facts first, then verdicts. ---------------------------------------
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
-    report = preflight.gather(
+    report = check.gather(
+        source,
         index,
         options.init_argv,
         target_pid=target,
         tmpfs_size=options.tmpfs_size,
-        source=source,
         modules=options.modules,
     )
     tmpfs_size = report.ram.tmpfs_size

@@ -29,10 +29,13 @@ INIT
 chmod 0755 "$root/sbin/init"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 echo "root:x:0:" > "$root/etc/group"
-cat > "$work/Dockerfile" <<'DOCKERFILE'
+cat > "$work/Dockerfile" <<DOCKERFILE
 FROM scratch
 COPY rootfs/ /
 CMD ["/bin/sh"]
+# The tag in the config: each tag built is an image of its own (the tests' tinybox is never
+# the demo's under a second name, whose tags a test would then see too).
+LABEL org.dboot.built-as="$tag"
 DOCKERFILE
 DOCKER_BUILDKIT=0 docker build -q ${DOCKER_PLATFORM:+--platform "$DOCKER_PLATFORM"} -t "$tag" "$work" >/dev/null
 echo "$tag"

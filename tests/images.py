@@ -596,3 +596,37 @@ def missing_loader_files() -> dict[str, Path | bytes | str]:
 
 def build_missing_loader_image(tag: str = PREFIX + "no-loader:latest") -> str:
     return _import_small_root(tag, missing_loader_files())
+
+
+# --- tinybox, under the test prefix ---------------------------------------------------------
+# The demo's `tinybox:latest` (scripts/setup.sh) is a name anyone may have; tests use their own.
+TINYBOX = PREFIX + "tinybox:latest"
+# Images a user may well have, whose names contain "tinybox": a wizard test that picks its
+# image by a loose filter would take one of these (they sort first, or nearly).
+DECOY_TAGS = ("bars-tinybox:latest", "tinybox-old:latest")
+
+
+def build_tinybox(tag: str = TINYBOX) -> str:
+    """scripts/build-tinybox.sh's image as ``tag``; built once, reused after."""
+    if not image_exists(tag):
+        subprocess.run(
+            [str(REPO / "scripts" / "build-tinybox.sh"), tag], check=True, capture_output=True
+        )
+    return tag
+
+
+@contextlib.contextmanager
+def decoy_images() -> Iterator[list[str]]:
+    """The :data:`DECOY_TAGS` in the engine while the block runs: tiny images with no
+    /sbin/init and no /bin/sh, so that a test that takes one fails plainly. A decoy tag
+    that already exists is someone's image: left as it is, and never removed."""
+    made = []
+    try:
+        for tag in DECOY_TAGS:
+            if not image_exists(tag):
+                _import_small_root(tag, {"etc/decoy": f"{tag}: not a dboot test image\n".encode()})
+                made.append(tag)
+        yield list(DECOY_TAGS)
+    finally:
+        for tag in made:
+            remove_image(tag)

@@ -21,7 +21,6 @@ from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from app.tui.wizard import Outcome, Wizard
-from injector.labmode import lab_mode_reason
 
 # The steps before the Confirm modal, in order; each is built when the user moves forward.
 STEPS: tuple[Callable[[Wizard], StepScreen], ...] = (
@@ -113,9 +112,9 @@ def rehearse_only_reason(*, rehearse_flag: bool, backend: Backend) -> str | None
         return "the wizard was started with --rehearse"
     # --target-pid: the switch replaces a namespace's PID 1, which lab mode allows (the
     # engine still refuses this machine's own).
-    if backend.switch_target() is not None or not backend.lab_mode():
+    if backend.switch_target() is not None:
         return None
-    return lab_mode_reason() or "lab mode is on (the engine cannot switch here)"
+    return backend.lab_mode_reason()
 
 
 def create_app(

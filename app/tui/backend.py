@@ -24,7 +24,7 @@ from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Notice
 
 if TYPE_CHECKING:
-    from injector.preflight import Report
+    from injector.preflight import ProcessInfo, Report
     from injector.sources import ImageDetails, ImageSource, ImageSummary
 
 # Executables tried, in order, to pre-fill the init command: the image's own init first.
@@ -84,7 +84,12 @@ class Backend(Protocol):
         ...
 
     def check(self, ref: str, init_argv: list[str]) -> Report:
-        """The preflight report: RAM, swap, processes, session, PID 1, notices."""
+        """The preflight report: RAM, swap, processes, session, PID 1, notices, and whether
+        the init can run on this machine (its machine, loader, ``#!`` interpreter)."""
+        ...
+
+    def processes_by_service(self, processes: list[ProcessInfo]) -> dict[str, list[ProcessInfo]]:
+        """The report's processes grouped by systemd unit, unit-less ones last."""
         ...
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
@@ -104,6 +109,10 @@ class Backend(Protocol):
 
     def lab_mode(self) -> bool:
         """True when this machine's PID 1 must never be replaced: the wizard only rehearses."""
+        ...
+
+    def lab_mode_reason(self) -> str | None:
+        """Why lab mode is on, in words for the user; None when it is off."""
         ...
 
     def switch_target(self) -> int | None:
@@ -223,15 +232,26 @@ class EngineBackend:
     # --- preflight -----------------------------------------------------------------------
     def check(self, ref: str, init_argv: list[str]) -> Report:
         with _engine_module():
-            from injector import preflight
-        index = self._with_source(ref, lambda source: source.scan())
-        return preflight.gather(
-            index,
-            init_argv,
-            target_pid=self.target_pid or 1,
-            tmpfs_size=self.tmpfs_size,
-            mem_available=self.mem_available,
+            from injector import check
+        # The engine's one check pipeline, on the source held open (read once, cached): the
+        # run copies from that very source.
+        return self._with_source(
+            ref,
+            lambda source: (
+                check.check(
+                    source,
+                    init_argv,
+                    target_pid=self.target_pid or 1,
+                    tmpfs_size=self.tmpfs_size,
+                    mem_available=self.mem_available,
+                ).report
+            ),
         )
+
+    def processes_by_service(self, processes: list[ProcessInfo]) -> dict[str, list[ProcessInfo]]:
+        with _engine_module():
+            from injector import preflight
+        return preflight.processes_by_service(processes)
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
         with _engine_module():
@@ -246,17 +266,14 @@ class EngineBackend:
     # --- the run ---------------------------------------------------------------------------
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         with _engine_module():
-            from injector import switch
+            from injector import labmode, switch
         # Defence in depth: the engine refuses too, but the wizard never even asks. A
         # --target-pid run replaces a namespace's PID 1, checked again here: that pid may
         # have ended, and its number been reused, since the wizard started.
         if not request.rehearse and self.target_pid is not None:
             check_target_pid(self.target_pid)
-        elif not request.rehearse and self.lab_mode():
-            raise SafetyRefusal(
-                "lab mode is on (--rehearse, DBOOT_REHEARSAL_ONLY or /etc/dboot/rehearsal-only)",
-                "choose Rehearse: this machine's PID 1 will not be replaced",
-            )
+        elif not request.rehearse:
+            labmode.refuse("this machine's PID 1 will not be replaced", "choose Rehearse")
         options = switch.SwitchOptions(
             image=request.image,
             init_argv=list(request.init_argv),
@@ -270,20 +287,33 @@ class EngineBackend:
         )
         if self.state_dir is not None:
             options.state_dir = self.state_dir
-        # The run opens its own source: release the one held for browsing first.
-        self.close()
-        yield from switch.run(options)
+        # The source the wizard read (Init and Check steps) is handed to the run, which copies
+        # from it: the image is read once. The run owns it from here and closes it.
+        with self._lock:
+            source, self._source = self._source, None
+        if source is not None and source.ref != request.image:
+            source.close()
+            source = None
+        options.source = source
+        try:
+            yield from switch.run(options)
+        finally:
+            if source is not None:
+                source.close()
 
     # --- host ------------------------------------------------------------------------------
     def hostname(self) -> str:
         return socket.gethostname()
 
     def lab_mode(self) -> bool:
+        return self.lab_mode_reason() is not None
+
+    def lab_mode_reason(self) -> str | None:
         try:
-            from injector.labmode import lab_mode
+            from injector.labmode import lab_mode_reason
         except ImportError:
-            return True  # No engine, no switch: the safe answer.
-        return lab_mode()
+            return "lab mode is on (the engine cannot be imported)"  # No engine, no switch.
+        return lab_mode_reason()
 
     def switch_target(self) -> int | None:
         return self.target_pid

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from app.tui.format import human_bytes, human_seconds
+from app.format import human_bytes, human_seconds
 from injector.events import Progress
 
 # Progress can come for every MiB read or copied; the screen needs a few per second.

@@ -1,11 +1,15 @@
-"""Run the Pilot tests' coroutines with plain asyncio (no async pytest plugin needed)."""
+"""Run the Pilot tests' coroutines with plain asyncio (no async pytest plugin needed);
+the engine tests' image, with decoys beside it."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Iterator
 
 import pytest
+
+from tests.images import build_tinybox, decoy_images
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -15,3 +19,13 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     asyncio.run(pyfuncitem.obj(**arguments))
     return True
+
+
+@pytest.fixture(scope="session")
+def tinybox() -> Iterator[str]:
+    """The test tinybox (``dboot-test/tinybox:latest``), with images whose names also say
+    "tinybox" in the engine beside it while the tests run: a machine's own images must
+    never be taken for ours (issue 12)."""
+    tag = build_tinybox()
+    with decoy_images():
+        yield tag

@@ -28,7 +28,14 @@ from injector.events import (
     StepDone,
     StepStarted,
 )
-from injector.preflight import Pid1Facts, ProcessInfo, RamFacts, Report, SessionFacts
+from injector.preflight import (
+    Pid1Facts,
+    ProcessInfo,
+    RamFacts,
+    Report,
+    SessionFacts,
+    processes_by_service,
+)
 from injector.procinfo import SwapDevice
 from injector.sources import ImageDetails, ImageSummary
 
@@ -360,8 +367,14 @@ class FakeBackend:
     def hostname(self) -> str:
         return HOSTNAME
 
+    def processes_by_service(self, processes: list[ProcessInfo]) -> dict[str, list[ProcessInfo]]:
+        return processes_by_service(processes)  # the engine's pure grouping, on fixed data
+
     def lab_mode(self) -> bool:
         return self.lab
+
+    def lab_mode_reason(self) -> str | None:
+        return "DBOOT_REHEARSAL_ONLY is set (lab mode)" if self.lab else None
 
     def switch_target(self) -> int | None:
         return self.target_pid

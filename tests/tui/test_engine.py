@@ -28,7 +28,7 @@ from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from injector.errors import BadInput
 from injector.events import Progress, StepDone
-from tests.images import export_tar
+from tests.images import TINYBOX, build_missing_loader_image, export_tar
 from tests.tui.helpers import (
     press,
     screen_text,
@@ -38,7 +38,8 @@ from tests.tui.helpers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.engine]
+# tinybox: ours, under the test prefix, with decoys named like it in the engine too.
+pytestmark = [pytest.mark.root, pytest.mark.engine, pytest.mark.usefixtures("tinybox")]
 
 SIZE = (80, 24)
 WIZARD = [sys.executable, "-m", "app.tui.main"]
@@ -52,10 +53,16 @@ def make(tmp_path: Path, **backend: Any) -> DbootApp:
 
 
 async def pick_tinybox(pilot: Pilot[Any]) -> None:
+    await pick_image(pilot, TINYBOX)
+
+
+async def pick_image(pilot: Pilot[Any], ref: str) -> None:
+    """Filter the Images step down to ``ref`` by its full name, take it, wait for Init."""
     app = pilot.app
     await wait_until(pilot, lambda: "tinybox" in screen_text(app), 30, "the image list")
-    await press(pilot, "slash", *"tinybox:latest", "enter")
-    await wait_until(pilot, lambda: "history" in screen_text(app), 30, "tinybox's details")
+    await press(pilot, "slash", *ref, "enter")
+    await wait_until(pilot, lambda: f"continue with {ref}" in screen_text(app), 30, ref)
+    await wait_until(pilot, lambda: "history" in screen_text(app), 30, f"{ref}'s details")
     await press(pilot, "enter")
     await wait_for_screen(pilot, InitScreen)
     field = app.screen.query_one("#init-argv", Input)
@@ -96,6 +103,32 @@ async def test_ram_blocker_from_a_tiny_mem_available(tmp_path: Path) -> None:
         assert [n.code for n in app.wizard.choices.rehearsal_blockers if n.code.startswith("ram")]
         await press(pilot, "enter", "n")
         assert isinstance(app.screen, ResourcesScreen)
+
+
+@pytest.fixture(scope="module")
+def no_loader_image() -> str:
+    """An image whose /sbin/init is dynamically linked and has no loader in the image."""
+    return build_missing_loader_image()
+
+
+async def test_an_init_that_cannot_run_here_is_a_blocker_in_the_wizard(
+    tmp_path: Path, no_loader_image: str
+) -> None:
+    # The wizard's report comes from the engine's one check pipeline, which reads the init's
+    # ELF header from the image: a dynamically linked init without its loader cannot start.
+    app = make(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pick_image(pilot, no_loader_image)
+        assert app.screen.query_one("#init-argv", Input).value == "/sbin/init"
+        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ResourcesScreen)
+        await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
+        await settle(pilot)
+        codes = [n.code for n in app.wizard.choices.rehearsal_blockers]
+        assert "init-loader-missing" in codes, codes
+        assert "blocked:" in screen_text(app)
+        assert app.screen.query_one("#nav-next", Button).disabled
 
 
 @pytest.mark.timeout(300)
@@ -152,8 +185,8 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     compressed, plus files that are neither. Built with the real tools."""
     where = tmp_path_factory.mktemp("archives")
     saved = where / "saved.tar"
-    subprocess.run(["docker", "save", "-o", str(saved), "tinybox:latest"], check=True)
-    root = export_tar("tinybox:latest", where / "root.tar")
+    subprocess.run(["docker", "save", "-o", str(saved), TINYBOX], check=True)
+    root = export_tar(TINYBOX, where / "root.tar")
     made = {"docker save": saved, "rootfs": root}
     for tool, suffix in (("gzip", "gz"), ("zstd", "zst"), ("xz", "xz")):
         for name, plain in (("docker save", saved), ("rootfs", root)):
@@ -241,6 +274,29 @@ def test_a_run_yields_progress_while_it_reads_the_archive(archives: dict[str, Pa
     size = archives["docker save"].stat().st_size
     assert before_done and {event.step for event in before_done} == {"source"}
     assert before_done[-1] == Progress("source", size, size)
+
+
+def test_the_run_copies_from_the_source_the_wizard_read(archives: dict[str, Path]) -> None:
+    # The Init and Check steps read the archive; the run that follows must not read it again.
+    ref = "docker-archive:" + str(archives["docker save"])
+    backend = EngineBackend()
+    read: list[tuple[int, int]] = []
+    backend.read(ref, lambda done, total: read.append((done, total)))
+    report = backend.check(ref, ["/sbin/init"])
+    assert read and report.ram.estimated_bytes > 0
+    run = backend.run(RunRequest(ref, ["/sbin/init"], rehearse=True), print)
+    assert isinstance(run, Generator)
+    read_again: list[Progress] = []
+    try:
+        for event in run:
+            if isinstance(event, StepDone) and event.step == "source":
+                break
+            if isinstance(event, Progress):
+                read_again.append(event)
+    finally:
+        run.close()
+        backend.close()
+    assert read_again == [], "the run read the archive a second time"
 
 
 @pytest.mark.parametrize(

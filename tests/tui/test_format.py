@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.tui.format import human_bytes, human_seconds, image_label, plural, short_created, short_id
+from app.format import human_bytes, human_seconds, image_label, plural, short_created, short_id
 from app.tui.widgets.run_panels import register_value
 
 

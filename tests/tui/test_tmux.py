@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from injector.sandbox import Sandbox
+from tests.images import TINYBOX
 from tests.sandbox.sandbox_checks import eventually, wait_for_output
 
-pytestmark = [pytest.mark.root, pytest.mark.engine]
+# tinybox: ours, under the test prefix, with decoys named like it in the engine too.
+pytestmark = [pytest.mark.root, pytest.mark.engine, pytest.mark.usefixtures("tinybox")]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "dboot-tui"
@@ -116,8 +118,8 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     # filter field has focus goes to the table, and Enter there picks whatever row is first.
     terminal.keys("/")
     terminal.wait_for("filter: repository")
-    terminal.keys("tinybox:latest", literal=True)
-    terminal.wait_for("Enter: continue with tinybox:latest")
+    terminal.keys(TINYBOX, literal=True)
+    terminal.wait_for(f"Enter: continue with {TINYBOX}")
     # Enter in the filter hands the focus to the table, and Enter there picks the row. The
     # screen looks the same either way, and a second Enter that arrives before the focus has
     # moved lands in the filter again: so Enter until the Init step shows.
@@ -176,7 +178,7 @@ def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
     wizard: Callable[..., Terminal], tmp_path: Path
 ) -> None:
     archive = tmp_path / "tinybox.tar"
-    subprocess.run(["docker", "save", "-o", str(archive), "tinybox:latest"], check=True)
+    subprocess.run(["docker", "save", "-o", str(archive), TINYBOX], check=True)
     with Sandbox(services=1, console="capture") as target:
         # Never this machine's PID 1: the target is PID 1 of a PID namespace made here.
         assert target.pid != 1
@@ -193,7 +195,7 @@ def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
         terminal.wait_for(archive.name)
         terminal.keys("Enter")
         shown = terminal.wait_for("(docker save)")
-        assert "tinybox:latest" in shown  # the archive's own tag, in the details pane
+        assert TINYBOX in shown  # the archive's own tag, in the details pane
         terminal.keys("Enter")
         # 2 Init, 3 Resources, 4 Processes.
         shown = terminal.wait_for("is an executable in the image", timeout=60)

@@ -13,8 +13,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Static
 
+from app.format import human_bytes, image_label, plural, short_created, short_id
 from app.tui.backend import Backend
-from app.tui.format import human_bytes, image_label, plural, short_created, short_id
 from app.tui.messages import DetailsLoaded, EngineDown, FileOpened, ImagesLoaded
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.chrome import Field

@@ -9,7 +9,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from app.tui.format import human_bytes, plural
+from app.format import human_bytes, plural
 from app.tui.screens.base import StepScreen
 
 if TYPE_CHECKING:
@@ -86,9 +86,8 @@ class ProcessesScreen(StepScreen):
         table.add_column("Command", key="command", width=COMMAND_WIDTH)
         table.add_column("", key="note")
         # The engine groups (by systemd unit, unit-less processes last); we only draw.
-        from injector.preflight import processes_by_service
-
-        for service, processes in processes_by_service(report.processes).items():
+        grouped = self.wizard.backend.processes_by_service(report.processes)
+        for service, processes in grouped.items():
             rss = sum(p.rss_bytes for p in processes)
             table.add_row(
                 Text("▾", style="bold"),

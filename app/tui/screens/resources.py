@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
-from app.tui.format import human_bytes
+from app.format import human_bytes
 from app.tui.messages import ReportFailed, ReportReady
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.gauge import RamGauge

@@ -8,7 +8,7 @@ from rich.console import RenderableType
 from rich.text import Text
 from textual.widget import Widget
 
-from app.tui.format import human_bytes
+from app.format import human_bytes
 
 if TYPE_CHECKING:
     from injector.preflight import RamFacts

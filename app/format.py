@@ -1,4 +1,5 @@
-"""Pure text helpers for the wizard: sizes, ids, dates, durations. No Textual, no engine."""
+"""Pure text helpers for both front-ends (dboot and the wizard): sizes, ids, dates,
+durations. No Textual, no engine."""
 
 from __future__ import annotations
 
