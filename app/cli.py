@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--no-carry",
                 action="store_true",
-                help="do not carry this machine's SSH host keys and authorized_keys over",
+                help="do not carry this machine's SSH host keys, authorized_keys and network "
+                "configuration into the new root",
             )
             sub.add_argument(
                 "--target-pid",
