@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pwd
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -433,17 +432,16 @@ def _ram_facts(
     gaps: _Gaps,
 ) -> RamFacts:
     estimated = image_bytes + modules_bytes
-    meminfo: dict[str, int] = {}
+    memory = procinfo.Memory(0, 0)
     try:
-        text = procinfo.read_text(proc / "meminfo")
-        meminfo = procinfo.parse_meminfo(text or "")
+        memory = procinfo.memory(proc) or memory
     except Unreadable as error:
         gaps.files.append(str(error))
-    available = mem_available if mem_available is not None else meminfo.get("MemAvailable", 0)
+    available = memory.available_bytes if mem_available is None else mem_available
     return RamFacts(
         estimated_bytes=estimated,
         available_bytes=available,
-        total_bytes=meminfo.get("MemTotal", 0),
+        total_bytes=memory.total_bytes,
         tmpfs_size=tmpfs_size_for(estimated) if tmpfs_size is None else tmpfs_size,
         remaining_bytes=available - estimated,
         modules_bytes=modules_bytes,
@@ -498,39 +496,27 @@ def _doomed_pids(
     return sorted(members & userspace)
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def _process_info(stat: ProcInfo, in_chain: bool, proc: Path, gaps: _Gaps) -> ProcessInfo | None:
     """None when the process exited while we looked at it."""
-    base = proc / str(stat.pid)
     try:
-        status_text = procinfo.read_text(base / "status")
-        cmdline = procinfo.read_text(base / "cmdline")
-        cgroup = procinfo.read_text(base / "cgroup")
+        details = procinfo.process_details(stat.pid, proc)
+        cgroup = procinfo.read_text(proc / str(stat.pid) / "cgroup")
     except Unreadable as error:
         gaps.files.append(str(error))
         return None
-    if status_text is None or cmdline is None:
+    if details is None:
         return None
     try:
         writing = procinfo.files_open_for_writing(stat.pid, proc)
     except Unreadable:
         gaps.fd_tables.append(stat.pid)
         writing = []
-    status = procinfo.parse_status(status_text)
-    uid = int(status.get("Uid", "0").split()[0])
-    argv = [arg for arg in cmdline.split("\0") if arg]
     return ProcessInfo(
         pid=stat.pid,
         ppid=stat.ppid,
-        user=_user_name(uid),
-        command=" ".join(argv) if argv else f"[{stat.comm}]",
-        rss_bytes=procinfo.status_kib(status, "VmRSS"),
+        user=details.user,
+        command=" ".join(details.argv) if details.argv else f"[{stat.comm}]",
+        rss_bytes=details.rss_bytes,
         service=procinfo.service_from_cgroup(cgroup or ""),
         session_chain=in_chain,
         writing=writing,
@@ -573,16 +559,16 @@ def _pid1_facts(
     except Unreadable as error:
         exe = f"unreadable ({error})"
     try:
-        cmdline = [arg for arg in (procinfo.read_text(base / "cmdline") or "").split("\0") if arg]
+        details = procinfo.process_details(target_pid, proc)
     except Unreadable as error:
         gaps.files.append(str(error))
-        cmdline = []
+        details = None
     ptrace = procinfo.ptrace_permission(target_pid, our_pid, proc)
     hint = container_hint(proc, host_root)
     return Pid1Facts(
         pid=target_pid,
         exe=exe,
-        cmdline=cmdline,
+        cmdline=details.argv if details else [],
         ptrace_allowed=ptrace.allowed,
         ptrace_reason=ptrace.reason,
         in_container=bool(hint),

@@ -1,27 +1,33 @@
-"""Reading ``/proc``: small parsers of its text formats and tolerant readers of its files.
+"""Reading ``/proc``: psutil where it covers the fact, small readers of its text formats where
+it does not, with one set of conventions for both.
 
-Everything here takes the proc root as a parameter (``proc=Path("/proc")`` by default), so a
-test can hand it a crafted tree of the same shape. Parsers take text and never touch the
-filesystem; readers return ``None`` for a process that vanished and raise ``Unreadable`` for a
-file the kernel refused to show us (not root, ``hidepid=``, a PID 1 whose ``environ`` is
-protected), so that the caller can say what it could not see instead of crashing.
+Readers return ``None`` for a process that vanished and raise ``Unreadable`` for a file the
+kernel refused to show us (not root, ``hidepid=``, a PID 1 whose ``environ`` is protected), so
+that the caller can say what it could not see instead of crashing.
 
-Why these readers and not psutil: the preflight is tested on crafted trees through ``proc``
-(psutil reads one process-wide ``PROCFS_PATH``), and it runs unprivileged under Debian's
-own python3, which has no psutil (tests/sandbox/test_preflight_host.py). psutil also has no
-NSpid chain, no cgroup-to-unit mapping and no swap device types.
+Everything takes the proc root as a parameter (``proc=Path("/proc")`` by default), so a test
+can hand it a crafted tree of the same shape; the psutil calls read that tree too, through
+``procfs``, the one place that points psutil's ``PROCFS_PATH`` elsewhere.
+
+psutil gives the process list, each process's user, command line and RSS, and the machine's
+memory. It has no process flags (the kernel-thread rule), NSpid chain, PID namespace, cgroup
+to unit mapping, swap areas with their types, tracer or capability sets, and its
+``open_files()`` judges paths in our mount namespace: those readers stay here, each saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeVar
+
+import psutil
 
 from initstage.mounts import unescape_octal
 from initstage.procs import ProcInfo, parse_stat
@@ -60,20 +66,69 @@ def _tolerant(path: Path, read: Callable[[Path], T]) -> T | None:
         raise Unreadable(f"{path}: {error.strerror or error}") from error
 
 
-# --- /proc/meminfo ---------------------------------------------------------------------------
+# --- psutil on the same proc tree -------------------------------------------------------------
 
 
-def parse_meminfo(text: str) -> dict[str, int]:
-    """``MemAvailable:  24181676 kB`` -> ``{"MemAvailable": 24761036800}`` (bytes)."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        fields = rest.split()
-        if not fields or not fields[0].isdigit():
-            continue
-        unit = 1024 if len(fields) > 1 and fields[1] == "kB" else 1
-        values[key.strip()] = int(fields[0]) * unit
-    return values
+@contextlib.contextmanager
+def procfs(proc: Path) -> Iterator[None]:
+    """Point psutil at ``proc`` for the duration: ``PROCFS_PATH`` is one module global, set
+    only for a crafted tree (the real /proc leaves it alone, so threads never race on it)."""
+    if str(proc) == psutil.PROCFS_PATH:
+        yield
+        return
+    previous, psutil.PROCFS_PATH = psutil.PROCFS_PATH, str(proc)
+    try:
+        yield
+    finally:
+        psutil.PROCFS_PATH = previous
+
+
+def _refused(error: psutil.AccessDenied | OSError, where: str) -> Unreadable:
+    """psutil's AccessDenied (or a bare OSError) as our ``Unreadable``, naming the file."""
+    cause = error if isinstance(error, OSError) else (error.__cause__ or error.__context__)
+    if isinstance(cause, OSError) and cause.filename:
+        return Unreadable(f"{cause.filename}: {cause.strerror or cause}")
+    return Unreadable(f"{where}: {getattr(error, 'msg', None) or 'access denied'}")
+
+
+class ProcessDetails(NamedTuple):
+    user: str
+    argv: list[str]  # empty for kernel threads and processes that cleared it
+    rss_bytes: int
+
+
+def process_details(pid: int, proc: Path = PROC) -> ProcessDetails | None:
+    """A process's user (its real uid's name), command line and RSS, from psutil."""
+    with procfs(proc):
+        try:
+            process = psutil.Process(pid)
+            with process.oneshot():
+                return ProcessDetails(
+                    process.username(),
+                    [arg for arg in process.cmdline() if arg],
+                    process.memory_info().rss,
+                )
+        except psutil.NoSuchProcess:  # zombies too: already dead
+            return None
+        except (psutil.AccessDenied, OSError) as error:
+            raise _refused(error, f"{proc}/{pid}") from error
+
+
+class Memory(NamedTuple):
+    available_bytes: int  # MemAvailable
+    total_bytes: int
+
+
+def memory(proc: Path = PROC) -> Memory | None:
+    """The machine's memory from psutil; ``None`` when there is no meminfo to read."""
+    with procfs(proc):
+        try:
+            found = psutil.virtual_memory()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise _refused(error, f"{proc}/meminfo") from error
+    return Memory(found.available, found.total)
 
 
 # --- /proc/swaps -----------------------------------------------------------------------------
@@ -102,7 +157,9 @@ def classify_swap(path: str, swap_type: str) -> SwapKind:
 
 
 def parse_swaps(text: str) -> list[SwapDevice]:
-    """Parse ``/proc/swaps`` (header line, then ``Filename Type Size Used Priority`` in KiB)."""
+    """Parse ``/proc/swaps`` (header line, then ``Filename Type Size Used Priority`` in KiB).
+
+    By hand: psutil's ``swap_memory()`` has the totals only, not the areas and their types."""
     devices = []
     for line in text.splitlines()[1:]:
         fields = line.split()
@@ -125,24 +182,19 @@ def parse_swaps(text: str) -> list[SwapDevice]:
 
 def read_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
     """``/proc/PID/stat`` through the stage's parser: one reader, one kernel-thread rule
-    (PF_KTHREAD); ``None`` for a process that is gone."""
+    (PF_KTHREAD, a flag psutil does not expose); ``None`` for a process that is gone."""
     return _tolerant(proc / str(pid) / "stat", lambda path: parse_stat(pid, path.read_bytes()))
 
 
 def parse_status(text: str) -> dict[str, str]:
-    """``/proc/PID/status`` as ``{"Uid": "0\\t0\\t0\\t0", ...}``."""
+    """``/proc/PID/status`` as ``{"Uid": "0\\t0\\t0\\t0", ...}`` (psutil has no TracerPid,
+    CapEff or NSpid)."""
     fields = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key] = value.strip()
     return fields
-
-
-def status_kib(status: dict[str, str], key: str) -> int:
-    """``VmRSS: 1234 kB`` -> bytes; 0 when absent (kernel threads, zombies)."""
-    value = status.get(key, "0 kB").split()
-    return int(value[0]) * 1024 if value and value[0].isdigit() else 0
 
 
 def has_capability(status: dict[str, str], capability: int) -> bool:
@@ -154,7 +206,8 @@ _UNIT_SUFFIXES = (".service", ".scope")
 
 
 def service_from_cgroup(text: str) -> str:
-    """The systemd unit a process runs in, from ``/proc/PID/cgroup``; ``-`` when none.
+    """The systemd unit a process runs in, from ``/proc/PID/cgroup``; ``-`` when none (psutil
+    has no cgroups).
 
     Prefer the unified (v2, ``0::``) path, else the ``name=systemd`` v1 hierarchy. The unit is
     the *deepest* ``.service``/``.scope`` component: a user's services sit below
@@ -193,7 +246,8 @@ def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
 
     Pipes, sockets and anonymous inodes have no ``/`` path; pseudo filesystems and deleted
     files (nobody can see them after the switch anyway) are left out. Raises ``Unreadable``
-    when the fd table is hidden from us.
+    when the fd table is hidden from us. Not psutil's ``open_files()``: it stats each link's
+    path in *our* mount namespace, so a container's files would be missed.
     """
     fd_dir = proc / str(pid) / "fd"
     try:
@@ -226,16 +280,18 @@ def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
 
 
 def list_pids(proc: Path = PROC) -> list[int]:
-    return sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+    with procfs(proc):
+        return sorted(psutil.pids())
 
 
 def pid_namespace(pid: int, proc: Path = PROC) -> str | None:
-    """``pid:[4026531836]``: equal strings mean the same PID namespace."""
+    """``pid:[4026531836]``: equal strings mean the same PID namespace (psutil has none)."""
     return read_link(proc / str(pid) / "ns" / "pid")
 
 
 def nspid_chain(pid: int, proc: Path = PROC) -> list[int]:
-    """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first."""
+    """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first (psutil
+    has no NSpid)."""
     for line in (proc / str(pid) / "status").read_text().splitlines():
         if line.startswith("NSpid:"):
             return [int(field) for field in line.split()[1:]]

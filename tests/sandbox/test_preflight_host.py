@@ -72,6 +72,22 @@ def test_a_process_writing_a_file_is_flagged(writer: tuple[int, Path, Path]) -> 
     assert writers and writers[0].level == "warning"
 
 
+def test_a_file_written_in_another_mount_namespace_is_flagged(tmp_path: Path) -> None:
+    # A container's view: the file exists only in the child's own mount namespace, so only a
+    # stat through /proc/PID/fd (not of the path in ours, as psutil's open_files() does) sees it.
+    private = tmp_path / "private"
+    private.mkdir()
+    script = f"mount -t tmpfs dboot-test {private} && exec 3>{private}/db; echo ready; sleep 120"
+    child = _start(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    try:
+        assert not (private / "db").exists()
+        report = preflight.gather(FakeIndex(), ["/bin/sh"])
+        [listed] = [p for p in report.processes if p.pid == child.pid]
+        assert listed.writing == [f"{private}/db"]
+    finally:
+        _stop(child)
+
+
 def test_our_chain_is_marked_and_we_are_spared() -> None:
     report = preflight.gather(FakeIndex(), ["/bin/sh"])
     listed = {p.pid: p for p in report.processes}

@@ -1,8 +1,9 @@
 """Preflight facts and verdicts on a crafted /proc tree and a fake image index.
 
-The tree has the shape of the real /proc (stat, status, cmdline, cgroup, fd/, fdinfo/, ns/pid)
-so that the very same readers run; tests/sandbox/test_preflight_host.py runs them on this
-machine's real /proc. ``FakeIndex`` stands in for ``injector.rootfs.ImageIndex``, which has
+The tree has the shape of the real /proc (stat, status, statm, cmdline, cgroup, fd/, fdinfo/,
+ns/pid, meminfo) so that the very same readers run, psutil's included (``procinfo.procfs``
+points it at the tree); tests/sandbox/test_preflight_host.py runs them on this machine's real
+/proc. ``FakeIndex`` stands in for ``injector.rootfs.ImageIndex``, which has
 its own tests: here only ``estimated_bytes``, ``lookup`` and ``executable`` matter.
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import os
 import posixpath
+import resource
 from pathlib import Path
 
 import pytest
@@ -77,7 +79,22 @@ class Scene:
     data: Path
 
 
-MEMINFO = f"MemTotal:       {8 * GiB // 1024} kB\nMemAvailable:   {6 * GiB // 1024} kB\n"
+# Every line psutil's virtual_memory() reads (it warns about a missing one).
+MEMINFO = "".join(
+    f"{key}:{size // 1024:>16} kB\n"
+    for key, size in [
+        ("MemTotal", 8 * GiB),
+        ("MemFree", 2 * GiB),
+        ("MemAvailable", 6 * GiB),
+        ("Buffers", 64 * MiB),
+        ("Cached", 3 * GiB),
+        ("Active", 2 * GiB),
+        ("Inactive", 2 * GiB),
+        ("Shmem", 16 * MiB),
+        ("Slab", 256 * MiB),
+        ("SReclaimable", 200 * MiB),
+    ]
+)
 NO_SWAP = "Filename\tType\tSize\tUsed\tPriority\n"
 HOST_ETC = {
     "hostname": "server\n",
@@ -106,6 +123,7 @@ def build(
         (scene.root / "etc" / name).write_text(content)
     if meminfo is not None:
         (scene.proc / "meminfo").write_text(meminfo)
+    (scene.proc / "stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\nbtime 1700000000\n")
     (scene.proc / "swaps").write_text(swaps)
     if yama is not None:
         (scene.proc / "sys/kernel/yama").mkdir(parents=True)
@@ -115,16 +133,21 @@ def build(
         (base / "fd").mkdir(parents=True)
         (base / "fdinfo").mkdir()
         (base / "ns").mkdir()
+        # The kernel's 52 fields (psutil reads up to the 42nd): ppid .. flags, the times,
+        # priority, nice, threads, itrealvalue, starttime, then zeros.
+        rest = [process.ppid, process.pid, process.pid, 0, -1, process.flags, *[0] * 8, 20, 0, 1]
+        rest += [0, 100, *[0] * 30]
         (base / "stat").write_text(
-            f"{process.pid} ({process.comm}) {process.state} {process.ppid} {process.pid}"
-            f" {process.pid} 0 -1 {process.flags} 0 0 0 0 0 0 0 0 20 0 1 0\n"
+            f"{process.pid} ({process.comm}) {process.state} {' '.join(map(str, rest))}\n"
         )
         (base / "status").write_text(
             f"Name:\t{process.comm}\nState:\t{process.state}\nPid:\t{process.pid}\n"
             f"PPid:\t{process.ppid}\nTracerPid:\t{process.tracer}\n"
             f"Uid:\t{process.uid}\t{process.uid}\t{process.uid}\t{process.uid}\n"
-            f"VmRSS:\t{process.rss_kib} kB\nCapEff:\t{ROOT_CAPS if process.uid == 0 else NO_CAPS}\n"
+            f"CapEff:\t{ROOT_CAPS if process.uid == 0 else NO_CAPS}\n"
         )
+        pages = process.rss_kib * 1024 // resource.getpagesize()
+        (base / "statm").write_text(f"{pages * 2} {pages} 0 0 0 {pages} 0\n")
         (base / "cmdline").write_text("".join(arg + "\0" for arg in process.cmdline))
         (base / "cgroup").write_text(process.cgroup)
         (base / "environ").write_text(pid1_environ if process.pid == 1 else "")

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 
+import psutil
 import pytest
 
 from injector import procinfo
 from injector.procinfo import SwapDevice
 
 
-def test_meminfo_in_bytes() -> None:
-    text = "MemTotal:       24684096 kB\nMemAvailable:   1024 kB\nHugePages_Total:       0\n"
-    assert procinfo.parse_meminfo(text) == {
-        "MemTotal": 24684096 * 1024,
-        "MemAvailable": 1024 * 1024,
-        "HugePages_Total": 0,
-    }
+def test_psutil_reads_a_crafted_tree_only_for_the_duration(tmp_path: Path) -> None:
+    (tmp_path / "4242").mkdir()
+    with procinfo.procfs(tmp_path):
+        assert psutil.pids() == [4242]
+    assert psutil.PROCFS_PATH == "/proc"
+    with pytest.raises(RuntimeError), procinfo.procfs(tmp_path):
+        raise RuntimeError("the caller fails")
+    assert psutil.PROCFS_PATH == "/proc"
+    assert procinfo.list_pids(tmp_path) == [4242]
+    assert os.getpid() in procinfo.list_pids()
+
+
+def test_memory_of_a_tree_without_meminfo_is_unknown(tmp_path: Path) -> None:
+    assert procinfo.memory(tmp_path) is None
+    (tmp_path / "meminfo").mkdir()  # EISDIR stands in for a refusal (root reads through modes)
+    with pytest.raises(procinfo.Unreadable, match="meminfo"):
+        procinfo.memory(tmp_path)
+
+
+def test_details_of_a_process_that_is_gone_are_none(tmp_path: Path) -> None:
+    assert procinfo.process_details(4242, tmp_path) is None
+
+
+def test_our_own_details_through_psutil() -> None:
+    details = procinfo.process_details(os.getpid())
+    assert details is not None
+    assert details.user == pwd.getpwuid(os.getuid()).pw_name
+    cmdline = Path("/proc/self/cmdline").read_bytes().decode()
+    assert details.argv == [arg for arg in cmdline.split("\0") if arg]
+    assert details.rss_bytes > 1 << 20
 
 
 SWAPS = (
@@ -143,9 +168,7 @@ def test_an_unreadable_file_is_named_not_raised_as_oserror(tmp_path: Path) -> No
 
 
 def test_status_fields() -> None:
-    status = procinfo.parse_status("Name:\tsshd\nUid:\t0\t0\t0\t0\nVmRSS:\t    5120 kB\n")
-    assert status["Name"] == "sshd"
-    assert procinfo.status_kib(status, "VmRSS") == 5120 * 1024
-    assert procinfo.status_kib(status, "VmSwap") == 0
+    status = procinfo.parse_status("Name:\tsshd\nUid:\t0\t0\t0\t0\nTracerPid:\t  812\n")
+    assert (status["Name"], status["TracerPid"]) == ("sshd", "812")
     assert procinfo.has_capability({"CapEff": "000001ffffffffff"}, procinfo.CAP_SYS_PTRACE)
     assert not procinfo.has_capability({"CapEff": "0000000000000000"}, procinfo.CAP_SYS_PTRACE)
