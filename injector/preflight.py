@@ -620,14 +620,17 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     ram_fits = _ram_verdicts(report.ram, report.processes, notices)
     _swap_verdicts(report.ram, report.swap, ram_fits, notices)
     _process_verdicts(report.processes, notices)
-    _session_verdicts(report.session, notices)
+    # The session is lost only when the machine's own PID 1 is replaced: a --target-pid run
+    # (a namespace) leaves it alone.
+    if report.pid1.pid == 1:
+        _session_verdicts(report.session, notices)
     _pid1_verdicts(report.pid1, notices)
     _modules_verdicts(report.modules, notices)
     _host_file_verdicts(report.host_files, notices)
     if report.access is not None:
         notices += access_facts.verdicts(
             report.access,
-            remote=report.session.remote,
+            remote=report.session.remote and report.pid1.pid == 1,
             image_has_ssh=report.session.image_has_ssh,
         )
     if report.init_argv:

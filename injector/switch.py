@@ -254,7 +254,7 @@ def _switch_target(
     )
     tmpfs_size = report.ram.tmpfs_size
     preflight.add_notices(
-        report, carry_verdicts(report.session.remote, options.carry or mode == "rehearse")
+        report, carry_verdicts(report.session.remote and mode == "switch", options.carry)
     )
     yield from preflight.report_events(report)
     blocking = blockers(report, mode)

@@ -288,3 +288,29 @@ def test_ifupdown_stanzas_and_no_manager(ram_root: Path, tmp_path: Path) -> None
     bare.mkdir()
     assert carry_network(bare, *network())[0].startswith("no network configuration written")
     assert os.listdir(bare) == []
+
+
+@pytest.mark.engine
+def test_no_carry_carries_nothing_and_a_namespace_keeps_the_session() -> None:
+    """--no-carry writes nothing; and over SSH, a --target-pid run into an image without
+    sshd is not blocked: only the machine's own PID 1 takes the session with it."""
+    from injector.sandbox import Sandbox
+
+    with Sandbox(services=1, console="capture") as sandbox:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("dboot")), "switch", "--json", "--yes",
+             "--dry-run", "--no-carry", "--target-pid", str(sandbox.pid), "tinybox", "/bin/sh"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1",
+                 "SSH_CONNECTION": "198.51.100.20 50122 192.0.2.77 22"},
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    facts = {(e["section"], e["key"]): e["value"] for e in events if e["event"] == "fact"}
+    assert facts[("session", "remote")] is True
+    codes = {e["code"] for e in events if e["event"] == "notice"}
+    assert not codes & {"session-remote-no-ssh", "remote-no-carry", "session-remote-ends"}
+    assert not [e for e in events if e["event"] == "log" and e["text"].startswith("carry-over")]
