@@ -19,14 +19,13 @@ import errno
 import os
 import resource
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
-from initstage import linux
+from initstage import hermetic, linux
 from initstage.children import JobResult, Outcome, run_jobs
 from initstage.console import Console, StageLog, retry_vt, take_console
 from initstage.mounts import Mount, is_mount_point, mount_of, one_per_superblock, read_mounts
@@ -51,24 +50,7 @@ API_MOUNTS = (
     ("/proc", "proc", PROC_FLAGS, None),
     ("/sys", "sysfs", PROC_FLAGS, None),
     ("/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
-    # gid 5 is "tty" on Debian, Fedora and Alpine; systemd uses the same options.
-    ("/dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0620,gid=5,ptmxmode=0666"),
-)
-# The minimal /dev of a rehearsal: no host devices beyond the harmless ones.
-MINIMAL_DEV_NODES = (
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-)
-MINIMAL_DEV_LINKS = (
-    ("ptmx", "pts/ptmx"),
-    ("fd", "/proc/self/fd"),
-    ("stdin", "/proc/self/fd/0"),
-    ("stdout", "/proc/self/fd/1"),
-    ("stderr", "/proc/self/fd/2"),
+    ("/dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, hermetic.DEVPTS_OPTIONS),
 )
 
 MIB = 1 << 20
@@ -466,28 +448,22 @@ class Stage:
                 continue
             os.makedirs(mount_point, mode=0o755, exist_ok=True)
             if mount_point == "/dev" and plan.minimal_dev:
-                self.mount_minimal_dev()
+                hermetic.mount_minimal_dev()
                 done.append("/dev (minimal)")
                 continue
+            if mount_point == "/sys" and not self.machine_init:
+                hermetic.mount_read_only_sys()
+                done.append("/sys (read-only, the delegated cgroup2 under it)")
+                continue
             linux.mount(fstype, mount_point, fstype, flags, options)
+            if mount_point == "/proc" and not self.machine_init:
+                hermetic.make_proc_read_only()
+                done.append("/proc (/proc/sys read-only)")
+                continue
             done.append(mount_point)
         self.log(
             f"mounted {', '.join(done) or 'nothing'}; already there: {', '.join(skipped) or 'none'}"
         )
-
-    def mount_minimal_dev(self) -> None:
-        linux.mount(
-            "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=1m"
-        )
-        for name, major, minor in MINIMAL_DEV_NODES:
-            path = f"/dev/{name}"
-            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-            os.chmod(path, 0o666)  # mknod's mode went through the umask
-        for name, target in MINIMAL_DEV_LINKS:
-            os.symlink(target, f"/dev/{name}")
-        os.mkdir("/dev/pts", 0o755)
-        os.mkdir("/dev/shm", 0o1777)
-        os.chmod("/dev/shm", 0o1777)
 
     # Step 7 -------------------------------------------------------------------------
     def exec_init(self, plan: Plan) -> NoReturn:
@@ -497,10 +473,16 @@ class Stage:
                 f"the image's init {init} is missing or not executable in the new root"
             )
         self.release_old_root(plan)
+        env = plan.init_env
+        if not self.machine_init:
+            # A sandbox: the init is in a container (systemd reads this), and may make no
+            # device node, so no raw host device either (we made our /dev already).
+            env = {hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME, **env}
+            hermetic.drop_capability(hermetic.CAP_MKNOD)
         self.log(f"exec {plan.init_argv}")
         self.save_log()
         try:
-            self.exec_clean(plan.init_argv, plan.init_env)
+            self.exec_clean(plan.init_argv, env)
         except FileNotFoundError as error:
             # The file is there (checked above): ENOENT names what it needs to run.
             raise StageError(

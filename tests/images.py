@@ -242,9 +242,9 @@ DEBOOTSTRAP_ARGS = ("--variant=minbase", "bookworm")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
-def debootstrap_tarball() -> Path:
+def debootstrap_tarball(args: tuple[str, ...] = DEBOOTSTRAP_ARGS) -> Path:
     """A Debian bookworm minbase tree as a tarball (numeric owners, xattrs), cached."""
-    key = hashlib.sha256(" ".join((*DEBOOTSTRAP_ARGS, DEBIAN_MIRROR, "v1")).encode()).hexdigest()
+    key = hashlib.sha256(" ".join((*args, DEBIAN_MIRROR, "v1")).encode()).hexdigest()
     cached = CACHE / f"debootstrap-{key[:16]}.tar"
     if cached.exists():
         return cached
@@ -252,7 +252,7 @@ def debootstrap_tarball() -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         tree = Path(work) / "tree"
         subprocess.run(
-            ["debootstrap", *DEBOOTSTRAP_ARGS, str(tree), DEBIAN_MIRROR],
+            ["debootstrap", *args, str(tree), DEBIAN_MIRROR],
             check=True,
             capture_output=True,
         )
@@ -630,3 +630,17 @@ def decoy_images() -> Iterator[list[str]]:
     finally:
         for tag in made:
             remove_image(tag)
+
+
+# ---------------------------------------------------------------------------------------
+# Debian 12 minbase whose /sbin/init is systemd: the hermetic rehearsal's image
+# ---------------------------------------------------------------------------------------
+
+SYSTEMD_DEBOOTSTRAP_ARGS = ("--variant=minbase", "--include=systemd-sysv", "bookworm")
+DEBIAN_SYSTEMD = PREFIX + "debian-systemd:latest"
+
+
+def build_debian_systemd_image(tag: str = DEBIAN_SYSTEMD) -> str:
+    if not image_exists(tag):
+        import_tar(debootstrap_tarball(SYSTEMD_DEBOOTSTRAP_ARGS), tag)
+    return tag

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from initstage import hermetic
 from initstage.launch import stage_argv
 from initstage.plan import Plan, write_plan
 
@@ -38,6 +39,17 @@ BUSYBOX = "/bin/busybox"
 TMPFS_SOURCE = "dboot-stage-test"  # a name to find our mounts by, should one ever leak
 WRAPPER_MARK = "WRAPPER-EXECS-STAGE"
 DEBIAN_PYTHON = "/usr/bin/python3"
+# A sandbox's API mounts: /proc/sys (and /proc/sysrq-trigger, where the kernel has it) bound
+# read-only, a read-only /sys with the delegated cgroup2 under it (initstage/hermetic.py).
+SANDBOX_API_MOUNTS = [
+    "/",
+    "/proc",
+    *[path for path in hermetic.READ_ONLY_PROC_PATHS if os.path.exists(path)],
+    "/sys",
+    "/sys/fs/cgroup",
+    "/dev",
+    "/dev/pts",
+]
 
 
 @dataclass
@@ -224,7 +236,7 @@ def test_stage_execs_the_image_init_as_pid1(tmp_path: Path, busybox_tree: Path, 
     # The wrapper's services are gone: only PID 1 itself is left in /proc.
     assert "pids: /proc/1\n" in out + "\n"
     mounts = out.split("mounts:\n")[1].split("log:\n")[0].split()
-    assert mounts == ["/", "/proc", "/sys", "/dev", "/dev/pts"], "the old root is still mounted"
+    assert mounts == SANDBOX_API_MOUNTS, "the old root is still mounted"
     saved_log = out.split("log:\n")[1]
     assert step_numbers(saved_log.splitlines()) == [1, 2, 3, 4, 5, 6, 7]
     assert step_numbers(run.log_lines) == [1, 2, 3, 4, 5, 6, 7]
@@ -477,7 +489,7 @@ def test_a_new_root_that_is_no_mount_point_is_bind_mounted_onto_itself(
     )
     assert run.returncode == 0, run.err
     assert "was not a mount point: bind-mounted onto itself" in run.err
-    assert run.out.split()[1:] == ["pid=1", "/", "/proc", "/sys", "/dev", "/dev/pts"], run.out
+    assert run.out.split()[1:] == ["pid=1", *SANDBOX_API_MOUNTS], run.out
     assert (tmp_path / "root" / "var" / "log" / "dboot.log").exists()
 
 
