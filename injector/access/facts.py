@@ -552,16 +552,22 @@ def verdicts(facts: AccessFacts, *, remote: bool, image_has_ssh: bool) -> list[N
                 scope="host",
             )
         )
-    if remote and image_has_ssh and not any(keys.count for keys in facts.authorized_keys):
-        users = " or ".join(keys.user for keys in facts.authorized_keys) or "root"
+    root_keys = sum(keys.count for keys in facts.authorized_keys if keys.user == "root")
+    if remote and image_has_ssh and not root_keys:
+        # A sudo user's keys go in only when the image has that user (a rescue image has
+        # only root): say so, rather than hand root to a key nobody chose to give it.
+        others = [keys for keys in facts.authorized_keys if keys.user != "root" and keys.count]
+        unless = "".join(
+            f"; {keys.user}'s {keys.count} keys go in only if the image has the user {keys.user}"
+            for keys in others
+        )
         notices.append(
             Notice(
                 "warning",
                 "remote-no-keys",
-                f"no authorized_keys of {users} on this machine to carry over: the new "
-                "system's sshd lets in only the keys the image has (root's password login "
-                "is off by default)",
-                "add your public key to ~root/.ssh/authorized_keys before the switch",
+                "root has no authorized_keys on this machine to carry over: the new system's "
+                f"sshd lets root in only with the keys the image has{unless}",
+                "add your public key to /root/.ssh/authorized_keys before the switch",
                 scope="host",
             )
         )

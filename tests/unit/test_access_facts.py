@@ -290,9 +290,13 @@ def test_a_local_cache_before_real_servers_is_dropped_search_and_options_stay() 
     assert (dns.servers, dns.local_stub) == (["203.0.113.9"], "127.0.0.1")
 
 
-def test_a_remote_session_with_no_keys_to_carry_warns() -> None:
+def test_a_remote_session_with_no_keys_for_root_warns() -> None:
     none = [facts.AuthorizedKeys("root", "/root/.ssh/authorized_keys", 0, [], [])]
     notices = facts.verdicts(empty_facts(authorized_keys=none), remote=True, image_has_ssh=True)
     assert [(n.level, n.code) for n in notices] == [("warning", "remote-no-keys")]
+    ann = facts.AuthorizedKeys("ann", "/home/ann/.ssh/authorized_keys", 2, ["ssh-ed25519"], [])
+    notices = facts.verdicts(empty_facts(authorized_keys=[*none, ann]), remote=True,
+                             image_has_ssh=True)  # fmt: skip
+    assert "ann's 2 keys go in only if the image has the user ann" in notices[0].message
     some = [dataclasses.replace(none[0], count=1)]
     assert facts.verdicts(empty_facts(authorized_keys=some), remote=True, image_has_ssh=True) == []
