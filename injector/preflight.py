@@ -500,7 +500,7 @@ def _process_info(stat: ProcInfo, in_chain: bool, proc: Path, gaps: _Gaps) -> Pr
     """None when the process exited while we looked at it."""
     try:
         details = procinfo.process_details(stat.pid, proc)
-        cgroup = procinfo.read_text(proc / str(stat.pid) / "cgroup")
+        cgroup = procinfo.read_text(f"{proc}/{stat.pid}/cgroup")
     except Unreadable as error:
         gaps.files.append(str(error))
         return None

@@ -44,17 +44,22 @@ class Unreadable(Exception):
     """A /proc file exists but the kernel would not let us read it (the message says why)."""
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: str | Path) -> str | None:
     """The file's text; ``None`` when it is gone (a process that exited meanwhile)."""
-    return _tolerant(path, lambda p: p.read_text(encoding="utf-8", errors="surrogateescape"))
+    return _tolerant(path, _read_text)
 
 
-def read_link(path: Path) -> str | None:
+def _read_text(path: str | Path) -> str:
+    with open(path, encoding="utf-8", errors="surrogateescape") as file:
+        return file.read()
+
+
+def read_link(path: str | Path) -> str | None:
     """``readlink``, with the same conventions as ``read_text``."""
     return _tolerant(path, os.readlink)
 
 
-def _tolerant(path: Path, read: Callable[[Path], T]) -> T | None:
+def _tolerant(path: str | Path, read: Callable[[str | Path], T]) -> T | None:
     try:
         return read(path)
     except (FileNotFoundError, ProcessLookupError):
@@ -183,7 +188,12 @@ def parse_swaps(text: str) -> list[SwapDevice]:
 def read_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
     """``/proc/PID/stat`` through the stage's parser: one reader, one kernel-thread rule
     (PF_KTHREAD, a flag psutil does not expose); ``None`` for a process that is gone."""
-    return _tolerant(proc / str(pid) / "stat", lambda path: parse_stat(pid, path.read_bytes()))
+    return _tolerant(f"{proc}/{pid}/stat", lambda path: parse_stat(pid, _read_bytes(path)))
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def parse_status(text: str) -> dict[str, str]:
@@ -249,7 +259,8 @@ def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
     when the fd table is hidden from us. Not psutil's ``open_files()``: it stats each link's
     path in *our* mount namespace, so a container's files would be missed.
     """
-    fd_dir = proc / str(pid) / "fd"
+    # Plain strings, not Path joins: this runs for every fd of every process.
+    fd_dir = f"{proc}/{pid}/fd"
     try:
         fds = os.listdir(fd_dir)
     except (FileNotFoundError, ProcessLookupError):
@@ -258,7 +269,7 @@ def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
         raise Unreadable(f"{fd_dir}: {error.strerror or error}") from error
     found = set()
     for fd in fds:
-        target = read_link(fd_dir / fd)
+        target = read_link(f"{fd_dir}/{fd}")
         if (
             target is None
             or not target.startswith("/")
@@ -266,12 +277,12 @@ def files_open_for_writing(pid: int, proc: Path = PROC) -> list[str]:
             or target.endswith(" (deleted)")
         ):
             continue
-        info = read_text(proc / str(pid) / "fdinfo" / fd)
+        info = read_text(f"{proc}/{pid}/fdinfo/{fd}")
         if info is None or not fdinfo_writable(info):
             continue
         # stat through the magic link: the open file itself, even if its path was reused.
         try:
-            if not stat.S_ISREG(os.stat(fd_dir / fd).st_mode):
+            if not stat.S_ISREG(os.stat(f"{fd_dir}/{fd}").st_mode):
                 continue
         except OSError:
             continue
