@@ -46,6 +46,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +62,11 @@ from injector.tarstream import (
 
 FRAME = struct.Struct("!Q")  # length of the data that follows; 0 ends one tar stream
 SENDFILE_CHUNK = 16 << 20  # big enough to be cheap, small enough for regular progress
+# Regular files at least this big are filled by a pool of threads when the worker may run
+# on more than one core: sendfile gives up the GIL, so copies page cache -> tmpfs overlap.
+# The many small files stay inline: handing them over costs more than copying them.
+PARALLEL_FILE_BYTES = 1 << 20
+MAX_COPY_THREADS = 4
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports
 WRITE_BUFFER = 1 << 20
 
@@ -193,9 +199,10 @@ def _read_reports(
         pending = lines.pop()
         for line in lines:
             report = json.loads(line)
-            if "e" in report:
+            if "entries" in report:
                 if on_entry is not None:
-                    on_entry(report["e"])
+                    for fields in report["entries"]:
+                        on_entry(fields)
             elif "progress" in report:
                 if progress is not None:
                     progress(report["progress"])
@@ -242,7 +249,9 @@ class _Reporter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._last = 0.0
-        self.entries: list[str] = []
+        # Scanned entries go out as one JSON line per batch: one decode per batch, not per
+        # entry, is a good part of a large image's scan time.
+        self.entries: list[list[Any]] = []
 
     def send(self, report: dict[str, Any]) -> None:
         self._write(json.dumps(report) + "\n")
@@ -254,14 +263,14 @@ class _Reporter:
             self.send({"progress": done})
 
     def entry(self, fields: list[Any]) -> None:
-        self.entries.append(json.dumps({"e": fields}))
+        self.entries.append(fields)
         if len(self.entries) >= 512:
             self.flush()
 
     def flush(self) -> None:
         if self.entries:
-            self._write("\n".join(self.entries) + "\n")
-            self.entries.clear()
+            self.send({"entries": self.entries})
+            self.entries = []
 
     def _write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8", "surrogatepass"))
@@ -310,9 +319,11 @@ def _scan_tree(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
 
 def _copy_tree(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
     root_fd = os.open(job["root"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    # Counted before the chroot: the number of online CPUs is read from /sys, not there.
+    threads = min(len(os.sched_getaffinity(0)), MAX_COPY_THREADS)
     with _overlay(job["layers"], job["scratch"]) as source:
         _enter_root(root_fd)
-        copier = _TreeCopier(reporter)
+        copier = _TreeCopier(reporter, threads=threads)
         dest = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
         try:
             copier.copy_dir(source, dest, "")
@@ -464,12 +475,17 @@ class _TreeCopier:
     """Copies a directory tree fd-to-fd. Destination entries are created relative to their
     parent's fd with O_EXCL/O_NOFOLLOW, so nothing created earlier can redirect a write."""
 
-    def __init__(self, reporter: _Reporter) -> None:
+    def __init__(self, reporter: _Reporter, *, threads: int = 1) -> None:
         self._reporter = reporter
         self._links: dict[tuple[int, int], str] = {}
         self._dir_times: list[tuple[str, int]] = []
         self.files = 0
         self.bytes = 0
+        # Large files: created here, in order (a hardlink to one finds it), filled by the pool.
+        self._pool = ThreadPoolExecutor(threads, "dboot-copy") if threads > 1 else None
+        self._in_flight = threading.BoundedSemaphore(threads * 2)  # open fds stay bounded
+        self._filling: list[Future[None]] = []
+        self._counting = threading.Lock()  # bytes and the reporter's pipe
 
     def copy_dir(self, src_dir: int, dst_dir: int, path: str) -> None:
         with os.scandir(src_dir) as listing:
@@ -531,25 +547,56 @@ class _TreeCopier:
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             dst = os.open(name, flags, 0o600, dir_fd=dst_dir)
-            try:
-                while sent := os.sendfile(dst, src, None, SENDFILE_CHUNK):
+        except BaseException:
+            os.close(src)
+            raise
+        if self._pool is None or st.st_size < PARALLEL_FILE_BYTES:
+            self._fill(src, dst, st, mtime)
+            return
+        self._raise_failed()
+        self._in_flight.acquire()
+        try:
+            filling = self._pool.submit(self._fill, src, dst, st, mtime)
+        except BaseException:
+            self._in_flight.release()
+            os.close(dst)
+            os.close(src)
+            raise
+        filling.add_done_callback(lambda _: self._in_flight.release())
+        self._filling.append(filling)
+
+    def _fill(self, src: int, dst: int, st: os.stat_result, mtime: int) -> None:
+        """The file's data and metadata, from ``src`` into the new ``dst``; closes both."""
+        try:
+            while sent := os.sendfile(dst, src, None, SENDFILE_CHUNK):
+                with self._counting:
                     self.bytes += sent
                     self._reporter.progress(self.bytes)
-                # Order matters: chown clears setuid bits and file capabilities, so the
-                # mode and the xattrs come after it.
-                os.fchown(dst, st.st_uid, st.st_gid)
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                for attribute in EXPORT_XATTRS:
-                    value = _get_xattr(src, attribute)
-                    if value is not None:
-                        os.setxattr(dst, attribute, value)
-                os.utime(dst, ns=(mtime, mtime))
-            finally:
-                os.close(dst)
+            # Order matters: chown clears setuid bits and file capabilities, so the
+            # mode and the xattrs come after it.
+            os.fchown(dst, st.st_uid, st.st_gid)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            for attribute in EXPORT_XATTRS:
+                value = _get_xattr(src, attribute)
+                if value is not None:
+                    os.setxattr(dst, attribute, value)
+            os.utime(dst, ns=(mtime, mtime))
         finally:
+            os.close(dst)
             os.close(src)
 
+    def _raise_failed(self) -> None:
+        """A fill that failed ends the copy, with its own error, at the next file."""
+        for filling in self._filling:
+            if filling.done() and filling.exception() is not None:
+                filling.result()
+        self._filling = [filling for filling in self._filling if not filling.done()]
+
     def finish(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            for filling in self._filling:
+                filling.result()
         # Directory mtimes last: creating their entries changed them all.
         for path, mtime in self._dir_times:
             os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
