@@ -542,6 +542,7 @@ def _session_facts(
         if comm in REMOTE_LOGIN_COMMS:
             return SessionFacts(True, f"{comm}[{pid}] in the session chain", image_has_ssh)
     try:
+        # Our stdin itself; psutil's terminal() is the controlling tty, looked up in /dev.
         tty = procinfo.read_link(proc / str(our_pid) / "fd" / "0")
     except Unreadable:
         tty = None
@@ -553,9 +554,9 @@ def _session_facts(
 def _pid1_facts(
     target_pid: int, our_pid: int, proc: Path, host_root: Path, gaps: _Gaps
 ) -> Pid1Facts:
-    base = proc / str(target_pid)
     try:
-        exe = procinfo.read_link(base / "exe") or "gone"
+        # readlink, not psutil's exe(): that drops " (deleted)" and the path from a refusal.
+        exe = procinfo.read_link(proc / str(target_pid) / "exe") or "gone"
     except Unreadable as error:
         exe = f"unreadable ({error})"
     try:

@@ -177,8 +177,9 @@ def test_a_namespace_target_lists_only_its_namespace() -> None:
 
 
 def test_gather_as_an_unprivileged_user_says_what_it_could_not_read() -> None:
-    # Debian's own interpreter: the venv's lives under /root, which nobody may enter. The
-    # index is inline because this interpreter has no pytest to import the tests with.
+    # Debian's own interpreter: the venv's lives under /root, which nobody may enter. Its
+    # psutil is Debian's python3-psutil (5.9, the oldest pyproject allows). The index is
+    # inline because this interpreter has no pytest to import the tests with.
     code = (
         "import json\n"
         "from injector import preflight\n"
