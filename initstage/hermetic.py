@@ -68,6 +68,7 @@ CLONE_NEWCGROUP = 0x02000000
 MNT_DETACH = 2
 HARDENED = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 READ_ONLY_PROC_PATHS = ("/proc/sys", "/proc/sysrq-trigger")
+STAGED_CONSOLE = "/.dboot-console"  # in the new root, from before the pivot until /dev exists
 
 # The minimal /dev of a rehearsal: no host devices beyond the harmless ones.
 MINIMAL_DEV_NODES = (
@@ -127,6 +128,47 @@ def mount_minimal_dev(dev: str = "/dev") -> None:
     os.mkdir(f"{dev}/pts", 0o755)
     os.mkdir(f"{dev}/shm", 0o1777)
     os.chmod(f"{dev}/shm", 0o1777)
+
+
+def open_console(fd: int, path: str) -> int | None:
+    """An O_PATH fd, opened in our mount namespace, of the terminal on ``fd`` as ``path``
+    names it; None when ``fd`` is no terminal or ``path`` is another device.
+
+    A mount can only be bound from a path of our own mount namespace: the fd itself was
+    opened in the host's (or another) one, so the terminal is opened again here by name."""
+    try:
+        if not os.isatty(fd) or os.stat(path).st_rdev != os.fstat(fd).st_rdev:
+            return None
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def bind_console(terminal: int, target: str) -> None:
+    """Bind ``terminal`` (from :func:`open_console`) onto the file ``target``, made if
+    missing: a container's /dev/console. systemd writes its status lines there and, as PID 1
+    of a container, its log. The fd is closed."""
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        linux.mount(f"/proc/self/fd/{terminal}", target, None, linux.MS_BIND)
+    finally:
+        os.close(terminal)
+
+
+def move_staged_console(dev: str = "/dev") -> None:
+    """Move the console :func:`bind_console` staged at :data:`STAGED_CONSOLE` (before the
+    pivot: the terminal's devpts is the old root's, which the pivot detaches, and a
+    detached mount cannot be bound from) to ``dev/console``."""
+    console = f"{dev}/console"
+    os.close(os.open(console, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    linux.mount(STAGED_CONSOLE, console, None, linux.MS_MOVE)
+    os.unlink(STAGED_CONSOLE)
+
+
+def drop_staged_console() -> None:
+    """No /dev to move the staged console to: take it away."""
+    linux.umount2(STAGED_CONSOLE, MNT_DETACH)
+    os.unlink(STAGED_CONSOLE)
 
 
 def mount_devpts(pts: str = "/dev/pts") -> None:

@@ -182,6 +182,7 @@ class Stage:
         self.pivoted = False
         self.root_is_initramfs = False
         self.old_root_fd: int | None = None  # to chroot back into the old root to recover
+        self.console_staged = False  # a sandbox's terminal, on its way to /dev/console
         self.old_devices: list[str] = []  # "major:minor" of the old system's block devices
         self.hung_children: list[int] = []  # flush children stuck in the kernel
         self.step_number = 0
@@ -404,6 +405,11 @@ class Stage:
         if not is_mount_point(new_root):
             linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
             self.log(f"{new_root} was not a mount point: bind-mounted onto itself")
+        console = self.console.stdio if self.console.stdio is not None else 1
+        terminal = None if self.machine_init else hermetic.open_console(console, "/dev/console")
+        if terminal is not None:
+            hermetic.bind_console(terminal, new_root.rstrip("/") + hermetic.STAGED_CONSOLE)
+            self.console_staged = True
         self.root_is_initramfs = root_is_initramfs()
         self.old_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.log.kmsg is not None:
@@ -449,7 +455,12 @@ class Stage:
             os.makedirs(mount_point, mode=0o755, exist_ok=True)
             if mount_point == "/dev" and plan.minimal_dev:
                 hermetic.mount_minimal_dev()
-                done.append("/dev (minimal)")
+                if self.console_staged:
+                    hermetic.move_staged_console()
+                    self.console_staged = False
+                    done.append("/dev (minimal, /dev/console)")
+                else:
+                    done.append("/dev (minimal)")
                 continue
             if mount_point == "/sys" and not self.machine_init:
                 hermetic.mount_read_only_sys()
@@ -474,6 +485,9 @@ class Stage:
             )
         self.release_old_root(plan)
         env = plan.init_env
+        if self.console_staged:
+            hermetic.drop_staged_console()
+            self.console_staged = False
         if not self.machine_init:
             # A sandbox: the init is in a container (systemd reads this), and may make no
             # device node, so no raw host device either (we made our /dev already).

@@ -73,6 +73,7 @@ START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
 REPEAT_SIGNAL_EVERY = 0.05
 CGROUP_EMPTY_TIMEOUT = 5.0
+CGROUP_PREFIX = "dboot-rehearsal-"
 _cgroup_numbers = itertools.count(1)
 
 
@@ -187,13 +188,31 @@ class DelegatedCgroup:
     Everything the rehearsed system creates (systemd's slices and scopes) lives under it,
     so ending it is: cgroup.kill, wait until nothing is left in it, remove it bottom-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def make(cls) -> DelegatedCgroup:
+        """A new one under our own cgroup (after removing what killed rehearsals left)."""
         parent = own_cgroup_directory()
-        self.path = parent / f"dboot-rehearsal-{os.getpid()}-{next(_cgroup_numbers)}"
+        cls._remove_stale(parent)
+        cgroup = cls(parent / f"{CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_numbers)}")
         with system_call_failure(
-            f"cannot make the rehearsal's cgroup {self.path}", "run as root, with cgroup v2"
+            f"cannot make the rehearsal's cgroup {cgroup.path}", "run as root, with cgroup v2"
         ):
-            self.path.mkdir()
+            cgroup.path.mkdir()
+        return cgroup
+
+    @classmethod
+    def _remove_stale(cls, parent: Path) -> None:
+        """Remove the empty rehearsal cgroups of dboot processes that are gone: one killed
+        outright (SIGKILL, a hang-up) had no chance to remove its own."""
+        for path in parent.glob(f"{CGROUP_PREFIX}*"):
+            owner = path.name.removeprefix(CGROUP_PREFIX).split("-")[0]
+            stale = cls(path)
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists() and not stale.populated():
+                with contextlib.suppress(EnvironmentFailure):
+                    stale.remove()
 
     def populated(self) -> bool:
         try:
@@ -303,7 +322,7 @@ class Sandbox:
         return pid
 
     def _start(self) -> int:
-        self.cgroup = DelegatedCgroup()
+        self.cgroup = DelegatedCgroup.make()
         ready_read, ready_write = os.pipe()
         failure: list[BaseException] = []
 

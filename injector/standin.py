@@ -40,6 +40,7 @@ import argparse
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -178,19 +179,15 @@ def harden(cgroup: str | None) -> None:
             procs.write("0")  # 0: the writer itself
         linux.unshare(hermetic.CLONE_NEWCGROUP)
     hermetic.make_proc_read_only()
-    console = os.ttyname(1) if os.isatty(1) else None
-    console_fd = os.open(console, os.O_RDWR | os.O_NOCTTY) if console else None
     linux.umount2("/sys", hermetic.MNT_DETACH)
     hermetic.mount_read_only_sys()
-    linux.umount2("/dev", hermetic.MNT_DETACH)
+    terminal = hermetic.open_console(1, os.ttyname(1)) if os.isatty(1) else None
     hermetic.mount_minimal_dev()
     name, major, minor = KMSG_NODE
-    os.mknod(f"/dev/{name}", 0o020600, os.makedev(major, minor))
+    os.mknod(f"/dev/{name}", stat.S_IFCHR | 0o600, os.makedev(major, minor))
     hermetic.mount_devpts()
-    if console_fd is not None:
-        open("/dev/console", "w").close()
-        linux.mount(f"/proc/self/fd/{console_fd}", "/dev/console", None, linux.MS_BIND)
-        os.close(console_fd)
+    if terminal is not None:
+        hermetic.bind_console(terminal, "/dev/console")
 
 
 def ignore(signum: int, frame: object) -> None:

@@ -11,6 +11,7 @@ import errno
 import itertools
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from initstage import hermetic
 from injector.arch import host_arch, syscall_number
-from injector.sandbox import Sandbox, namespace_of
+from injector.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
 from tests.sandbox.sandbox_checks import Footprint, eventually, wait_for_output
 
 pytestmark = pytest.mark.root
@@ -44,8 +45,10 @@ def inside(sandbox: Sandbox, command: str) -> str:
     start = len(sandbox.output())
     sandbox.send(f"run ( {command} ) 2>&1; echo {marker}\n")
     assert wait_for_output(sandbox, f"\n{marker}\n", timeout=10), sandbox.output()[start:]
-    text = sandbox.output()[start:]
-    return text.split("\n", 1)[1].split(f"{marker}\n", 1)[0]  # drop the "read b'...'" line
+    text = sandbox.output()[start:].split(f"{marker}\n", 1)[0]
+    # Without the stand-in's own lines ("read b'...'", and its reaper's, which may come
+    # in between).
+    return "".join(line for line in text.splitlines(True) if not line.startswith("standin: "))
 
 
 def capability_bits(status: str, field: str) -> int:
@@ -143,3 +146,16 @@ def test_the_delegated_cgroup_goes_with_its_subtree(sandbox: Sandbox) -> None:
     sandbox.close()
     assert not delegated.exists()
     assert not [name for name in os.listdir(delegated.parent) if name == delegated.name]
+
+
+def test_a_killed_rehearsals_empty_cgroup_is_removed_by_the_next_one() -> None:
+    """A dboot killed outright cannot remove its cgroup; the next sandbox does, if empty."""
+    parent = own_cgroup_directory()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone now
+    stale = parent / f"{CGROUP_PREFIX}{dead.pid}-1"
+    stale.mkdir()
+    (stale / "left-by-systemd.slice").mkdir()
+    with Sandbox(0) as started:
+        assert started.cgroup is not None and started.cgroup.path.is_dir()
+        assert not stale.exists()
