@@ -30,10 +30,12 @@ How it is built, and why:
 - The child starts a new session, so a Ctrl-C typed at the terminal reaches us and not
   the sandbox; we then kill it on the way out.
 
-Console: ``relay`` inherits our stdin, stdout and stderr (what ``dboot rehearse`` shows
-on the terminal); ``capture`` sends stdout+stderr into a pipe read by a thread (lines go
-to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a pipe fed by
-:meth:`Sandbox.send`.
+Console: ``relay`` gives the sandbox a pty of its own when our stdout is a terminal, and a
+thread copies it to our stdout and our stdin to it (what ``dboot rehearse`` shows on the
+terminal: see :func:`_open_sandbox_terminal` for why not our terminal itself); otherwise it
+inherits our stdin, stdout and stderr. ``capture`` sends stdout+stderr into a pipe read by
+a thread (lines go to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a
+pipe fed by :meth:`Sandbox.send`.
 
 ``python -m injector.sandbox`` starts one in relay mode and prints its pid, for labs with
 ``dboot switch --target-pid``.
@@ -43,12 +45,15 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import itertools
 import os
+import pty
 import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -72,6 +77,7 @@ STANDIN_SCRIPT = Path(standin.__file__).resolve()
 START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
 REPEAT_SIGNAL_EVERY = 0.05
+RELAY_IDLE = 0.05
 CGROUP_EMPTY_TIMEOUT = 5.0
 CGROUP_PREFIX = "dboot-rehearsal-"
 _cgroup_numbers = itertools.count(1)
@@ -284,6 +290,7 @@ class Sandbox:
         self._exited = threading.Event()
         self._owner: threading.Thread | None = None
         self._relay: threading.Thread | None = None
+        self._terminal: int | None = None  # relay mode on a terminal: the sandbox pty's master
         self._text: list[str] = []
         self._lines: list[str] = []
         self._console_changed = threading.Condition()
@@ -355,9 +362,12 @@ class Sandbox:
                 self._spawned.wait()
                 if failure:
                     raise failure[0]
-                if self.console == "capture":
+                if self.console == "capture" or self._terminal is not None:
+                    capture = self.console == "capture"
                     self._relay = threading.Thread(
-                        target=self._read_console, name="dboot-sandbox-console", daemon=True
+                        target=self._read_console if capture else self._relay_terminal,
+                        name="dboot-sandbox-console",
+                        daemon=True,
                     )
                     self._relay.start()
             self._await_ready(ready_read)
@@ -382,12 +392,19 @@ class Sandbox:
             "--cgroup", str(self.cgroup.path),
         ]  # fmt: skip
         capture = self.console == "capture"
+        stdin: int | None = subprocess.PIPE if capture else None
+        stdout: int | None = subprocess.PIPE if capture else None
+        stderr: int | None = subprocess.STDOUT if capture else None
+        terminal_end = None
+        if self.console == "relay" and os.isatty(1):
+            self._terminal, terminal_end = _open_sandbox_terminal()
+            stdin = stdout = stderr = terminal_end
         try:
             return subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE if capture else None,
-                stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.STDOUT if capture else None,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
                 pass_fds=(ready_fd,),
                 start_new_session=True,
                 env={**os.environ, hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME},
@@ -396,6 +413,9 @@ class Sandbox:
             raise EnvironmentFailure(
                 f"cannot start the sandbox: {error}", "install util-linux (setpriv, unshare)"
             ) from error
+        finally:
+            if terminal_end is not None:
+                os.close(terminal_end)
 
     def _await_ready(self, ready_read: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -542,9 +562,46 @@ class Sandbox:
             for line in lines:
                 self._on_line(line)
 
+    def _relay_terminal(self) -> None:
+        """Copy the sandbox's terminal to our stdout and our stdin to it, until the sandbox
+        has ended and its terminal has nothing more to say."""
+        assert self._terminal is not None
+        terminal = self._terminal
+        sources = [terminal, 0]
+        while True:
+            readable, _, _ = select.select(sources, [], [], RELAY_IDLE)
+            if terminal in readable:
+                try:
+                    data = os.read(terminal, 65536)
+                except OSError:  # EIO: no process holds the sandbox's end just now
+                    data = b""
+                if data:
+                    try:
+                        _write_all(1, data)
+                    except OSError:
+                        return  # our own terminal is gone: dboot says so itself
+                    continue
+                if self._exited.is_set():
+                    return
+                # A hang-up (a getty's) until someone opens the console again.
+                time.sleep(RELAY_IDLE)
+            elif not readable and self._exited.is_set():
+                return  # drained
+            if 0 in readable:
+                typed = os.read(0, 4096)
+                if typed:
+                    with contextlib.suppress(OSError):
+                        _write_all(terminal, typed)
+                else:
+                    sources.remove(0)
+
     def _join_console(self) -> None:
         if self._relay is not None:
             self._relay.join(CONSOLE_DRAIN_TIMEOUT)
+        relaying = self._relay is not None and self._relay.is_alive()
+        if self._terminal is not None and self._exited.is_set() and not relaying:
+            os.close(self._terminal)
+            self._terminal = None
 
     def output(self) -> str:
         """Everything the sandbox wrote so far (capture mode), partial last line included."""
@@ -582,6 +639,27 @@ class Sandbox:
         if self._process is None or self._process.stdin is None:
             raise BadInput("this sandbox has no stdin pipe", "use console='capture'")
         return self._process.stdin
+
+
+def _open_sandbox_terminal() -> tuple[int, int]:
+    """A pty of the sandbox's own, sized like ours: (our master end, the sandbox's end).
+
+    The rehearsed system never gets our terminal itself: a getty on its console takes the
+    terminal as its controlling one (TIOCSCTTY with CAP_SYS_ADMIN) and hangs it up when it
+    exits, which would cut the user's shell off. Its end does not echo, as our own terminal
+    already echoes what is typed (line by line: Ctrl-C stays ours)."""
+    master, sandbox_end = pty.openpty()
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(sandbox_end, termios.TIOCSWINSZ, fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8))
+    attributes = termios.tcgetattr(sandbox_end)
+    attributes[3] &= ~termios.ECHO
+    termios.tcsetattr(sandbox_end, termios.TCSANOW, attributes)
+    return master, sandbox_end
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def main() -> None:
