@@ -36,6 +36,20 @@ def test_details_of_a_process_that_is_gone_are_none(tmp_path: Path) -> None:
     assert procinfo.process_details(4242, tmp_path) is None
 
 
+def test_a_refused_detail_names_its_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As psutil reports hidepid= or a protected file: AccessDenied, raised from the OSError.
+    def refuse(process: psutil.Process) -> None:
+        try:
+            raise PermissionError(13, "Permission denied", f"/proc/{process.pid}/cmdline")
+        except PermissionError as error:
+            raise psutil.AccessDenied(process.pid) from error
+
+    monkeypatch.setattr(psutil.Process, "cmdline", refuse)
+    with pytest.raises(procinfo.Unreadable) as caught:
+        procinfo.process_details(os.getpid())
+    assert str(caught.value) == f"/proc/{os.getpid()}/cmdline: Permission denied"
+
+
 def test_our_own_details_through_psutil() -> None:
     details = procinfo.process_details(os.getpid())
     assert details is not None
