@@ -32,15 +32,6 @@ from initstage import linux
 CONTAINER_VARIABLE = "container"
 CONTAINER_NAME = "dboot"
 
-# What a rehearsal shares with the host, and what it does not: one sentence for every
-# front-end (the CLI's rehearsal line and the wizard's run step).
-SHARED_WITH_HOST = (
-    "A rehearsal shares the host's kernel, CPU, RAM, page cache and the filesystems it"
-    " reads; it has its own PID, mount, UTS, IPC, network and cgroup namespaces,"
-    " /proc/sys and /sys are read-only, and it can load no kernel module and open no"
-    " raw host device."
-)
-
 # include/uapi/linux/capability.h. Each one acts on the whole machine, whatever the
 # namespaces: kernel modules, raw I/O ports and /dev/mem, the clock, kexec and reboot, the
 # kernel log, MAC policy, wake alarms and suspend, BPF and perf, process accounting and

@@ -83,6 +83,16 @@ CGROUP_PREFIX = "dboot-rehearsal-"
 _cgroup_numbers = itertools.count(1)
 
 
+# What a rehearsal shares with the host, and what it does not: one sentence for every
+# front-end (the engine says it as an info notice when a rehearsal's sandbox starts).
+SHARED_WITH_HOST = (
+    "a rehearsal shares the host's kernel, CPU, RAM, page cache and the filesystems it"
+    " reads; it has its own PID, mount, UTS, IPC, network and cgroup namespaces,"
+    " /proc/sys and /sys are read-only, and it can load no kernel module and open no"
+    " raw host device"
+)
+
+
 def default_kinds(count: int) -> list[str]:
     """``count`` services: one that ignores SIGTERM, one that makes zombies, then plain ones."""
     return (["stubborn", "zombies"] + ["plain"] * count)[:count]

@@ -57,13 +57,17 @@ def capability_bits(status: str, field: str) -> int:
     return int(match.group(1), 16)
 
 
+def rewrite(path: str) -> str:
+    """A write of a sysctl's own value: refused when hermetic, and harmless when not (this
+    test must not change the host even when the sandbox is broken)."""
+    return f"value=$(cat {path}); echo $value > {path}; echo status=$?"
+
+
 def test_proc_sys_is_read_only(sandbox: Sandbox) -> None:
-    before = Path("/proc/sys/kernel/printk_ratelimit").read_text()
-    seen = inside(sandbox, "echo 1 > /proc/sys/kernel/printk_ratelimit; echo status=$?")
+    seen = inside(sandbox, rewrite("/proc/sys/kernel/printk_ratelimit"))
     assert "Read-only file system" in seen and "status=2" in seen
-    assert Path("/proc/sys/kernel/printk_ratelimit").read_text() == before
     # The network's sysctls too, although the network namespace is the sandbox's own.
-    assert "Read-only file system" in inside(sandbox, "echo 0 > /proc/sys/net/ipv4/ip_forward")
+    assert "Read-only file system" in inside(sandbox, rewrite("/proc/sys/net/ipv4/ip_forward"))
 
 
 def test_sysrq_trigger_cannot_be_written(sandbox: Sandbox) -> None:
@@ -85,14 +89,19 @@ def test_sys_is_a_read_only_sysfs_of_its_own(sandbox: Sandbox) -> None:
     assert " /sys/fs/cgroup rw," in cgroup_line and "- cgroup2 " in cgroup_line
 
 
-def test_dev_has_no_host_device_and_no_device_can_be_made(sandbox: Sandbox) -> None:
+def test_dev_has_no_host_device_and_no_device_can_be_made(sandbox: Sandbox, tmp_path: Path) -> None:
     listing = inside(sandbox, "ls -A /dev; ls -l /dev | grep '^b' | wc -l").split()
     assert listing[-1] == "0"  # no block device at all
     assert set(listing[:-1]) - {"fd", "stdin", "stdout", "stderr", "shm"} <= SAFE_DEVICES
-    for node in ("/dev/sda", "/tmp/dboot-sandbox-disk"):
+    # In a directory of this test (the host's /tmp is the sandbox's too): a broken sandbox
+    # makes a node that goes with tmp_path, never one in the host's /dev.
+    node = tmp_path / "disk"
+    try:
         seen = inside(sandbox, f"mknod {node} b 8 0; echo status=$?")
         assert "Operation not permitted" in seen and "status=1" in seen, seen
-    assert not Path("/tmp/dboot-sandbox-disk").exists()
+        assert not node.exists()
+    finally:
+        node.unlink(missing_ok=True)
     # Its children hold no CAP_MKNOD at all, in any set.
     status = inside(sandbox, "cat /proc/self/status")
     assert not capability_bits(status, "CapBnd") & (1 << hermetic.CAP_MKNOD)
