@@ -54,7 +54,7 @@ from injector.imageindex import ImageIndex
 from injector.kmodules import ModulesFacts, add_kernel_modules
 from injector.rootfs import RamRoot, add_host_files
 from injector.runlog import RunLog, default_log_file
-from injector.sandbox import Sandbox
+from injector.sandbox import SHARED_WITH_HOST, Sandbox
 from injector.signals import ending_signals_raise, signals_deferred
 from injector.sources import ImageSource, open_source
 from injector.testhooks import pause_point
@@ -217,6 +217,7 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
                     services=options.services, console=options.console, kinds=options.service_kinds
                 ) as sandbox:
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
+                    yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
                     yield from _switch_target(options, source, index, sandbox.pid, sandbox, runlog)
             finally:
                 if created_state_dir:
