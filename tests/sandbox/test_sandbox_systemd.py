@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.sandbox import CGROUP_PREFIX, own_cgroup_directory
+from injector.sandbox import CGROUP_PREFIX, SHARED_WITH_HOST, own_cgroup_directory
 from tests.images import build_debian_systemd_image
 from tests.sandbox.host_snapshot import HostSnapshot
 from tests.sandbox.test_switch import nothing_left_behind  # noqa: F401 (a fixture)
@@ -102,6 +102,7 @@ def test_systemd_reaches_its_target_and_the_host_is_untouched(
         # Kernel Modules") CAP_SYS_MODULE.
         text = terminal.text()
         assert "Welcome to Debian GNU/Linux 12" in text
+        assert f"info: {SHARED_WITH_HOST}" in text
         assert "Apply Kernel Variables" not in text and "Load Kernel Modules" not in text
         # Ctrl-C, as a user would type it at dboot rehearse.
         rehearsal.send_signal(signal.SIGINT)
