@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 from injector import preflight
 from injector.events import Event, Fact, Progress
 from injector.imageindex import ImageIndex
+from injector.nsenter import Streamed
 from injector.sources import ImageDetails, ImageSource, scan_events
 
 # Told (bytes read, bytes in all) while an archive is read.
@@ -85,15 +86,11 @@ def gather(
 
 def read(source: ImageSource, init_argv: list[str], progress: ReadProgress | None) -> ImageRead:
     """:func:`read_image` without the events: ``progress`` hears how far reading got."""
-    events = read_image(source, init_argv)
-    while True:
-        try:
-            event = next(events)
-        except StopIteration as done:
-            result: ImageRead = done.value
-            return result
+    reading = Streamed(read_image(source, init_argv))
+    for event in reading:
         if isinstance(event, Progress) and progress is not None:
             progress(event.done, event.total)
+    return reading.value
 
 
 def check(

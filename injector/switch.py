@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from initstage import linux
 from initstage.console import VT_NUMBER
@@ -54,10 +54,12 @@ from injector.imageindex import ImageIndex
 from injector.kmodules import ModulesFacts, add_kernel_modules
 from injector.rootfs import RamRoot, add_host_files
 from injector.runlog import RunLog, default_log_file
-from injector.sandbox import SHARED_WITH_HOST, Sandbox
 from injector.signals import ending_signals_raise, signals_deferred
 from injector.sources import ImageSource, open_source
 from injector.testhooks import pause_point
+
+if TYPE_CHECKING:
+    from injector.sandbox import Sandbox  # imported by a rehearsal only: start-up time
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 
@@ -213,6 +215,8 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
             # is the one trace a rehearsal could leave on the host, so it goes too.
             created_state_dir = not options.state_dir.exists()
             try:
+                from injector.sandbox import SHARED_WITH_HOST, Sandbox
+
                 with Sandbox(
                     services=options.services, console=options.console, kinds=options.service_kinds
                 ) as sandbox:

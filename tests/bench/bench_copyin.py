@@ -13,22 +13,19 @@ untimed pass warms it), so the numbers compare the pipelines, not the disk.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import ctypes
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from injector.rootfs import RamRoot, tmpfs_size_for
+from injector.rootfs import tmpfs_size_for
 from injector.sources import open_source
 from tests import images
+from tests.bench import pipelines
+from tests.bench.pipelines import bench_arguments, build_bench_image, fresh_tmpfs, shell, timed
 
 TAG = images.PREFIX + "bench:1g"
 TARGET_RATIO = 0.5
@@ -36,30 +33,10 @@ RSS_LIMIT = 150 << 20
 
 
 def build_image() -> str:
-    if not images.image_exists(TAG):
-        with tempfile.TemporaryDirectory(
-            dir=images.CACHE if images.CACHE.exists() else None
-        ) as work:
-            tarball = Path(work) / "bench.tar"
-            images.bench_tarball(tarball)
-            images.import_tar(tarball, TAG)
-    return TAG
+    return build_bench_image(TAG, files=20_000, total_bytes=1 << 30, with_shell=False)
 
 
-@contextlib.contextmanager
-def fresh_tmpfs(size: int) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory() as state, RamRoot(Path(state) / "s", size) as ram:
-        yield ram.path
-
-
-def shell(command: str, root: Path) -> None:
-    subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=root, check=True,
-                   stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-def original_pipeline(root: Path) -> None:
-    with images.temporary_container(TAG) as container:
-        shell(f"docker cp {container}:/ - | dd bs=8M status=none | tar -xpf -", root)
+original_pipeline = pipelines.original_pipeline(TAG)
 
 
 def export_pipeline(root: Path) -> None:
@@ -94,20 +71,8 @@ def dboot_copy(root: Path) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def timed(run: Callable[[Path], object], size: int) -> float:
-    with fresh_tmpfs(size) as root:
-        started = time.monotonic()
-        run(root)
-        return time.monotonic() - started
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--keep-image", action="store_true")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = bench_arguments(__doc__.splitlines()[0])
     ctypes.CDLL(None)  # fail early on exotic libcs
     tag = build_image()
     with open_source(tag) as image:

@@ -22,24 +22,29 @@ Targets (issue 12): dry run <= 0.40x the original, copy <= 1.5x the floor, peak 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from injector.rootfs import RamRoot, tmpfs_size_for
+from injector.rootfs import tmpfs_size_for
 from injector.sandbox import Sandbox
 from injector.sources import EngineSource, open_source
 from tests import images
+from tests.bench.pipelines import (
+    bench_arguments,
+    build_bench_image,
+    fresh_tmpfs,
+    original_pipeline,
+    shell,
+    timed,
+)
 
 TAG = images.PREFIX + "bench-dryrun:1200m"
 FILES = 18_000
@@ -51,34 +56,7 @@ DBOOT = Path(sys.executable).parent / "dboot"
 
 
 def build_image() -> str:
-    if images.image_exists(TAG):
-        return TAG
-    with tempfile.TemporaryDirectory(dir=images.CACHE if images.CACHE.exists() else None) as work:
-        tarball = Path(work) / "bench.tar"
-        images.bench_tarball(tarball, files=FILES, total_bytes=TOTAL_BYTES)
-        with tarfile.open(tarball, "a") as tar:  # an init to name: /bin/sh
-            tar.add(str(images.BUSYBOX), "bin/busybox")
-            link = tarfile.TarInfo("bin/sh")
-            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(link)
-        images.import_tar(tarball, TAG)
-    return TAG
-
-
-@contextlib.contextmanager
-def fresh_tmpfs(size: int) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory() as state, RamRoot(Path(state) / "s", size) as ram:
-        yield ram.path
-
-
-def shell(command: str, root: Path) -> None:
-    subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=root, check=True,
-                   stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-def original_pipeline(root: Path) -> None:
-    with images.temporary_container(TAG) as container:
-        shell(f"docker cp {container}:/ - | dd bs=8M status=none | tar -xpf -", root)
+    return build_bench_image(TAG, files=FILES, total_bytes=TOTAL_BYTES, with_shell=True)
 
 
 def floor_copy(layer: Path) -> Callable[[Path], None]:
@@ -104,13 +82,6 @@ def dboot_copy(size: int) -> float:
         return time.monotonic() - started
 
 
-def timed(run: Callable[[Path], object], size: int) -> float:
-    with fresh_tmpfs(size) as root:
-        started = time.monotonic()
-        run(root)
-        return time.monotonic() - started
-
-
 def dry_run(state: Path) -> tuple[float, int]:
     """``dboot switch --dry-run`` against a sandbox's PID 1: (seconds, peak RSS bytes)."""
     with Sandbox(services=0) as sandbox:
@@ -129,12 +100,7 @@ def dry_run(state: Path) -> tuple[float, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--keep-image", action="store_true")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = bench_arguments(__doc__.splitlines()[0])
     tag = build_image()
     with open_source(tag) as image:
         index = image.scan()
@@ -148,7 +114,7 @@ def main() -> int:
     results: dict[str, list[float]] = {"original": [], "floor": [], "copy": [], "dry run": []}
     peak = 0
     for _ in range(args.runs):
-        results["original"].append(timed(original_pipeline, size))
+        results["original"].append(timed(original_pipeline(TAG), size))
         results["floor"].append(timed(floor, size))
         results["copy"].append(dboot_copy(size))
         state = Path(tempfile.mkdtemp(prefix="dboot-bench-"))

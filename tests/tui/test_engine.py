@@ -69,16 +69,23 @@ async def pick_image(pilot: Pilot[Any], ref: str) -> None:
     await wait_until(pilot, lambda: field.value != "", 30, "the suggested init")
 
 
+async def reach_the_report(pilot: Pilot[Any]) -> None:
+    """From a valid init on the Init step to the preflight report drawn on Resources."""
+    app = pilot.app
+    assert isinstance(app, DbootApp)
+    await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, ResourcesScreen)
+    await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
+    await settle(pilot)
+
+
 async def test_images_init_and_resources_come_from_the_engine(tmp_path: Path) -> None:
     app = make(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await pick_tinybox(pilot)
         assert app.screen.query_one("#init-argv", Input).value == "/sbin/init"
-        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, ResourcesScreen)
-        await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
-        await settle(pilot)
+        await reach_the_report(pilot)
         text = screen_text(app)
         assert "image in RAM (estimate)" in text
         report = app.wizard.choices.report
@@ -93,11 +100,7 @@ async def test_ram_blocker_from_a_tiny_mem_available(tmp_path: Path) -> None:
     app = make(tmp_path, mem_available=1 << 20)
     async with app.run_test(size=SIZE) as pilot:
         await pick_tinybox(pilot)
-        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, ResourcesScreen)
-        await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
-        await settle(pilot)
+        await reach_the_report(pilot)
         assert app.screen.query_one("#nav-next", Button).disabled
         assert "blocked:" in screen_text(app)
         assert [n.code for n in app.wizard.choices.rehearsal_blockers if n.code.startswith("ram")]
@@ -120,11 +123,7 @@ async def test_an_init_that_cannot_run_here_is_a_blocker_in_the_wizard(
     async with app.run_test(size=SIZE) as pilot:
         await pick_image(pilot, no_loader_image)
         assert app.screen.query_one("#init-argv", Input).value == "/sbin/init"
-        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, ResourcesScreen)
-        await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
-        await settle(pilot)
+        await reach_the_report(pilot)
         codes = [n.code for n in app.wizard.choices.rehearsal_blockers]
         assert "init-loader-missing" in codes, codes
         assert "blocked:" in screen_text(app)
@@ -137,11 +136,7 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pick_tinybox(pilot)
         app.screen.query_one("#init-argv", Input).value = SAY_HELLO
-        await wait_until(pilot, lambda: "is an executable" in screen_text(app), 30, "validation")
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, ResourcesScreen)
-        await wait_until(pilot, lambda: app.wizard.choices.report is not None, 60, "the report")
-        await settle(pilot)
+        await reach_the_report(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ProcessesScreen)
         await press(pilot, "enter")
@@ -258,19 +253,26 @@ def test_reading_an_archive_reports_its_bytes(archives: dict[str, Path]) -> None
         assert seen[-1] == (size, size), (name, seen)
 
 
-def test_a_run_yields_progress_while_it_reads_the_archive(archives: dict[str, Path]) -> None:
-    ref = "docker-archive:" + str(archives["docker save"])
-    run = EngineBackend().run(RunRequest(ref, ["/sbin/init"], rehearse=True), print)
+def progress_while_reading(backend: EngineBackend, ref: str) -> list[Progress]:
+    """A rehearsal's Progress events up to the end of its reading step, where it stops
+    (before the sandbox: only the reading step is under test)."""
+    run = backend.run(RunRequest(ref, ["/sbin/init"], rehearse=True), print)
     assert isinstance(run, Generator)
-    before_done: list[Progress] = []
+    seen: list[Progress] = []
     try:
         for event in run:
             if isinstance(event, StepDone) and event.step == "source":
                 break
             if isinstance(event, Progress):
-                before_done.append(event)
+                seen.append(event)
     finally:
-        run.close()  # Stop before the sandbox: only the reading step is under test.
+        run.close()
+    return seen
+
+
+def test_a_run_yields_progress_while_it_reads_the_archive(archives: dict[str, Path]) -> None:
+    ref = "docker-archive:" + str(archives["docker save"])
+    before_done = progress_while_reading(EngineBackend(), ref)
     size = archives["docker save"].stat().st_size
     assert before_done and {event.step for event in before_done} == {"source"}
     assert before_done[-1] == Progress("source", size, size)
@@ -284,17 +286,9 @@ def test_the_run_copies_from_the_source_the_wizard_read(archives: dict[str, Path
     backend.read(ref, lambda done, total: read.append((done, total)))
     report = backend.check(ref, ["/sbin/init"])
     assert read and report.ram.estimated_bytes > 0
-    run = backend.run(RunRequest(ref, ["/sbin/init"], rehearse=True), print)
-    assert isinstance(run, Generator)
-    read_again: list[Progress] = []
     try:
-        for event in run:
-            if isinstance(event, StepDone) and event.step == "source":
-                break
-            if isinstance(event, Progress):
-                read_again.append(event)
+        read_again = progress_while_reading(backend, ref)
     finally:
-        run.close()
         backend.close()
     assert read_again == [], "the run read the archive a second time"
 
