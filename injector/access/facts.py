@@ -361,13 +361,16 @@ def interface_of(address: str, interfaces: list[Interface]) -> str:
 def session_from_sockets(pids: list[int], interfaces: list[Interface]) -> SshSession | None:
     """The established TCP connection of an sshd in our session chain, when no environment
     kept SSH_CONNECTION (``sudo -i`` under a login that cleared it)."""
-    # Imported here: the preflight's readers also run under Debian's own python3 (as an
-    # unprivileged user, in tests), which has no psutil.
+    # Imported here, as the fallback it is: most sessions are found by their environment.
     import psutil
 
     for pid in pids:
         try:
-            connections = psutil.Process(pid).net_connections(kind="tcp")
+            process = psutil.Process(pid)
+            # psutil 6 renamed connections() to net_connections(); pyproject allows 5.9, and
+            # Debian 12's python3-psutil is 5.9.4.
+            list_connections = getattr(process, "net_connections", None) or process.connections
+            connections = list_connections(kind="tcp")
         except (psutil.Error, OSError):
             continue
         for connection in connections:

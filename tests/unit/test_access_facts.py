@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,37 @@ def test_a_remote_session_with_no_keys_for_root_warns() -> None:
     assert "ann's 2 keys go in only if the image has the user ann" in notices[0].message
     some = [dataclasses.replace(none[0], count=1)]
     assert facts.verdicts(empty_facts(authorized_keys=some), remote=True, image_has_ssh=True) == []
+
+
+SOCKET_SESSION_PROBE = """
+import json, os, socket, sys
+sys.path.insert(0, sys.argv[1])
+from injector.access import facts
+server = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(server.getsockname())
+accepted, _ = server.accept()
+session = facts.session_from_sockets([os.getpid()], [])
+print(json.dumps(None if session is None else [session.client, session.local_address]))
+"""
+
+
+@pytest.mark.parametrize("python", ["venv", "debian"])
+def test_the_session_is_found_by_its_socket_with_either_psutil(python: str) -> None:
+    """The fallback reads an established TCP socket of a process in the session chain, through
+    psutil: 6 and later call it net_connections(), Debian 12's python3-psutil (5.9.4)
+    connections(). A loopback connection of the probe's own stands in for sshd's."""
+    interpreter = sys.executable if python == "venv" else "/usr/bin/python3"
+    if not Path(interpreter).exists():
+        pytest.fail(
+            f"{interpreter} is missing: scripts/setup.sh installs python3 and python3-psutil"
+        )
+    repo = str(Path(__file__).resolve().parents[2])
+    probe = subprocess.run(
+        [interpreter, "-c", SOCKET_SESSION_PROBE, repo],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == ["127.0.0.1", "127.0.0.1"]
