@@ -19,8 +19,16 @@ import pytest
 
 from initstage import hermetic
 from injector.arch import host_arch, syscall_number
+from injector.events import Finished
 from injector.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
+from tests.images import build_tinybox
 from tests.sandbox.sandbox_checks import Footprint, eventually, wait_for_output
+from tests.sandbox.test_switch import (  # noqa: F401 (nothing_left_behind: a fixture)
+    console,
+    finished,
+    nothing_left_behind,
+    rehearse,
+)
 
 pytestmark = pytest.mark.root
 
@@ -168,3 +176,38 @@ def test_a_killed_rehearsals_empty_cgroup_is_removed_by_the_next_one() -> None:
     with Sandbox(0) as started:
         assert started.cgroup is not None and started.cgroup.path.is_dir()
         assert not stale.exists()
+
+
+REHEARSED_CHECKS = "; ".join(
+    [
+        "echo container=$container",
+        "grep CapBnd /proc/self/status",
+        "v=$(cat /proc/sys/kernel/printk_ratelimit)",  # its own value: harmless if written
+        "(echo $v > /proc/sys/kernel/printk_ratelimit) 2>/dev/null && echo sysctl=written"
+        " || echo sysctl=refused",
+        "touch /sys/kernel/x 2>/dev/null && echo sys=written || echo sys=refused",
+        # In the RAM root's /tmp: even a made node would go with the rehearsal.
+        "mknod /tmp/disk b 8 0 2>/dev/null && echo mknod=made || echo mknod=refused",
+        "grep '^0::' /proc/self/cgroup",
+        "echo dev: $(ls /dev)",
+    ]
+)
+
+
+def test_the_rehearsed_init_gets_the_same_walls(
+    nothing_left_behind: None,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Past the stage's pivot_root and its own API mounts, the image's init still has them."""
+    events = rehearse(
+        build_tinybox(), ["/bin/sh", "-c", REHEARSED_CHECKS], state_dir=tmp_path / "state"
+    )
+    lines = console(events)
+    assert f"container={hermetic.CONTAINER_NAME}" in lines
+    bounding = next(line for line in lines if line.startswith("CapBnd:"))
+    dropped = {hermetic.CAP_MKNOD, *hermetic.DROPPED_CAPABILITIES.values()}
+    assert not capability_bits(bounding, "CapBnd") & sum(1 << number for number in dropped)
+    assert {"sysctl=refused", "sys=refused", "mknod=refused", "0::/"} <= set(lines), lines
+    devices = next(line for line in lines if line.startswith("dev:")).split()[1:]
+    assert set(devices) - {"fd", "stdin", "stdout", "stderr", "shm"} <= SAFE_DEVICES | {"console"}
+    assert finished(events) == Finished("rehearsed", exit_status=0)
