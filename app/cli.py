@@ -80,7 +80,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_size_arg(text: str) -> int:
-    from injector.rootfs import parse_size
+    from injector.ramroot.rootfs import parse_size
 
     try:
         return parse_size(text)
@@ -263,7 +263,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
-    from injector.sources import list_images
+    from injector.image.sources import list_images
 
     images = list_images(args.docker_host)
     if args.json:
@@ -285,9 +285,9 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    from injector import preflight
     from injector.check import check
-    from injector.sources import open_source
+    from injector.image.sources import open_source
+    from injector.preflight import preflight
     from injector.switch import require_root
 
     require_root()

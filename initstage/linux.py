@@ -42,8 +42,8 @@ PROC_SUPER_MAGIC = 0x9FA0
 RAMFS_MAGIC = 0x858458F6
 
 # The calls the stage itself makes by number. Kept by hand because initstage is stdlib only
-# (it runs as PID 1, past the pivot); injector/arch.py takes every number from python-ptrace's
-# tables, and tests/unit/test_arch.py checks these three against them.
+# (it runs as PID 1, past the pivot); injector/inject/arch.py takes every number from
+# python-ptrace's tables, and tests/unit/test_arch.py checks these three against them.
 _SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"pivot_root": 155, "close_range": 436, "rt_sigaction": 13},
     "aarch64": {"pivot_root": 41, "close_range": 436, "rt_sigaction": 134},

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Generator
 
-from injector import preflight
 from injector.events import Event, Fact, Progress
-from injector.imageindex import ImageIndex
-from injector.nsenter import Streamed
-from injector.sources import ImageDetails, ImageSource, scan_events
+from injector.image.imageindex import ImageIndex
+from injector.image.sources import ImageDetails, ImageSource, scan_events
+from injector.inject.nsenter import Streamed
+from injector.preflight import preflight
 
 # Told (bytes read, bytes in all) while an archive is read.
 ReadProgress = Callable[[int, int], None]

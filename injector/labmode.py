@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from initstage.procs import ProcInfo
-from injector import procinfo
 from injector.errors import SafetyRefusal
+from injector.preflight import procinfo
 
 LAB_MODE_ENV = "DBOOT_REHEARSAL_ONLY"
 LAB_MODE_FLAG = Path("/etc/dboot/rehearsal-only")

@@ -7,7 +7,7 @@ the RAM root in the target's mount namespace and leaves the target untouched.
 A rehearsal, a ``--target-pid`` lab run and the real switch take the very same path; they
 differ only in which PID 1 is the target and in which host-only checks apply.
 
-The point of no return is the register swap inside the injection (see ``injector.ptrace``):
+The point of no return is the register swap inside the injection (see ``injector.inject.ptrace``):
 before it, every failure and every ending signal (SIGINT, SIGTERM, SIGHUP, a write to a
 vanished terminal failing with EIO) unmounts the RAM root, removes the plan and turns disk
 swap back on, and the log file (``injector.runlog``) says what was undone. From it on,
@@ -34,7 +34,7 @@ from initstage import linux
 from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import DEFAULT_GRACE_SECONDS, MAX_GRACE_SECONDS, Plan, write_plan
-from injector import check, labmode, nsenter, preflight, procinfo, ptrace
+from injector import check, labmode
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import carry_verdicts, read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -50,16 +50,18 @@ from injector.events import (
     StepFailed,
     StepStarted,
 )
-from injector.imageindex import ImageIndex
-from injector.kmodules import ModulesFacts, add_kernel_modules
-from injector.rootfs import RamRoot, add_host_files
+from injector.image.imageindex import ImageIndex
+from injector.image.sources import ImageSource, open_source
+from injector.inject import nsenter, ptrace
+from injector.preflight import preflight, procinfo
+from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules
+from injector.ramroot.rootfs import RamRoot, add_host_files
 from injector.runlog import RunLog, default_log_file
 from injector.signals import ending_signals_raise, signals_deferred
-from injector.sources import ImageSource, open_source
 from injector.testhooks import pause_point
 
 if TYPE_CHECKING:
-    from injector.sandbox import Sandbox  # imported by a rehearsal only: start-up time
+    from injector.rehearsal.sandbox import Sandbox  # imported by a rehearsal only: start-up time
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 
@@ -215,7 +217,7 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
             # is the one trace a rehearsal could leave on the host, so it goes too.
             created_state_dir = not options.state_dir.exists()
             try:
-                from injector.sandbox import SHARED_WITH_HOST, Sandbox
+                from injector.rehearsal.sandbox import SHARED_WITH_HOST, Sandbox
 
                 with Sandbox(
                     services=options.services, console=options.console, kinds=options.service_kinds

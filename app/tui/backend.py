@@ -24,8 +24,8 @@ from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Notice
 
 if TYPE_CHECKING:
-    from injector.preflight import ProcessInfo, Report
-    from injector.sources import ImageDetails, ImageSource, ImageSummary
+    from injector.image.sources import ImageDetails, ImageSource, ImageSummary
+    from injector.preflight.preflight import ProcessInfo, Report
 
 # Executables tried, in order, to pre-fill the init command: the image's own init first.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -140,7 +140,7 @@ def _engine_module() -> Iterator[None]:
 def check_target_pid(pid: int) -> None:
     """``--target-pid``: the PID 1 of a namespace the user made, never this machine's own."""
     with _engine_module():
-        from injector import ptrace
+        from injector.inject import ptrace
     if pid == 1:
         raise SafetyRefusal(
             "--target-pid 1 is this machine's own PID 1",
@@ -154,7 +154,8 @@ def check_target_pid(pid: int) -> None:
 
 
 class EngineBackend:
-    """The real engine: ``injector.sources``, ``injector.preflight`` and ``injector.switch``."""
+    """The real engine: ``injector.image.sources``, ``injector.preflight.preflight`` and
+    ``injector.switch``."""
 
     def __init__(
         self,
@@ -181,12 +182,12 @@ class EngineBackend:
     # --- images ------------------------------------------------------------------------
     def list_images(self) -> list[ImageSummary]:
         with _engine_module():
-            from injector import sources
+            from injector.image import sources
         return sources.list_images(self.docker_host)
 
     def _with_source(self, ref: str, use: Callable[[ImageSource], T]) -> T:
         with _engine_module():
-            from injector import sources
+            from injector.image import sources
         with self._lock:
             if self._source is None or self._source.ref != ref:
                 self._close_locked()
@@ -200,7 +201,7 @@ class EngineBackend:
 
     def file_ref(self, given: str) -> str:
         with _engine_module():
-            from injector import sources
+            from injector.image import sources
         if given.startswith((sources.DOCKER_ARCHIVE, sources.ROOTFS)):
             return given
         return sources.source_for_path(given)
@@ -221,7 +222,7 @@ class EngineBackend:
 
     def validate_init(self, ref: str, argv: list[str]) -> str | None:
         with _engine_module():
-            from injector import preflight
+            from injector.preflight import preflight
         index = self._with_source(ref, lambda source: source.scan())
         try:
             preflight.validate_init(index, argv)
@@ -250,7 +251,7 @@ class EngineBackend:
 
     def processes_by_service(self, processes: list[ProcessInfo]) -> dict[str, list[ProcessInfo]]:
         with _engine_module():
-            from injector import preflight
+            from injector.preflight import preflight
         return preflight.processes_by_service(processes)
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:

@@ -10,8 +10,8 @@ from app.tui.backend import InitSuggestion
 from injector.events import Event, Notice, Progress
 
 if TYPE_CHECKING:
-    from injector.preflight import Report
-    from injector.sources import ImageDetails, ImageSummary
+    from injector.image.sources import ImageDetails, ImageSummary
+    from injector.preflight.preflight import Report
 
 
 class ImagesLoaded(Message):

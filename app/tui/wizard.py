@@ -12,8 +12,8 @@ from app.tui.backend import Backend
 
 if TYPE_CHECKING:
     from injector.events import Notice
-    from injector.preflight import Report
-    from injector.sources import ImageDetails
+    from injector.image.sources import ImageDetails
+    from injector.preflight.preflight import Report
 
 # The titles shown in the step indicator, in order. Confirm is a modal over Processes.
 STEP_TITLES = ("Images", "Init", "Resources", "Processes", "Confirm", "Run")

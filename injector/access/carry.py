@@ -3,7 +3,7 @@ answers with the same host key and lets the same people in.
 
 What goes in (``carry_ssh``): the host keys (``/etc/ssh/ssh_host_*``), root's
 authorized_keys, and ``$SUDO_USER``'s when the image has that user. machine-id and the
-upstream resolv.conf are host files (``injector.rootfs.add_host_files``), written for every
+upstream resolv.conf are host files (``injector.ramroot.rootfs.add_host_files``), written for every
 run. Every file written is named in the returned lines; a file the image had is named as
 replaced, or, for authorized_keys, merged (the image's own keys stay, the host's are added).
 
@@ -26,7 +26,7 @@ from injector.access.facts import (
     home_of,
     parse_public_key,
 )
-from injector.rootfs import replace_file
+from injector.ramroot.rootfs import replace_file
 
 # Private host keys are read by sshd only; the public halves by anyone.
 PRIVATE_KEY_MODE = 0o600

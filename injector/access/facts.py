@@ -57,7 +57,7 @@ NO_SERVICE_KINDS = frozenset({"shell", "busybox init"})
 
 
 class ImageTree(Protocol):
-    """What the facts need from ``injector.imageindex.ImageIndex``."""
+    """What the facts need from ``injector.image.imageindex.ImageIndex``."""
 
     def lookup(self, path: str) -> Any: ...
 
@@ -270,7 +270,7 @@ def _read(path: Path) -> str | None:
 
 
 def choose_resolv_conf(content: bytes, upstream_files: list[Path]) -> tuple[bytes | None, DnsFacts]:
-    """The one rule for the resolv.conf a new system gets (``injector.rootfs`` writes it,
+    """The one rule for the resolv.conf a new system gets (``injector.ramroot.rootfs`` writes it,
     the preflight reports it): ``content`` (the host's) when its servers are real; when it
     points at a local resolver, the first of ``upstream_files`` (the state files of
     systemd-resolved and NetworkManager) that names real servers. None when no real server

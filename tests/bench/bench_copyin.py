@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from injector.rootfs import tmpfs_size_for
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.ramroot.rootfs import tmpfs_size_for
 from tests import images
 from tests.bench import pipelines
 from tests.bench.pipelines import bench_arguments, build_bench_image, fresh_tmpfs, shell, timed

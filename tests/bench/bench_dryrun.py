@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from injector.rootfs import tmpfs_size_for
-from injector.sandbox import Sandbox
-from injector.sources import EngineSource, open_source
+from injector.image.sources import EngineSource, open_source
+from injector.ramroot.rootfs import tmpfs_size_for
+from injector.rehearsal.sandbox import Sandbox
 from tests import images
 from tests.bench.pipelines import (
     bench_arguments,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from injector.rootfs import RamRoot
+from injector.ramroot.rootfs import RamRoot
 from tests import images
 
 

@@ -20,8 +20,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from injector import arch as archmod
-from injector.ptrace import InjectionRolledBack, inject_execve
+from injector.inject import arch as archmod
+from injector.inject.ptrace import InjectionRolledBack, inject_execve
 from tests.sandbox.standin import READ_ECHO, StandIn, syscall_in_progress
 
 MISSING = "/nonexistent/dboot-rollback-test"

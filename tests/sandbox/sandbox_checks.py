@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from injector.errors import SafetyRefusal
-from injector.ptrace_ext import PTRACE_SEIZE
-from injector.sandbox import Sandbox, namespace_of, pids_in_namespace
+from injector.inject.ptrace_ext import PTRACE_SEIZE
+from injector.rehearsal.sandbox import Sandbox, namespace_of, pids_in_namespace
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from initstage import linux
-from injector import procinfo
+from injector.preflight import procinfo
 
 PROLOGUE = """\
 import ctypes, os, signal, sys

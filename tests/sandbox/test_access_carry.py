@@ -17,7 +17,7 @@ import pytest
 
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import Address, Interface, Route, fingerprint, parse_public_key
-from injector.rootfs import RamRoot
+from injector.ramroot.rootfs import RamRoot
 
 pytestmark = pytest.mark.root
 
@@ -147,7 +147,7 @@ def test_a_host_without_ssh_carries_nothing_and_says_so(tmp_path: Path, ram_root
 # the sandbox (and so the switch's worker) inherits. Prints the events and the new root's files.
 TARGET_RUN = """
 import json, os, subprocess, sys, time
-from injector.sandbox import Sandbox
+from injector.rehearsal.sandbox import Sandbox
 dboot, = sys.argv[1:]
 with Sandbox(services=1, console="capture") as sandbox:
     done = subprocess.run(
@@ -294,7 +294,7 @@ def test_ifupdown_stanzas_and_no_manager(ram_root: Path, tmp_path: Path) -> None
 def test_no_carry_carries_nothing_and_a_namespace_keeps_the_session() -> None:
     """--no-carry writes nothing; and over SSH, a --target-pid run into an image without
     sshd is not blocked: only the machine's own PID 1 takes the session with it."""
-    from injector.sandbox import Sandbox
+    from injector.rehearsal.sandbox import Sandbox
 
     with Sandbox(services=1, console="capture") as sandbox:
         result = subprocess.run(

@@ -278,7 +278,7 @@ def test_state_dir_that_is_a_file_rehearse(tmp_path: Path) -> None:
 
 
 def test_state_dir_that_is_a_file_switch_target_pid_dry_run(tmp_path: Path) -> None:
-    from injector.sandbox import Sandbox
+    from injector.rehearsal.sandbox import Sandbox
 
     state = tmp_path / "not-a-dir"
     state.write_text("a file where the state directory should be\n")
@@ -369,7 +369,7 @@ def test_rehearse_closed_mid_copy_of_a_large_tarball(tmp_path: Path) -> None:
 def test_switch_target_dry_run_on_a_terminal_that_goes_away(
     stderr_on_terminal: bool, tmp_path: Path
 ) -> None:
-    from injector.sandbox import Sandbox
+    from injector.rehearsal.sandbox import Sandbox
 
     log_file = tmp_path / "dboot.log"
     state = tmp_path / "state"

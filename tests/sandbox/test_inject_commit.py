@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from injector import arch as archmod
-from injector import ptrace
-from injector.ptrace import InjectionReport, InjectionRolledBack, inject_execve
+from injector.inject import arch as archmod
+from injector.inject import ptrace
+from injector.inject.ptrace import InjectionReport, InjectionRolledBack, inject_execve
 from tests.sandbox.sandbox_checks import eventually
 from tests.sandbox.standin import READ_ECHO, StandIn
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from injector import arch as archmod
+from injector.inject import arch as archmod
+from injector.rehearsal.sandbox import Sandbox
+from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from injector.runlog import LOG_FILE_ENV
-from injector.sandbox import Sandbox
-from injector.standin import EXIT_ON_SIGUSR1
 from injector.testhooks import PAUSE_ENV
 from tests.sandbox.sandbox_checks import eventually, wait_for_output
 from tests.sandbox.standin import READ_ECHO, StandIn, ns_pid, syscall_in_progress
@@ -44,7 +44,7 @@ ROUNDS = 20
 # The "stage": it proves it ran as PID 1 and found the plan that had to be in place.
 INJECTOR = """\
 import sys
-from injector.ptrace import inject_execve
+from injector.inject.ptrace import inject_execve
 pid, busybox, plan, proof = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 script = (
     f'if [ -f {plan} ]; then echo "stage $$ with plan" > {proof}.new; '

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from injector import labmode, procinfo, ptrace
+from injector import labmode
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
-from injector.ptrace import (
+from injector.inject import ptrace
+from injector.inject.ptrace import (
     InjectionRolledBack,
     inject_execve,
     is_pid1_of_its_namespace,
 )
+from injector.preflight import procinfo
 from tests.sandbox import standin
 from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD
 from tests.sandbox.standin import StandIn
@@ -84,7 +86,8 @@ def test_pid1_of_its_namespace() -> None:
 WITHOUT_CAP_SYS_PTRACE = textwrap.dedent(
     """
     import sys
-    from injector import arch, procinfo, ptrace
+    from injector.inject import arch, ptrace
+    from injector.preflight import procinfo
     from injector.errors import EnvironmentFailure
     pid = int(sys.argv[1])
     print(procinfo.ptrace_permission(pid).reason)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from injector import arch as archmod
-from injector import ptrace
 from injector.errors import EnvironmentFailure
-from injector.ptrace import InjectionRolledBack, inject_execve
+from injector.inject import arch as archmod
+from injector.inject import ptrace
+from injector.inject.ptrace import InjectionRolledBack, inject_execve
 from tests.sandbox.rollback import ARCH, MISSING, fail_to_inject, read_rounds
 from tests.sandbox.standin import EPOLL_ECHO, READ_ECHO, SPIN, StandIn
 

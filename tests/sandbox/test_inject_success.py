@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from injector import arch as archmod
-from injector.ptrace import inject_execve
+from injector.inject import arch as archmod
+from injector.inject.ptrace import inject_execve
 from tests.sandbox import standin
 from tests.sandbox.standin import StandIn, ns_pid
 

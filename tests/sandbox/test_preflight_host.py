@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from injector import preflight
-from injector.ptrace_ext import PTRACE_SEIZE
+from injector.inject.ptrace_ext import PTRACE_SEIZE
+from injector.preflight import preflight
 from tests.unit.test_preflight import FakeIndex
 
 pytestmark = pytest.mark.root
@@ -182,7 +182,7 @@ def test_gather_as_an_unprivileged_user_says_what_it_could_not_read() -> None:
     # inline because this interpreter has no pytest to import the tests with.
     code = (
         "import json\n"
-        "from injector import preflight\n"
+        "from injector.preflight import preflight\n"
         "class Index:\n"
         "    estimated_bytes = 1 << 20\n"
         "    def lookup(self, path): return None\n"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from injector import execcheck, preflight
 from injector.errors import BadInput
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.preflight import execcheck, preflight
 from tests import images
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from injector.rootfs import RamRoot, tmpfs_size_for
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.ramroot.rootfs import RamRoot, tmpfs_size_for
 from tests import images
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]

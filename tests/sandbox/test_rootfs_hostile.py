@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from injector.errors import BadInput
-from injector.rootfs import RamRoot
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.ramroot.rootfs import RamRoot
 
 pytestmark = pytest.mark.root
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from injector.kmodules import ModulesFacts, add_kernel_modules, gather_modules
-from injector.rootfs import RamRoot, tmpfs_size_for
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules, gather_modules
+from injector.ramroot.rootfs import RamRoot, tmpfs_size_for
 from tests import images
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]

@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from injector.errors import EnvironmentFailure
-from injector.rootfs import RamRoot, tmpfs_size_for
-from injector.sources import open_source
+from injector.image.sources import open_source
+from injector.ramroot.rootfs import RamRoot, tmpfs_size_for
 from tests import images
 
 pytestmark = pytest.mark.root

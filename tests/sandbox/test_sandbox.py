@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from injector.errors import BadInput, SafetyRefusal
-from injector.nsenter import run_in_mount_namespace
-from injector.procinfo import nspid_chain
-from injector.sandbox import (
+from injector.inject.nsenter import run_in_mount_namespace
+from injector.preflight.procinfo import nspid_chain
+from injector.rehearsal.sandbox import (
     STANDIN_SCRIPT,
     IdleMode,
     Sandbox,
@@ -29,7 +29,7 @@ from injector.sandbox import (
     pids_in_namespace,
     process_state,
 )
-from injector.standin import EXIT_ON_SIGUSR1
+from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from tests.sandbox.sandbox_checks import (
     Footprint,
     eventually,
@@ -184,7 +184,7 @@ def test_ctrl_c_inside_the_block_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_relay_mode_inherits_our_terminal() -> None:
     script = (
-        "from injector.sandbox import Sandbox\n"
+        "from injector.rehearsal.sandbox import Sandbox\n"
         "with Sandbox(console='relay') as sandbox:\n"
         "    raise SystemExit(sandbox.request_exit())\n"
     )
@@ -199,7 +199,7 @@ def test_relay_mode_inherits_our_terminal() -> None:
 def test_the_sandbox_dies_with_its_owner_even_on_sigkill() -> None:
     script = (
         "import time\n"
-        "from injector.sandbox import Sandbox\n"
+        "from injector.rehearsal.sandbox import Sandbox\n"
         "sandbox = Sandbox(services=2)\n"
         "print(sandbox.start(), flush=True)\n"
         "time.sleep(60)\n"
@@ -273,9 +273,9 @@ def test_ctrl_c_during_start_leaves_nothing_behind(delay_ms: int) -> None:
 
 
 def test_an_injected_execve_takes_over_pid1_and_its_status_comes_back() -> None:
-    """The real injector (injector.ptrace) against the stand-in: the sandbox's own wait for
+    """The real injector (injector.inject.ptrace) against the stand-in: the sandbox's own wait for
     its PID 1 must not swallow the ptrace stops, and the new program inherits the console."""
-    from injector import ptrace
+    from injector.inject import ptrace
 
     idles: list[tuple[IdleMode, str]] = [("wait", "wait4"), ("read", "read")]
     for idle, syscall in idles:

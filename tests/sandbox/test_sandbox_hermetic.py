@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from initstage import hermetic
-from injector.arch import host_arch, syscall_number
 from injector.events import Finished
-from injector.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
+from injector.inject.arch import host_arch, syscall_number
+from injector.rehearsal.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
 from tests.images import build_tinybox
 from tests.sandbox.sandbox_checks import Footprint, eventually, wait_for_output
 from tests.sandbox.test_switch import (  # noqa: F401 (nothing_left_behind: a fixture)

@@ -1,4 +1,5 @@
-"""injector.nsenter against a real sandbox: work done inside its mount namespace stays there."""
+"""injector.inject.nsenter against a real sandbox: work done inside its mount namespace stays
+there."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from injector import nsenter
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
-from injector.sandbox import Sandbox
+from injector.inject import nsenter
+from injector.rehearsal.sandbox import Sandbox
 from tests.sandbox.sandbox_checks import Footprint, eventually, mounted_sources, our_children
 
 pytestmark = pytest.mark.root

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.sandbox import CGROUP_PREFIX, SHARED_WITH_HOST, own_cgroup_directory
+from injector.rehearsal.sandbox import CGROUP_PREFIX, SHARED_WITH_HOST, own_cgroup_directory
 from tests.images import build_debian_systemd_image
 from tests.sandbox.host_snapshot import HostSnapshot
 from tests.sandbox.test_switch import nothing_left_behind  # noqa: F401 (a fixture)

@@ -17,8 +17,8 @@ import docker.api.client
 import pytest
 
 from injector.errors import BadInput, DbootError, EnvironmentFailure
-from injector.rootfs import RamRoot, tmpfs_size_for
-from injector.sources import list_images, open_source
+from injector.image.sources import list_images, open_source
+from injector.ramroot.rootfs import RamRoot, tmpfs_size_for
 from tests import images
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]

@@ -18,7 +18,7 @@ import pytest
 
 from injector.errors import EnvironmentFailure
 from injector.events import Console, Event, Finished, Injection, StepDone
-from injector.sandbox import Sandbox
+from injector.rehearsal.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.images import build_debian_image
 from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD, eventually, wait_for_output
@@ -186,7 +186,7 @@ def test_target_pid_must_be_pid_1_of_its_namespace() -> None:
 
 
 def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
-    from injector import procinfo
+    from injector.preflight import procinfo
 
     with Sandbox(services=1, console="capture") as sandbox:
         tracer = subprocess.Popen(

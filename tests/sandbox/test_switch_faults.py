@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from injector import ptrace, switch
+from injector import switch
+from injector.inject import ptrace
+from injector.rehearsal.sandbox import Sandbox
+from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from injector.runlog import LOG_FILE_ENV, RunLog
-from injector.sandbox import Sandbox
-from injector.standin import EXIT_ON_SIGUSR1
 from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
 from tests.sandbox.sandbox_checks import eventually, mounted_sources
 

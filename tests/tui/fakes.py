@@ -28,7 +28,8 @@ from injector.events import (
     StepDone,
     StepStarted,
 )
-from injector.preflight import (
+from injector.image.sources import ImageDetails, ImageSummary
+from injector.preflight.preflight import (
     Pid1Facts,
     ProcessInfo,
     RamFacts,
@@ -36,8 +37,7 @@ from injector.preflight import (
     SessionFacts,
     processes_by_service,
 )
-from injector.procinfo import SwapDevice
-from injector.sources import ImageDetails, ImageSummary
+from injector.preflight.procinfo import SwapDevice
 
 MiB = 1 << 20
 GiB = 1 << 30

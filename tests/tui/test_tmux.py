@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.sandbox import Sandbox
+from injector.rehearsal.sandbox import Sandbox
 from tests.images import TINYBOX
 from tests.sandbox.sandbox_checks import eventually, wait_for_output
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import pytest
+from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Input, RichLog
 
 from app.tui.app import DbootApp, create_app
@@ -172,12 +174,7 @@ async def test_a_docker_archive_can_be_opened_when_the_engine_is_down() -> None:
         field = app.screen.query_one(Input)
         field.value = "docker-archive:/srv/images/rescue.tar"
         await press(pilot, "enter")
-        await wait_for_screen(pilot, ImagesScreen)
-        await settle(pilot)
-        assert "rescue:1.0" in screen_text(app)
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, InitScreen)
-        assert app.wizard.choices.image == "docker-archive:/srv/images/rescue.tar"
+        await the_rescue_archive_opens(pilot, app)
 
 
 async def test_ram_blocker_disables_next_and_says_why() -> None:
@@ -263,15 +260,15 @@ def test_engine_backend_refuses_a_real_switch_in_lab_mode() -> None:
 async def test_a_missing_engine_module_is_shown_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     # Simulates a broken install (mocked: the module exists here): the wizard must still
     # start and say what is wrong instead of dying with a traceback.
-    import injector
+    import injector.image
 
-    monkeypatch.setitem(sys.modules, "injector.sources", None)
-    monkeypatch.delattr(injector, "sources", raising=False)
+    monkeypatch.setitem(sys.modules, "injector.image.sources", None)
+    monkeypatch.delattr(injector.image, "sources", raising=False)
     app = create_app(EngineBackend(), rehearse_only=True, blink=False)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         text = screen_text(app)
-        assert "the engine module injector.sources cannot be imported" in text
+        assert "the engine module injector.image.sources cannot be imported" in text
         assert app.screen.query_one("#nav-next", Button).disabled
 
 
@@ -291,12 +288,7 @@ async def test_a_plain_path_in_the_file_dialog_opens_the_archive() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await open_file(pilot, "/srv/images/rescue.tar")
-        await wait_for_screen(pilot, ImagesScreen)
-        await settle(pilot)
-        assert "rescue:1.0" in screen_text(app)
-        await press(pilot, "enter")
-        await wait_for_screen(pilot, InitScreen)
-        assert app.wizard.choices.image == "docker-archive:/srv/images/rescue.tar"
+        await the_rescue_archive_opens(pilot, app)
 
 
 async def test_the_file_dialog_says_in_one_line_why_a_path_does_not_open() -> None:
@@ -414,3 +406,13 @@ async def test_reading_an_archive_shows_bytes_and_an_eta() -> None:
         finally:
             hold.set()
         await wait_until(pilot, lambda: "is an executable" in screen_text(app), 10, "the init")
+
+
+async def the_rescue_archive_opens(pilot: Pilot[Any], app: DbootApp) -> None:
+    """The fake's rescue archive is listed, and Enter takes it to the Init step by its kind."""
+    await wait_for_screen(pilot, ImagesScreen)
+    await settle(pilot)
+    assert "rescue:1.0" in screen_text(app)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, InitScreen)
+    assert app.wizard.choices.image == "docker-archive:/srv/images/rescue.tar"

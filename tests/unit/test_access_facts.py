@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from injector.access import facts
-from injector.imageindex import ImageIndex, IndexEntry
+from injector.image.imageindex import ImageIndex, IndexEntry
 
 LINKS = [
     {"ifname": "lo", "address": "00:00:00:00:00:00", "operstate": "UNKNOWN", "addr_info": [

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from initstage import linux
-from injector import arch as archmod
-from injector.arch import AARCH64, X86_64, Arch
+from injector.inject import arch as archmod
+from injector.inject.arch import AARCH64, X86_64, Arch
 
 U64_MAX = (1 << 64) - 1
 

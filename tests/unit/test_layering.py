@@ -103,5 +103,7 @@ def test_libc_is_loaded_only_by_the_syscall_module():
 
 
 def test_the_preflight_loads_no_python_ptrace():
-    loaded = loaded_after_importing(["injector.preflight", "injector.procinfo", "injector.labmode"])
+    loaded = loaded_after_importing(
+        ["injector.preflight.preflight", "injector.preflight.procinfo", "injector.labmode"]
+    )
     assert "ptrace" not in loaded

@@ -3,7 +3,7 @@
 The tree has the shape of the real /proc (stat, status, statm, cmdline, cgroup, fd/, fdinfo/,
 ns/pid, meminfo) so that the very same readers run, psutil's included (``procinfo.procfs``
 points it at the tree); tests/sandbox/test_preflight_host.py runs them on this machine's real
-/proc. ``FakeIndex`` stands in for ``injector.rootfs.ImageIndex``, which has
+/proc. ``FakeIndex`` stands in for ``injector.ramroot.rootfs.ImageIndex``, which has
 its own tests: here only ``estimated_bytes``, ``lookup`` and ``executable`` matter.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from injector import preflight
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Fact, Notice, to_json
-from injector.preflight import Report
+from injector.preflight import preflight
+from injector.preflight.preflight import Report
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,7 +32,7 @@ ROOT_CAPS, NO_CAPS = "000001ffffffffff", "0000000000000000"
 
 
 class FakeIndex:
-    """Stands in for ``injector.rootfs.ImageIndex``: ``files`` maps an absolute path to
+    """Stands in for ``injector.ramroot.rootfs.ImageIndex``: ``files`` maps an absolute path to
     ``"x"`` (executable file), ``"f"`` (plain file), ``"d"`` (directory) or ``"-> TARGET"``
     (a symlink, resolved inside the image like the real index does)."""
 

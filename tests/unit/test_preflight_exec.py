@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from injector import execcheck
-from injector.execcheck import Executable, judge_architecture, judge_init, parse_head
-from injector.imageindex import ImageIndex, IndexEntry
-from injector.sources import RootfsSource
+from injector.image.imageindex import ImageIndex, IndexEntry
+from injector.image.sources import RootfsSource
+from injector.preflight import execcheck
+from injector.preflight.execcheck import Executable, judge_architecture, judge_init, parse_head
 
 EM_X86_64, EM_AARCH64, EM_386, EM_PPC64 = 62, 183, 3, 21
 LOADER = "/lib64/ld-linux-x86-64.so.2"

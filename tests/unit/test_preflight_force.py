@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 
 from app import cli
-from injector import preflight, switch
+from injector import switch
 from injector.events import Notice
-from injector.preflight import FORCE_RULE, Pid1Facts, RamFacts, Report, SessionFacts
+from injector.preflight import preflight
+from injector.preflight.preflight import FORCE_RULE, Pid1Facts, RamFacts, Report, SessionFacts
 
 MiB = 1 << 20
 WARNINGS = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from injector import preflight
-from injector.rootfs import HOST_FILES
+from injector.preflight import preflight
+from injector.ramroot.rootfs import HOST_FILES
 from tests.unit.test_preflight import build, run, server
 from tests.unit.test_rootfs_hostfiles import STATES, expected_content
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from injector import kmodules, preflight
-from injector.imageindex import ImageIndex, IndexEntry, pages
-from injector.kmodules import add_kernel_modules, firmware_names, gather_modules
+from injector.image.imageindex import ImageIndex, IndexEntry, pages
+from injector.preflight import preflight
+from injector.ramroot import kmodules
+from injector.ramroot.kmodules import add_kernel_modules, firmware_names, gather_modules
 from tests.unit.test_preflight import MiB, build, codes, run, server
 
 RELEASE = "6.1.0-99-amd64"

@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from injector import procinfo
-from injector.procinfo import SwapDevice
+from injector.preflight import procinfo
+from injector.preflight.procinfo import SwapDevice
 
 
 def test_psutil_reads_a_crafted_tree_only_for_the_duration(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.rootfs import HOST_FILES, add_host_files, host_files, upstream_resolv_conf
+from injector.ramroot.rootfs import HOST_FILES, add_host_files, host_files, upstream_resolv_conf
 
 STUB = b"# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n"
 UPSTREAM = b"# resolved's upstream list\nnameserver 192.0.2.1\nnameserver 2001:db8::1\n"

@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 from injector.errors import BadInput
-from injector.imageindex import INODE_BYTES, PAGE_SIZE, ImageIndex, IndexBuilder
-from injector.rootfs import parse_size, tmpfs_size_for
-from injector.tarstream import ArchiveError, StrictTar, decompressed, detect_compression, normalize
+from injector.image.imageindex import INODE_BYTES, PAGE_SIZE, ImageIndex, IndexBuilder
+from injector.image.tarstream import (
+    ArchiveError,
+    StrictTar,
+    decompressed,
+    detect_compression,
+    normalize,
+)
+from injector.ramroot.rootfs import parse_size, tmpfs_size_for
 
 try:
     import zstandard

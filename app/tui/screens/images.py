@@ -22,7 +22,7 @@ from app.tui.wizard import Wizard
 from injector.errors import DbootError
 
 if TYPE_CHECKING:
-    from injector.sources import ImageDetails, ImageSummary
+    from injector.image.sources import ImageDetails, ImageSummary
 
 ENGINE_DOWN_HELP = """\
 Start it, then press [b]r[/b] to look again:

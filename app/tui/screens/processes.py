@@ -13,7 +13,7 @@ from app.format import human_bytes, plural
 from app.tui.screens.base import StepScreen
 
 if TYPE_CHECKING:
-    from injector.preflight import ProcessInfo, Report
+    from injector.preflight.preflight import ProcessInfo, Report
 
 COMMAND_WIDTH = 30
 

@@ -18,7 +18,7 @@ from injector.errors import DbootError
 from injector.events import Notice
 
 if TYPE_CHECKING:
-    from injector.preflight import Report, SwapDevice
+    from injector.preflight.preflight import Report, SwapDevice
 
 LEVEL_MARKS = {"blocker": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "blue")}
 

@@ -11,7 +11,7 @@ from textual.widget import Widget
 from app.format import human_bytes
 
 if TYPE_CHECKING:
-    from injector.preflight import RamFacts
+    from injector.preflight.preflight import RamFacts
 
 
 class RamGauge(Widget):

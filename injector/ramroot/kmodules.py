@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from injector.imageindex import INODE_BYTES, ImageIndex, pages
+from injector.image.imageindex import INODE_BYTES, ImageIndex, pages
 
 try:
     import zstandard

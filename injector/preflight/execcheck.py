@@ -29,8 +29,8 @@ from typing import IO, Any, Literal
 
 from injector.errors import DbootError
 from injector.events import Notice
-from injector.imageindex import ImageIndex
-from injector.tarstream import ArchiveError, StrictTar, normalize
+from injector.image.imageindex import ImageIndex
+from injector.image.tarstream import ArchiveError, StrictTar, normalize
 
 # Enough for the ELF header, the program headers and the PT_INTERP string of every
 # toolchain seen in practice (Go places .interp near 0xfe4), and for a #! line.
@@ -312,7 +312,7 @@ def judge_architecture(image_architecture: str, kernel_machine: str) -> list[Not
 
 
 def head_reader(source: Any, index: ImageIndex) -> HeadReader:
-    """``read_head(path)`` for an opened ``injector.sources`` source: the first
+    """``read_head(path)`` for an opened ``injector.image.sources`` source: the first
     ``HEAD_BYTES`` of the regular file at ``path`` (a resolved path of ``index``).
 
     Engine images on overlay2 are read from their layer directories (each path component

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from injector.tarstream import normalize
+from injector.image.tarstream import normalize
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 INODE_BYTES = 1024  # the kernel's own per-inode charge on tmpfs (BOGO_INODE_SIZE)

@@ -46,12 +46,12 @@ from ptrace.binding.func import ptrace as raw_ptrace
 from ptrace.debugger.memory_mapping import readProcessMappings
 from ptrace.error import PtraceError
 
-from injector import arch as archmod
-from injector import labmode, procinfo
-from injector.arch import Arch, RegisterEdit
+from injector import labmode
 from injector.errors import BadInput, EnvironmentFailure
 from injector.events import Injection
-from injector.ptrace_ext import (
+from injector.inject import arch as archmod
+from injector.inject.arch import Arch, RegisterEdit
+from injector.inject.ptrace_ext import (
     NT_PRSTATUS,
     PTRACE_DETACH,
     PTRACE_EVENT_EXEC,
@@ -71,6 +71,7 @@ from injector.ptrace_ext import (
     Iovec,
     SyscallInfo,
 )
+from injector.preflight import procinfo
 from injector.signals import EndingSignal, pending_call_off, signals_deferred
 from injector.testhooks import pause_point
 

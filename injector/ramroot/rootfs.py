@@ -20,7 +20,7 @@ from pathlib import Path
 from initstage import linux
 from injector.access.facts import choose_resolv_conf, upstream_files
 from injector.errors import BadInput, EnvironmentFailure, system_call_failure
-from injector.imageindex import INODE_BYTES
+from injector.image.imageindex import INODE_BYTES
 from injector.signals import signals_deferred
 
 MiB = 1 << 20
@@ -139,7 +139,7 @@ class RamRoot:
 
     def used_bytes(self) -> int:
         """What the tmpfs holds in RAM: its data pages (what ``df`` shows) plus the kernel's
-        per-inode charge (see ``injector.imageindex``)."""
+        per-inode charge (see ``injector.image.imageindex``)."""
         usage = os.statvfs(self.path)
         data = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
         return data + (usage.f_files - usage.f_ffree) * INODE_BYTES

@@ -2,8 +2,8 @@
 
 A rehearsal runs the real switch against the PID 1 of a :class:`Sandbox` instead of the
 host's. The sandbox has new PID, mount, UTS, IPC and network namespaces; its PID 1 is
-``injector/standin.py`` (see there for its services and test hooks), with its own ``/proc``,
-private mount propagation, hostname ``dboot-rehearsal`` and only a loopback interface.
+``injector/rehearsal/standin.py`` (see there for its services and test hooks), with its own
+``/proc``, private mount propagation, hostname ``dboot-rehearsal`` and only a loopback interface.
 
 How it is built, and why:
 
@@ -37,7 +37,7 @@ inherits our stdin, stdout and stderr. ``capture`` sends stdout+stderr into a pi
 a thread (lines go to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a
 pipe fed by :meth:`Sandbox.send`.
 
-``python -m injector.sandbox`` starts one in relay mode and prints its pid, for labs with
+``python -m injector.rehearsal.sandbox`` starts one in relay mode and prints its pid, for labs with
 ``dboot switch --target-pid``.
 """
 
@@ -63,9 +63,10 @@ from typing import IO, Literal
 
 from initstage import hermetic, linux
 from initstage.mounts import read_mounts
-from injector import procinfo, standin
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
-from injector.procinfo import nspid_chain
+from injector.preflight import procinfo
+from injector.preflight.procinfo import nspid_chain
+from injector.rehearsal import standin
 
 ConsoleMode = Literal["relay", "capture"]
 IdleMode = Literal["wait", "read"]
@@ -673,7 +674,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def main() -> None:
-    """``python -m injector.sandbox [SERVICES]``: a sandbox to aim ``--target-pid`` at."""
+    """``python -m injector.rehearsal.sandbox [SERVICES]``: a sandbox to aim ``--target-pid`` at."""
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     with Sandbox(count, console="relay") as sandbox:
         pid = sandbox.start()

@@ -3,7 +3,7 @@
 Every source answers the same three questions: what the image is (``details``), what is in
 it (``scan``: metadata only), and "put it in this directory" (``copy_into``). The copy is
 the tree ``docker export`` of the image would give, byte for byte and bit for bit, built by
-the chrooted worker in ``injector.extract``:
+the chrooted worker in ``injector.image.extract``:
 
 * engine images on overlay2 are copied straight from their layer directories, through a
   read-only overlay mounted in the worker's private mount namespace (the fast path);
@@ -35,10 +35,17 @@ from typing import IO, Any
 
 from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.events import Progress as ProgressEvent
-from injector.extract import run_worker
-from injector.imageindex import ImageIndex, IndexBuilder, IndexEntry
+from injector.image.extract import run_worker
+from injector.image.imageindex import ImageIndex, IndexBuilder, IndexEntry
+from injector.image.tarstream import (
+    CHUNK,
+    ArchiveError,
+    ChunkReader,
+    StrictTar,
+    decompressed,
+    normalize,
+)
 from injector.signals import signals_deferred
-from injector.tarstream import CHUNK, ArchiveError, ChunkReader, StrictTar, decompressed, normalize
 
 __all__ = [
     "CopyStats",
@@ -615,7 +622,7 @@ def scan_events(source: ImageSource, step: str) -> Generator[ProgressEvent, None
     "source")`` yields ``Progress(step, bytes_read, archive_bytes)`` while an archive is read.
     The scan runs in a thread of ours (our own mount namespace) so that the events arrive
     as they happen; closing the stream early stops the scan at its next report."""
-    from injector import nsenter
+    from injector.inject import nsenter
 
     def scan(send: Callable[[ProgressEvent], None]) -> ImageIndex:
         return source.scan(lambda done, total: send(ProgressEvent(step, done, total)))
@@ -672,7 +679,7 @@ def source_for_path(path: str | os.PathLike[str]) -> str:
 
 
 def _compression_of(path: Path) -> str:
-    from injector.tarstream import detect_compression
+    from injector.image.tarstream import detect_compression
 
     with path.open("rb") as handle:
         return detect_compression(handle.read(8))

@@ -1,7 +1,7 @@
 """Per-architecture facts the injector needs, as one small table per architecture.
 
 Everything here is a pure function of bytes and integers: no ptrace, no /proc. That is what
-lets the aarch64 logic be unit-tested on an x86_64 machine. ``injector.ptrace`` reads and
+lets the aarch64 logic be unit-tested on an x86_64 machine. ``injector.inject.ptrace`` reads and
 writes the register blocks; this module decides what goes into them.
 
 The two ABIs, side by side:
@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from ptrace.syscall.linux import aarch64 as ptrace_aarch64
 from ptrace.syscall.linux import x86_64 as ptrace_x86_64
 
-from injector.ptrace_ext import NT_ARM_SYSTEM_CALL
+from injector.inject.ptrace_ext import NT_ARM_SYSTEM_CALL
 
 # -ERESTART* codes a blocking system call returns inside the kernel when a signal (or a
 # ptrace interrupt) wakes it. They never reach userspace: the kernel either restarts the

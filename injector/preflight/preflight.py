@@ -20,15 +20,16 @@ from typing import Any, Protocol
 
 from initstage import linux
 from initstage.procs import ProcInfo
-from injector import execcheck, labmode, procinfo
+from injector import labmode
 from injector.access import facts as access_facts
 from injector.access.facts import AccessFacts
 from injector.errors import BadInput, EnvironmentFailure, system_call_failure
 from injector.events import Event, Fact, Level, Notice
-from injector.imageindex import INODE_BYTES, ImageIndex, pages
-from injector.kmodules import ModulesFacts, gather_modules
-from injector.procinfo import PROC, SwapDevice, Unreadable
-from injector.rootfs import HostFile, host_files, tmpfs_size_for
+from injector.image.imageindex import INODE_BYTES, ImageIndex, pages
+from injector.preflight import execcheck, procinfo
+from injector.preflight.procinfo import PROC, SwapDevice, Unreadable
+from injector.ramroot.kmodules import ModulesFacts, gather_modules
+from injector.ramroot.rootfs import HostFile, host_files, tmpfs_size_for
 
 __all__ = [
     "FORCE_RULE",
@@ -100,7 +101,7 @@ _LEVEL_ORDER: dict[Level, int] = {"blocker": 0, "warning": 1, "info": 2}
 
 
 class IndexView(Protocol):
-    """What preflight needs from ``injector.rootfs.ImageIndex`` (the image's scanned tree)."""
+    """What preflight needs from ``injector.image.imageindex.ImageIndex`` (the scanned tree)."""
 
     @property
     def estimated_bytes(self) -> int: ...
@@ -290,7 +291,7 @@ def gather(
     ``init_argv`` may be empty (``dboot check IMAGE``): the init is then not judged; otherwise
     a bad init is a blocker here (``validate_init`` raises instead, for the CLI's exit 1).
     ``tmpfs_size`` defaults to what a switch would mount: the estimate plus headroom.
-    ``source`` (the opened ``injector.sources`` source of ``index``) lets the init's first
+    ``source`` (the opened ``injector.image.sources`` source of ``index``) lets the init's first
     bytes be read, to judge whether it can run on this kernel, and gives the image's declared
     architecture. ``modules=False`` is ``--no-modules``. ``kernel`` is (``uname -m``,
     ``uname -r``). ``proc``, ``environ``, ``host_root`` (its /etc, /lib/modules,

@@ -1,7 +1,7 @@
 """The stand-in init: PID 1 of a rehearsal sandbox, the process a rehearsal injects into.
 
-Run as ``python -I -S standin.py ...`` by ``injector.sandbox``: stdlib only, imports nothing
-from this package (``-I`` leaves the script's folder off ``sys.path``). It behaves like a
+Run as ``python -I -S standin.py ...`` by ``injector.rehearsal.sandbox``: stdlib only, imports
+nothing from this package (``-I`` leaves the script's folder off ``sys.path``). It behaves like a
 small, slightly careless init so that the init stage meets the same things it meets on a
 real host:
 
@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 
 if not __package__:  # run as a script with -I: the repository is not on sys.path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from initstage import hermetic, linux
 
 EXIT_ON_SIGUSR1 = 7

@@ -52,7 +52,7 @@ from typing import IO, Any
 
 from initstage import linux
 from injector.errors import BadInput, EnvironmentFailure
-from injector.tarstream import (
+from injector.image.tarstream import (
     ArchiveError,
     StrictTar,
     member_xattrs,
@@ -83,9 +83,9 @@ WHITEOUT_PREFIX = ".wh."
 
 _BOOT = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from injector.extract import worker_main; worker_main(sys.argv[2])"
+    "from injector.image.extract import worker_main; worker_main(sys.argv[2])"
 )
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # holds injector/ and initstage/
 
 
 # ---------------------------------------------------------------------------------------

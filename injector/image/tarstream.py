@@ -1,6 +1,6 @@
 """Reading tar streams strictly: decompression by magic, and an end-of-archive check.
 
-Standard library only: the copy-in worker (``injector.extract``) imports this before it
+Standard library only: the copy-in worker (``injector.image.extract``) imports this before it
 chroots into the new root, where no Python library can be found any more.
 
 ``tarfile`` is used to parse headers (PAX, GNU long names) and nothing else: files are
