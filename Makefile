@@ -33,6 +33,7 @@ lint: setup
 
 bench: setup
 	$(PY) tests/bench/bench_copyin.py
+	$(PY) tests/bench/bench_dryrun.py
 
 # dboot-rescue:latest, the image to switch a remote machine to: Debian 12 minbase, systemd, sshd and
 # the disk tools, by debootstrap and `docker import` (no registry). Cached under .cache/rescue/.
