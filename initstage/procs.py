@@ -291,6 +291,9 @@ def _wait_until_gone(
         report.reaped += signals.reap()
         remaining = table.others()
         if not remaining:
+            # The table skips zombies: those that died since the reap above are collected
+            # now, so none is handed to the new init (which may never reap it).
+            report.reaped += signals.reap()
             return []
         now = clock()
         if now >= deadline:

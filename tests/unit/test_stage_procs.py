@@ -318,3 +318,25 @@ def test_cgroup_kill_only_for_a_group_holding_nothing_but_our_processes(tmp_path
     (v2 / "svc" / "inner" / "cgroup.procs").write_text("70\n")
     assert cgroups.kill([ProcInfo(70, 1, "svc", "S")]) == [str(v2 / "svc" / "inner")]
     assert (v2 / "svc" / "inner" / "cgroup.kill").read_text() == "1"
+
+
+class ZombieSkippingWorld(FakeWorld):
+    """Like ProcTable: a dead but unreaped process (a zombie) is not listed, and each scan of
+    /proc takes a little time, during which a killed process may die."""
+
+    def others(self) -> list[ProcInfo]:
+        self.now += 2e-6
+        alive = [p for p in self.processes.values() if p.death is None or p.death > self.now]
+        self.scans += 1
+        return [ProcInfo(p.pid, 1, p.comm, p.state) for p in alive]
+
+
+def test_processes_that_die_during_the_last_scan_are_reaped_not_handed_to_the_new_init():
+    # Each dies 1 us after SIGKILL: after the loop's reap, before its scan sees them as zombies.
+    late = [FakeProcess(200 + i, f"late{i}", dies_after_term=NEVER, dies_after_kill=1e-6)
+            for i in range(3)]  # fmt: skip
+    world = ZombieSkippingWorld(late)
+    report = world.run(grace=0.0)
+    assert report.survivors == []
+    assert world.processes == {}, "zombies left for the new init, which may never reap them"
+    assert report.reaped == 3
