@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +121,18 @@ def _retry(command: list[str]) -> None:
         time.sleep(0.2)
 
 
+def once_init_is_up(action: Callable[[], None]) -> Callable[[StageRun], bool]:
+    """A ``while_running`` hook: ``action`` once the init has printed INIT-UP, then done."""
+
+    def hook(run: StageRun) -> bool:
+        if any("INIT-UP" in line for _, line in run.stdout):
+            action()
+            return True
+        return False
+
+    return hook
+
+
 def log_seconds(run: StageRun, pattern: str) -> float:
     """The stage's own clock (+N.NNNs) on its first log line matching ``pattern``."""
     for line in run.log_lines:
@@ -140,15 +152,14 @@ def test_sync_on_a_stalled_device_is_named_and_the_stage_goes_on(
         f"{stallable_disk.stall()}\n"
     )
 
-    def resume_once_init_is_up(run: StageRun) -> bool:
-        if any("INIT-UP" in line for _, line in run.stdout):
-            stallable_disk.resume()  # the stall blocks every sync on the machine: keep it short
-            return True
-        return False
-
     plan = plan_for(tmp_path, ["/bin/sh", "-c", "echo INIT-UP"], sync_timeout_seconds=SYNC_TIMEOUT)
     run = run_stage(
-        tmp_path, busybox_tree, plan, before=before, while_running=resume_once_init_is_up
+        tmp_path,
+        busybox_tree,
+        plan,
+        before=before,
+        # The stall blocks every sync on the machine: keep it short.
+        while_running=once_init_is_up(stallable_disk.resume),
     )
     assert run.returncode == 0, run.err
     assert "INIT-UP" in run.out, run.err
@@ -294,12 +305,6 @@ def test_a_process_that_cannot_die_is_named_and_the_stage_goes_on(
         f"while ! test -e {tmp_path}/writing; do sleep 0.01; done; sleep 0.2\n"
     )
 
-    def thaw_once_init_is_up(run: StageRun) -> bool:
-        if any("INIT-UP" in line for _, line in run.stdout):
-            thaw_filesystem(stallable_disk.device)
-            return True
-        return False
-
     try:
         run = run_stage(
             tmp_path,
@@ -311,7 +316,7 @@ def test_a_process_that_cannot_die_is_named_and_the_stage_goes_on(
                 sync_timeout_seconds=SYNC_TIMEOUT,
             ),
             before=before,
-            while_running=thaw_once_init_is_up,
+            while_running=once_init_is_up(lambda: thaw_filesystem(stallable_disk.device)),
         )
     finally:
         thaw_filesystem(stallable_disk.device)
