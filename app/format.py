@@ -1,21 +1,13 @@
 """Pure text helpers for both front-ends (dboot and the wizard): sizes, ids, dates,
-durations. No Textual, no engine."""
+durations. No Textual; sizes are the engine's own rule (its notices print them too)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+from injector.units import human_bytes
 
-
-def human_bytes(count: int) -> str:
-    """1536 -> '1.5 KiB'. Binary units: RAM and tmpfs sizes are page-based, not decimal."""
-    value = float(count)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["human_bytes", "human_seconds", "image_label", "plural", "short_created", "short_id"]
 
 
 def short_id(image_id: str) -> str:

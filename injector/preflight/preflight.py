@@ -30,6 +30,7 @@ from injector.preflight import execcheck, procinfo
 from injector.preflight.procinfo import PROC, SwapDevice, Unreadable
 from injector.ramroot.kmodules import ModulesFacts, gather_modules
 from injector.ramroot.rootfs import HostFile, host_files, tmpfs_size_for
+from injector.units import human_bytes
 
 __all__ = [
     "FORCE_RULE",
@@ -607,16 +608,6 @@ def container_hint(proc: Path = PROC, host_root: Path = Path("/")) -> str:
 # --- Verdicts ----------------------------------------------------------------------------------
 
 
-def _human(size: int) -> str:
-    """1536 -> '1.5 KiB'; used in notice texts (front-ends format the facts themselves)."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     notices: list[Notice] = []
     ram_fits = _ram_verdicts(report.ram, report.processes, notices)
@@ -667,7 +658,7 @@ def _modules_verdicts(modules: ModulesFacts | None, notices: list[Notice]) -> No
         return  # a kernel without module support: nothing to carry, nothing to say
     if modules.copy:
         firmware = (
-            f" and {len(modules.firmware)} firmware files ({_human(modules.firmware_bytes)}) "
+            f" and {len(modules.firmware)} firmware files ({human_bytes(modules.firmware_bytes)}) "
             "that loaded modules use"
             if modules.firmware
             else ""
@@ -677,7 +668,7 @@ def _modules_verdicts(modules: ModulesFacts | None, notices: list[Notice]) -> No
                 "info",
                 "modules-copied",
                 f"the kernel's modules ({modules.source}, {modules.files} files, "
-                f"{_human(modules.bytes)}){firmware} go into the new root",
+                f"{human_bytes(modules.bytes)}){firmware} go into the new root",
                 "--no-modules leaves them out",
             )
         )
@@ -726,7 +717,7 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
                 "ram-unknown",
                 "available memory is unknown (/proc/meminfo unreadable)",
                 "check `free -m` yourself against the image's estimated "
-                + _human(ram.estimated_bytes),
+                + human_bytes(ram.estimated_bytes),
             )
         )
         return False
@@ -736,13 +727,15 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
             Notice(
                 "blocker",
                 "ram-tmpfs-too-small",
-                f"the tmpfs size {_human(ram.tmpfs_size)} is below the image's estimated "
-                f"{_human(ram.estimated_bytes)}: the copy would run out of space",
+                f"the tmpfs size {human_bytes(ram.tmpfs_size)} is below the image's estimated "
+                f"{human_bytes(ram.estimated_bytes)}: the copy would run out of space",
                 "raise --tmpfs-size, or leave it unset to size the tmpfs from the estimate",
             )
         )
     margin = copy_margin(ram.total_bytes)
-    modules = f" (with {_human(ram.modules_bytes)} of kernel modules)" if ram.modules_bytes else ""
+    modules = (
+        f" (with {human_bytes(ram.modules_bytes)} of kernel modules)" if ram.modules_bytes else ""
+    )
     if ram.estimated_bytes + margin > ram.available_bytes:
         fits = False
         without = ram.estimated_bytes - ram.modules_bytes + margin <= ram.available_bytes
@@ -750,9 +743,9 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
             Notice(
                 "blocker",
                 "ram-does-not-fit",
-                f"the image needs ~{_human(ram.estimated_bytes)} of RAM{modules} plus "
-                f"{_human(margin)} for the running system during the copy, but only "
-                f"{_human(ram.available_bytes)} is available",
+                f"the image needs ~{human_bytes(ram.estimated_bytes)} of RAM{modules} plus "
+                f"{human_bytes(margin)} for the running system during the copy, but only "
+                f"{human_bytes(ram.available_bytes)} is available",
                 "pass --no-modules: without the kernel modules the image fits"
                 if ram.modules_bytes and without
                 else "stop memory-hungry services, pick a smaller image, or add RAM",
@@ -764,8 +757,8 @@ def _ram_verdicts(ram: RamFacts, processes: list[ProcessInfo], notices: list[Not
             Notice(
                 "warning",
                 "ram-tight",
-                f"only {_human(ram.remaining_bytes)} would remain for the new system{modules} "
-                f"(the killed processes free up to {_human(freed)} more at the switch)",
+                f"only {human_bytes(ram.remaining_bytes)} would remain for the new system{modules} "
+                f"(the killed processes free up to {human_bytes(freed)} more at the switch)",
                 "pick a smaller image or make sure the new system is small"
                 + (", or pass --no-modules" if ram.modules_bytes else ""),
             )
@@ -795,17 +788,18 @@ def _swap_verdicts(
             Notice(
                 "blocker",
                 "swap-cannot-absorb",
-                f"disk swap ({names}) holds {_human(swapped_out)} that must come back into RAM "
-                f"before the switch, but only {_human(max(room, 0))} is left next to the image",
+                f"disk swap ({names}) holds {human_bytes(swapped_out)} that must come back into "
+                f"RAM before the switch, but only {human_bytes(max(room, 0))} is left next to "
+                "the image",
                 "stop services to shrink what is swapped out, or pick a smaller image",
                 scope="host",
             )
         )
         return
     absorb = (
-        f"RAM can absorb its {_human(swapped_out)} in use"
+        f"RAM can absorb its {human_bytes(swapped_out)} in use"
         if ram_fits
-        else f"{_human(swapped_out)} of it in use"
+        else f"{human_bytes(swapped_out)} of it in use"
     )
     notices.append(
         Notice(
