@@ -755,7 +755,9 @@ def _undo_at_entry(
     """Still at the entry stop: put back what we changed; the original call then runs."""
     try:
         if swapped:
-            tracee.set_regs(archmod.restore_at_entry(tracee.arch, entry.regs, entry.nr))
+            # The swap may have half-happened (aarch64 writes two register sets): detaching
+            # before the original registers hold would let PID 1 run our execve.
+            _restore_registers(tracee, archmod.restore_at_entry(tracee.arch, entry.regs, entry.nr))
         if saved is not None:
             tracee.write_mem(base, saved)
     except (OSError, EnvironmentFailure) as error:

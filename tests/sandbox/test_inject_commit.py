@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from injector.errors import EnvironmentFailure
 from injector.inject import arch as archmod
 from injector.inject import ptrace
 from injector.inject.ptrace import InjectionReport, InjectionRolledBack, inject_execve
@@ -165,3 +166,35 @@ def test_a_slow_execve_is_waited_for_and_reported(tmp_path: Path) -> None:
         assert eventually(lambda: proof.exists() and proof.read_text() == "slow 1\n", 10)
         assert waits == sorted(waits) and waits[0] >= ptrace.EXEC_WAIT_REPORT_EVERY - 0.1
         print(f"\nslow execve: {took:.1f} s, reported at {[round(s, 1) for s in waits]} s")
+
+
+def test_a_swap_that_fails_half_way_is_undone_with_pid1_kept_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The swap's register write reports a failure although the registers went in (as when
+    aarch64's second register set fails), and the first restore at the entry stop fails too
+    (both provoked). Detaching then would let PID 1 run our execve: the injector keeps it
+    stopped until the original registers hold, and PID 1's read() runs again."""
+    real_set_regs = ptrace._Tracee.set_regs
+    calls: list[archmod.RegisterEdit] = []
+
+    def set_regs_half_then_failing(self: ptrace._Tracee, edit: archmod.RegisterEdit) -> None:
+        calls.append(edit)
+        if len(calls) == 1:
+            real_set_regs(self, edit)
+            raise OSError(errno.EIO, "provoked: the second register set failed")
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "provoked PTRACE_SETREGSET failure")
+        real_set_regs(self, edit)
+
+    monkeypatch.setattr(ptrace._Tracee, "set_regs", set_regs_half_then_failing)
+    monkeypatch.setattr(ptrace, "RESTORE_RETRY_PAUSE", 0.01)
+    with StandIn(READ_ECHO) as init:
+        init.wait_blocked_in(READ)
+        log: list[str] = []
+        with pytest.raises(EnvironmentFailure, match="second register set"):
+            inject_execve(init.pid, MISSING, [MISSING], [], log.append)
+        assert len(calls) == 3, "the swap, one failed restore, then one that holds"
+        assert any("attempt 1" in line for line in log), log
+        assert eventually(lambda: tracer_of(init.pid) == 0, 5)
+        assert init.echo(b"as before") == b"as before"
