@@ -96,6 +96,15 @@ class Console:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConsoleAttached:
+    """A rehearsal whose console is a pty (the wizard's): ``fd`` is a descriptor of this
+    process for the pty's master end. The front-end that asked for it now owns it: it
+    reads the sandbox's output there, writes the keys typed, sets the size and closes it."""
+
+    fd: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     """The last event. ``exit_status`` is the sandboxed init's status in a rehearsal."""
 
@@ -114,6 +123,7 @@ Event = (
     | Log
     | Injection
     | Console
+    | ConsoleAttached
     | Finished
 )
 

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +41,7 @@ from injector.access.facts import carry_verdicts, read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
+    ConsoleAttached,
     Event,
     Fact,
     Finished,
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from injector.rehearsal.sandbox import Sandbox  # imported by a rehearsal only: start-up time
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
+STOP_POLL_SECONDS = 0.1
 
 Mode = Literal["switch", "target", "rehearse"]
 
@@ -96,7 +99,12 @@ class SwitchOptions:
     service_kinds: list[str] | None = None
     # "capture": the sandbox's console comes back as Console events (wizard, --json, pipes);
     # "relay": the sandbox gets this terminal, so a rehearsed shell can be used by hand.
-    console: Literal["capture", "relay"] = "capture"
+    # "pty": the sandbox gets a pty of its own, whose master end a ConsoleAttached event
+    # hands to the front-end (the wizard's console widget).
+    console: Literal["capture", "relay", "pty"] = "capture"
+    # Set by a front-end to end a rehearsal (its init may never exit): the sandbox and
+    # everything in it is killed, and the run finishes as rehearsed with status 0.
+    stop: threading.Event | None = None
     # The host's record of the run (not written by rehearsals); None: no log file.
     log_file: Path | None = dataclasses.field(default_factory=default_log_file)
     # An image a check already opened and read (the wizard's): the run copies from it
@@ -224,6 +232,8 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
                 ) as sandbox:
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
                     yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
+                    if sandbox.console == "pty":
+                        yield ConsoleAttached(sandbox.take_terminal())
                     yield from _switch_target(options, source, index, sandbox.pid, sandbox, runlog)
             finally:
                 if created_state_dir:
@@ -354,7 +364,7 @@ def _switch_target(
     yield injection.to_event()
     yield StepDone("inject", f"pid {target} was in {injection.interrupted_syscall}; now the stage")
     if sandbox is not None:
-        yield from _relay_until_exit(sandbox)
+        yield from _relay_until_exit(sandbox, options.stop)
     elif mode == "target":
         yield Finished("injected", detail=f"pid {target} now runs the init stage")
     else:
@@ -586,7 +596,7 @@ def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[s
     return python, argv, envp
 
 
-def _relay_until_exit(sandbox: Sandbox) -> Iterator[Event]:
+def _relay_until_exit(sandbox: Sandbox, stop: threading.Event | None) -> Iterator[Event]:
     yield StepStarted("stage", "The sandboxed PID 1 runs the init stage, then the image's init")
     if sandbox.console == "capture":
         # Nobody types into a captured console: end of file lets an interactive init (a
@@ -594,6 +604,24 @@ def _relay_until_exit(sandbox: Sandbox) -> Iterator[Event]:
         sandbox.close_stdin()
         for line in sandbox.console_lines():
             yield Console(line)
-    status = sandbox.wait(timeout=None)
+    status = _wait_unless_stopped(sandbox, stop)
+    if status is None:
+        sandbox.close()  # SIGKILL to its PID 1 ends its namespaces, with every mount in them
+        yield StepDone("stage", "stopped: the sandbox's processes were killed")
+        yield Finished("rehearsed", exit_status=0, detail="stopped; the sandbox is gone")
+        return
+    if sandbox.exit_signal is not None:
+        name = signal.Signals(sandbox.exit_signal).name
+        yield StepDone("stage", f"sandboxed init was killed by {name}")
+        yield Finished("rehearsed", exit_status=status, detail=f"killed by {name}")
+        return
     yield StepDone("stage", f"sandboxed init exited with status {status}")
     yield Finished("rehearsed", exit_status=status)
+
+
+def _wait_unless_stopped(sandbox: Sandbox, stop: threading.Event | None) -> int | None:
+    """The sandboxed init's exit status, or None once ``stop`` is set before it exits."""
+    while stop is not None and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            return sandbox.wait(timeout=STOP_POLL_SECONDS)
+    return sandbox.wait(timeout=None) if stop is None else None

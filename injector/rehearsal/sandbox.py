@@ -35,7 +35,10 @@ thread copies it to our stdout and our stdin to it (what ``dboot rehearse`` show
 terminal: see :func:`_open_sandbox_terminal` for why not our terminal itself); otherwise it
 inherits our stdin, stdout and stderr. ``capture`` sends stdout+stderr into a pipe read by
 a thread (lines go to ``on_line`` and to :meth:`Sandbox.output`), and stdin comes from a
-pipe fed by :meth:`Sandbox.send`.
+pipe fed by :meth:`Sandbox.send`. ``pty`` gives the sandbox a pty of its own as its
+controlling terminal (``setsid --ctty``), hence its ``/dev/console`` too, and relays
+nothing: a front-end takes the master end (:meth:`Sandbox.take_terminal`) and reads,
+writes and sizes it itself (the wizard's console widget).
 
 ``python -m injector.rehearsal.sandbox`` starts one in relay mode and prints its pid, for labs with
 ``dboot switch --target-pid``.
@@ -68,7 +71,7 @@ from injector.preflight import procinfo
 from injector.preflight.procinfo import nspid_chain
 from injector.rehearsal import standin
 
-ConsoleMode = Literal["relay", "capture"]
+ConsoleMode = Literal["relay", "capture", "pty"]
 IdleMode = Literal["wait", "read"]
 
 WNOTHREAD = 0x20000000  # __WNOTHREAD, include/uapi/linux/wait.h; not in the os module
@@ -145,8 +148,9 @@ def _unshare_pid_namespace_for_this_thread() -> None:
         linux.unshare(linux.CLONE_NEWPID)
 
 
-def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
-    """Block until our child PID 1 exits; its status, 128+N for a death by signal N.
+def _wait_for_exit(process: subprocess.Popen[bytes]) -> tuple[int, int | None]:
+    """Block until our child PID 1 exits; its status, 128+N for a death by signal N, and
+    that N (None for an exit).
 
     ``__WNOTHREAD``: wait only as the thread that spawned it. Without it this wait would
     also consume the ptrace stops meant for the injector's thread (a thread waits for the
@@ -157,15 +161,16 @@ def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
             _, status = os.waitpid(process.pid, WNOTHREAD)
         except ChildProcessError:
             # Reaped by a tracer of ours that saw it die while attached: status unknown.
-            status_code = EXIT_STATUS_UNKNOWN
+            status_code, signal_number = EXIT_STATUS_UNKNOWN, None
             break
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             code = os.waitstatus_to_exitcode(status)
             status_code = code if code >= 0 else 128 - code
+            signal_number = -code if code < 0 else None
             break
     # Popen must not reap this pid again later: by then it may be another process's.
     process.returncode = status_code
-    return status_code
+    return status_code, signal_number
 
 
 @contextlib.contextmanager
@@ -282,8 +287,8 @@ class Sandbox:
                 f"bad sandbox services {services} {self.kinds}",
                 f"use a count >= 0 or kinds from {', '.join(standin.SERVICE_KINDS)}",
             )
-        if console not in ("relay", "capture"):
-            raise BadInput(f"unknown console mode {console!r}", "use 'relay' or 'capture'")
+        if console not in ("relay", "capture", "pty"):
+            raise BadInput(f"unknown console mode {console!r}", "use 'relay', 'capture' or 'pty'")
         self.console: ConsoleMode = console
         self.idle: IdleMode = idle
         self.hostname = hostname
@@ -296,12 +301,15 @@ class Sandbox:
         self._process: subprocess.Popen[bytes] | None = None
         self.cgroup: DelegatedCgroup | None = None
         self._status: int | None = None
+        # The signal that ended PID 1, None when it exited (or its status is unknown).
+        self.exit_signal: int | None = None
         self._started = False
         self._spawned = threading.Event()  # the owner thread tried: _pidfd is set or it failed
         self._exited = threading.Event()
         self._owner: threading.Thread | None = None
         self._relay: threading.Thread | None = None
-        self._terminal: int | None = None  # relay mode on a terminal: the sandbox pty's master
+        # relay mode on a terminal, and pty mode: the sandbox pty's master
+        self._terminal: int | None = None
         self._text: list[str] = []
         self._lines: list[str] = []
         self._console_changed = threading.Condition()
@@ -361,7 +369,7 @@ class Sandbox:
             finally:
                 os.close(ready_write)
                 self._spawned.set()
-            self._status = _wait_for_exit(process)
+            self._status, self.exit_signal = _wait_for_exit(process)
             self._exited.set()
 
         try:
@@ -373,7 +381,8 @@ class Sandbox:
                 self._spawned.wait()
                 if failure:
                     raise failure[0]
-                if self.console == "capture" or self._terminal is not None:
+                relay = self.console == "relay" and self._terminal is not None
+                if self.console == "capture" or relay:
                     capture = self.console == "capture"
                     self._relay = threading.Thread(
                         target=self._read_console if capture else self._relay_terminal,
@@ -392,6 +401,9 @@ class Sandbox:
         argv = [
             "setpriv", "--pdeathsig", "KILL", "--inh-caps", "-all", "--bounding-set", dropped,
             "--",
+            # pty: a session of its own whose controlling terminal is the pty on its stdin,
+            # so that a shell as PID 1 gets job control and ^C; Popen makes no ctty itself.
+            *(["setsid", "--ctty", "--"] if self.console == "pty" else []),
             "unshare", "--mount", "--uts", "--ipc", "--net",
             "--propagation", "private", "--mount-proc", "--",
             self.python, "-I", "-S", str(STANDIN_SCRIPT),
@@ -407,8 +419,8 @@ class Sandbox:
         stdout: int | None = subprocess.PIPE if capture else None
         stderr: int | None = subprocess.STDOUT if capture else None
         terminal_end = None
-        if self.console == "relay" and os.isatty(1):
-            self._terminal, terminal_end = _open_sandbox_terminal()
+        if self.console == "pty" or (self.console == "relay" and os.isatty(1)):
+            self._terminal, terminal_end = _open_sandbox_terminal(echo=self.console == "pty")
             stdin = stdout = stderr = terminal_end
         try:
             return subprocess.Popen(
@@ -417,7 +429,7 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(ready_fd,),
-                start_new_session=True,
+                start_new_session=self.console != "pty",  # pty: setsid --ctty does it
                 env={**os.environ, hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME},
             )
         except OSError as error:
@@ -614,6 +626,13 @@ class Sandbox:
             os.close(self._terminal)
             self._terminal = None
 
+    def take_terminal(self) -> int:
+        """pty mode: a descriptor of the sandbox pty's master end, for the caller to read,
+        write, size (TIOCSWINSZ) and close; reads fail with EIO once the sandbox has ended."""
+        if self.console != "pty" or self._terminal is None:
+            raise BadInput("this sandbox has no pty console", "use console='pty'")
+        return os.dup(self._terminal)
+
     def output(self) -> str:
         """Everything the sandbox wrote so far (capture mode), partial last line included."""
         with self._console_changed:
@@ -652,19 +671,21 @@ class Sandbox:
         return self._process.stdin
 
 
-def _open_sandbox_terminal() -> tuple[int, int]:
+def _open_sandbox_terminal(*, echo: bool) -> tuple[int, int]:
     """A pty of the sandbox's own, sized like ours: (our master end, the sandbox's end).
 
     The rehearsed system never gets our terminal itself: a getty on its console takes the
     terminal as its controlling one (TIOCSCTTY with CAP_SYS_ADMIN) and hangs it up when it
-    exits, which would cut the user's shell off. Its end does not echo, as our own terminal
-    already echoes what is typed (line by line: Ctrl-C stays ours)."""
+    exits, which would cut the user's shell off. Relayed, its end does not echo, as our own
+    terminal already echoes what is typed (line by line: Ctrl-C stays ours); a front-end
+    that sends keys one by one (pty mode) needs the echo."""
     master, sandbox_end = pty.openpty()
     with contextlib.suppress(OSError):
         fcntl.ioctl(sandbox_end, termios.TIOCSWINSZ, fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8))
-    attributes = termios.tcgetattr(sandbox_end)
-    attributes[3] &= ~termios.ECHO
-    termios.tcsetattr(sandbox_end, termios.TCSANOW, attributes)
+    if not echo:
+        attributes = termios.tcgetattr(sandbox_end)
+        attributes[3] &= ~termios.ECHO
+        termios.tcsetattr(sandbox_end, termios.TCSANOW, attributes)
     return master, sandbox_end
 
 
