@@ -17,6 +17,9 @@ real host:
     ``--idle read``  ``read(0)``: echoes what arrives on stdin as ``standin: read b'...'``
                      (the line ``exit N`` makes it exit N); reaps in a SIGCHLD handler; on
                      end of file it falls back to ``wait``.
+  ``main`` takes the table of idle modes: the injection tests run this same program with
+  their own parking modes added (``tests/sandbox/parked.py``: epoll_wait, sleeps, spins...),
+  so that only the modes a rehearsal uses live here.
 
 Hermetic (``initstage/hermetic.py``): before anything else it joins the delegated cgroup
 ``--cgroup`` and takes a cgroup namespace of its own, makes ``/proc/sys`` and
@@ -43,7 +46,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 if not __package__:  # run as a script with -I: the repository is not on sys.path
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -200,12 +203,26 @@ def on_sigusr1(signum: int, frame: object) -> None:
     sys.exit(EXIT_ON_SIGUSR1)
 
 
-def main() -> None:
+def idle_waiting() -> None:
+    reap_all(block=True)
+
+
+def idle_reading_then_waiting() -> None:
+    idle_reading(lambda signum, frame: reap_all(block=False))
+    signal.signal(signal.SIGCHLD, ignore)
+    reap_all(block=True)
+
+
+# --idle MODE: what PID 1 does once it is ready, where ptrace finds it.
+IDLES: Mapping[str, Callable[[], None]] = {"wait": idle_waiting, "read": idle_reading_then_waiting}
+
+
+def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
     parser = argparse.ArgumentParser(description="stand-in init for a dboot rehearsal")
     parser.add_argument("--hostname", default="dboot-rehearsal")
     parser.add_argument("--services", default="", help="comma-separated kinds")
     parser.add_argument("--zombie-period", type=float, default=0.2)
-    parser.add_argument("--idle", choices=("wait", "read"), default="wait")
+    parser.add_argument("--idle", choices=sorted(idles), default="wait")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--cgroup", help="the delegated cgroup (a host path) to join")
     args = parser.parse_args()
@@ -227,10 +244,7 @@ def main() -> None:
     os.write(args.ready_fd, f"{READY_LINE}\n".encode())
     os.close(args.ready_fd)
 
-    if args.idle == "read":
-        idle_reading(lambda signum, frame: reap_all(block=False))
-        signal.signal(signal.SIGCHLD, ignore)
-    reap_all(block=True)
+    idles[args.idle]()
 
 
 if __name__ == "__main__":

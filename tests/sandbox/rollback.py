@@ -3,7 +3,7 @@
 One code path for two places: the sandbox tier runs it on this machine
 (tests/sandbox/test_inject_rollback.py), and the VM tier inside the arm64 guest, where
 ``python -m tests.sandbox.rollback ROUNDS`` runs on Debian's Python 3.11.2 with docker-boot
-installed (tests/vm/build.py copies this module, ``standin`` and their packages there).
+installed (tests/vm/build.py copies this module, ``parking``, ``parked`` and their packages there).
 Standard library and docker-boot only: the guest has no pytest.
 
 Each round injects ``execve`` of a path that does not exist into the stand-in PID 1 of a new
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from injector.inject import arch as archmod
 from injector.inject.ptrace import InjectionRolledBack, inject_execve
-from tests.sandbox.standin import READ_ECHO, StandIn, syscall_in_progress
+from tests.sandbox.parking import READ_ECHO, StandIn, syscall_in_progress
 
 MISSING = "/nonexistent/dboot-rollback-test"
 ARCH = archmod.host_arch()

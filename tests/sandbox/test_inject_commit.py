@@ -1,6 +1,6 @@
 """Committed once the swap is in: no deadline on execve, and a restore that never gives up.
 
-Every target is PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+Every target is PID 1 of a PID namespace the test creates (tests/sandbox/parking.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from injector.errors import EnvironmentFailure
 from injector.inject import arch as archmod
 from injector.inject import ptrace
 from injector.inject.ptrace import InjectionReport, InjectionRolledBack, inject_execve
+from tests.sandbox.parking import READ_ECHO, StandIn
 from tests.sandbox.sandbox_checks import eventually
-from tests.sandbox.standin import READ_ECHO, StandIn
 
 pytestmark = [
     pytest.mark.root,

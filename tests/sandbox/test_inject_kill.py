@@ -4,7 +4,7 @@ Either untouched (its interrupted read() runs again and gets every byte), or run
 stage with its plan in place. The injector runs in a child process that stops at a named
 phase (``DBOOT_TEST_PAUSE``, see injector/testhooks.py) and is SIGKILLed there; the kernel
 then detaches it from the target, which goes on from where it stood. 20 rounds per phase,
-each against a fresh PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+each against a fresh PID 1 of a PID namespace the test creates (tests/sandbox/parking.py).
 Then the whole `dboot switch --target-pid`, killed the same way against a rehearsal sandbox:
 there the stage is the real one and must find the real plan.
 """
@@ -27,8 +27,8 @@ from injector.rehearsal.sandbox import Sandbox
 from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from injector.runlog import LOG_FILE_ENV
 from injector.testhooks import PAUSE_ENV
+from tests.sandbox.parking import READ_ECHO, StandIn, ns_pid, syscall_in_progress
 from tests.sandbox.sandbox_checks import eventually, wait_for_output
-from tests.sandbox.standin import READ_ECHO, StandIn, ns_pid, syscall_in_progress
 
 pytestmark = [
     pytest.mark.root,

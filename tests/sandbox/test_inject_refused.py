@@ -24,9 +24,9 @@ from injector.inject.ptrace import (
     is_pid1_of_its_namespace,
 )
 from injector.preflight import procinfo
-from tests.sandbox import standin
+from tests.sandbox import parking
+from tests.sandbox.parking import StandIn
 from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD
-from tests.sandbox.standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and namespaces need root")
@@ -39,7 +39,7 @@ def no_log(line: str) -> None:
 @pytest.mark.root
 @needs_root
 def test_already_traced_target_is_refused_and_left_alone() -> None:
-    with StandIn(standin.READ_ECHO) as init:
+    with StandIn(parking.READ_ECHO) as init:
         tracer = subprocess.Popen(
             [sys.executable, "-I", "-c", SEIZE_AND_HOLD, str(init.pid)],
             stdin=subprocess.PIPE,
@@ -75,7 +75,7 @@ def test_missing_pid_is_refused() -> None:
 @pytest.mark.root
 @needs_root
 def test_pid1_of_its_namespace() -> None:
-    with StandIn(standin.WAIT4) as init:
+    with StandIn(parking.WAIT4) as init:
         child = int(Path(f"/proc/{init.pid}/task/{init.pid}/children").read_text().split()[0])
         assert is_pid1_of_its_namespace(init.pid)
         assert not is_pid1_of_its_namespace(child)  # PID 2 in there
@@ -105,7 +105,7 @@ def test_without_cap_sys_ptrace_attach_is_denied_and_named() -> None:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_PTRACE")
-    with StandIn(standin.READ_ECHO) as init:
+    with StandIn(parking.READ_ECHO) as init:
         drop = [setpriv, "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"]
         result = subprocess.run(
             [*drop, sys.executable, "-c", WITHOUT_CAP_SYS_PTRACE, str(init.pid)],

@@ -1,6 +1,6 @@
 """A failed execve must leave PID 1 exactly as it was: it re-runs its own system call.
 
-Every target is PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+Every target is PID 1 of a PID namespace the test creates (tests/sandbox/parking.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from injector.errors import EnvironmentFailure
 from injector.inject import arch as archmod
 from injector.inject import ptrace
 from injector.inject.ptrace import InjectionRolledBack, inject_execve
+from tests.sandbox.parking import EPOLL_ECHO, READ_ECHO, SPIN, StandIn
 from tests.sandbox.rollback import ARCH, MISSING, fail_to_inject, read_rounds
-from tests.sandbox.standin import EPOLL_ECHO, READ_ECHO, SPIN, StandIn
 
 pytestmark = [
     pytest.mark.root,

@@ -1,6 +1,6 @@
 """A successful injection: the same PID 1 runs the new program, whatever it was doing.
 
-Every target is PID 1 of a PID namespace the test creates (tests/sandbox/standin.py).
+Every target is PID 1 of a PID namespace the test creates (tests/sandbox/parking.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from injector.inject import arch as archmod
 from injector.inject.ptrace import inject_execve
-from tests.sandbox import standin
-from tests.sandbox.standin import StandIn, ns_pid
+from tests.sandbox import parking
+from tests.sandbox.parking import StandIn, ns_pid
 
 pytestmark = [
     pytest.mark.root,
@@ -28,12 +28,12 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 # (stand-in body, the call it blocks in or None when busy, what we expect to replace)
 IDLE_WAYS = {
-    "read": (standin.READ_ECHO, "read", "read"),
-    "epoll_wait": (standin.EPOLL_ECHO, "epoll_wait", "epoll_wait"),
-    "wait4": (standin.WAIT4, "wait4", "wait4"),
-    "nanosleep-relative": (standin.SLEEP_RELATIVE, "clock_nanosleep", "restart_syscall"),
-    "sleep-absolute": (standin.SLEEP_ABSOLUTE, "clock_nanosleep", "clock_nanosleep"),
-    "busy": (standin.BUSY, None, "getpid"),
+    "read": (parking.READ_ECHO, "read", "read"),
+    "epoll_wait": (parking.EPOLL_ECHO, "epoll_wait", "epoll_wait"),
+    "wait4": (parking.WAIT4, "wait4", "wait4"),
+    "nanosleep-relative": (parking.SLEEP_RELATIVE, "clock_nanosleep", "restart_syscall"),
+    "sleep-absolute": (parking.SLEEP_ABSOLUTE, "clock_nanosleep", "clock_nanosleep"),
+    "busy": (parking.BUSY, None, "getpid"),
 }
 
 
@@ -86,7 +86,7 @@ def test_injected_pid1_runs_the_new_program(way: str, tmp_path: Path) -> None:
 
 
 def test_report_becomes_an_injection_event() -> None:
-    with StandIn(standin.READ_ECHO) as init:
+    with StandIn(parking.READ_ECHO) as init:
         init.wait_blocked_in(archmod.syscall_number(ARCH, "read"))
         report = inject_execve(init.pid, BUSYBOX, ["sleep", "600"], [], lambda line: None)
         event = report.to_event()

@@ -67,7 +67,8 @@ GUEST_PYTHON = (3, 11)
 GUEST_TEST_MODULES = (
     "tests/__init__.py",
     "tests/sandbox/__init__.py",
-    "tests/sandbox/standin.py",
+    "tests/sandbox/parking.py",
+    "tests/sandbox/parked.py",
     "tests/sandbox/rollback.py",
 )
 GUEST_TESTS = "opt/dboot-tests"

@@ -1,9 +1,10 @@
-"""A stand-in PID 1 for the injection tests: a tiny ``python -I -S`` script that runs as
-PID 1 of a PID (and mount) namespace created for it, never the machine's own PID 1.
+"""Park the one stand-in init (``injector/rehearsal/standin.py``, with the injection tests'
+modes: ``tests/sandbox/parked.py``) as PID 1 of a PID namespace created for it, never the
+machine's own PID 1, and talk to it.
 
-The script talks to the test over two pipes: it reads ``IN`` and writes ``OUT`` (their fd
-numbers arrive as argv[1] and argv[2]) and a ``say()`` helper is predefined. It must
-``say("<ready>")`` once it is set up.
+``with StandIn(READ_ECHO) as init:`` starts it; ``init.pid`` is its host pid. Its stdin and
+stdout are the test's pipes (``send``, ``read_until``, ``echo``). It has its own PID, mount,
+UTS and IPC namespaces (it names its system and makes its mounts hermetic, as in a rehearsal).
 
 Cleanup kills only the pids started here: the namespace's PID 1 (which takes the whole
 namespace with it) and the ``unshare`` process that waits for it.
@@ -25,14 +26,37 @@ from types import TracebackType
 
 from initstage import linux
 from injector.preflight import procinfo
+from injector.rehearsal import standin
+from tests.sandbox import parked
+from tests.sandbox.parked import (
+    BUSY,
+    EPOLL_ECHO,
+    READ_ECHO,
+    READY,
+    SLEEP_ABSOLUTE,
+    SLEEP_RELATIVE,
+    SPIN,
+    WAIT4,
+)
 
-PROLOGUE = """\
-import ctypes, os, signal, sys
-IN, OUT = int(sys.argv[1]), int(sys.argv[2])
-def say(text):
-    os.write(OUT, text.encode() if isinstance(text, str) else text)
-libc = ctypes.CDLL(None, use_errno=True)
-"""
+# The parking modes are the tests' names for how the stand-in idles.
+__all__ = [
+    "BUSY",
+    "EPOLL_ECHO",
+    "READ_ECHO",
+    "SLEEP_ABSOLUTE",
+    "SLEEP_RELATIVE",
+    "SPIN",
+    "WAIT4",
+    "StandIn",
+    "ns_pid",
+    "syscall_in_progress",
+]
+
+PARKED = Path(parked.__file__)
+HOSTNAME = "dboot-parked"
+# wait4 needs a child to wait for: one service that just waits for signals.
+SERVICES = {WAIT4: "plain"}
 
 
 def syscall_in_progress(pid: int) -> int | None:
@@ -47,10 +71,10 @@ def ns_pid(pid: int) -> int:
 
 
 class StandIn:
-    """``with StandIn(script) as init:`` — ``init.pid`` is the host pid of the namespace's PID 1."""
+    """``with StandIn(mode) as init:`` — ``init.pid`` is the host pid of the namespace's PID 1."""
 
-    def __init__(self, script: str, ready_timeout: float = 10.0) -> None:
-        self.script = PROLOGUE + script
+    def __init__(self, mode: str, ready_timeout: float = 10.0) -> None:
+        self.mode = mode
         self.ready_timeout = ready_timeout
         self.pid = 0
         self._unshare: subprocess.Popen[bytes] | None = None
@@ -78,15 +102,21 @@ class StandIn:
     def start(self) -> int:
         in_read, self._to_init = os.pipe()
         self._from_init, out_write = os.pipe()
+        ready_read, ready_write = os.pipe()
         unshare = shutil.which("unshare") or "/usr/bin/unshare"
-        command = [unshare, "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
-        command += [sys.executable, "-I", "-S", "-c", self.script, str(in_read), str(out_write)]
+        # --uts and --mount: the stand-in names its system and remounts /sys and /dev.
+        command = [unshare, "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc",
+                   "--mount-proc", sys.executable, "-I", "-S", str(PARKED), "--idle", self.mode,
+                   "--services", SERVICES.get(self.mode, ""), "--hostname", HOSTNAME,
+                   "--ready-fd", str(ready_write)]  # fmt: skip
         try:
             # stderr to a file: tracebacks end up in failure messages, and util-linux
             # 2.38's "sigprocmask unblock failed" (after SIGKILL of its child) stays quiet.
             self._unshare = subprocess.Popen(
                 command,
-                pass_fds=(in_read, out_write),
+                stdin=in_read,
+                stdout=out_write,
+                pass_fds=(ready_write,),
                 # If the test process dies, so does unshare (and, through --kill-child,
                 # the whole namespace).
                 preexec_fn=linux.die_with_parent,
@@ -95,9 +125,21 @@ class StandIn:
         finally:
             os.close(in_read)
             os.close(out_write)
-        self.read_until(b"<ready>", self.ready_timeout)
+            os.close(ready_write)
+        try:
+            self._await_ready_line(ready_read)
+        finally:
+            os.close(ready_read)
+        self.read_until(READY, self.ready_timeout)
         self.pid = self._find_init()
         return self.pid
+
+    def _await_ready_line(self, ready_read: int) -> None:
+        """The stand-in's own ready line: its services run (its ``<ready>`` comes next)."""
+        if not select.select([ready_read], [], [], self.ready_timeout)[0]:
+            raise TimeoutError(f"stand-in was not ready; {self._said()}")
+        if os.read(ready_read, 64).decode().strip() != standin.READY_LINE:
+            raise EOFError(f"stand-in died before it was ready; {self._said()}")
 
     def _find_init(self) -> int:
         """The host pid of unshare's child: PID 1 of the new namespace."""
@@ -178,74 +220,3 @@ def _parent_of(pid: int) -> int | None:
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-# --- stand-in bodies, each idling in a known way ----------------------------------------
-
-# read(2) on the IN pipe through libc, so that any error, EINTR included, is seen and told
-# ("<error N>") instead of being retried by Python. Echoes what it reads; SIGUSR1 says so.
-READ_ECHO = """\
-signal.signal(signal.SIGUSR1, lambda *_: say("<usr1>"))
-buf = ctypes.create_string_buffer(65536)
-say("<ready>")
-while True:
-    n = libc.read(IN, buf, 65536)
-    if n < 0:
-        say("<error %d>" % ctypes.get_errno())
-        continue
-    if n == 0:
-        break
-    say(buf.raw[:n])
-"""
-
-# epoll_wait(2) through libc on the IN pipe, then read and echo.
-EPOLL_ECHO = """\
-epfd = libc.epoll_create1(0)
-libc.epoll_ctl(epfd, 1, IN, (ctypes.c_uint32 * 4)(1, 0, 0, 0))  # EPOLL_CTL_ADD, EPOLLIN
-ready = (ctypes.c_uint32 * 4)()
-say("<ready>")
-while True:
-    if libc.epoll_wait(epfd, ready, 1, -1) < 0:
-        say("<error %d>" % ctypes.get_errno())
-        continue
-    say(os.read(IN, 65536))
-"""
-
-# wait4(2) for a child that blocks on the pipe.
-WAIT4 = """\
-child = os.fork()
-if child == 0:
-    os.read(IN, 1)
-    os._exit(0)
-say("<ready>")
-os.waitpid(child, 0)
-"""
-
-# A relative nanosleep: interrupted, the kernel restarts it through restart_syscall.
-SLEEP_RELATIVE = """\
-say("<ready>")
-libc.nanosleep(ctypes.byref((ctypes.c_long * 2)(3600, 0)), None)
-"""
-
-# time.sleep: an absolute clock_nanosleep, which restarts as itself.
-SLEEP_ABSOLUTE = """\
-import time
-say("<ready>")
-time.sleep(3600)
-"""
-
-# Spinning in userspace, with a getpid(2) now and then.
-BUSY = """\
-say("<ready>")
-while True:
-    for _ in range(20000):
-        pass
-    os.getpid()
-"""
-
-# Spinning in userspace without ever making a system call.
-SPIN = """\
-say("<ready>")
-while True:
-    pass
-"""
