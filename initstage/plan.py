@@ -23,6 +23,9 @@ MAX_GRACE_SECONDS = 600.0
 # How long the old system's processes get between SIGTERM and SIGKILL, unless told.
 DEFAULT_GRACE_SECONDS = 3.0
 MAX_PLAN_BYTES = 1 << 20
+# The longest revert timer (the keeper's dead-man's switch): a day. A longer one was meant
+# in seconds, or is no dead-man's switch at all.
+MAX_REVERT_MINUTES = 1440.0
 
 
 class PlanError(Exception):
@@ -48,6 +51,11 @@ class Plan:
     # How long sync (and each read-only remount) may take without making progress before
     # the stage names what did not finish and goes on: a hung NFS server must not hang PID 1.
     sync_timeout_seconds: float = 10.0
+    # The keeper (initstage.keeper), forked just before the exec: the SSH server it runs and
+    # restarts (empty: none), and the seconds after which it reverts to the old system unless
+    # /run/dboot/keep exists (0: never). It reboots only when ``machine`` is true as well.
+    keeper_ssh_argv: list[str] = field(default_factory=list)
+    revert_after_seconds: float = 0.0
     version: int = PLAN_VERSION
 
     def validate(self) -> None:
@@ -76,10 +84,21 @@ class Plan:
                 f"plan sync_timeout_seconds {self.sync_timeout_seconds!r} must be > 0 and at"
                 f" most {MAX_GRACE_SECONDS:.0f}"
             )
+        if not (
+            math.isfinite(self.revert_after_seconds)
+            and 0 <= self.revert_after_seconds <= MAX_REVERT_MINUTES * 60
+        ):
+            raise PlanError(
+                f"plan revert_after_seconds {self.revert_after_seconds!r} must be from 0 (none)"
+                f" to {MAX_REVERT_MINUTES * 60:.0f}"
+            )
+        if self.keeper_ssh_argv:
+            _check_absolute("keeper_ssh_argv[0]", self.keeper_ssh_argv[0])
         if any("=" in key or not key for key in self.init_env):
             raise PlanError("plan init_env has an empty key or a key containing '='")
-        if any("\0" in text for text in (*self.init_argv, *self.init_env.values())):
-            raise PlanError("plan init_argv or init_env contains a NUL byte")
+        texts = (*self.init_argv, *self.init_env.values(), *self.keeper_ssh_argv)
+        if any("\0" in text for text in texts):
+            raise PlanError("plan init_argv, init_env or keeper_ssh_argv contains a NUL byte")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -111,6 +130,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_path": (str,),
     "machine": (bool,),
     "sync_timeout_seconds": (int, float),
+    "keeper_ssh_argv": (list,),
+    "revert_after_seconds": (int, float),
 }
 _REQUIRED = ("version", "new_root", "init_argv")
 
@@ -132,12 +153,14 @@ def plan_from_dict(data: object) -> Plan:
         wanted = _FIELD_TYPES[key]
         if isinstance(value, bool) != (bool in wanted) or not isinstance(value, wanted):
             raise PlanError(f"plan field {key} has type {type(value).__name__}")
-    if not all(isinstance(arg, str) for arg in data["init_argv"]):
-        raise PlanError("plan init_argv must be a list of strings")
+    for key in ("init_argv", "keeper_ssh_argv"):
+        if not all(isinstance(arg, str) for arg in data.get(key, [])):
+            raise PlanError(f"plan {key} must be a list of strings")
     env: dict[str, Any] = data.get("init_env", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise PlanError("plan init_env must map strings to strings")
-    seconds = {
+    seconds = {key: float(data[key]) for key in ("revert_after_seconds",) if key in data}
+    seconds |= {
         key: float(data[key]) for key in ("grace_seconds", "sync_timeout_seconds") if key in data
     }
     plan = Plan(**{**data, **seconds})

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
-from initstage import hermetic, linux
+from initstage import hermetic, keeper, linux
 from initstage.children import JobResult, Outcome, run_jobs
 from initstage.console import Console, StageLog, retry_vt, take_console
 from initstage.mounts import Mount, is_mount_point, mount_of, one_per_superblock, read_mounts
@@ -154,7 +154,7 @@ def reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def reset_rlimits(log: StageLog) -> None:
+def reset_rlimits(log: Callable[[str], None]) -> None:
     limits = dict(BOOT_RLIMITS)
     try:
         with open("/proc/sys/kernel/threads-max", "rb") as threads_max:
@@ -483,6 +483,7 @@ class Stage:
             raise StageError(
                 f"the image's init {init} is missing or not executable in the new root"
             )
+        self.start_keeper(plan)
         self.release_old_root(plan)
         env = plan.init_env
         if self.console_staged:
@@ -504,6 +505,34 @@ class Stage:
                 "interpreter (e.g. /lib64/ld-linux-x86-64.so.2) or its #! interpreter is "
                 "missing in the new root"
             ) from error
+
+    def start_keeper(self, plan: Plan) -> None:
+        """Fork the keeper (initstage.keeper) if the plan gives it work: the SSH server to
+        keep running, the revert timer. It reboots only if the plan says machine and this is
+        the machine's PID 1, as for the superblock remount."""
+        settings = keeper.KeeperSettings(
+            ssh_argv=tuple(plan.keeper_ssh_argv),
+            revert_after_seconds=plan.revert_after_seconds,
+            may_reboot=plan.machine and self.machine_init,
+        )
+        if not settings.has_work:
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if not self.machine_init:
+                    hermetic.drop_capability(hermetic.CAP_MKNOD)
+                reset_rlimits(lambda line: None)
+                reset_signals()
+                os.umask(0o022)
+            finally:
+                keeper.run(settings)
+        # It runs from this interpreter, whose files are on the old root: until it exits,
+        # the old root's devices stay busy (the keep file ends a timer-only keeper).
+        self.log(f"keeper: pid {pid}, logging to {keeper.LOG_PATH} and the kernel log")
+        if settings.revert_after_seconds:
+            deadline = time.time() + settings.revert_after_seconds
+            self.log(f"revert timer: {keeper.keep_instructions(deadline)}")
 
     def release_old_root(self, plan: Plan) -> None:
         """On the machine, say whether the old root's block devices will be free, which

@@ -1,0 +1,345 @@
+"""The keeper: a child the stage forks just before it execs the image's init, to watch over
+the new system's first minutes (issue 9 §4). It does two things, each only when asked:
+
+- **SSH** (``--ssh``): runs the image's SSH server with the carried host keys and starts it
+  again whenever it dies, with a growing pause, never in a busy loop. This is what keeps a
+  machine reachable when its new init is a shell or busybox init, which start no services.
+- **The dead-man's switch** (``--revert-after MINUTES``): at the deadline, unless
+  :data:`KEEP_FILE` exists (looked up by path: the new init may mount a fresh ``/run``, and
+  that is the one the user touches), it syncs and reboots, so that the old system boots
+  again from its disk. Only when the stage ran as the machine's own PID 1 of a real switch:
+  anywhere else (a rehearsal, a ``--target-pid`` namespace) it logs that a real switch would
+  reboot now and leaves :data:`REVERT_DUE_FILE`, nothing else.
+
+It never takes the new system down for any other reason, logs every action to the kernel
+log and to :data:`LOG_PATH`, and exits once nothing is left to do. Like the stage it is
+standard library only and imports nothing once forked: the stage imports this module (and
+so all it uses) at start-up, before the pivot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
+
+from initstage import linux
+from initstage.children import run_jobs
+from initstage.console import Kmsg
+
+KEEP_FILE = "/run/dboot/keep"
+REVERT_DUE_FILE = "/run/dboot/revert-due"
+# Not under /run: a new init that mounts a fresh /run would hide a log kept there.
+LOG_PATH = "/var/log/dboot-keeper.log"
+PREFIX = "dboot-keeper: "
+# How often the keep file and the SSH server are looked at between the events due.
+POLL_SECONDS = 1.0
+# The pause before an SSH server that died is started again: doubled each time it dies
+# young, up to the longest, and back to the first once one has run for STABLE_SECONDS.
+FIRST_RESPAWN_DELAY = 1.0
+LONGEST_RESPAWN_DELAY = 60.0
+STABLE_SECONDS = 60.0
+SYNC_TIMEOUT = 10.0  # a sync that hangs (a dead NFS server) must not hold the revert back
+SSH_KEYGEN = "/usr/bin/ssh-keygen"
+SSHD_PRIVSEP_DIR = "/run/sshd"  # OpenSSH refuses to start without it; a fresh /run lacks it
+HOST_KEY_PREFIX = "ssh_host_"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# include/uapi/linux/reboot.h: LINUX_REBOOT_CMD_RESTART, which glibc's reboot() calls RB_AUTOBOOT.
+RB_AUTOBOOT = 0x01234567
+_libc_reboot = linux.libc.reboot  # looked up now: after the pivot nothing may be loaded
+
+
+@dataclass(frozen=True)
+class KeeperSettings:
+    """What the keeper is asked to do. ``may_reboot``: the plan says ``machine`` and the
+    stage ran as the machine's own PID 1; in any other case the revert is only logged."""
+
+    ssh_argv: tuple[str, ...] = ()
+    revert_after_seconds: float = 0.0  # 0: no dead-man's switch
+    may_reboot: bool = False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.ssh_argv) or self.revert_after_seconds > 0
+
+
+def utc_clock(epoch: float) -> str:
+    """'21:42:05 UTC'."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
+
+
+def keep_instructions(deadline: float) -> str:
+    """How to keep the new system: one text for the CLI's last lines and the stage log."""
+    return (
+        f"to keep the new system, run `touch {KEEP_FILE}` in it before {utc_clock(deadline)};"
+        " otherwise it reboots into the old system then. Do that before you wipe or"
+        " repartition the old disk: after that there is nothing to revert to"
+    )
+
+
+class KeeperHost(Protocol):
+    """What the keeper does to the system: the live one, or a fake in the unit tests."""
+
+    def clock(self) -> float: ...
+    def wall_clock(self) -> float: ...
+    def exists(self, path: str) -> bool: ...
+    def prepare_ssh(self) -> list[str]: ...
+    def start(self, argv: tuple[str, ...]) -> int: ...
+    def exit_status(self, pid: int) -> int | None: ...
+    def mark_revert_due(self) -> None: ...
+    def sync(self) -> str: ...
+    def reboot(self) -> None: ...
+
+
+class Keeper:
+    """The decisions, one :meth:`tick` at a time; all effects go through the host."""
+
+    def __init__(
+        self, settings: KeeperSettings, host: KeeperHost, log: Callable[[str], None]
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.log = log
+        now = host.clock()
+        seconds = settings.revert_after_seconds
+        self.deadline: float | None = now + seconds if seconds > 0 else None
+        self.deadline_wall = host.wall_clock() + seconds
+        self.sshd_pid: int | None = None
+        self.sshd_started = 0.0
+        self.next_start: float | None = now if settings.ssh_argv else None
+        self.respawn_delay = FIRST_RESPAWN_DELAY
+        self.starts = 0
+
+    def announce(self) -> None:
+        if self.settings.ssh_argv:
+            self.log(f"SSH: keeping {' '.join(self.settings.ssh_argv)} running")
+        if self.deadline is None:
+            self.log("revert: no timer (the new system stays)")
+            return
+        minutes = self.settings.revert_after_seconds / 60
+        action = "sync and reboot" if self.settings.may_reboot else "only log it (not the machine)"
+        self.log(f"revert: in {minutes:g} min, unless {KEEP_FILE} exists by then, {action}")
+        self.log(keep_instructions(self.deadline_wall))
+
+    def tick(self) -> float | None:
+        """Do what is due now; return how long to sleep, or None when nothing is left."""
+        now = self.host.clock()
+        self.watch_sshd(now)
+        self.watch_deadline(now)
+        if self.next_start is not None and now >= self.next_start:
+            self.start_sshd(now)
+        if self.deadline is None and not self.settings.ssh_argv:
+            return None
+        due = [now + POLL_SECONDS]
+        due += [moment for moment in (self.next_start, self.deadline) if moment is not None]
+        return max(0.0, min(due) - now)
+
+    def watch_deadline(self, now: float) -> None:
+        if self.deadline is None:
+            return
+        if self.host.exists(KEEP_FILE):
+            self.deadline = None
+            self.log(f"{KEEP_FILE} found: the revert is off, the new system stays")
+        elif now >= self.deadline:
+            self.deadline = None
+            self.revert()
+
+    def revert(self) -> None:
+        if not self.settings.may_reboot:
+            self.log(
+                f"revert deadline passed without {KEEP_FILE}: a real switch would reboot now"
+                f" (not the machine's PID 1: leaving {REVERT_DUE_FILE} instead)"
+            )
+            self.host.mark_revert_due()
+            return
+        self.log(f"revert deadline passed without {KEEP_FILE}: sync, then reboot")
+        self.log(f"sync: {self.host.sync()}")
+        self.log("reboot(RB_AUTOBOOT): the old system boots from its disk")
+        self.host.reboot()  # returns only if the kernel refused
+
+    def watch_sshd(self, now: float) -> None:
+        if self.sshd_pid is None:
+            return
+        status = self.host.exit_status(self.sshd_pid)
+        if status is None:
+            return
+        ran = now - self.sshd_started
+        if ran >= STABLE_SECONDS:
+            self.respawn_delay = FIRST_RESPAWN_DELAY
+        self.log(
+            f"SSH server pid {self.sshd_pid} ended ({describe_status(status)}) after {ran:.1f} s:"
+            f" starting it again in {self.respawn_delay:g} s"
+        )
+        self.sshd_pid = None
+        self.next_start = now + self.respawn_delay
+        self.respawn_delay = min(self.respawn_delay * 2, LONGEST_RESPAWN_DELAY)
+
+    def start_sshd(self, now: float) -> None:
+        self.next_start = None
+        for line in self.host.prepare_ssh():
+            self.log(line)
+        try:
+            self.sshd_pid = self.host.start(self.settings.ssh_argv)
+        except OSError as error:
+            self.log(f"SSH server: cannot start it ({error}): trying again in 1 s")
+            self.next_start = now + FIRST_RESPAWN_DELAY
+            return
+        self.sshd_started = now
+        self.starts += 1
+        again = "" if self.starts == 1 else f" (start {self.starts})"
+        self.log(f"SSH server started{again}: pid {self.sshd_pid}")
+
+
+def describe_status(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"exit status {code}" if code >= 0 else f"signal {-code}"
+
+
+class LiveHost:
+    """The keeper's effects on the running system."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def wall_clock(self) -> float:
+        return time.time()
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def prepare_ssh(self) -> list[str]:
+        """What OpenSSH needs each time it starts: its privilege-separation directory (a
+        fresh /run lacks it) and host keys (generated only when none were carried)."""
+        lines = []
+        if not os.path.isdir(SSHD_PRIVSEP_DIR):
+            os.makedirs(SSHD_PRIVSEP_DIR, mode=0o755, exist_ok=True)
+            lines.append(f"made {SSHD_PRIVSEP_DIR}")
+        try:
+            keys = [name for name in os.listdir("/etc/ssh") if name.startswith(HOST_KEY_PREFIX)]
+        except OSError:
+            keys = []
+        if not keys and os.access(SSH_KEYGEN, os.X_OK):
+            keygen = [("ssh-keygen -A", _exec_job([SSH_KEYGEN, "-A"]))]
+            done = run_jobs(keygen, SYNC_TIMEOUT, time.monotonic, time.sleep).results[0].ok
+            lines.append(f"no host keys in /etc/ssh: ssh-keygen -A {'done' if done else 'failed'}")
+        return lines
+
+    def start(self, argv: tuple[str, ...]) -> int:
+        """The SSH server in a child: stdin /dev/null, its output into the keeper's log."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                fd = os.open(LOG_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.execve(argv[0], list(argv), {"PATH": DEFAULT_PATH})
+            finally:
+                os._exit(127)
+        return pid
+
+    def exit_status(self, pid: int) -> int | None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0  # reaped already: it is gone all the same
+        return status if done else None
+
+    def mark_revert_due(self) -> None:
+        os.makedirs(os.path.dirname(REVERT_DUE_FILE), mode=0o755, exist_ok=True)
+        fd = os.open(REVERT_DUE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        finally:
+            os.close(fd)
+
+    def sync(self) -> str:
+        outcome = run_jobs([("sync", _sync_job)], SYNC_TIMEOUT, time.monotonic, time.sleep)
+        if outcome.unfinished:
+            return f"did not finish within {SYNC_TIMEOUT:g} s: rebooting without it"
+        return f"done in {outcome.seconds * 1000:.0f} ms"
+
+    def reboot(self) -> None:
+        if _libc_reboot(RB_AUTOBOOT) != 0:
+            self.log(f"reboot(RB_AUTOBOOT) refused: {os.strerror(ctypes.get_errno())}")
+
+
+def _sync_job() -> str:
+    os.sync()
+    return ""
+
+
+def _exec_job(argv: list[str]) -> Callable[[], str]:
+    def job() -> str:
+        os.execve(argv[0], argv, {"PATH": DEFAULT_PATH})
+
+    return job
+
+
+class KeeperLog:
+    """Lines to the kernel log and to :data:`LOG_PATH`, reopened for each line (the new
+    init may mount /dev or /var/log over what was there). Never raises."""
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self.wall_clock = wall_clock
+        self.kmsg: Kmsg | None = None
+
+    def __call__(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S", time.gmtime(self.wall_clock()))
+        line = f"{PREFIX}{stamp} {message}"
+        with contextlib.suppress(OSError):
+            if self.kmsg is None:
+                self.kmsg = Kmsg()
+            self.kmsg.write(line)
+        with contextlib.suppress(OSError):
+            fd = os.open(LOG_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+
+
+def detach() -> None:
+    """A session of its own, / as its directory, and none of the stage's files: not the
+    console, and above all not the old root's directory fd, which would keep it busy."""
+    os.setsid()
+    os.chdir("/")
+    linux.close_range(0)
+    try:
+        null = os.open("/dev/null", os.O_RDWR)
+    except OSError:
+        return  # no /dev/null (no API mounts): the SSH server gets none either
+    for fd in (0, 1, 2):
+        if fd != null:
+            os.dup2(null, fd)
+
+
+def run(settings: KeeperSettings) -> NoReturn:
+    """The keeper's whole life, in the child the stage forked. Never returns."""
+    status = 0
+    try:
+        detach()
+        log = KeeperLog()
+        os.makedirs(os.path.dirname(LOG_PATH), mode=0o755, exist_ok=True)
+        keeper = Keeper(settings, LiveHost(log), log)
+        keeper.announce()
+        while True:
+            try:
+                pause = keeper.tick()
+            except Exception as error:  # the timer must outlive a failed step
+                log(f"error: {type(error).__name__}: {error}; going on")
+                pause = POLL_SECONDS
+            if pause is None:
+                break
+            time.sleep(pause)
+        log("nothing left to do: exiting")
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
