@@ -23,6 +23,8 @@ MAX_GRACE_SECONDS = 600.0
 # How long the old system's processes get between SIGTERM and SIGKILL, unless told.
 DEFAULT_GRACE_SECONDS = 3.0
 MAX_PLAN_BYTES = 1 << 20
+# How long a teaching pause waits for the host's go before the stage goes on by itself.
+DEFAULT_TEACH_TIMEOUT_SECONDS = 900.0
 # The longest revert timer (the keeper's dead-man's switch): a day. A longer one was meant
 # in seconds, or is no dead-man's switch at all.
 MAX_REVERT_MINUTES = 1440.0
@@ -51,6 +53,10 @@ class Plan:
     # How long sync (and each read-only remount) may take without making progress before
     # the stage names what did not finish and goes on: a hung NFS server must not hang PID 1.
     sync_timeout_seconds: float = 10.0
+    # A teaching rehearsal: the unix socket where the host says "go" before each of the
+    # stage's steps (initstage.teachpause). Empty: no pauses. Never on the machine.
+    teach_socket: str = ""
+    teach_timeout_seconds: float = DEFAULT_TEACH_TIMEOUT_SECONDS
     # The keeper (initstage.keeper), forked just before the exec: the SSH server it runs and
     # restarts (empty: none), and the seconds after which it reverts to the old system unless
     # /run/dboot/keep exists (0: never). It reboots only when ``machine`` is true as well.
@@ -94,6 +100,17 @@ class Plan:
             )
         if self.keeper_ssh_argv:
             _check_absolute("keeper_ssh_argv[0]", self.keeper_ssh_argv[0])
+        if self.teach_socket:
+            if self.machine:
+                raise PlanError(
+                    "plan teach_socket is set on a machine plan: a real switch never waits "
+                    "on a UI; pause only in a rehearsal"
+                )
+            _check_absolute("teach_socket", self.teach_socket)
+        if not (math.isfinite(self.teach_timeout_seconds) and self.teach_timeout_seconds > 0):
+            raise PlanError(
+                f"plan teach_timeout_seconds {self.teach_timeout_seconds!r} must be > 0"
+            )
         if any("=" in key or not key for key in self.init_env):
             raise PlanError("plan init_env has an empty key or a key containing '='")
         texts = (*self.init_argv, *self.init_env.values(), *self.keeper_ssh_argv)
@@ -130,10 +147,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_path": (str,),
     "machine": (bool,),
     "sync_timeout_seconds": (int, float),
+    "teach_socket": (str,),
+    "teach_timeout_seconds": (int, float),
     "keeper_ssh_argv": (list,),
     "revert_after_seconds": (int, float),
 }
 _REQUIRED = ("version", "new_root", "init_argv")
+# Seconds may be written as JSON integers; the Plan holds floats.
+_SECONDS_FIELDS = (
+    "grace_seconds",
+    "sync_timeout_seconds",
+    "revert_after_seconds",
+    "teach_timeout_seconds",
+)
 
 
 def plan_from_dict(data: object) -> Plan:
@@ -159,10 +185,7 @@ def plan_from_dict(data: object) -> Plan:
     env: dict[str, Any] = data.get("init_env", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise PlanError("plan init_env must map strings to strings")
-    seconds = {key: float(data[key]) for key in ("revert_after_seconds",) if key in data}
-    seconds |= {
-        key: float(data[key]) for key in ("grace_seconds", "sync_timeout_seconds") if key in data
-    }
+    seconds = {key: float(data[key]) for key in _SECONDS_FIELDS if key in data}
     plan = Plan(**{**data, **seconds})
     plan.validate()
     return plan

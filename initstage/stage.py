@@ -31,6 +31,7 @@ from initstage.console import Console, StageLog, retry_vt, take_console
 from initstage.mounts import Mount, is_mount_point, mount_of, one_per_superblock, read_mounts
 from initstage.plan import Plan, PlanError, read_plan
 from initstage.procs import KernelCgroups, KernelSignals, ProcTable, parse_stat, terminate_all
+from initstage.teachpause import PausingSignals, TeachChannel, execve_text
 
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
@@ -186,6 +187,7 @@ class Stage:
         self.old_devices: list[str] = []  # "major:minor" of the old system's block devices
         self.hung_children: list[int] = []  # flush children stuck in the kernel
         self.step_number = 0
+        self.teach = TeachChannel("", 1.0, log)  # a teaching rehearsal's plan names one
 
     def step(self, number: int, title: str) -> None:
         self.step_number = number
@@ -223,8 +225,11 @@ class Stage:
         )
         if self.machine_init:
             self.log("running as the machine's PID 1")
+            if plan.teach_socket:
+                self.log("teaching: refused on the machine's PID 1: no pauses")
         else:
             self.isolate_sandbox()
+            self.teach = TeachChannel(plan.teach_socket, plan.teach_timeout_seconds, self.log)
         return plan
 
     def isolate_sandbox(self) -> None:
@@ -243,6 +248,11 @@ class Stage:
 
     # Step 3 -------------------------------------------------------------------------
     def terminate_everything(self, plan: Plan) -> None:
+        self.teach.pause(
+            "sync",
+            f"sync(), and syncfs(fd) for each filesystem, in children, under a"
+            f" {plan.sync_timeout_seconds:g} s deadline",
+        )
         self.flush_filesystems(plan)
         try:
             cgroups: KernelCgroups | None = KernelCgroups()
@@ -255,7 +265,7 @@ class Stage:
             self.log(f"left behind, stuck flushing: pids {self.hung_children}")
         report = terminate_all(
             ProcTable(ignore=self.hung_children),
-            KernelSignals(),
+            PausingSignals(KernelSignals(), self.teach),
             grace=plan.grace_seconds,
             kill_timeout=KILL_TIMEOUT,
             log=self.log,
@@ -399,6 +409,10 @@ class Stage:
     def pivot(self, new_root: str) -> None:
         if not os.path.isdir(new_root):
             raise StageError(f"new root {new_root} is not a directory")
+        self.teach.pause(
+            "pivot_root",
+            f'chdir("{new_root}"); pivot_root(".", "."); umount2(".", MNT_DETACH)',
+        )
         # Private first: pivot_root refuses shared mounts, and nothing we do from here on
         # may propagate back into another mount namespace.
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -447,6 +461,11 @@ class Stage:
         if not plan.api_mounts:
             self.log("API filesystems: not mounted (api_mounts is false)")
             return
+        self.teach.pause(
+            "API mounts",
+            'mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC, NULL), then /sys,'
+            " /dev and /dev/pts",
+        )
         done, skipped = [], []
         for mount_point, fstype, flags, options in API_MOUNTS:
             if is_mounted(mount_point):
@@ -495,6 +514,7 @@ class Stage:
             env = {hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME, **env}
             hermetic.drop_capability(hermetic.CAP_MKNOD)
         self.log(f"exec {plan.init_argv}")
+        self.teach.pause("exec", execve_text(init, plan.init_argv))
         self.save_log()
         try:
             self.exec_clean(plan.init_argv, env)

@@ -35,7 +35,7 @@ from initstage import linux
 from initstage.console import VT_NUMBER
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import DEFAULT_GRACE_SECONDS, MAX_GRACE_SECONDS, Plan, write_plan
-from injector import check, labmode
+from injector import check, labmode, teach
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import carry_verdicts, read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -110,10 +110,18 @@ class SwitchOptions:
     # An image a check already opened and read (the wizard's): the run copies from it
     # instead of reading the image again. Whoever opened it closes it.
     source: ImageSource | None = None
+    # A teaching rehearsal: called before each step (host and stage) with what it does, in
+    # the run's worker threads; the run waits until it returns. Rehearsals only.
+    pause: teach.PauseHook | None = None
 
     def __post_init__(self) -> None:
         """Every rule about the options alone, checked up front: before any image is read."""
         preflight.check_init_argv(self.init_argv)
+        if self.pause is not None and not self.rehearse:
+            raise SafetyRefusal(
+                "teaching pauses are for rehearsals: a real switch never waits on a UI",
+                "rehearse to learn step by step, or switch without --teach",
+            )
         if not (math.isfinite(self.grace) and 0 <= self.grace <= MAX_GRACE_SECONDS):
             raise BadInput(
                 f"grace period {self.grace:g} s is not between 0 and {MAX_GRACE_SECONDS:.0f} s",
@@ -215,7 +223,10 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
         if options.source is not None
         else open_source(options.image, options.docker_host)
     )
+    teacher = teach.Teacher(options.pause) if options.pause is not None else None
     with opened as source:
+        if teacher is not None:
+            teacher(teach.Pause("host", "source", teach.source_call(options.image)))
         yield StepStarted("source", f"Reading image {options.image}")
         index = (yield from check.read_image(source, options.init_argv)).index
         yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
@@ -227,14 +238,21 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
             try:
                 from injector.rehearsal.sandbox import SHARED_WITH_HOST, Sandbox
 
-                with Sandbox(
-                    services=options.services, console=options.console, kinds=options.service_kinds
-                ) as sandbox:
+                with (
+                    Sandbox(
+                        services=options.services,
+                        console=options.console,
+                        kinds=options.service_kinds,
+                    ) as sandbox,
+                    teach.stage_listener(teacher, sandbox.pid, options.state_dir) as listener,
+                ):
                     yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
                     yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
                     if sandbox.console == "pty":
                         yield ConsoleAttached(sandbox.take_terminal())
-                    yield from _switch_target(options, source, index, sandbox.pid, sandbox, runlog)
+                    yield from _switch_target(
+                        options, source, index, sandbox.pid, sandbox, runlog, teacher, listener
+                    )
             finally:
                 if created_state_dir:
                     with contextlib.suppress(OSError):
@@ -251,6 +269,8 @@ def _switch_target(
     target: int,
     sandbox: Sandbox | None,
     runlog: RunLog,
+    teacher: teach.Teacher | None = None,
+    listener: teach.StageListener | None = None,
 ) -> Iterator[Event]:
     mode = options.mode
     if mode != "switch" and not ptrace.is_pid1_of_its_namespace(target):
@@ -260,6 +280,8 @@ def _switch_target(
         )
 
     # --- Preflight: facts first, then verdicts. ---------------------------------------
+    if teacher is not None:
+        teacher(teach.Pause("host", "preflight", teach.preflight_call(target), target))
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
     report = check.gather(
         source,
@@ -325,8 +347,13 @@ def _switch_target(
         raise
     undo.namespace_pid, undo.state_dir = namespace_pid, options.state_dir
     try:
+        if teacher is not None:
+            call = teach.copy_call(options.state_dir / "root", tmpfs_size)
+            teacher(teach.Pause("host", "copy", call, target))
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
         prepare = _Prepare(options, source, tmpfs_size, plan_path, mode, report.modules)
+        if listener is not None:
+            prepare.teach_socket = str(listener.stage_path)
         used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
         estimate = report.ram.estimated_bytes  # the image, the kernel's modules and firmware
         yield Fact("ram", "actual_bytes", used)
@@ -339,6 +366,8 @@ def _switch_target(
             yield Finished("dry-run", detail="stopped before the injection; everything undone")
             return
 
+        if listener is not None:
+            listener.start()  # in the sandbox's state dir, mounted by the copy
         python, argv, envp = _stage_command(target, plan_path)
         yield StepStarted("inject", f"Injecting execve into pid {target}")
         if mode == "switch" and options.last_words is not None:
@@ -347,7 +376,7 @@ def _switch_target(
                 f"dboot init stage. This terminal will now close; watch VT {VT_NUMBER} or the "
                 "serial console."
             )
-        injection = yield from _inject_live(target, python, argv, envp, undo)
+        injection = yield from _inject_live(target, python, argv, envp, undo, teacher)
     except BaseException as error:
         if isinstance(error, ptrace.InjectionRolledBack):
             undo.committed = False  # PID 1 re-runs its own call: nothing of ours is live
@@ -404,6 +433,7 @@ class _Prepare:
     plan_path: Path
     mode: Mode
     modules: ModulesFacts | None = None  # the kernel's modules and firmware to add
+    teach_socket: str = ""  # a teaching rehearsal: where the stage asks for each go
 
     def __call__(self, send: Callable[[Event], None]) -> int:
         state_dir = self.options.state_dir
@@ -446,6 +476,7 @@ class _Prepare:
                 # real (superblocks are shared with the host); a namespace's stage does it per
                 # mount. The stage checks /proc agrees before it believes this.
                 machine=self.mode == "switch",
+                teach_socket=self.teach_socket if self.mode == "rehearse" else "",
             )
             write_plan(plan, self.plan_path)
             send(Log(f"plan written to {self.plan_path}"))
@@ -524,7 +555,12 @@ def _swaps_off_now(report: preflight.Report) -> list[str]:
 
 
 def _inject_live(
-    target: int, python: str, argv: list[str], envp: list[str], undo: _Undo
+    target: int,
+    python: str,
+    argv: list[str],
+    envp: list[str],
+    undo: _Undo,
+    pause: teach.PauseHook | None = None,
 ) -> Generator[Event, None, ptrace.InjectionReport]:
     """``ptrace.inject_execve`` in a thread of its own, its notes and waits as live events.
 
@@ -553,6 +589,7 @@ def _inject_live(
                     log=lambda line: events.put(Log(line)),
                     on_commit=committed,
                     on_wait=waiting,
+                    pause=pause,
                 )
             )
         except BaseException as error:

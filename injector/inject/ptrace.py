@@ -73,6 +73,17 @@ from injector.inject.ptrace_ext import (
 )
 from injector.preflight import procinfo
 from injector.signals import EndingSignal, pending_call_off, signals_deferred
+from injector.teach import (
+    Pause,
+    PauseHook,
+    RegisterRow,
+    entry_stop_call,
+    execve_call,
+    interrupt_call,
+    register_rows,
+    seize_call,
+    swap_call,
+)
 from injector.testhooks import pause_point
 
 # TRACESYSGOOD: syscall stops report SIGTRAP|0x80, unlike a real SIGTRAP;
@@ -259,7 +270,7 @@ class _Tracee:
 
     # -- attach, wait, resume, detach
 
-    def seize(self) -> None:
+    def seize(self, before_interrupt: Callable[[], None] | None = None) -> None:
         try:
             _ptrace(PTRACE_SEIZE, self.pid, 0, SEIZE_OPTIONS)
         except OSError as error:
@@ -269,6 +280,8 @@ class _Tracee:
             f"seized PID {self.pid} (TRACESYSGOOD|TRACEEXEC; no EXITKILL, so PID {self.pid} "
             "outlives us if we die)"
         )
+        if before_interrupt is not None:
+            before_interrupt()
         # SEIZE does not stop the target; INTERRUPT does, wherever it is.
         _ptrace(PTRACE_INTERRUPT, self.pid)
 
@@ -538,6 +551,7 @@ def inject_execve(
     entry_timeout: float = ENTRY_TIMEOUT,
     on_commit: Callable[[], None] | None = None,
     on_wait: WaitReport | None = None,
+    pause: PauseHook | None = None,
 ) -> InjectionReport:
     """Make ``pid`` call ``execve(path, argv, envp)``.
 
@@ -550,7 +564,9 @@ def inject_execve(
 
     ``on_commit`` is called as soon as the swap is in: from then on PID 1 may exec, and only
     an InjectionRolledBack means that it will not. ``on_wait`` hears how long execve takes
-    when it takes seconds.
+    when it takes seconds. ``pause`` (a teaching rehearsal only) is called, in this thread,
+    before the seize, the interrupt, at the entry stop, before the swap and before execve
+    runs, and blocks the injection until it returns.
     """
     _refuse_host_pid1_in_lab_mode(pid)  # before any ptrace call, on purpose
     try:
@@ -566,7 +582,9 @@ def inject_execve(
     started = time.monotonic()
     try:
         with signals_deferred():
-            return _inject(tracee, path, argv, envp, started, entry_timeout, on_commit, on_wait)
+            return _inject(
+                tracee, path, argv, envp, started, entry_timeout, on_commit, on_wait, pause
+            )
     except OSError as error:
         # A ptrace request or /proc access the kernel refused half-way (the target died,
         # memory vanished): name it. Whatever we had changed was undone on the way out.
@@ -586,17 +604,30 @@ def _inject(
     entry_timeout: float,
     on_commit: Callable[[], None] | None,
     on_wait: WaitReport | None,
+    pause: PauseHook | None = None,
 ) -> InjectionReport:
     arch, pid, log = tracee.arch, tracee.pid, tracee.log
+
+    def teach(step: str, syscall: str, registers: tuple[RegisterRow, ...] = ()) -> None:
+        if pause is not None:
+            pause(Pause("host", step, syscall, pid, arch.name, registers))
 
     # 1-2. Seize and reach a syscall entry. Nothing of ours is in the target yet, so any
     # failure here only needs a detach.
     pause_point("before-seize")
     _stop_if_asked_to_end(log, "before the attach")
+    teach("seize", seize_call(pid))
     try:
-        tracee.seize()
+        tracee.seize(lambda: teach("interrupt", interrupt_call(pid)))
         entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
         pause_point("entry-stop")
+        teach(
+            "entry-stop",
+            entry_stop_call(pid, entry.name),
+            registers=register_rows(
+                arch, archmod.shown(arch, entry.regs), kernel_nr=(entry.nr, None)
+            ),
+        )
     except TimeoutError:
         tracee.abandon()
         raise EnvironmentFailure(
@@ -634,6 +665,16 @@ def _inject(
         substituted = archmod.substitute_execve(
             arch, entry.regs, block.path, block.argv, block.envp
         )
+        teach(
+            "swap",
+            swap_call(arch, pid, base, size),
+            registers=register_rows(
+                arch,
+                archmod.shown(arch, entry.regs),
+                archmod.shown(arch, substituted.regs),
+                kernel_nr=(entry.nr, substituted.kernel_nr),
+            ),
+        )
         # The last moment to call it off: a Ctrl-C or a hang-up held back since the attach.
         _stop_if_asked_to_end(log, "at the entry stop, before the swap")
         swapped = True
@@ -647,6 +688,7 @@ def _inject(
     if on_commit is not None:
         on_commit()
     pause_point("swapped")
+    teach("execve", execve_call(pid, path, argv))
 
     report = InjectionReport(
         pid=pid,
