@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ MAX_GRACE_SECONDS = 600.0
 # How long the old system's processes get between SIGTERM and SIGKILL, unless told.
 DEFAULT_GRACE_SECONDS = 3.0
 MAX_PLAN_BYTES = 1 << 20
+_NETNS_NAME = re.compile(r"net:\[\d+\]")
 # How long a teaching pause waits for the host's go before the stage goes on by itself.
 DEFAULT_TEACH_TIMEOUT_SECONDS = 900.0
 # The longest revert timer (the keeper's dead-man's switch): a day. A longer one was meant
@@ -53,6 +55,12 @@ class Plan:
     # How long sync (and each read-only remount) may take without making progress before
     # the stage names what did not finish and goes on: a hung NFS server must not hang PID 1.
     sync_timeout_seconds: float = 10.0
+    # Keep the kernel's network state across the kill phase (initstage.netkeep): put back
+    # the addresses and routes a stopping network daemon removes, make leased ones permanent.
+    keep_network: bool = True
+    # A sandbox's own network namespace ("net:[inode]"), checked by the injector not to be
+    # the host's. A stage that is not the machine's PID 1 keeps the network only there.
+    sandbox_netns: str = ""
     # A teaching rehearsal: the unix socket where the host says "go" before each of the
     # stage's steps (initstage.teachpause). Empty: no pauses. Never on the machine.
     teach_socket: str = ""
@@ -111,6 +119,11 @@ class Plan:
             raise PlanError(
                 f"plan teach_timeout_seconds {self.teach_timeout_seconds!r} must be > 0"
             )
+        if self.sandbox_netns and not _NETNS_NAME.fullmatch(self.sandbox_netns):
+            raise PlanError(
+                f"plan sandbox_netns {self.sandbox_netns!r} is not a namespace name like"
+                " net:[4026532000] (readlink /proc/PID/ns/net)"
+            )
         if any("=" in key or not key for key in self.init_env):
             raise PlanError("plan init_env has an empty key or a key containing '='")
         texts = (*self.init_argv, *self.init_env.values(), *self.keeper_ssh_argv)
@@ -147,6 +160,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_path": (str,),
     "machine": (bool,),
     "sync_timeout_seconds": (int, float),
+    "keep_network": (bool,),
+    "sandbox_netns": (str,),
     "teach_socket": (str,),
     "teach_timeout_seconds": (int, float),
     "keeper_ssh_argv": (list,),

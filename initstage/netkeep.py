@@ -1,0 +1,190 @@
+"""Keep the kernel's network state across the kill phase (issue 9, section 3).
+
+The kernel outlives the switch, and with it every interface, address and route. What
+does not survive is userspace's care of them: a stopping systemd-networkd removes the
+DHCP and SLAAC addresses it made (``KeepConfiguration=no``), NetworkManager and dhclient
+scripts do the same, ifupdown takes links down, and once the DHCP client is dead the
+kernel drops a leased address when its ``valid_lft`` runs out. So the stage takes a
+:func:`snapshot` before the kill phase and :func:`restore` s it after: links that were up
+are up again, addresses and routes that vanished are put back, and every dynamic address
+is made permanent (lifetimes forever) until the new system's own client takes over.
+
+Each change is one line in the stage log. Nothing here may stop the switch: a failure is
+logged and the next change is tried. Loopback is left alone, and so are IPv6 link-local
+addresses and routes (the kernel makes them itself) and IPv6 privacy addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from initstage.netlink import Address, Link, NetlinkError, Route, Rtnetlink
+from initstage.plan import Plan
+
+Log = Callable[[str], None]
+REMOVED = "removed while the old system stopped"
+WENT_DOWN = "taken down while the old system stopped"
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    links: list[Link]
+    addresses: list[Address]
+    routes: list[Route]
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {link.index: link.name for link in self.links}
+
+
+def refusal(plan: Plan, machine_init: bool) -> str | None:
+    """Why the stage must leave this network namespace alone, or None when it may keep it.
+
+    On the machine it is the machine's network. In a sandbox only the network namespace
+    the injector checked is the sandbox's own (``plan.sandbox_netns``): one shared with the
+    host (a test's bare PID namespace, a ``--target-pid`` lab) is the host's network."""
+    if not plan.keep_network:
+        return "the plan says keep_network false"
+    if machine_init:
+        return None
+    try:
+        here = os.readlink("/proc/self/ns/net")
+    except OSError as error:
+        return f"cannot tell which network namespace this is ({error.strerror})"
+    if not plan.sandbox_netns:
+        return (
+            f"a sandbox whose plan names no network namespace of its own ({here} may be the host's)"
+        )
+    if plan.sandbox_netns != here:
+        return f"a sandbox in {here}, not in its own {plan.sandbox_netns}"
+    return None
+
+
+def read_state(kernel: Rtnetlink) -> NetworkState:
+    return NetworkState(kernel.links(), kernel.addresses(), kernel.routes())
+
+
+def snapshot(plan: Plan, machine_init: bool, log: Log) -> NetworkState | None:
+    """The network as the old system left it, before anything is stopped; None to keep nothing."""
+    why_not = refusal(plan, machine_init)
+    if why_not is not None:
+        log(f"network: not kept: {why_not}")
+        return None
+    started = time.monotonic()
+    try:
+        with Rtnetlink() as kernel:
+            state = read_state(kernel)
+    except OSError as error:
+        log(
+            f"warning: network: no snapshot ({error}): addresses and routes that a stopping"
+            " network daemon removes stay removed; the new system must configure the network"
+        )
+        return None
+    loopback = {link.index for link in state.links if link.loopback}
+    kept = [address for address in state.addresses if address.index not in loopback]
+    dynamic = sum(1 for address in kept if not address.permanent)
+    log(
+        f"network: snapshot of {len(state.links)} links, {len(kept)} addresses ({dynamic}"
+        f" dynamic), {len(state.routes)} routes in {(time.monotonic() - started) * 1000:.1f} ms"
+    )
+    return state
+
+
+def restore(saved: NetworkState, log: Log) -> None:
+    """Put back what the kill phase took; every change logged, no failure raised."""
+    started = time.monotonic()
+    changes = Changes(log)
+    try:
+        with Rtnetlink() as kernel:
+            now = read_state(kernel)
+            same = same_links(saved.links, now.links)
+            for link in saved.links:
+                if link.up and link.index in same and not same[link.index].up:
+                    changes.apply(f"{link.name} set up again ({WENT_DOWN})", kernel.set_up, link)
+            current = {address.key: address for address in now.addresses}
+            for address in saved.addresses:
+                if not keeps(address, same):
+                    continue
+                device = saved.names[address.index]
+                present = current.get(address.key)
+                if present is None:
+                    changes.apply(
+                        f"re-added {address} on {device} ({REMOVED})",
+                        kernel.add_address,
+                        address,
+                        device,
+                    )
+                elif not present.permanent:
+                    changes.apply(
+                        f"{address} on {device} made permanent (was valid {present.valid} s)",
+                        kernel.add_address,
+                        present,
+                        device,
+                    )
+            # Read again: a re-added address brought its prefix route back with it.
+            routes = {route.key for route in kernel.routes()}
+            missing = [
+                route
+                for route in saved.routes
+                if route.key not in routes and route.oif in same and not route.link_local
+            ]
+            # Routes to the link first: a route via a gateway needs the gateway reachable.
+            for route in sorted(missing, key=lambda route: -route.scope):
+                changes.apply(
+                    f"re-added route {route.describe(saved.names)} ({REMOVED})",
+                    kernel.add_route,
+                    route,
+                    saved.names,
+                )
+    except OSError as error:
+        log(
+            f"warning: network: cannot read the kernel's network state ({error}): left as the"
+            " old system left it; the new system must configure the network"
+        )
+    elapsed = (time.monotonic() - started) * 1000
+    if changes.done or changes.failed:
+        log(
+            f"network: restored in {elapsed:.1f} ms: {changes.done} changes,"
+            f" {changes.failed} failed"
+        )
+    else:
+        log(f"network: nothing to restore, checked in {elapsed:.1f} ms")
+
+
+def same_links(saved: list[Link], now: list[Link]) -> dict[int, Link]:
+    """The saved links still there now (index and name both), by index, as they are now:
+    an index whose link went away and came back as another is not ours to fill."""
+    current = {link.index: link for link in now}
+    return {
+        link.index: current[link.index]
+        for link in saved
+        if link.index in current and current[link.index].name == link.name and not link.loopback
+    }
+
+
+def keeps(address: Address, links: dict[int, Link]) -> bool:
+    """Whether ``address`` is ours to keep: not on loopback or a link that went away, and
+    not one the kernel makes and ages by itself (IPv6 link-local, privacy addresses)."""
+    return address.index in links and not address.link_local and not address.privacy
+
+
+class Changes:
+    """Applies one change at a time, logging it; a refusal is logged and counted."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.done = 0
+        self.failed = 0
+
+    def apply(self, what: str, change: Callable[..., None], *arguments: object) -> None:
+        try:
+            change(*arguments)
+        except (NetlinkError, OSError) as error:
+            self.failed += 1
+            self.log(f"warning: network: not done: {what}: {error}")
+            return
+        self.done += 1
+        self.log(f"network: {what}")
