@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from initstage.netlink import Address, Link, NetlinkError, Route, Rtnetlink
+from initstage.netlink import Address, Link, Route, Rtnetlink
 from initstage.plan import Plan
 
 Log = Callable[[str], None]
@@ -77,10 +77,10 @@ def snapshot(plan: Plan, machine_init: bool, log: Log) -> NetworkState | None:
     try:
         with Rtnetlink() as kernel:
             state = read_state(kernel)
-    except OSError as error:
+    except Exception as error:  # nothing here may stop the switch
         log(
-            f"warning: network: no snapshot ({error}): addresses and routes that a stopping"
-            " network daemon removes stay removed; the new system must configure the network"
+            f"warning: network: no snapshot ({type(error).__name__}: {error}): what a stopping"
+            " network daemon removes stays removed; the new system must configure the network"
         )
         return None
     loopback = {link.index for link in state.links if link.loopback}
@@ -139,9 +139,9 @@ def restore(saved: NetworkState, log: Log) -> None:
                     route,
                     saved.names,
                 )
-    except OSError as error:
+    except Exception as error:  # nothing here may stop the switch
         log(
-            f"warning: network: cannot read the kernel's network state ({error}): left as the"
+            f"warning: network: cannot restore ({type(error).__name__}: {error}): left as the"
             " old system left it; the new system must configure the network"
         )
     elapsed = (time.monotonic() - started) * 1000
@@ -182,7 +182,7 @@ class Changes:
     def apply(self, what: str, change: Callable[..., None], *arguments: object) -> None:
         try:
             change(*arguments)
-        except (NetlinkError, OSError) as error:
+        except Exception as error:  # one refusal must not stop the rest
             self.failed += 1
             self.log(f"warning: network: not done: {what}: {error}")
             return

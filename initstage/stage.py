@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
-from initstage import hermetic, keeper, linux
+from initstage import hermetic, keeper, linux, netkeep
 from initstage.children import JobResult, Outcome, run_jobs
 from initstage.console import Console, StageLog, retry_vt, take_console
 from initstage.mounts import Mount, is_mount_point, mount_of, one_per_superblock, read_mounts
@@ -254,6 +254,8 @@ class Stage:
             f" {plan.sync_timeout_seconds:g} s deadline",
         )
         self.flush_filesystems(plan)
+        # Before anything stops: a dying network daemon removes the addresses it made.
+        network = netkeep.snapshot(plan, self.machine_init, self.log)
         try:
             cgroups: KernelCgroups | None = KernelCgroups()
         except OSError as error:
@@ -279,6 +281,8 @@ class Stage:
             f" {len(report.survivors)} will not die, {report.reaped} reaped,"
             f" {report.total_seconds * 1000:.1f} ms in all"
         )
+        if network is not None:
+            netkeep.restore(network, self.log)
         try:
             retry_vt(self.console, self.log)
         except OSError as error:
