@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 from initstage import teachpause
+from initstage.mounts import unescape_octal
 from initstage.teachpause import execve_text
 from injector.inject.arch import Arch
+from injector.preflight import procinfo
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +304,51 @@ def render_registers(arch: Arch, rows: tuple[RegisterRow, ...]) -> list[str]:
             text += f" → {register_text(arch, row.name, row.after)}"
         lines.append(text)
     return lines
+
+
+# --- what the class watches: the sandbox's processes and mounts, read from the host --------
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxProcess:
+    pid: int  # as the sandbox sees it
+    host_pid: int
+    comm: str
+    state: str  # R, S, Z ... as in /proc/PID/stat
+
+
+def sandbox_processes(sandbox_pid: int) -> list[SandboxProcess]:
+    """The processes of the sandbox's PID namespace, by their pid in it (its PID 1 first);
+    empty once the sandbox is gone."""
+    namespace = _pid_namespace(sandbox_pid)
+    if namespace is None:
+        return []
+    found = []
+    for host_pid in procinfo.list_pids():
+        if _pid_namespace(host_pid) != namespace:
+            continue
+        info = procinfo.read_stat(host_pid)
+        try:
+            chain = procinfo.nspid_chain(host_pid)
+        except (OSError, procinfo.Unreadable):
+            continue  # gone meanwhile
+        if info is not None and chain:
+            found.append(SandboxProcess(chain[-1], host_pid, info.comm, info.state))
+    return sorted(found, key=lambda process: process.pid)
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return procinfo.pid_namespace(pid)
+    except procinfo.Unreadable:
+        return None  # hidden from us (the host's PID 1 on some hosts): not the sandbox's
+
+
+def sandbox_mounts(sandbox_pid: int) -> list[str]:
+    """The mount points of the sandbox's PID 1, as its mount namespace has them (so after
+    the stage's pivot_root, the new root's); empty once it is gone."""
+    text = procinfo.read_text(f"/proc/{sandbox_pid}/mountinfo") or ""
+    return [unescape_octal(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4]
 
 
 # --- the stage's channel ---------------------------------------------------------------
