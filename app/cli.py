@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from app.format import human_bytes, short_id
-from initstage.plan import DEFAULT_GRACE_SECONDS
+from initstage.plan import DEFAULT_GRACE_SECONDS, DEFAULT_REMOTE_REVERT_MINUTES, KEEP_FILE
 from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.events import (
     Console,
@@ -170,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="do not carry this machine's SSH host keys, authorized_keys and network "
                 "configuration into the new root",
+            )
+            sub.add_argument(
+                "--ssh",
+                action="store_true",
+                help="the new system runs the image's SSH server, restarted whenever it dies "
+                "(for an init that starts no services: a shell, busybox init)",
+            )
+            sub.add_argument(
+                "--revert-after",
+                type=float,
+                metavar="MINUTES",
+                help="reboot into the old system MINUTES after the switch unless "
+                f"{KEEP_FILE} exists by then (default in a remote session: "
+                f"{DEFAULT_REMOTE_REVERT_MINUTES:g})",
+            )
+            sub.add_argument(
+                "--no-revert", action="store_true", help="no revert timer, even in a remote session"
             )
             sub.add_argument(
                 "--target-pid",
@@ -417,6 +434,9 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         api_mounts=not args.no_api_mounts,
         modules=not args.no_modules,
         carry=not getattr(args, "no_carry", False),
+        ssh=getattr(args, "ssh", False),
+        revert_after=getattr(args, "revert_after", None),
+        no_revert=getattr(args, "no_revert", False),
         dry_run=getattr(args, "dry_run", False),
         target_pid=getattr(args, "target_pid", None),
         rehearse=args.rehearse,

@@ -30,8 +30,8 @@ from typing import NoReturn, Protocol
 from initstage import linux
 from initstage.children import run_jobs
 from initstage.console import Kmsg
+from initstage.plan import KEEP_FILE
 
-KEEP_FILE = "/run/dboot/keep"
 REVERT_DUE_FILE = "/run/dboot/revert-due"
 # Not under /run: a new init that mounts a fresh /run would hide a log kept there.
 LOG_PATH = "/var/log/dboot-keeper.log"

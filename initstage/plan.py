@@ -30,6 +30,10 @@ DEFAULT_TEACH_TIMEOUT_SECONDS = 900.0
 # The longest revert timer (the keeper's dead-man's switch): a day. A longer one was meant
 # in seconds, or is no dead-man's switch at all.
 MAX_REVERT_MINUTES = 1440.0
+# A real switch from a remote session reverts after this long unless told otherwise.
+DEFAULT_REMOTE_REVERT_MINUTES = 10.0
+# What keeps the new system when the revert timer ends: the user touches it, the keeper looks.
+KEEP_FILE = "/run/dboot/keep"
 
 
 class PlanError(Exception):

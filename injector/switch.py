@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -33,11 +34,19 @@ from typing import TYPE_CHECKING, Literal
 
 from initstage import linux
 from initstage.console import VT_NUMBER
+from initstage.keeper import keep_instructions
 from initstage.launch import StageLaunchError, stage_argv, stage_files
-from initstage.plan import DEFAULT_GRACE_SECONDS, MAX_GRACE_SECONDS, Plan, write_plan
+from initstage.plan import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_REMOTE_REVERT_MINUTES,
+    MAX_GRACE_SECONDS,
+    MAX_REVERT_MINUTES,
+    Plan,
+    write_plan,
+)
 from injector import check, labmode, teach
 from injector.access.carry import carry_network, carry_ssh
-from injector.access.facts import carry_verdicts, read_network
+from injector.access.facts import carry_verdicts, read_network, revert_notices
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -83,6 +92,13 @@ class SwitchOptions:
     modules: bool = True
     # The host's SSH host keys and authorized_keys go into the new root (--no-carry: not).
     carry: bool = True
+    # The keeper in the new system (initstage.keeper): ``ssh`` runs the image's SSH server and
+    # restarts it; ``revert_after`` (minutes) reboots into the old system unless
+    # /run/dboot/keep exists by then (None: 10 minutes for a remote session's real switch,
+    # else none); ``no_revert``: no timer, whatever the session.
+    ssh: bool = False
+    revert_after: float | None = None
+    no_revert: bool = False
     dry_run: bool = False
     target_pid: int | None = None
     rehearse: bool = False
@@ -127,12 +143,32 @@ class SwitchOptions:
                 f"grace period {self.grace:g} s is not between 0 and {MAX_GRACE_SECONDS:.0f} s",
                 f"give --grace in seconds, from 0 to {MAX_GRACE_SECONDS:.0f}",
             )
+        if self.revert_after is not None:
+            if self.no_revert:
+                raise BadInput("--revert-after and --no-revert contradict", "give only one")
+            if not (
+                math.isfinite(self.revert_after) and 0 < self.revert_after <= MAX_REVERT_MINUTES
+            ):
+                raise BadInput(
+                    f"revert timer {self.revert_after:g} min is not more than 0 and at most"
+                    f" {MAX_REVERT_MINUTES:g} min",
+                    "give --revert-after in minutes, e.g. 10 (fractions too: 0.5)",
+                )
 
     @property
     def mode(self) -> Mode:
         if self.rehearse:
             return "rehearse"
         return "target" if self.target_pid is not None else "switch"
+
+    def revert_minutes(self, remote: bool) -> float | None:
+        """The revert timer this run asks of the keeper: the one given, else 10 minutes for a
+        real switch from a remote session, whose user may not get back in otherwise."""
+        if self.no_revert:
+            return None
+        if self.revert_after is not None:
+            return self.revert_after
+        return DEFAULT_REMOTE_REVERT_MINUTES if remote and self.mode == "switch" else None
 
 
 def require_root() -> None:
@@ -279,6 +315,7 @@ def _switch_target(
             "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
         )
 
+    keeper_ssh = keeper_ssh_argv(index) if options.ssh else []
     # --- Preflight: facts first, then verdicts. ---------------------------------------
     if teacher is not None:
         teacher(teach.Pause("host", "preflight", teach.preflight_call(target), target))
@@ -292,10 +329,14 @@ def _switch_target(
         modules=options.modules,
     )
     tmpfs_size = report.ram.tmpfs_size
+    remote = report.session.remote and mode == "switch"
+    revert = options.revert_minutes(remote)
     preflight.add_notices(
-        report, carry_verdicts(report.session.remote and mode == "switch", options.carry)
+        report, carry_verdicts(remote, options.carry, revert) + revert_notices(revert)
     )
     yield from preflight.report_events(report)
+    yield Fact("keeper", "ssh_argv", keeper_ssh)
+    yield Fact("keeper", "revert_after_minutes", revert)
     blocking = blockers(report, mode)
     # No --force can make the kernel allow an attach: that is the environment, exit 2.
     denied = [n for n in blocking if n.code == "ptrace-denied"]
@@ -352,6 +393,7 @@ def _switch_target(
             teacher(teach.Pause("host", "copy", call, target))
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
         prepare = _Prepare(options, source, tmpfs_size, plan_path, mode, report.modules)
+        prepare.keeper_ssh, prepare.revert_minutes = keeper_ssh, revert
         if listener is not None:
             prepare.teach_socket = str(listener.stage_path)
         used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
@@ -374,7 +416,7 @@ def _switch_target(
             options.last_words(
                 f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
                 f"dboot init stage. This terminal will now close; watch VT {VT_NUMBER} or the "
-                "serial console."
+                "serial console." + _keeper_words(keeper_ssh, revert)
             )
         injection = yield from _inject_live(target, python, argv, envp, undo, teacher)
     except BaseException as error:
@@ -398,6 +440,30 @@ def _switch_target(
         yield Finished("injected", detail=f"pid {target} now runs the init stage")
     else:
         yield Finished("switched")
+
+
+def keeper_ssh_argv(index: ImageIndex) -> list[str]:
+    """The command that runs the image's SSH server in the foreground, logging to stderr;
+    BadInput if the image has none (``--ssh`` is refused before anything is changed)."""
+    for path in preflight.SSH_SERVER_PATHS:
+        if index.executable(path):
+            if "dropbear" not in path:
+                return [path, "-D", "-e"]
+            multicall = ["dropbear"] if path.endswith("multi") else []
+            return [path, *multicall, "-F", "-E", "-R"]
+    raise BadInput(
+        "--ssh: the image has no SSH server (no sshd nor dropbear in /usr/sbin, /usr/bin, /sbin)",
+        "install openssh-server or dropbear in the image (make rescue-image builds one)",
+    )
+
+
+def _keeper_words(ssh_argv: list[str], revert_minutes: float | None) -> str:
+    """The last lines' part about the keeper: what runs, and how to keep the new system."""
+    words = f" The new system runs {ssh_argv[0]}, restarted if it dies." if ssh_argv else ""
+    if revert_minutes is not None:
+        deadline = time.time() + revert_minutes * 60
+        words += f" Revert timer of {revert_minutes:g} min: {keep_instructions(deadline)}."
+    return words
 
 
 def _confirmed(options: SwitchOptions, report: preflight.Report) -> bool:
@@ -433,6 +499,8 @@ class _Prepare:
     plan_path: Path
     mode: Mode
     modules: ModulesFacts | None = None  # the kernel's modules and firmware to add
+    keeper_ssh: list[str] = dataclasses.field(default_factory=list)
+    revert_minutes: float | None = None
     teach_socket: str = ""  # a teaching rehearsal: where the stage asks for each go
 
     def __call__(self, send: Callable[[Event], None]) -> int:
@@ -476,6 +544,8 @@ class _Prepare:
                 # real (superblocks are shared with the host); a namespace's stage does it per
                 # mount. The stage checks /proc agrees before it believes this.
                 machine=self.mode == "switch",
+                keeper_ssh_argv=self.keeper_ssh,
+                revert_after_seconds=(self.revert_minutes or 0.0) * 60,
                 teach_socket=self.teach_socket if self.mode == "rehearse" else "",
             )
             write_plan(plan, self.plan_path)

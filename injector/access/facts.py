@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from initstage.plan import KEEP_FILE
 from injector import labmode
 from injector.events import Notice
 
@@ -577,17 +578,34 @@ def verdicts(facts: AccessFacts, *, remote: bool, image_has_ssh: bool) -> list[N
     return notices
 
 
-def carry_verdicts(remote: bool, carry: bool) -> list[Notice]:
-    """No revert timer exists yet: without carry-over, nothing brings this session back."""
-    if not remote or carry:
+def carry_verdicts(remote: bool, carry: bool, revert_minutes: float | None = None) -> list[Notice]:
+    """A remote session with neither carry-over nor a revert timer: nothing brings it back."""
+    if not remote or carry or revert_minutes is not None:
         return []
     return [
         Notice(
             "warning",
             "remote-no-carry",
-            "remote session with --no-carry: the new system gets neither this machine's SSH host "
-            "keys nor its authorized_keys, and nothing reverts the switch",
-            "leave carry-over on, or make sure the image has your keys",
+            "remote session with --no-carry and no revert timer: the new system gets neither "
+            "this machine's SSH host keys nor its authorized_keys, and nothing reverts the switch",
+            "leave carry-over on, or give --revert-after MINUTES, or make sure the image has "
+            "your keys",
             scope="host",
+        )
+    ]
+
+
+def revert_notices(revert_minutes: float | None) -> list[Notice]:
+    """The revert timer of the keeper (initstage.keeper), and how to keep the new system."""
+    if revert_minutes is None:
+        return []
+    return [
+        Notice(
+            "info",
+            "revert-timer",
+            f"the new system reboots into this one {revert_minutes:g} min after the switch"
+            f" unless {KEEP_FILE} exists by then",
+            f"log in to the new system and run `touch {KEEP_FILE}`, before you wipe or"
+            " repartition the old disk: after that there is nothing to revert to",
         )
     ]

@@ -1,0 +1,167 @@
+"""The keeper (issue 9 §4) for real: the stage, as PID 1 of a PID + mount namespace of the
+test's own (see test_stage.py), forks it before it execs a busybox shell script as the new
+init; the script watches what the keeper does and prints it.
+
+Never a reboot: the plan may say ``machine``, but the stage is no machine's PID 1 here, so
+the revert only leaves its marker. (Even a wrong keeper could not reboot the host from here:
+reboot() in a PID namespace other than the first only ends that namespace.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from initstage.keeper import LOG_PATH, REVERT_DUE_FILE
+from initstage.plan import KEEP_FILE
+from tests.sandbox.test_stage import busybox_tree, plan_for, run_stage
+
+__all__ = ["busybox_tree"]  # the fixture, re-exported for pytest
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, mounts"),
+]
+
+STANDIN_SSHD = '#!/bin/sh\necho "stand-in sshd pid $$ ran: $*"\nexit 3\n'
+REVERT_SECONDS = 3.0  # --revert-after 0.05
+
+
+@pytest.fixture
+def tree_with_sshd(tmp_path: Path, busybox_tree: Path) -> Path:
+    """The busybox root with a stand-in "sshd" that says it ran, then dies."""
+    tree = tmp_path / "tree"
+    shutil.copytree(busybox_tree, tree, symlinks=True)
+    sshd = tree / "usr" / "sbin" / "sshd"
+    sshd.parent.mkdir(parents=True)
+    sshd.write_text(STANDIN_SSHD)
+    sshd.chmod(0o755)
+    return tree
+
+
+def wait_for(condition: str, seconds: float) -> str:
+    """Shell: poll ``condition`` every 0.1 s for at most ``seconds``."""
+    tries = int(seconds * 10)
+    return f"i=0; until {condition} || [ $i -ge {tries} ]; do sleep 0.1; i=$((i+1)); done"
+
+
+def show_keeper() -> str:
+    return (
+        f"echo MARKER:; cat {REVERT_DUE_FILE} 2>/dev/null || echo none;"
+        f" echo KEEPER-LOG:; cat {LOG_PATH}"
+    )
+
+
+@pytest.mark.parametrize("machine", [False, True], ids=["sandbox-plan", "machine-plan"])
+def test_the_deadline_without_keep_leaves_the_marker_and_reboots_nothing(
+    tmp_path: Path, busybox_tree: Path, machine: bool
+):
+    # machine=True: the plan of a real switch, yet the stage is not the machine's PID 1.
+    init = f"{wait_for(f'[ -e {REVERT_DUE_FILE} ]', 20)}; {show_keeper()}"
+    started = time.monotonic()
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(
+            tmp_path, ["/bin/sh", "-c", init], revert_after_seconds=REVERT_SECONDS, machine=machine
+        ),
+    )
+    took = time.monotonic() - started
+    assert run.returncode == 0, run.err
+    marker, log = run.out.split("MARKER:\n")[1].split("KEEPER-LOG:\n")
+    assert marker.strip() != "none", run.out
+    assert f"revert deadline passed without {KEEP_FILE}: a real switch would reboot now" in log, log
+    assert "reboot(RB_AUTOBOOT)" not in log
+    assert "only log it (not the machine)" in log
+    # The stage's log tells the user how to keep the new system.
+    assert f"revert timer: to keep the new system, run `touch {KEEP_FILE}`" in run.err
+    assert REVERT_SECONDS <= took < REVERT_SECONDS + 15, took
+    print(f"\nrevert marker after {took:.1f} s (timer {REVERT_SECONDS:g} s, stage included)")
+
+
+def test_the_keep_file_stops_the_revert(tmp_path: Path, busybox_tree: Path):
+    # The init makes the file after the keeper started (its first look finds nothing).
+    init = (
+        f"sleep 1.2; mkdir -p {os.path.dirname(KEEP_FILE)}; touch {KEEP_FILE};"
+        f" {wait_for(f'grep -q exiting {LOG_PATH}', 10)};"
+        f" sleep {REVERT_SECONDS}; {show_keeper()}"
+    )
+    run = run_stage(
+        tmp_path,
+        busybox_tree,
+        plan_for(tmp_path, ["/bin/sh", "-c", init], revert_after_seconds=REVERT_SECONDS),
+    )
+    assert run.returncode == 0, run.err
+    marker, log = run.out.split("MARKER:\n")[1].split("KEEPER-LOG:\n")
+    assert marker.strip() == "none", run.out
+    assert f"{KEEP_FILE} found: the revert is off, the new system stays" in log, log
+    assert "nothing left to do: exiting" in log
+    assert "deadline passed" not in log
+
+
+def test_ssh_server_is_respawned_with_a_growing_pause(tmp_path: Path, tree_with_sshd: Path):
+    third_start = wait_for(f"grep -q 'start 3' {LOG_PATH}", 20)
+    init = f"{third_start}; sleep 0.3; {show_keeper()}"
+    run = run_stage(
+        tmp_path,
+        tree_with_sshd,
+        plan_for(tmp_path, ["/bin/sh", "-c", init], keeper_ssh_argv=["/usr/sbin/sshd", "-D", "-e"]),
+    )
+    assert run.returncode == 0, run.err
+    log = run.out.split("KEEPER-LOG:\n")[1]
+    # Its output went to the keeper's log, with the arguments it was given.
+    assert log.count("stand-in sshd pid") >= 3, log
+    assert "ran: -D -e" in log
+    assert "made /run/sshd" in log
+    assert "SSH server started (start 3)" in log
+    assert "ended (exit status 3) after" in log
+    assert "starting it again in 1 s" in log and "starting it again in 2 s" in log, log
+    assert "revert: no timer" in log
+
+
+# --- The options, end to end (dry runs: nothing is injected) ---------------------------------
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+REMOTE = {"SSH_CONNECTION": "198.51.100.20 50122 192.0.2.77 22"}
+
+
+def dry_run(tmp_path: Path, *words: str, env: dict[str, str]) -> list[dict[str, object]]:
+    result = subprocess.run(
+        [DBOOT, "switch", "--json", "--dry-run", "--force", "--state-dir", str(tmp_path / "s"),
+         *words, "tinybox", "/bin/sh"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1", **env},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def keeper_facts(events: list[dict[str, object]]) -> dict[str, object]:
+    return {str(e["key"]): e["value"] for e in events if e.get("section") == "keeper"}
+
+
+@pytest.mark.engine
+def test_a_remote_switch_reverts_after_10_minutes_unless_told(tmp_path: Path):
+    events = dry_run(tmp_path, env=REMOTE)
+    facts = {(e["section"], e["key"]): e["value"] for e in events if e["event"] == "fact"}
+    assert facts[("session", "remote")] is True
+    assert keeper_facts(events)["revert_after_minutes"] == 10.0
+    notices = {e["code"]: e for e in events if e["event"] == "notice"}
+    assert KEEP_FILE in str(notices["revert-timer"]["message"])
+
+    events = dry_run(tmp_path, "--no-revert", env=REMOTE)
+    assert keeper_facts(events)["revert_after_minutes"] is None
+    assert "revert-timer" not in {e.get("code") for e in events}
+
+    events = dry_run(tmp_path, "--revert-after", "0.5", env=REMOTE)
+    assert keeper_facts(events)["revert_after_minutes"] == 0.5

@@ -1,0 +1,313 @@
+"""The keeper's decisions (issue 9 §4) against a fake clock and a fake system, and the
+options and plan fields that ask for it. The real keeper, forked by a real stage, is in
+tests/sandbox/test_keeper.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import pytest
+
+from app import cli
+from app.cli import parse_command_line, run_cli, switch_options
+from initstage.keeper import (
+    FIRST_RESPAWN_DELAY,
+    LONGEST_RESPAWN_DELAY,
+    POLL_SECONDS,
+    STABLE_SECONDS,
+    Keeper,
+    KeeperSettings,
+    keep_instructions,
+)
+from initstage.plan import KEEP_FILE, Plan, PlanError, plan_from_dict
+from injector.access import facts
+from injector.errors import BadInput
+from injector.switch import SwitchOptions, _keeper_words, keeper_ssh_argv
+
+SSHD = ("/usr/sbin/sshd", "-D", "-e")
+
+
+@dataclass
+class FakeHost:
+    """The system as the keeper sees it; every effect is recorded in ``done``."""
+
+    now: float = 1000.0
+    files: set[str] = field(default_factory=set)
+    running: set[int] = field(default_factory=set)
+    done: list[str] = field(default_factory=list)
+    next_pid: int = 100
+    start_fails: bool = False
+
+    def clock(self) -> float:
+        return self.now
+
+    def wall_clock(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def exists(self, path: str) -> bool:
+        return path in self.files
+
+    def prepare_ssh(self) -> list[str]:
+        return []
+
+    def start(self, argv: tuple[str, ...]) -> int:
+        if self.start_fails:
+            raise OSError(2, "No such file or directory")
+        self.next_pid += 1
+        self.running.add(self.next_pid)
+        self.done.append(f"start {self.next_pid}")
+        return self.next_pid
+
+    def exit_status(self, pid: int) -> int | None:
+        return None if pid in self.running else 3 << 8
+
+    def mark_revert_due(self) -> None:
+        self.done.append("marker")
+
+    def sync(self) -> str:
+        self.done.append("sync")
+        return "done"
+
+    def reboot(self) -> None:
+        self.done.append("reboot")
+
+
+def keeper(**settings: object) -> tuple[Keeper, FakeHost, list[str]]:
+    host, lines = FakeHost(), list[str]()
+    return Keeper(KeeperSettings(**settings), host, lines.append), host, lines  # type: ignore[arg-type]
+
+
+def run_until(kept: Keeper, host: FakeHost, moment: float) -> list[float]:
+    """Tick and sleep (the fake clock) until ``moment`` or the keeper ends; the sleeps."""
+    sleeps = []
+    while host.now < moment:
+        pause = kept.tick()
+        if pause is None:
+            break
+        assert pause > 0, "a busy loop"
+        sleeps.append(pause)
+        host.now += pause
+    return sleeps
+
+
+@pytest.mark.parametrize("may_reboot", [False, True])
+def test_without_the_keep_file_the_deadline_reverts_once(may_reboot: bool) -> None:
+    kept, host, lines = keeper(revert_after_seconds=600.0, may_reboot=may_reboot)
+    run_until(kept, host, host.now + 599.9)
+    assert host.done == [], "nothing may happen before the deadline"
+    sleeps = run_until(kept, host, host.now + 60)
+    assert host.done == (["sync", "reboot"] if may_reboot else ["marker"])
+    assert kept.tick() is None, "nothing left to do after the revert"
+    assert max(sleeps, default=0) <= POLL_SECONDS
+    if may_reboot:
+        assert f"revert deadline passed without {KEEP_FILE}: sync, then reboot" in lines
+    else:
+        assert any("a real switch would reboot now" in line for line in lines), lines
+
+
+def test_the_keep_file_seen_before_the_deadline_cancels_the_revert() -> None:
+    kept, host, lines = keeper(revert_after_seconds=60.0, may_reboot=True)
+    run_until(kept, host, host.now + 30)
+    host.files.add(KEEP_FILE)
+    assert kept.tick() is None  # no sshd to keep: the keeper ends
+    run_until(kept, host, host.now + 120)
+    assert host.done == []
+    assert f"{KEEP_FILE} found: the revert is off, the new system stays" in lines
+
+
+def test_the_keep_file_is_looked_at_when_the_deadline_comes() -> None:
+    kept, host, _ = keeper(revert_after_seconds=60.0, may_reboot=True)
+    host.now += 61  # the keeper slept through (a busy machine): the file counts all the same
+    host.files.add(KEEP_FILE)
+    assert kept.tick() is None
+    assert host.done == []
+
+
+def test_nothing_asked_means_nothing_to_do() -> None:
+    kept, host, lines = keeper()
+    assert not kept.settings.has_work
+    assert kept.tick() is None and host.done == []
+    kept.announce()
+    assert lines == ["revert: no timer (the new system stays)"]
+
+
+def test_the_ssh_server_is_restarted_with_a_pause_that_grows_and_resets() -> None:
+    kept, host, lines = keeper(ssh_argv=SSHD)
+    kept.tick()
+    assert host.done == ["start 101"]
+    pauses = []
+    for _ in range(9):  # it dies at once, every time
+        host.running.clear()
+        died, starts = host.now, len(host.done)
+        while (pause := kept.tick()) is not None and len(host.done) == starts:
+            assert pause > 0, "a busy loop"
+            host.now += pause
+        pauses.append(host.now - died)
+        host.now += 0.5
+    # A pause before each start, growing, capped.
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    # One that ran a long time starts the pauses afresh.
+    host.now += STABLE_SECONDS
+    host.running.clear()
+    kept.tick()
+    assert f"starting it again in {FIRST_RESPAWN_DELAY:g} s" in lines[-1]
+    assert LONGEST_RESPAWN_DELAY == 60.0
+    assert kept.tick() == pytest.approx(POLL_SECONDS)  # with sshd to keep it never ends
+
+
+def test_an_ssh_server_that_cannot_start_is_tried_again_later() -> None:
+    kept, host, lines = keeper(ssh_argv=SSHD)
+    host.start_fails = True
+    assert kept.tick() == pytest.approx(FIRST_RESPAWN_DELAY)
+    assert "cannot start it" in lines[-1]
+    host.start_fails = False
+    host.now += 1
+    kept.tick()
+    assert host.done == ["start 101"]
+
+
+def test_ssh_and_a_revert_together() -> None:
+    kept, host, _ = keeper(ssh_argv=SSHD, revert_after_seconds=5.0)
+    run_until(kept, host, host.now + 10)
+    assert host.done == ["start 101", "marker"]
+    assert kept.tick() is not None, "the SSH server is still kept after the revert"
+
+
+def test_the_instructions_name_the_file_the_time_and_the_wipe() -> None:
+    text = keep_instructions(1_700_000_000.0)  # 22:13:20 UTC
+    assert f"`touch {KEEP_FILE}`" in text and "before 22:13:20 UTC" in text
+    assert "nothing to revert to" in text
+
+
+# --- The plan fields --------------------------------------------------------------------
+
+
+def plan_dict(**fields: object) -> dict[str, object]:
+    base = json.loads(Plan(new_root="/run/dboot/root", init_argv=["/bin/sh"]).to_json())
+    return {**base, **fields}
+
+
+def test_the_keeper_fields_travel_in_the_plan() -> None:
+    plan = plan_from_dict(plan_dict(keeper_ssh_argv=list(SSHD), revert_after_seconds=3))
+    assert plan.keeper_ssh_argv == list(SSHD)
+    assert plan.revert_after_seconds == 3.0 and isinstance(plan.revert_after_seconds, float)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"revert_after_seconds": -1}, "revert_after_seconds -1.0 must be from 0"),
+        ({"revert_after_seconds": 86401}, "must be from 0 (none) to 86400"),
+        ({"revert_after_seconds": True}, "field revert_after_seconds has type bool"),
+        ({"keeper_ssh_argv": ["sshd"]}, "keeper_ssh_argv[0] 'sshd' must be an absolute path"),
+        ({"keeper_ssh_argv": ["/usr/sbin/sshd", 1]}, "keeper_ssh_argv must be a list of strings"),
+        ({"keeper_ssh_argv": ["/usr/sbin/sshd", "a\0"]}, "contains a NUL byte"),
+    ],
+)
+def test_bad_keeper_fields_are_refused(fields: dict[str, object], words: str) -> None:
+    with pytest.raises(PlanError, match=re.escape(words)):
+        plan_from_dict(plan_dict(**fields))
+
+
+# --- The options -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ({"revert_after": 0.0}, "revert timer 0 min is not more than 0 and at most 1440 min"),
+        ({"revert_after": -2.0}, "revert timer -2 min"),
+        ({"revert_after": math.nan}, "revert timer nan min"),
+        ({"revert_after": math.inf}, "revert timer inf min"),
+        ({"revert_after": 1441.0}, "at most 1440 min"),
+        ({"revert_after": 5.0, "no_revert": True}, "--revert-after and --no-revert contradict"),
+    ],
+)
+def test_bad_revert_timers_are_refused_when_made(given: dict[str, object], words: str) -> None:
+    with pytest.raises(BadInput, match=re.escape(words)):
+        SwitchOptions("tinybox", ["/sbin/init"], **given)  # type: ignore[arg-type]
+
+
+def test_the_revert_timer_is_10_minutes_for_a_remote_switch_only() -> None:
+    plain = SwitchOptions("tinybox", ["/sbin/init"])
+    assert plain.revert_minutes(remote=True) == 10.0
+    assert plain.revert_minutes(remote=False) is None
+    assert SwitchOptions("tinybox", ["/sbin/init"], no_revert=True).revert_minutes(True) is None
+    given = SwitchOptions("tinybox", ["/sbin/init"], revert_after=0.05)
+    assert given.revert_minutes(remote=False) == 0.05
+    # A --target-pid lab is no remote machine's switch: no timer unless asked.
+    lab = SwitchOptions("tinybox", ["/sbin/init"], target_pid=1234)
+    assert lab.revert_minutes(remote=True) is None
+
+
+def test_the_command_line_gives_the_keeper_options() -> None:
+    args = parse_command_line(
+        ["switch", "--ssh", "--revert-after", "0.5", "tinybox", "/bin/sh", "--no-revert"]
+    )
+    options = switch_options(args, io.StringIO())
+    assert (options.ssh, options.revert_after, options.no_revert) == (True, 0.5, False)
+    assert options.init_argv == ["/bin/sh", "--no-revert"]  # the init's own argument
+    options = switch_options(
+        parse_command_line(["switch", "--no-revert", "x", "/i"]), io.StringIO()
+    )
+    assert (options.ssh, options.revert_after, options.no_revert) == (False, None, True)
+
+
+def test_a_bad_revert_timer_stops_the_cli_before_the_image_is_opened(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh output guard on this test's stderr (run_cli keeps the first one it makes).
+    monkeypatch.setattr(cli, "_guard", None)
+    argv = ["switch", "--dry-run", "--revert-after", "0", "no-such-image", "/bin/sh"]
+    assert run_cli(argv, out=io.StringIO()) == 1
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("dboot: revert timer 0 min is not more than 0"), said
+    assert "--revert-after" in said and said.count("\n") == 0
+
+
+@dataclass
+class FakeIndex:
+    executables: set[str]
+
+    def executable(self, path: str) -> bool:
+        return path in self.executables
+
+
+@pytest.mark.parametrize(
+    ("files", "argv"),
+    [
+        ({"/usr/sbin/sshd", "/usr/sbin/dropbear"}, ["/usr/sbin/sshd", "-D", "-e"]),
+        ({"/usr/sbin/dropbear"}, ["/usr/sbin/dropbear", "-F", "-E", "-R"]),
+        ({"/usr/bin/dropbearmulti"}, ["/usr/bin/dropbearmulti", "dropbear", "-F", "-E", "-R"]),
+    ],
+)
+def test_the_ssh_server_of_the_image(files: set[str], argv: list[str]) -> None:
+    assert keeper_ssh_argv(FakeIndex(files)) == argv  # type: ignore[arg-type]
+
+
+def test_ssh_without_an_ssh_server_in_the_image_is_refused() -> None:
+    with pytest.raises(BadInput, match="--ssh: the image has no SSH server") as refused:
+        keeper_ssh_argv(FakeIndex({"/bin/sh"}))  # type: ignore[arg-type]
+    assert "openssh-server or dropbear" in str(refused.value)
+
+
+def test_the_last_words_say_how_to_keep_the_new_system() -> None:
+    words = _keeper_words(list(SSHD), 10.0)
+    assert "The new system runs /usr/sbin/sshd, restarted if it dies." in words
+    assert re.search(r"Revert timer of 10 min: .*`touch /run/dboot/keep`.* before \d\d:\d\d", words)
+    assert "nothing to revert to" in words
+    assert _keeper_words([], None) == ""
+
+
+def test_a_remote_session_warns_only_with_neither_carry_over_nor_a_timer() -> None:
+    assert [n.code for n in facts.carry_verdicts(True, False, None)] == ["remote-no-carry"]
+    assert facts.carry_verdicts(True, False, 10.0) == []
+    assert facts.carry_verdicts(True, True, None) == []
+    (notice,) = facts.revert_notices(0.5)
+    assert notice.code == "revert-timer" and "0.5 min" in notice.message
+    assert KEEP_FILE in notice.fix
+    assert facts.revert_notices(None) == []
