@@ -1,10 +1,12 @@
 """The stand-in init (``injector/rehearsal/standin.py``) with the injection tests' parking modes.
 
 The one stand-in program, run as PID 1 of a PID namespace by ``tests/sandbox/parking.py``:
-``python -I -S parked.py --idle MODE --ready-fd N ...``. These modes are the tests' own (no
-rehearsal idles like this), so they live here and are handed to ``standin.main``. Each one
-parks PID 1 in a known way, talks raw bytes on stdout (the test's pipe) and says
-``<ready>`` once nothing but its parking system call is left to run:
+``python -I -S -c BOOT --idle MODE --ready-fd N ...`` calls :func:`main` with the engine's
+folder and this repository's on ``sys.path`` (in the VM guest the engine is installed apart
+from the tests). These modes are the tests' own (no rehearsal idles like this), so they live
+here and are handed to ``standin.main``. Each one parks PID 1 in a known way, talks raw bytes
+on stdout (the test's pipe) and says ``<ready>`` once nothing but its parking system call is
+left to run:
 
 ``read-echo``   ``read(0)`` through libc, so that an error, EINTR included, is told
                 (``<error N>``) instead of being retried by Python; echoes what it reads;
@@ -22,16 +24,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import sys
-import sysconfig
 import time
 from collections.abc import Callable
 
-if not __package__:
-    # Run with -I -S: neither the repository nor site-packages is on sys.path. A checkout
-    # holds the engine; where it is installed (the VM guest), the interpreter's site-packages.
-    sys.path[:0] = [os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))]
-    sys.path.append(sysconfig.get_path("purelib"))
 from injector.rehearsal import standin
 
 READY = b"<ready>"
@@ -105,5 +100,6 @@ PARKING: dict[str, Callable[[], None]] = {
     SPIN: spin,
 }
 
-if __name__ == "__main__":
+
+def main() -> None:
     standin.main({**standin.IDLES, **PARKING})

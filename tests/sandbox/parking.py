@@ -53,7 +53,13 @@ __all__ = [
     "syscall_in_progress",
 ]
 
-PARKED = Path(parked.__file__)
+# ``python -I -S -c BOOT``: the stand-in's own imports only, from wherever the engine is.
+BOOT = (
+    "import sys; sys.path[:0] = sys.argv[1:3]; del sys.argv[1:3]; "
+    "from tests.sandbox.parked import main; main()"
+)
+ENGINE_PARENT = str(Path(standin.__file__).resolve().parents[2])  # holds injector/, initstage/
+TESTS_PARENT = str(Path(parked.__file__).resolve().parents[2])  # holds tests/
 HOSTNAME = "dboot-parked"
 # wait4 needs a child to wait for: one service that just waits for signals.
 SERVICES = {WAIT4: "plain"}
@@ -105,10 +111,12 @@ class StandIn:
         ready_read, ready_write = os.pipe()
         unshare = shutil.which("unshare") or "/usr/bin/unshare"
         # --uts and --mount: the stand-in names its system and remounts /sys and /dev.
-        command = [unshare, "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc",
-                   "--mount-proc", sys.executable, "-I", "-S", str(PARKED), "--idle", self.mode,
-                   "--services", SERVICES.get(self.mode, ""), "--hostname", HOSTNAME,
-                   "--ready-fd", str(ready_write)]  # fmt: skip
+        command = [
+            unshare, "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc", "--mount-proc",
+            sys.executable, "-I", "-S", "-c", BOOT, ENGINE_PARENT, TESTS_PARENT,
+            "--idle", self.mode, "--services", SERVICES.get(self.mode, ""),
+            "--hostname", HOSTNAME, "--ready-fd", str(ready_write),
+        ]  # fmt: skip
         try:
             # stderr to a file: tracebacks end up in failure messages, and util-linux
             # 2.38's "sigprocmask unblock failed" (after SIGKILL of its child) stays quiet.
