@@ -16,12 +16,13 @@ addresses and routes (the kernel makes them itself) and IPv6 privacy addresses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from initstage.netlink import Address, Link, Route, Rtnetlink
+from initstage.netlink import IFA_F_NODAD, Address, Link, Route, Rtnetlink
 from initstage.plan import Plan
 
 Log = Callable[[str], None]
@@ -29,7 +30,7 @@ REMOVED = "removed while the old system stopped"
 WENT_DOWN = "taken down while the old system stopped"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class NetworkState:
     links: list[Link]
     addresses: list[Address]
@@ -114,7 +115,7 @@ def restore(saved: NetworkState, log: Log) -> None:
                     changes.apply(
                         f"re-added {address} on {device} ({REMOVED})",
                         kernel.add_address,
-                        address,
+                        without_dad(address),
                         device,
                     )
                 elif not present.permanent:
@@ -169,6 +170,14 @@ def keeps(address: Address, links: dict[int, Link]) -> bool:
     """Whether ``address`` is ours to keep: not on loopback or a link that went away, and
     not one the kernel makes and ages by itself (IPv6 link-local, privacy addresses)."""
     return address.index in links and not address.link_local and not address.privacy
+
+
+def without_dad(address: Address) -> Address:
+    """An IPv6 address put back is ours already: duplicate address detection would keep it
+    tentative (unusable) for a second or more, at the moment the machine must stay reachable."""
+    if address.family != socket.AF_INET6:
+        return address
+    return dataclasses.replace(address, flags=address.flags | IFA_F_NODAD)
 
 
 class Changes:

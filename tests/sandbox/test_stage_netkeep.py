@@ -51,7 +51,7 @@ ip link set {DEVICE} up
 ip addr add {LEASED} dev {DEVICE} valid_lft 300 preferred_lft 300
 ip addr add {STATIC} dev {DEVICE}
 ip addr add {UNTOUCHED_LEASE} dev {DEVICE} valid_lft 200 preferred_lft 100
-ip -6 addr add {LEASED6} dev {DEVICE} nodad valid_lft 600 preferred_lft 300
+ip -6 addr add {LEASED6} dev {DEVICE} valid_lft 600 preferred_lft 300
 ip route add default via {ONLINK_GATEWAY} dev {DEVICE} onlink
 ip route add 10.66.0.0/16 via 10.77.0.1 dev {DEVICE} proto dhcp metric 50
 ip -6 route add default via fd77::1 dev {DEVICE} metric 1024
@@ -158,6 +158,8 @@ def test_what_a_dying_daemon_removed_is_back_and_permanent_when_the_new_init_sta
         line = re.search(rf"inet6? {re.escape(address)} .*\n\s+(valid_lft \S+)", addresses)
         assert line is not None, f"{address} is not there when the new init starts:\n{addresses}"
         assert line.group(1) == "valid_lft forever", f"{address}: {line.group(1)}"
+        # Put back without duplicate address detection: not tentative (unusable) for a second.
+        assert "tentative" not in line.group(0), line.group(0)
     routes = init_saw(run, "ROUTES", "ROUTES6")
     assert re.search(rf"default via {ONLINK_GATEWAY} dev {DEVICE}\s+onlink", routes), routes
     assert re.search(rf"10\.66\.0\.0/16 via 10\.77\.0\.1 dev {DEVICE}\s.*metric 50", routes)
