@@ -57,13 +57,15 @@ ip route add 10.66.0.0/16 via 10.77.0.1 dev {DEVICE} proto dhcp metric 50
 ip -6 route add default via fd77::1 dev {DEVICE} metric 1024
 """
 # On SIGTERM, as a networkd with KeepConfiguration=no: drop the lease and its routes, exit.
-DAEMON = f"""
+# The "ifupdown" one then takes the link down as well, as `ifdown -a` does at shutdown.
+DAEMON = """
 trap 'ip route del 10.66.0.0/16; ip route del default; ip -6 route del default;
-      ip addr del {LEASED} dev {DEVICE}; ip -6 addr del {LEASED6} dev {DEVICE};
+      ip addr del {leased} dev {device}; ip -6 addr del {leased6} dev {device};{more}
       echo DAEMON-CLEANED-UP; exit 0' TERM
 touch "$1"
 while :; do sleep 1 & wait $!; done
 """
+DAEMON_EXTRAS = {"networkd": "", "ifupdown": f" ip link set {DEVICE} down;"}
 INIT = (
     f"echo INIT-UP; ip addr show {DEVICE}; echo ROUTES; ip route; echo ROUTES6;"
     f" ip -6 route; echo INIT-DONE"
@@ -114,10 +116,11 @@ def python_in(tmp_path: Path, netns: NetNamespace) -> str:
     return str(script)
 
 
-def start_daemon(tmp_path: Path, netns: NetNamespace) -> str:
+def start_daemon(tmp_path: Path, netns: NetNamespace, daemon: str) -> str:
     """Shell for the wrapper: the daemon in the namespace, waited for until its trap is set."""
     script = tmp_path / "networkd.sh"
-    script.write_text(DAEMON)
+    extra = DAEMON_EXTRAS[daemon]
+    script.write_text(DAEMON.format(leased=LEASED, leased6=LEASED6, device=DEVICE, more=extra))
     ready = tmp_path / "daemon-ready"
     return (
         f"nsenter --net={netns.path} sh {script} {ready} &\n"
@@ -126,13 +129,17 @@ def start_daemon(tmp_path: Path, netns: NetNamespace) -> str:
 
 
 def run_with_daemon(
-    tmp_path: Path, busybox_tree: Path, netns: NetNamespace, **plan_fields: object
+    tmp_path: Path,
+    busybox_tree: Path,
+    netns: NetNamespace,
+    daemon: str = "networkd",
+    **plan_fields: object,
 ) -> StageRun:
     run = run_stage(
         tmp_path,
         busybox_tree,
         plan_for(tmp_path, ["/bin/sh", "-c", INIT], **plan_fields),
-        before=start_daemon(tmp_path, netns),
+        before=start_daemon(tmp_path, netns, daemon),
         python=python_in(tmp_path, netns),
     )
     assert run.returncode == 0, run.err
@@ -149,10 +156,11 @@ def network_lines(run: StageRun) -> list[str]:
     return [line.split("s network: ", 1)[1] for line in run.log_lines if "s network: " in line]
 
 
+@pytest.mark.parametrize("daemon", sorted(DAEMON_EXTRAS))
 def test_what_a_dying_daemon_removed_is_back_and_permanent_when_the_new_init_starts(
-    tmp_path: Path, busybox_tree: Path, netns: NetNamespace
+    tmp_path: Path, busybox_tree: Path, netns: NetNamespace, daemon: str
 ):
-    run = run_with_daemon(tmp_path, busybox_tree, netns, sandbox_netns=netns.identity)
+    run = run_with_daemon(tmp_path, busybox_tree, netns, daemon, sandbox_netns=netns.identity)
     addresses = init_saw(run, "INIT-UP", "ROUTES")
     for address in (LEASED, STATIC, UNTOUCHED_LEASE, LEASED6):
         line = re.search(rf"inet6? {re.escape(address)} .*\n\s+(valid_lft \S+)", addresses)
@@ -192,7 +200,10 @@ def test_what_a_dying_daemon_removed_is_back_and_permanent_when_the_new_init_sta
     dhcp_route = "10.66.0.0/16 via 10.77.0.1 dev dbk0 proto dhcp metric 50"
     assert f"re-added route {dhcp_route} {removed}" in changes
     assert f"re-added route default via fd77::1 dev dbk0 metric 1024 {removed}" in changes
-    assert re.fullmatch(r"restored in [\d.]+ ms: 6 changes, 0 failed", changes[-1]), changes
+    link_up = f"{DEVICE} set up again (taken down while the old system stopped)"
+    assert (link_up in changes) == (daemon == "ifupdown"), changes
+    count = 7 if daemon == "ifupdown" else 6
+    assert re.fullmatch(rf"restored in [\d.]+ ms: {count} changes, 0 failed", changes[-1]), changes
     # Not put back: loopback, IPv6 link-local (the kernel's own), the lease's prefix route
     # (it came back with the address).
     assert not [line for line in changes if "fe80" in line or " lo " in line or "/24 dev" in line]
