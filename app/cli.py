@@ -31,9 +31,11 @@ import errno
 import io
 import json
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Generator, Sequence
@@ -187,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--no-revert", action="store_true", help="no revert timer, even in a remote session"
+            )
+            sub.add_argument(
+                "--ssh-check",
+                type=int,
+                metavar="PORT",
+                help="before committing, run the image's sshd in the RAM root on PORT and go on "
+                "once a login there succeeded (or Enter on this terminal)",
             )
             sub.add_argument(
                 "--target-pid",
@@ -445,6 +454,8 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         yes=getattr(args, "yes", False),
         console="relay" if not args.json and sys.stdin.isatty() and out.isatty() else "capture",
         confirm=None if args.json else ask_hostname,
+        ssh_check=getattr(args, "ssh_check", None),
+        ssh_check_go=wait_for_ssh_login,
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
     )
 
@@ -485,6 +496,27 @@ def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:
         renderer.render(Finished("rehearsed", detail="ended with Ctrl-C; the sandbox is gone"))
         return EXIT_OK
     return exit_status
+
+
+def wait_for_ssh_login(command: str, done: threading.Event) -> bool:
+    """``--ssh-check``: wait until a login was accepted; on a terminal, Enter goes on without
+    one. Without a terminal only the login counts (``--yes`` does not skip it). Ctrl-C ends
+    the run, and the engine undoes everything."""
+    if not sys.stdin.isatty():
+        done.wait()
+        return True
+    print(
+        f"Waiting for a login with: {command}\n"
+        "Press Enter to go on without one, Ctrl-C to call the switch off.",
+        file=sys.stderr,
+        flush=True,
+    )
+    while not done.is_set():
+        ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+        if ready:
+            sys.stdin.readline()
+            return True
+    return True
 
 
 def ask_hostname(report: Any) -> bool:

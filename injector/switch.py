@@ -45,6 +45,7 @@ from initstage.plan import (
     write_plan,
 )
 from injector import check, labmode, teach
+from injector.access import sshcheck
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import carry_verdicts, read_network, revert_notices
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
@@ -108,6 +109,10 @@ class SwitchOptions:
     # prompts for the hostname; the wizard has its own modal and passes ``yes=True``.
     confirm: Callable[[preflight.Report], bool] | None = None
     yes: bool = False
+    # --ssh-check PORT: the image's sshd runs in the RAM root on PORT before the injection, and
+    # the run goes on once a login there succeeded or ``ssh_check_go`` says go (see sshcheck).
+    ssh_check: int | None = None
+    ssh_check_go: sshcheck.GoCallback | None = None
     # Called just before the point of no return on a real switch: "this terminal will close".
     last_words: Callable[[str], None] | None = None
     # The rehearsal sandbox's stand-in services: a count of the default mix, or explicit kinds.
@@ -154,6 +159,8 @@ class SwitchOptions:
                     f" {MAX_REVERT_MINUTES:g} min",
                     "give --revert-after in minutes, e.g. 10 (fractions too: 0.5)",
                 )
+        if self.ssh_check is not None:
+            sshcheck.check_port(self.ssh_check)
 
     @property
     def mode(self) -> Mode:
@@ -401,6 +408,10 @@ def _switch_target(
         yield Fact("ram", "actual_bytes", used)
         yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
         yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
+        if options.ssh_check is not None:
+            root = options.state_dir / "root"
+            go = options.ssh_check_go
+            yield from sshcheck.proof(namespace_pid, root, options.ssh_check, report.access, go)
 
         if options.dry_run:
             for line in undo.run("dry run"):

@@ -628,6 +628,19 @@ def save_systemd_root(base_tree: Path, dest: Path, variant: Variant) -> None:
         )
 
 
+RESCUE_IMAGE = "dboot-rescue:latest"
+
+
+def rescue_image() -> str:
+    """``make rescue-image``'s image, built first if the engine lacks it (its debootstrap
+    download is cached in .cache/rescue/); returns its tag."""
+    inspect = subprocess.run(["docker", "image", "inspect", RESCUE_IMAGE], capture_output=True)
+    if inspect.returncode != 0:
+        script = REPO / "scripts/build-rescue-image.sh"
+        run_streaming([str(script), RESCUE_IMAGE], "scripts/build-rescue-image.sh")
+    return RESCUE_IMAGE
+
+
 def make_ext4(tree: Path, image: Path) -> None:
     """ext4 from a directory, no loop mount needed: the tree's size plus room to write."""
     used = int(run(["du", "-sb", str(tree)], "du of the disk tree").split()[0])

@@ -1,0 +1,155 @@
+"""`dboot switch --ssh-check PORT` against the PID 1 of a namespace we make (a Sandbox, with its
+own network namespace): the image's sshd answers on PORT inside the RAM root, with the image's
+host key (checked with StrictHostKeyChecking=yes), a client logs in with a test key, the switch
+goes on, and that sshd and its helper are gone before the injection. Ctrl-C while it waits
+undoes everything. The image is the rescue image plus a test key and host key of this run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from injector.rehearsal.sandbox import Sandbox
+from tests.images import PREFIX, docker
+from tests.vm.build import rescue_image
+
+pytestmark = pytest.mark.root
+
+DBOOT = str(Path(sys.executable).with_name("dboot"))
+PORT = 2222  # inside the sandbox's own network namespace: no clash with the host's
+MARKER = "/dboot-ssh-check-marker"
+
+
+@pytest.fixture(scope="module")
+def keyed_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The rescue image with a client key in root's authorized_keys and a host key of its
+    own (this machine has none to carry); yields its tag and the directory of the keys."""
+    keys = tmp_path_factory.mktemp("ssh-check")
+    for name in ("client", "ssh_host_ed25519_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
+                       check=True)  # fmt: skip
+    (keys / "Dockerfile").write_text(
+        f"FROM {rescue_image()}\n"
+        "COPY ssh_host_ed25519_key ssh_host_ed25519_key.pub /etc/ssh/\n"
+        "COPY client.pub /root/.ssh/authorized_keys\n"
+        f"RUN echo in-the-ram-root > {MARKER}\n"
+    )
+    host_key = (keys / "ssh_host_ed25519_key.pub").read_text().split()
+    (keys / "known_hosts").write_text(f"[127.0.0.1]:{PORT} {host_key[0]} {host_key[1]}\n")
+    tag = PREFIX + "ssh-check:latest"
+    docker("build", "-q", "-t", tag, str(keys))
+    yield tag, keys
+    docker("rmi", "-f", tag)
+
+
+def check_servers() -> list[psutil.Process]:
+    """Every process of an ssh check: the helper and the image's sshd (and its sessions)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        words = process.info["cmdline"] or []
+        if "injector.access.sshcheck" in words or words[:2] == ["/usr/sbin/sshd", "-D"]:
+            found.append(process)
+    return found
+
+
+def start_switch(sandbox: Sandbox, image: str, state: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [DBOOT, "switch", "--json", "--yes", "--grace", "1", "--ssh-check", str(PORT),
+         "--target-pid", str(sandbox.pid), "--state-dir", str(state),
+         image, "/bin/sh", "-c", "exec sleep 60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+    )  # fmt: skip
+
+
+def events_until_login_line(switch: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    assert switch.stdout is not None
+    events = []
+    for line in switch.stdout:
+        events.append(json.loads(line))
+        if events[-1].get("code") == "ssh-check":
+            return events
+    raise AssertionError(f"no ssh-check notice: {switch.wait()} {switch.stderr}")
+
+
+def ssh_in_sandbox(sandbox: Sandbox, keys: Path, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", "--target", str(sandbox.pid), "--net",
+         "ssh", "-p", str(PORT), "-i", str(keys / "client"), "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={keys / 'known_hosts'}",
+         "-o", "ConnectTimeout=10", "root@127.0.0.1", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(services=1, console="capture") as box:
+        # Its network namespace has only a loopback interface, down: the client comes in there.
+        subprocess.run(["nsenter", "--target", str(box.pid), "--net", "ip", "link", "set", "lo",
+                        "up"], check=True)  # fmt: skip
+        yield box
+
+
+def test_a_login_lets_the_switch_go_on_and_its_sshd_is_gone(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    image, keys = keyed_image
+    switch = start_switch(sandbox, image, tmp_path / "state")
+    try:
+        events = events_until_login_line(switch)
+        notice = events[-1]
+        assert f"ssh -p {PORT} " in notice["message"], notice
+        assert check_servers(), "the check's sshd is not running while it waits"
+        login = ssh_in_sandbox(sandbox, keys, f"cat {MARKER}")
+        out, err = switch.communicate(timeout=120)
+    finally:
+        switch.kill()
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.strip() == "in-the-ram-root"  # a shell chrooted in the RAM root
+    assert switch.returncode == 0, err
+    events += [json.loads(line) for line in out.splitlines()]
+    done = [e for e in events if e["event"] == "step_done" and e["step"] == "ssh-check"]
+    assert done and done[0]["detail"].startswith("login by root from 127.0.0.1"), events
+    steps = [e["step"] for e in events if e["event"] == "step_started"]
+    assert steps.index("ssh-check") < steps.index("inject"), steps
+    assert events[-1]["outcome"] == "injected", events[-1]
+    assert check_servers() == []
+    refused = ssh_in_sandbox(sandbox, keys, "true")
+    assert refused.returncode == 255 and "refused" in refused.stderr, refused.stderr
+
+
+def test_ctrl_c_while_waiting_undoes_everything(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    image, _ = keyed_image
+    state = tmp_path / "state"
+    pid1_exe = os.readlink(f"/proc/{sandbox.pid}/exe")
+    switch = start_switch(sandbox, image, state)
+    try:
+        events_until_login_line(switch)
+        switch.send_signal(signal.SIGINT)
+        _, err = switch.communicate(timeout=60)
+    finally:
+        switch.kill()
+    assert switch.returncode == 128 + signal.SIGINT, err
+    assert "interrupted by Ctrl-C" in err, err
+    assert check_servers() == []
+    mounts = Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
+    assert str(state) not in mounts, mounts  # the RAM root is unmounted in the sandbox
+    assert not (state / "plan.json").exists()
+    assert os.readlink(f"/proc/{sandbox.pid}/exe") == pid1_exe  # PID 1 untouched
