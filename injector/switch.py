@@ -401,6 +401,8 @@ def _switch_target(
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
         prepare = _Prepare(options, source, tmpfs_size, plan_path, mode, report.modules)
         prepare.keeper_ssh, prepare.revert_minutes = keeper_ssh, revert
+        if mode != "switch":
+            prepare.sandbox_netns = _own_network_namespace(target)
         if listener is not None:
             prepare.teach_socket = str(listener.stage_path)
         used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
@@ -500,6 +502,13 @@ def _count_warnings(report: preflight.Report, mode: Mode) -> int:
     return sum(1 for n in report.notices if n.level == "warning" and _applies(n, mode))
 
 
+def _own_network_namespace(pid: int) -> str:
+    """The network namespace of a sandbox's (or lab's) PID 1 when it has one of its own,
+    else "": read here, in our own /proc, before anything enters the target's mounts."""
+    theirs = os.readlink(f"/proc/{pid}/ns/net")
+    return "" if theirs == os.readlink("/proc/self/ns/net") else theirs
+
+
 @dataclasses.dataclass
 class _Prepare:
     """Runs in the target's mount namespace: tmpfs, copy-in, host files, plan."""
@@ -513,6 +522,10 @@ class _Prepare:
     keeper_ssh: list[str] = dataclasses.field(default_factory=list)
     revert_minutes: float | None = None
     teach_socket: str = ""  # a teaching rehearsal: where the stage asks for each go
+    # The network namespace whose addresses the stage may keep across its kill phase: a
+    # sandbox's own, or "" (the machine's stage keeps the machine's; a namespace sharing ours
+    # must never touch the host's network).
+    sandbox_netns: str = ""
 
     def __call__(self, send: Callable[[Event], None]) -> int:
         state_dir = self.options.state_dir
@@ -558,6 +571,7 @@ class _Prepare:
                 keeper_ssh_argv=self.keeper_ssh,
                 revert_after_seconds=(self.revert_minutes or 0.0) * 60,
                 teach_socket=self.teach_socket if self.mode == "rehearse" else "",
+                sandbox_netns=self.sandbox_netns,
             )
             write_plan(plan, self.plan_path)
             send(Log(f"plan written to {self.plan_path}"))

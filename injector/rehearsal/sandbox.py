@@ -478,10 +478,14 @@ class Sandbox:
             raise SafetyRefusal(
                 f"the sandbox (pid {pid}) is not PID 1 of its namespace", "this is a bug: report it"
             )
-        if namespace_of(pid, "cgroup") == namespace_of("self", "cgroup"):
-            raise SafetyRefusal(
-                f"the sandbox (pid {pid}) shares our cgroup namespace", "this is a bug: report it"
-            )
+        # Its own cgroup namespace keeps systemd off the host's tree; its own network
+        # namespace keeps the stage's network restore (initstage/netkeep.py) off the host's.
+        for kind in ("cgroup", "net"):
+            if namespace_of(pid, kind) == namespace_of("self", kind):
+                raise SafetyRefusal(
+                    f"the sandbox (pid {pid}) shares our {kind} namespace",
+                    "this is a bug: report it",
+                )
         return pid
 
     def close(self) -> None:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from injector.events import Console
 from injector.rehearsal.sandbox import Sandbox, namespace_of
+from injector.switch import SwitchOptions, run
 from tests.sandbox.test_stage import StageRun, busybox_tree, plan_for, run_stage
 
 __all__ = ["busybox_tree"]  # the fixture, re-exported for pytest
@@ -269,3 +271,24 @@ def test_a_stage_in_the_hosts_network_namespace_never_touches_it(
 def test_the_rehearsal_sandbox_has_a_network_namespace_of_its_own():
     with Sandbox(services=0) as sandbox:
         assert namespace_of(sandbox.pid, "net") != namespace_of("self", "net")
+
+
+def test_a_rehearsal_keeps_the_network_of_its_own_sandbox_only(tmp_path: Path) -> None:
+    """The engine names the sandbox's network namespace in the plan, so its stage keeps that
+    one (the log says what it found there) and the host's network is what it was."""
+    before = host_network()
+    events = list(
+        run(
+            SwitchOptions(
+                image="dboot-test/tinybox",
+                init_argv=["/bin/true"],
+                rehearse=True,
+                services=0,
+                state_dir=tmp_path / "state",
+            )
+        )
+    )
+    network = [e.text for e in events if isinstance(e, Console) and "network:" in e.text]
+    assert any("network: snapshot of" in line for line in network), network
+    assert not any("not kept" in line for line in network), network
+    assert host_network() == before
