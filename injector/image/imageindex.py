@@ -158,7 +158,14 @@ class IndexBuilder:
         """One entry as the tree scanner reports it (see ``extract._TreeScanner``)."""
         path, kind, mode, uid, gid, size, mtime, target, inode = fields
         entry = IndexEntry(path, kind, mode, uid, gid, size, mtime, target, inode or self._inode())
-        self._put(entry)
+        # A scan walks one merged tree, parents first: no whiteouts, no path twice, every
+        # parent already in. Such an entry skips _put's bookkeeping (a good part of a large
+        # image's scan), which only layered archives need.
+        parent = path[: path.rfind("/")] or "/"
+        if path not in self._entries and parent in self._entries:
+            self._entries[path] = entry
+        else:
+            self._put(entry)
         # A hardlinked file's data is copied once, under its first name.
         if kind == "file" and entry.inode not in self._copied_inodes:
             self.copy_bytes += size
