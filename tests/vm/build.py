@@ -142,12 +142,16 @@ class Variant:
     systemd_root: bool = True
     # the glibc program the recovery scenario execs in the busybox image
     recovery_init: bool = True
+    # The remote scenarios' old machine (issue 9 §7): packages-remote.txt on top of the package
+    # list (openssh-server, iproute2), systemd-networkd on DHCP, a test key in root's
+    # authorized_keys (``VmBed.ssh_key``) and the rescue image's `docker save` in /root.
+    remote: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
     variant.name: variant
     for variant in (
-        Variant("x86_64", X86_64),
+        Variant("x86_64", X86_64, remote=True),
         # The arm64 scenarios are switch-busybox and rollback: no systemd image, no recovery.
         Variant("arm64", ARM64, systemd_root=False, recovery_init=False),
     )
@@ -165,6 +169,7 @@ class VmBed:
     base_seconds: float  # time spent building the base layer in this call; 0 when cached
     disk_seconds: float  # time spent building the final disk in this call; 0 when cached
     variant: Variant = field(default=DEFAULT)
+    ssh_key: Path | None = None  # private key of root's authorized_keys (remote variants)
 
     @property
     def arch(self) -> GuestArch:
@@ -302,10 +307,17 @@ def prune(prefix: str, keep: Path, spare: int = 0) -> None:
 # --- Base layer --------------------------------------------------------------------------------
 
 
+REMOTE_PACKAGES = "packages-remote.txt"
+
+
+def package_files(variant: Variant) -> list[str]:
+    return [variant.packages, *([REMOTE_PACKAGES] if variant.remote else [])]
+
+
 def base_key(variant: Variant = DEFAULT) -> str:
     return digest(
         [
-            *files_under(HERE, ["base.sh", variant.packages]),
+            *files_under(HERE, ["base.sh", *package_files(variant)]),
             ("arch", variant.arch.deb_arch.encode()),
             ("kernel", variant.arch.kernel_package.encode()),
             ("suite", SUITE.encode()),
@@ -323,12 +335,14 @@ def build_base(variant: Variant, log: Log) -> tuple[Path, float]:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     log(f"building the {variant.arch.deb_arch} base tree in {base} (debootstrap, minutes)")
+    packages = base / "packages.txt"  # the variant's lists, as one for base.sh
+    packages.write_bytes(b"".join((HERE / name).read_bytes() for name in package_files(variant)))
     run_streaming(
         [
             "bash",
             str(HERE / "base.sh"),
             str(base / "tree"),
-            str(HERE / variant.packages),
+            str(packages),
             SUITE,
             MIRROR,
             variant.arch.deb_arch,
@@ -381,6 +395,7 @@ def disk_key(base: Path, variant: Variant = DEFAULT) -> str:
     return digest(
         [
             ("base", base.name.encode()),
+            *([("rescue", rescue_image_id().encode())] if variant.remote else []),
             ("variant", repr(variant).encode()),
             *files_under(HERE, ["build.py", "guest", "image"]),
             *files_under(REPO, ["scripts/build-tinybox.sh", *GUEST_TEST_MODULES]),
@@ -641,6 +656,61 @@ def rescue_image() -> str:
     return RESCUE_IMAGE
 
 
+def rescue_image_id() -> str:
+    return run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", rescue_image()],
+        "docker image inspect of the rescue image",
+    ).strip()
+
+
+def rescue_archive(log: Log) -> Path:
+    """`docker save` of the rescue image, cached by its id (some 200 MB, saved once)."""
+    image_id = rescue_image_id()
+    archive = CACHE / f"rescue-{image_id.removeprefix('sha256:')[:16]}.tar"
+    if not archive.exists():
+        log(f"docker save {RESCUE_IMAGE} into {archive}")
+        part = archive.with_suffix(".part")
+        run(["docker", "save", "-o", str(part), RESCUE_IMAGE], "docker save of the rescue image")
+        part.rename(archive)
+        for old in CACHE.glob("rescue-*.tar"):
+            if old != archive:
+                old.unlink()
+    return archive
+
+
+SSH_KEY_NAME = "id_ed25519"
+# The old machine's network: systemd-networkd takes a DHCP lease from QEMU's user network.
+WIRED_NETWORK = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n"
+
+
+def make_remote_machine(tree: Path, key: Path, log: Log) -> None:
+    """The old machine of the remote scenarios: networkd on DHCP, a fresh test key for root
+    (its private half beside the disk), the rescue image's archive in /root."""
+    log("the remote machine: networkd, a test key for root, the rescue image's archive")
+    network = tree / "etc/systemd/network/20-wired.network"
+    network.write_text(WIRED_NETWORK)
+    run(
+        ["chroot", str(tree), "systemctl", "enable", "systemd-networkd.service"],
+        "systemctl enable systemd-networkd in the guest",
+    )
+    for old in (key, key.with_suffix(".pub")):
+        old.unlink(missing_ok=True)
+    run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dboot-vm-test", "-f", str(key)],
+        "ssh-keygen of the test key",
+    )
+    ssh_dir = tree / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    shutil.copyfile(key.with_suffix(".pub"), ssh_dir / "authorized_keys")
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    # A hard link when the cache and the tree share a filesystem: mkfs.ext4 -d copies it anyway.
+    archive = rescue_archive(log)
+    try:
+        os.link(archive, tree / "root/rescue.tar")
+    except OSError:
+        shutil.copyfile(archive, tree / "root/rescue.tar")
+
+
 def make_ext4(tree: Path, image: Path) -> None:
     """ext4 from a directory, no loop mount needed: the tree's size plus room to write."""
     used = int(run(["du", "-sb", str(tree)], "du of the disk tree").split()[0])
@@ -670,6 +740,8 @@ def build_disk(base: Path, variant: Variant, log: Log) -> tuple[Path, float]:
         if variant.systemd_root:
             log("packing the systemd root (rootfs tarball of the base tree)")
             save_systemd_root(base / "tree", tree / "root/systemd-root.tar", variant)
+        if variant.remote:
+            make_remote_machine(tree, disk_dir / SSH_KEY_NAME, log)
         log("mkfs.ext4 -d")
         make_ext4(tree, disk)
     finally:
@@ -684,9 +756,14 @@ def build(log: Log = print, variant: Variant = DEFAULT) -> VmBed:
     check_requirements(variant)
     with cache_lock():
         prune_legacy()
+        if variant.remote:
+            rescue_image()
         base, base_seconds = build_base(variant, log)
         disk, disk_seconds = build_disk(base, variant, log)
-    return VmBed(base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds, variant)
+    ssh_key = disk.parent / SSH_KEY_NAME if variant.remote else None
+    return VmBed(
+        base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds, variant, ssh_key
+    )
 
 
 def main() -> int:

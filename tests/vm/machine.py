@@ -53,10 +53,23 @@ class Machine:
     """One QEMU boot of the test bed. Use as a context manager: it always kills QEMU on exit."""
 
     def __init__(
-        self, bed: VmBed, scenario: str, workdir: Path, *, memory_mb: int = 2048, cpus: int = 2
+        self,
+        bed: VmBed,
+        scenario: str,
+        workdir: Path,
+        *,
+        memory_mb: int = 2048,
+        cpus: int = 2,
+        ssh: bool = False,
+        reboot: bool = False,
     ) -> None:
+        """``ssh``: a NIC on QEMU's user network (DHCP), the guest's port 22 forwarded from
+        127.0.0.1:``ssh_port`` only. ``reboot``: a guest reboot restarts it (by default QEMU
+        exits), with the same kernel command line and the same overlay."""
         self.bed, self.scenario, self.workdir = bed, scenario, workdir
         self.memory_mb, self.cpus = memory_mb, cpus
+        self.ssh_port = free_loopback_port() if ssh else None
+        self.reboot = reboot
         self.log_path = workdir / "console.log"
         self.lines: list[ConsoleLine] = []
         self._partial = b""
@@ -99,7 +112,9 @@ class Machine:
             *("-m", str(self.memory_mb)),
             *("-smp", str(self.cpus)),
             # No default devices (IDE CD-ROM, VGA, NIC...): fewer drivers to probe under TCG.
-            *("-nodefaults", "-nographic", "-no-reboot"),
+            *("-nodefaults", "-nographic"),
+            *(() if self.reboot else ("-no-reboot",)),
+            *self.nic_options(),
             *("-kernel", str(self.bed.kernel)),
             *("-initrd", str(self.bed.initrd)),
             *("-append", f"{kernel_args} dboot.test={self.scenario}"),
@@ -109,6 +124,14 @@ class Machine:
             *("-chardev", f"socket,id=console,path={console},server=on,wait=on"),
             *("-serial", "chardev:console"),
         ]
+
+    def nic_options(self) -> tuple[str, ...]:
+        if self.ssh_port is None:
+            return ()
+        # restrict=on: the guest reaches neither the host nor the outside; the forward from the
+        # host's loopback (and DHCP, served by QEMU itself) still work.
+        forward = f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        return ("-nic", f"user,model=virtio-net-pci,restrict=on,{forward}")
 
     def start(self) -> None:
         overlay = self.workdir / "overlay.qcow2"
@@ -186,6 +209,10 @@ class Machine:
         text = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace"))
         self.lines.append(ConsoleLine(len(self.lines), time.monotonic() - self._started, text))
 
+    def host_time(self, line: ConsoleLine) -> float:
+        """When a console line came, on the host's monotonic clock (``time.monotonic()``)."""
+        return self._started + line.seconds
+
     def send(self, text: str) -> None:
         """Type on the serial console (use "\\r" for Enter, as a terminal does)."""
         assert self._sock is not None
@@ -252,6 +279,14 @@ class Machine:
     def _qemu_stderr(self) -> str:
         path = self.workdir / "qemu.stderr"
         return path.read_text(errors="replace").strip()[-500:] if path.exists() else ""
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (QEMU binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def boot_interactively(bed: VmBed, scenario: str, timeout: float = 900) -> int:
