@@ -3,11 +3,26 @@ durations. No Textual; sizes are the engine's own rule (its notices print them t
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from injector.units import human_bytes
 
-__all__ = ["human_bytes", "human_seconds", "image_label", "plural", "short_created", "short_id"]
+if TYPE_CHECKING:
+    from injector.switch import SwitchOptions
+
+__all__ = [
+    "command_line",
+    "human_bytes",
+    "human_seconds",
+    "image_label",
+    "number_arg",
+    "plural",
+    "short_created",
+    "short_id",
+    "size_arg",
+]
 
 
 def short_id(image_id: str) -> str:
@@ -45,3 +60,56 @@ def image_label(repository: str, tag: str, image_id: str) -> str:
     if repository == "<none>" or tag == "<none>":
         return short_id(image_id)
     return f"{repository}:{tag}"
+
+
+def number_arg(value: float) -> str:
+    """5.0 -> '5', 2.5 -> '2.5': the shortest text that reads back as exactly this float."""
+    return repr(float(value)).removesuffix(".0")
+
+
+def size_arg(size: int) -> str:
+    """536870912 -> '512M', 3 << 30 -> '3G', 1000 -> '1000': whole units, as one would type."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def command_line(options: SwitchOptions) -> list[str]:
+    """The `dboot rehearse|switch` words that give the engine these very options: only the
+    options that differ from the engine's defaults, then IMAGE, INIT and its argv.
+    ``shlex.join`` of it is ready to paste into a shell. Options a rehearsal does not take
+    (carry-over, --target-pid) are left out of its line; the wizard's own typed
+    confirmation has no word (`dboot switch` asks for the hostname itself)."""
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(options)
+        if field.default is not dataclasses.MISSING
+    }
+
+    def changed(name: str) -> bool:
+        return bool(getattr(options, name) != defaults[name])
+
+    words = ["dboot", "rehearse" if options.rehearse else "switch"]
+    if changed("docker_host") and options.docker_host is not None:
+        words += ["--docker-host", options.docker_host]
+    if changed("state_dir"):
+        words += ["--state-dir", str(options.state_dir)]
+    if changed("grace"):
+        words += ["--grace", number_arg(options.grace)]
+    if options.tmpfs_size is not None:
+        words += ["--tmpfs-size", size_arg(options.tmpfs_size)]
+    if not options.api_mounts:
+        words.append("--no-api-mounts")
+    if not options.modules:
+        words.append("--no-modules")
+    if not options.rehearse:
+        if not options.carry:
+            words.append("--no-carry")
+        if options.dry_run:
+            words.append("--dry-run")
+        if options.target_pid is not None:
+            words += ["--target-pid", str(options.target_pid)]
+    if options.force:
+        words.append("--force")
+    return [*words, options.image, *options.init_argv]

@@ -12,11 +12,12 @@ from datetime import UTC, datetime
 from textual import work
 from textual.app import App
 
-from app.tui.backend import Backend, RunRequest
+from app.tui.backend import Backend
 from app.tui.screens.base import StepScreen
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.images import ImagesScreen
 from app.tui.screens.init import InitScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
@@ -28,6 +29,7 @@ STEPS: tuple[Callable[[Wizard], StepScreen], ...] = (
     InitScreen,
     ResourcesScreen,
     ProcessesScreen,
+    OptionsScreen,
 )
 # Back from a finished run lands here: change the init command (or Escape once more for the
 # image) and go again.
@@ -49,7 +51,8 @@ class DbootApp(App[None]):
 
     @work(exclusive=True, group="wizard")
     async def walk(self) -> None:
-        """The one loop: Images → Init → Resources → Processes → Confirm → Run, with Back."""
+        """The one loop: Images → Init → Resources → Processes → Options → Confirm → Run,
+        with Back."""
         stack: list[StepScreen] = []
         index = 0
         while True:
@@ -78,13 +81,9 @@ class DbootApp(App[None]):
             index = AFTER_RUN_STEP
 
     async def run_once(self, choice: Outcome) -> None:
-        choices = self.wizard.choices
-        assert choices.image is not None
-        request = RunRequest(
-            image=choices.image,
-            init_argv=list(choices.init_argv),
-            # Rehearse-only mode never builds a switch request, whatever the modal said.
-            rehearse=choice is not Outcome.SWITCH or self.wizard.rehearse_only,
+        # Rehearse-only mode never builds a switch request, whatever the modal said.
+        request = self.wizard.request(
+            rehearse=choice is not Outcome.SWITCH or self.wizard.rehearse_only
         )
         screen = RunScreen(self.wizard, request)
         outcome = screen.wait_outcome()

@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
+from initstage.plan import DEFAULT_GRACE_SECONDS
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Notice
 
 if TYPE_CHECKING:
     from injector.image.sources import ImageDetails, ImageSource, ImageSummary
     from injector.preflight.preflight import ProcessInfo, Report
+    from injector.switch import SwitchOptions
 
 # Executables tried, in order, to pre-fill the init command: the image's own init first.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -45,12 +47,27 @@ class InitSuggestion:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The Options step's choices, as the user gave them. The engine checks them
+    (``Backend.switch_options``): the wizard holds no rule of its own about their values."""
+
+    grace: float = DEFAULT_GRACE_SECONDS
+    # As typed ("512M"); empty: the engine sizes the tmpfs (its estimate plus headroom).
+    tmpfs_size: str = ""
+    api_mounts: bool = True
+    modules: bool = True
+    carry: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class RunRequest:
-    """What the Confirm modal decided: which image, which init, rehearsal or the real thing."""
+    """What the Confirm modal decided: which image, which init, rehearsal or the real thing,
+    and the Options step's choices."""
 
     image: str
     init_argv: list[str]
     rehearse: bool
+    options: RunOptions = RunOptions()
 
 
 class Backend(Protocol):
@@ -94,6 +111,11 @@ class Backend(Protocol):
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
         """The report's blockers that stop this kind of run (a rehearsal ignores host ones)."""
+        ...
+
+    def switch_options(self, request: RunRequest) -> SwitchOptions:
+        """The engine's options for this request, checked by the engine's own rules:
+        ``BadInput`` says in one line what is wrong with a value and how to fix it."""
         ...
 
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
@@ -151,6 +173,40 @@ def check_target_pid(pid: int) -> None:
             f"pid {pid} is not PID 1 of its own PID namespace",
             "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
         )
+
+
+def engine_options(
+    request: RunRequest,
+    *,
+    docker_host: str | None = None,
+    state_dir: Path | None = None,
+    tmpfs_size: int | None = None,
+    target_pid: int | None = None,
+) -> SwitchOptions:
+    """The engine's ``SwitchOptions`` for a request, built (and so checked) by the engine:
+    its ``__post_init__`` and its size parser raise ``BadInput`` for a bad value. The
+    wizard-wide settings (``dboot-tui --state-dir``...) fill what the request leaves open."""
+    with _engine_module():
+        from injector import switch
+        from injector.ramroot.rootfs import parse_size
+    chosen = request.options
+    options = switch.SwitchOptions(
+        image=request.image,
+        init_argv=list(request.init_argv),
+        rehearse=request.rehearse,
+        docker_host=docker_host,
+        grace=chosen.grace,
+        tmpfs_size=parse_size(chosen.tmpfs_size) if chosen.tmpfs_size.strip() else tmpfs_size,
+        api_mounts=chosen.api_mounts,
+        modules=chosen.modules,
+        carry=chosen.carry,
+        target_pid=None if request.rehearse else target_pid,
+        # The wizard's Confirm modal asked for the typed hostname already.
+        yes=True,
+    )
+    if state_dir is not None:
+        options.state_dir = state_dir
+    return options
 
 
 class EngineBackend:
@@ -265,6 +321,15 @@ class EngineBackend:
         return switch.blockers(report, mode)
 
     # --- the run ---------------------------------------------------------------------------
+    def switch_options(self, request: RunRequest) -> SwitchOptions:
+        return engine_options(
+            request,
+            docker_host=self.docker_host,
+            state_dir=self.state_dir,
+            tmpfs_size=self.tmpfs_size,
+            target_pid=self.target_pid,
+        )
+
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         with _engine_module():
             from injector import labmode, switch
@@ -275,19 +340,8 @@ class EngineBackend:
             check_target_pid(self.target_pid)
         elif not request.rehearse:
             labmode.refuse("this machine's PID 1 will not be replaced", "choose Rehearse")
-        options = switch.SwitchOptions(
-            image=request.image,
-            init_argv=list(request.init_argv),
-            rehearse=request.rehearse,
-            docker_host=self.docker_host,
-            tmpfs_size=self.tmpfs_size,
-            target_pid=None if request.rehearse else self.target_pid,
-            # The wizard's Confirm modal asked for the typed hostname already.
-            yes=True,
-            last_words=last_words,
-        )
-        if self.state_dir is not None:
-            options.state_dir = self.state_dir
+        options = self.switch_options(request)
+        options.last_words = last_words
         # The source the wizard read (Init and Check steps) is handed to the run, which copies
         # from it: the image is read once. The run owns it from here and closes it.
         with self._lock:

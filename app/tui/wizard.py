@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import shlex
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from app.tui.backend import Backend
+from app.format import command_line
+from app.tui.backend import Backend, RunOptions, RunRequest
 
 if TYPE_CHECKING:
     from injector.events import Notice
     from injector.image.sources import ImageDetails
     from injector.preflight.preflight import Report
 
-# The titles shown in the step indicator, in order. Confirm is a modal over Processes.
-STEP_TITLES = ("Images", "Init", "Resources", "Processes", "Confirm", "Run")
+# The titles shown in the step indicator, in order. Confirm is a modal over Options.
+STEP_TITLES = ("Images", "Init", "Resources", "Processes", "Options", "Confirm", "Run")
 
 
 class Outcome(enum.Enum):
@@ -40,6 +42,8 @@ class Choices:
     # mode, all of them otherwise (the Confirm modal then offers Rehearse only).
     rehearsal_blockers: list[Notice] = dataclasses.field(default_factory=list)
     switch_blockers: list[Notice] = dataclasses.field(default_factory=list)
+    # The Options step's choices (grace period, tmpfs size...), the engine's defaults at first.
+    options: RunOptions = dataclasses.field(default_factory=RunOptions)
 
 
 @dataclasses.dataclass
@@ -51,3 +55,27 @@ class Wizard:
     rehearse_only_reason: str
     clock: Callable[[], datetime]
     choices: Choices = dataclasses.field(default_factory=Choices)
+    # Teaching rehearsals pause before each step (dboot-tui --teach; F7 on the Run screen).
+    teach: bool = False
+
+    @property
+    def switch_offered(self) -> bool:
+        """Can the Confirm modal offer a real switch (no lab mode, no blocker)?"""
+        return not self.rehearse_only and not self.choices.switch_blockers
+
+    def request(self, *, rehearse: bool, options: RunOptions | None = None) -> RunRequest:
+        """The run the choices so far describe (with ``options`` instead of the chosen ones)."""
+        choices = self.choices
+        assert choices.image is not None, "the Images step chose an image"
+        return RunRequest(
+            image=choices.image,
+            init_argv=list(choices.init_argv),
+            rehearse=rehearse,
+            options=options or choices.options,
+        )
+
+    def command_line(self, options: RunOptions | None = None) -> str:
+        """The `dboot` command that does what this wizard run would: the switch when one is
+        on offer, else the rehearsal. ``BadInput`` (the engine's) for an option it refuses."""
+        request = self.request(rehearse=not self.switch_offered, options=options)
+        return shlex.join(command_line(self.backend.switch_options(request)))

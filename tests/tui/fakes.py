@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-from app.tui.backend import InitSuggestion, RunRequest
+from app.tui.backend import InitSuggestion, RunRequest, engine_options
 from app.tui.progress import PROGRESS_INTERVAL_S
 from injector.errors import BadInput, EnvironmentFailure
 from injector.events import (
@@ -38,6 +38,7 @@ from injector.preflight.preflight import (
     processes_by_service,
 )
 from injector.preflight.procinfo import SwapDevice
+from injector.switch import SwitchOptions
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -350,6 +351,10 @@ class FakeBackend:
             for n in report.notices
             if n.level == "blocker" and not (rehearse and n.code.startswith(host_only))
         ]
+
+    def switch_options(self, request: RunRequest) -> SwitchOptions:
+        # The engine's own options and rules: the Options step's checks are not faked.
+        return engine_options(request, target_pid=self.target_pid)
 
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         self.requests.append(request)

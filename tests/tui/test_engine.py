@@ -23,6 +23,7 @@ from app.tui.app import DbootApp, create_app
 from app.tui.backend import EngineBackend, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.init import InitScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
@@ -139,6 +140,8 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
         await reach_the_report(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ProcessesScreen)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, OptionsScreen)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         assert app.screen.query_one("#confirm-switch", Button).disabled

@@ -17,6 +17,7 @@ from app.tui.app import DbootApp, create_app
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.images import ImagesScreen, OpenFileScreen
 from app.tui.screens.init import InitScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
@@ -72,8 +73,15 @@ async def processes(pilot: Pilot[Any]) -> None:
     await settle(pilot)
 
 
-async def confirm(pilot: Pilot[Any]) -> None:
+async def options(pilot: Pilot[Any]) -> None:
     await processes(pilot)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, OptionsScreen)
+    await settle(pilot)
+
+
+async def confirm(pilot: Pilot[Any]) -> None:
+    await options(pilot)
     await press(pilot, "enter")
     await wait_for_screen(pilot, ConfirmScreen)
     await settle(pilot)

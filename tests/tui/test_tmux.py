@@ -133,14 +133,18 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     shown = terminal.wait_for("Enter: see the processes", timeout=60)
     assert "image in RAM (estimate)" in shown
     terminal.keys("Enter")
-    # 4 Processes, then 5 the Confirm modal: Cancel has the focus, Tab moves to Rehearse.
+    # 4 Processes, 5 Options, then 6 the Confirm modal: Cancel has the focus, Tab moves to
+    # Rehearse.
     terminal.wait_for("processes in")
+    terminal.keys("Enter")
+    shown = terminal.wait_for("The same rehearsal from a shell")
+    assert f"dboot rehearse {TINYBOX} /sbin/init" in shown
     terminal.keys("Enter")
     shown = terminal.wait_for("Rehearse or switch?")
     assert "Switch is off" in shown
     terminal.keys("Tab")
     terminal.keys("Enter")
-    # 6 Run: the sandboxed system's console and its exit status.
+    # 7 Run: the sandboxed system's console and its exit status.
     shown = terminal.wait_for("── exit status", timeout=240)
     assert "tinybox: init running as PID 1" in shown
     assert "exit status 0" in shown
@@ -197,16 +201,19 @@ def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
         shown = terminal.wait_for("(docker save)")
         assert TINYBOX in shown  # the archive's own tag, in the details pane
         terminal.keys("Enter")
-        # 2 Init, 3 Resources, 4 Processes.
+        # 2 Init, 3 Resources, 4 Processes, 5 Options.
         shown = terminal.wait_for("is an executable in the image", timeout=60)
         assert "/sbin/init" in shown
         terminal.keys("Enter")
         terminal.wait_for("Enter: see the processes", timeout=60)
         terminal.keys("Enter")
-        shown = terminal.wait_for("Enter: confirm")
+        shown = terminal.wait_for("Enter: the options")
         assert "1 process in 1 service" in shown  # the namespace's own service, not ours
         terminal.keys("Enter")
-        # 5 Confirm: the hostname field has the focus, so the typed name lands there.
+        shown = terminal.wait_for("The same switch from a shell")
+        assert f"--target-pid {target.pid}" in shown, shown
+        terminal.keys("Enter")
+        # 6 Confirm: the hostname field has the focus, so the typed name lands there.
         shown = terminal.wait_for("type the hostname")
         assert "namespace of pid" in shown and str(target.pid) in shown, shown
         assert "own PID 1 is not touched" in shown, shown
@@ -214,7 +221,7 @@ def test_a_person_switches_a_namespaces_pid_1_from_a_plain_archive_path(
         terminal.keys(hostname, literal=True)
         terminal.wait_for("Enter switches for real")
         terminal.keys("Enter")
-        # 6 Run: it starts, the injection lands, and the namespace's PID 1 runs tinybox.
+        # 7 Run: it starts, the injection lands, and the namespace's PID 1 runs tinybox.
         terminal.wait_for("Reading image")
         shown = terminal.wait_for("Finished: injected", timeout=120)
         assert f"Finished: injected. pid {target.pid} now" in shown, shown

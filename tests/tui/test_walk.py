@@ -15,6 +15,7 @@ from app.tui.backend import EngineBackend, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.images import ImagesScreen, OpenFileScreen
 from app.tui.screens.init import InitScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
@@ -55,6 +56,12 @@ async def to_processes(pilot) -> None:
     await wait_for_screen(pilot, ProcessesScreen)
 
 
+async def to_options(pilot) -> None:
+    await to_processes(pilot)
+    await press(pilot, "enter")  # Processes -> Options
+    await wait_for_screen(pilot, OptionsScreen)
+
+
 async def test_whole_walk_ends_with_the_rehearsals_console_and_status() -> None:
     backend = FakeBackend()
     app = make(backend)
@@ -70,6 +77,9 @@ async def test_whole_walk_ends_with_the_rehearsals_console_and_status() -> None:
         await press(pilot, "enter")
         await wait_for_screen(pilot, ProcessesScreen)
         assert "8 processes in 5 services" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, OptionsScreen)
+        assert "dboot rehearse tinybox:latest /sbin/init" in screen_text(app)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         # Cancel has the focus first: a stray Enter must never start anything.
@@ -105,26 +115,26 @@ async def test_escape_goes_back_one_step_and_keeps_the_choices() -> None:
         assert isinstance(app.screen, ImagesScreen)
 
 
-async def test_cancel_in_confirm_returns_to_processes_and_runs_nothing() -> None:
+async def test_cancel_in_confirm_returns_to_options_and_runs_nothing() -> None:
     backend = FakeBackend()
     app = make(backend)
     async with app.run_test(size=SIZE) as pilot:
-        await to_processes(pilot)
+        await to_options(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         await press(pilot, "enter")  # Cancel is focused
-        await wait_for_screen(pilot, ProcessesScreen)
+        await wait_for_screen(pilot, OptionsScreen)
         await press(pilot, "n")
         await wait_for_screen(pilot, ConfirmScreen)
         await press(pilot, "escape")
-        await wait_for_screen(pilot, ProcessesScreen)
+        await wait_for_screen(pilot, OptionsScreen)
     assert backend.requests == []
 
 
 async def test_back_after_a_run_lands_on_the_init_step() -> None:
     app = make()
     async with app.run_test(size=SIZE) as pilot:
-        await to_processes(pilot)
+        await to_options(pilot)
         await press(pilot, "enter", "tab", "enter")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
@@ -137,7 +147,7 @@ async def test_leaving_is_refused_while_a_run_is_in_flight() -> None:
     app = make(FakeBackend(hold=hold))
     async with app.run_test(size=SIZE) as pilot:
         try:
-            await to_processes(pilot)
+            await to_options(pilot)
             await press(pilot, "enter", "tab", "enter")
             await wait_for_screen(pilot, RunScreen)
             await wait_until(pilot, lambda: "wait4" in screen_text(app), 10, "the injection")
@@ -214,7 +224,7 @@ async def test_an_init_missing_from_the_image_blocks_next() -> None:
 async def test_rehearse_only_mode_offers_no_switch_and_says_why() -> None:
     app = make(FakeBackend(lab=False), rehearse_only=True)
     async with app.run_test(size=SIZE) as pilot:
-        await to_processes(pilot)
+        await to_options(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         assert app.screen.query_one("#confirm-switch", Button).disabled
@@ -227,7 +237,7 @@ async def test_switch_needs_the_typed_hostname() -> None:
     backend = FakeBackend(lab=False)
     app = make(backend, rehearse_only=False)
     async with app.run_test(size=SIZE) as pilot:
-        await to_processes(pilot)
+        await to_options(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         switch = app.screen.query_one("#confirm-switch", Button)
@@ -311,7 +321,7 @@ async def test_the_file_dialog_says_in_one_line_why_a_path_does_not_open() -> No
 
 
 async def to_real_confirm(pilot) -> ConfirmScreen:
-    await to_processes(pilot)
+    await to_options(pilot)
     await press(pilot, "enter")
     await wait_for_screen(pilot, ConfirmScreen)
     screen = pilot.app.screen
@@ -377,12 +387,12 @@ async def test_escape_while_typing_the_hostname_cancels() -> None:
         await press(pilot, *HOSTNAME)
         assert screen.query_one("#confirm-hostname", Input).value == HOSTNAME
         await press(pilot, "escape")
-        await wait_for_screen(pilot, ProcessesScreen)
+        await wait_for_screen(pilot, OptionsScreen)
         # Back again: Cancel too, with the mouse's button.
         await press(pilot, "n")
         await wait_for_screen(pilot, ConfirmScreen)
         app.screen.query_one("#confirm-cancel", Button).press()
-        await wait_for_screen(pilot, ProcessesScreen)
+        await wait_for_screen(pilot, OptionsScreen)
     assert backend.requests == []
 
 

@@ -1,4 +1,5 @@
-"""Step 5: the modal that says plainly what cannot be undone.
+"""Step 6: the modal that says plainly what cannot be undone, and gives the same run as a
+`dboot` command line, ready to copy: one wizard run can be replayed from a script.
 
 For a real switch the hostname field has the focus: what the user types lands there, Switch
 stays off until it matches exactly, and Enter in it either switches or says what is wrong.
@@ -18,6 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from app.tui.screens.options import COPY_KEY, copy_command
 from app.tui.widgets.chrome import Field
 from app.tui.wizard import Outcome, Wizard
 
@@ -53,13 +55,18 @@ class ConfirmScreen(ModalScreen[Outcome]):
     # The first match in screen order: the hostname field when a real switch is on offer
     # (it comes before the buttons), else Cancel.
     AUTO_FOCUS = "#confirm-hostname, #confirm-cancel"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding(COPY_KEY, "copy_command", "Copy command line"),
+    ]
 
     def __init__(self, wizard: Wizard) -> None:
         super().__init__()
         self.wizard = wizard
         self.hostname = wizard.backend.hostname()
         self.refusal = self.switch_refusal()
+        # The Options step checked these options: the engine accepted them there.
+        self.command_line = wizard.command_line()
 
     def switch_refusal(self) -> str | None:
         """Why the real switch is not offered, or None when typing the hostname enables it."""
@@ -74,19 +81,31 @@ class ConfirmScreen(ModalScreen[Outcome]):
         with Vertical(id="confirm"):
             yield Label("[b]Rehearse or switch?[/b]", id="confirm-title")
             yield Static(consequences(self.wizard), id="confirm-text")
+            yield Static(self.command_text(), id="confirm-command")
             if self.refusal is None:
                 yield Label(
                     f"To switch for real, type the hostname [b]{self.hostname}[/b] and press Enter:"
                 )
                 # No placeholder: a dimmed hostname in the field would read as already typed.
-                yield Field(id="confirm-hostname")
+                yield Field(id="confirm-hostname", compact=True)
                 yield Static(self.hint(""), id="confirm-status")
             else:
                 yield Label(Text(self.refusal, style="yellow"), id="confirm-refusal")
             with Horizontal(id="confirm-buttons"):
-                yield Button("Cancel", id="confirm-cancel")
-                yield Button("Rehearse", id="confirm-rehearse", variant="success")
-                yield Button("Switch", id="confirm-switch", variant="error", disabled=True)
+                yield Button("Cancel", id="confirm-cancel", compact=True)
+                yield Button("Rehearse", id="confirm-rehearse", variant="success", compact=True)
+                yield Button(
+                    "Switch", id="confirm-switch", variant="error", disabled=True, compact=True
+                )
+
+    def command_text(self) -> Text:
+        key = COPY_KEY.replace("ctrl+", "^")
+        text = Text(f"The same from a shell ({key} copies it):\n", style="dim")
+        text.append(self.command_line, style="bold")
+        return text
+
+    def action_copy_command(self) -> None:
+        copy_command(self, self.command_line)
 
     # --- the typed hostname --------------------------------------------------------------
     def typed(self) -> str:

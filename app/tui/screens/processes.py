@@ -44,19 +44,28 @@ class ProcessesScreen(StepScreen):
         report = self.wizard.choices.report
         assert report is not None, "the Resources step produced the report"
         self.show_summary(report)
+        self.unblock("Enter: the options, then one more question")
+        table = self.query_one("#processes", DataTable)
+        if not report.processes:
+            # An empty table would still take the focus, and swallow Enter without a row to
+            # select: nothing to show, so no table at all, and Enter reaches the screen.
+            table.display = False
+            return
         self.fill(report)
-        self.unblock("Enter: confirm (one more question first)")
-        self.query_one("#processes", DataTable).focus()
+        table.focus()
 
     def show_summary(self, report: Report) -> None:
         services = {p.service for p in report.processes}
         rss = sum(p.rss_bytes for p in report.processes)
         writers = sum(1 for p in report.processes if p.writing)
         text = Text()
-        text.append(plural(len(report.processes), "process", "processes"), style="bold")
-        text.append(f" in {plural(len(services), 'service')}, {human_bytes(rss)} resident; ")
-        text.append(f"{writers} hold files open for writing", style="red" if writers else "")
-        text.append(".\n")
+        if report.processes:
+            text.append(plural(len(report.processes), "process", "processes"), style="bold")
+            text.append(f" in {plural(len(services), 'service')}, {human_bytes(rss)} resident; ")
+            text.append(f"{writers} hold files open for writing", style="red" if writers else "")
+            text.append(".\n")
+        else:
+            text.append("No process to stop: PID 1 is alone in its PID namespace.\n", style="bold")
         if self.wizard.rehearse_only:
             text.append(
                 "A rehearsal leaves them all running: it replaces a sandbox's PID 1 instead.",

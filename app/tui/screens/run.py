@@ -58,7 +58,7 @@ def target_next(init_argv: list[str]) -> str:
 
 
 class RunScreen(StepScreen):
-    STEP = 5
+    STEP = 6
     NEXT_LABEL = "Quit"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("n", "next", "Quit")]
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.widgets import Button, Input, Label, Static
+from textual.widget import Widget
+from textual.widgets import Button, Input, Label
 
 from app.tui.wizard import STEP_TITLES
 
 
-class StepIndicator(Static):
-    """'1 Images › 2 Init › …' with the current step highlighted and the done ones dimmed."""
+class StepIndicator(Widget):
+    """'1 Images › 2 Init › …' with the current step highlighted and the done ones dimmed.
+
+    Every title when they fit the width; when they do not (a narrow terminal), the other
+    steps by number only, so the current step's title is never cut."""
 
     def __init__(self, current: int) -> None:
-        super().__init__(self._text(current), id="step-indicator")
+        super().__init__(id="step-indicator")
+        self.current = current
+
+    def render(self) -> Text:
+        full = self.line(self.current, numbers_only=False)
+        if full.cell_len <= self.size.width:
+            return full
+        return self.line(self.current, numbers_only=True)
 
     @staticmethod
-    def _text(current: int) -> Text:
+    def line(current: int, *, numbers_only: bool) -> Text:
         text = Text(" ")
         for number, title in enumerate(STEP_TITLES):
             if number:
@@ -25,10 +36,10 @@ class StepIndicator(Static):
             label = f"{number + 1} {title}"
             if number == current:
                 text.append(f" {label} ", style="bold reverse")
-            elif number < current:
-                text.append(label, style="green")
-            else:
-                text.append(label, style="dim")
+                continue
+            if numbers_only:
+                label = str(number + 1)
+            text.append(label, style="green" if number < current else "dim")
         return text
 
 
