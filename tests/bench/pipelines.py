@@ -65,10 +65,11 @@ def timed(run: Callable[[Path], object], size: int) -> float:
         return time.monotonic() - started
 
 
-def bench_arguments(description: str) -> argparse.Namespace:
-    """``--runs N`` (the best of N counts) and ``--keep-image``; root is needed."""
+def bench_arguments(description: str, runs: int = 1) -> argparse.Namespace:
+    """``--runs N`` (the best of N counts; ``runs`` by default) and ``--keep-image``; root
+    is needed."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=runs)
     parser.add_argument("--keep-image", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
