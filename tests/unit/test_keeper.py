@@ -145,6 +145,7 @@ def test_the_ssh_server_is_restarted_with_a_pause_that_grows_and_resets() -> Non
         died, starts = host.now, len(host.done)
         while (pause := kept.tick()) is not None and len(host.done) == starts:
             assert pause > 0, "a busy loop"
+            assert host.now - died < 2 * LONGEST_RESPAWN_DELAY, "never started again"
             host.now += pause
         pauses.append(host.now - died)
         host.now += 0.5
