@@ -283,26 +283,41 @@ def _exec_job(argv: list[str]) -> Callable[[], str]:
 
 
 class KeeperLog:
-    """Lines to the kernel log and to :data:`LOG_PATH`, reopened for each line (the new
-    init may mount /dev or /var/log over what was there). Never raises."""
+    """Lines to the kernel log and to :data:`LOG_PATH` (opened for each line: the new init
+    may mount /var/log over what was there) and, on the machine, to its console: the kernel
+    log keeps them below the console's level, and a revert is worth seeing. Never raises."""
 
-    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        log_path: str = LOG_PATH,
+        console: str | None = None,
+        *,
+        kmsg: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.wall_clock = wall_clock
+        self.use_kmsg = kmsg
         self.kmsg: Kmsg | None = None
+        self.files = [(log_path, os.O_CREAT | os.O_APPEND)]
+        if console is not None:
+            self.files.append((console, os.O_NOCTTY | os.O_NONBLOCK | os.O_APPEND))
 
     def __call__(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S", time.gmtime(self.wall_clock()))
         line = f"{PREFIX}{stamp} {message}"
         with contextlib.suppress(OSError):
-            if self.kmsg is None:
+            if self.use_kmsg and self.kmsg is None:
                 self.kmsg = Kmsg()
-            self.kmsg.write(line)
-        with contextlib.suppress(OSError):
-            fd = os.open(LOG_PATH, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-            try:
-                os.write(fd, (line + "\n").encode("utf-8", "replace"))
-            finally:
-                os.close(fd)
+            if self.kmsg is not None:
+                self.kmsg.write(line)
+        data = (line + "\n").encode("utf-8", "replace")
+        for path, flags in self.files:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o640)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
 
 
 def detach() -> None:
@@ -325,7 +340,7 @@ def run(settings: KeeperSettings) -> NoReturn:
     status = 0
     try:
         detach()
-        log = KeeperLog()
+        log = KeeperLog(console="/dev/console" if settings.may_reboot else None)
         os.makedirs(os.path.dirname(LOG_PATH), mode=0o755, exist_ok=True)
         keeper = Keeper(settings, LiveHost(log), log)
         keeper.announce()

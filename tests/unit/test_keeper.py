@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from initstage.keeper import (
     POLL_SECONDS,
     STABLE_SECONDS,
     Keeper,
+    KeeperLog,
     KeeperSettings,
     keep_instructions,
 )
@@ -182,6 +184,19 @@ def test_the_instructions_name_the_file_the_time_and_the_wipe() -> None:
     text = keep_instructions(1_700_000_000.0)  # 22:13:20 UTC
     assert f"`touch {KEEP_FILE}`" in text and "before 22:13:20 UTC" in text
     assert "nothing to revert to" in text
+
+
+def test_the_log_lines_go_to_the_file_and_on_the_machine_to_the_console(tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    console.write_text("")  # the console is never created, only written to
+    log = KeeperLog(str(tmp_path / "keeper.log"), str(console), kmsg=False, wall_clock=lambda: 0.0)
+    log("revert deadline passed")
+    log("second line")
+    expected = "dboot-keeper: 00:00:00 revert deadline passed\ndboot-keeper: 00:00:00 second line\n"
+    assert (tmp_path / "keeper.log").read_text() == expected
+    assert console.read_text() == expected
+    KeeperLog(str(tmp_path / "other.log"), str(tmp_path / "none"), kmsg=False)("no console")
+    assert not (tmp_path / "none").exists()
 
 
 # --- The plan fields --------------------------------------------------------------------
