@@ -30,7 +30,7 @@ from typing import NoReturn, Protocol
 from initstage import linux
 from initstage.children import run_jobs
 from initstage.console import Kmsg
-from initstage.plan import KEEP_FILE
+from initstage.plan import KEEP_FILE as KEEP_FILE  # re-exported: the keeper's own file
 
 REVERT_DUE_FILE = "/run/dboot/revert-due"
 # Not under /run: a new init that mounts a fresh /run would hide a log kept there.

@@ -551,9 +551,13 @@ class Stage:
                 os.umask(0o022)
             finally:
                 keeper.run(settings)
-        # It runs from this interpreter, whose files are on the old root: until it exits,
-        # the old root's devices stay busy (the keep file ends a timer-only keeper).
         self.log(f"keeper: pid {pid}, logging to {keeper.LOG_PATH} and the kernel log")
+        if self.machine_init:
+            # It runs from this interpreter, whose files are on the old root.
+            self.log(
+                "keeper: until it exits, the old root's devices stay busy (a timer-only keeper"
+                f" exits at the deadline or once {keeper.KEEP_FILE} exists; with --ssh it stays)"
+            )
         if settings.revert_after_seconds:
             deadline = time.time() + settings.revert_after_seconds
             self.log(f"revert timer: {keeper.keep_instructions(deadline)}")
