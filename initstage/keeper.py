@@ -45,12 +45,48 @@ LONGEST_RESPAWN_DELAY = 60.0
 STABLE_SECONDS = 60.0
 SYNC_TIMEOUT = 10.0  # a sync that hangs (a dead NFS server) must not hold the revert back
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
+IMAGE_SHELL = "/bin/sh"
 SSHD_PRIVSEP_DIR = "/run/sshd"  # OpenSSH refuses to start without it; a fresh /run lacks it
 HOST_KEY_PREFIX = "ssh_host_"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # include/uapi/linux/reboot.h: LINUX_REBOOT_CMD_RESTART, which glibc's reboot() calls RB_AUTOBOOT.
 RB_AUTOBOOT = 0x01234567
 _libc_reboot = linux.libc.reboot  # looked up now: after the pivot nothing may be loaded
+
+# Once only the SSH server is left to keep, the image's own shell keeps it, and this
+# interpreter, whose files are on the old root (keeping its disk busy), goes: exec'd as
+# ``sh -c SCRIPT dboot-keeper OLD_PID DELAY CONSOLE SSH_ARGV...``. It waits for the server
+# this keeper started (our child still: a zombie once it ends), then restarts it as above.
+SHELL_KEEPER = """\
+old=$1 delay=$2 console=$3
+shift 3
+say() {
+    line="dboot-keeper: $(date -u +%H:%M:%S 2>/dev/null) $*"
+    echo "$line" >> @LOG@
+    echo "<7>$line" 2>/dev/null > /dev/kmsg
+    echo "$line" 2>/dev/null > "$console"
+}
+say "the image's shell keeps the SSH server now (pid $$, as before)"
+while [ -e "/proc/$old" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$old/status"; do
+    sleep 2
+done
+[ "$old" = 0 ] || say "SSH server pid $old ended: starting it again in $delay s"
+while :; do
+    sleep "$delay"
+    mkdir -p @PRIVSEP@
+    say "SSH server started (by the shell)"
+    started=$(date +%s 2>/dev/null || echo 0)
+    "$@" >> @LOG@ 2>&1
+    status=$?
+    if [ $(($(date +%s 2>/dev/null || echo 0) - started)) -ge @STABLE@ ]; then
+        delay=@FIRST@
+    else
+        delay=$((delay * 2))
+    fi
+    [ "$delay" -le @LONGEST@ ] || delay=@LONGEST@
+    say "SSH server ended (exit status $status): starting it again in $delay s"
+done
+"""
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,7 @@ class KeeperHost(Protocol):
     def prepare_ssh(self) -> list[str]: ...
     def start(self, argv: tuple[str, ...]) -> int: ...
     def exit_status(self, pid: int) -> int | None: ...
+    def hand_over(self, argv: tuple[str, ...], pid: int | None, delay: float) -> str: ...
     def mark_revert_due(self) -> None: ...
     def sync(self) -> str: ...
     def reboot(self) -> None: ...
@@ -113,6 +150,7 @@ class Keeper:
         self.next_start: float | None = now if settings.ssh_argv else None
         self.respawn_delay = FIRST_RESPAWN_DELAY
         self.starts = 0
+        self.hand_over_refused = ""
 
     def announce(self) -> None:
         if self.settings.ssh_argv:
@@ -134,6 +172,8 @@ class Keeper:
             self.start_sshd(now)
         if self.deadline is None and not self.settings.ssh_argv:
             return None
+        if self.deadline is None and not self.hand_over_refused:
+            self.hand_over()
         due = [now + POLL_SECONDS]
         due += [moment for moment in (self.next_start, self.deadline) if moment is not None]
         return max(0.0, min(due) - now)
@@ -160,6 +200,16 @@ class Keeper:
         self.log(f"sync: {self.host.sync()}")
         self.log("reboot(RB_AUTOBOOT): the old system boots from its disk")
         self.host.reboot()  # returns only if the kernel refused
+
+    def hand_over(self) -> None:
+        """Only the SSH server is left: let the image's shell keep it (returns on failure)."""
+        self.log(
+            f"only the SSH server is left to keep: handing it to the image's {IMAGE_SHELL},"
+            " so that nothing runs from the old root's files any more"
+        )
+        argv, delay = self.settings.ssh_argv, self.respawn_delay
+        self.hand_over_refused = self.host.hand_over(argv, self.sshd_pid, delay)
+        self.log(f"hand-over failed ({self.hand_over_refused}): keeping it from here")
 
     def watch_sshd(self, now: float) -> None:
         if self.sshd_pid is None:
@@ -202,7 +252,7 @@ def describe_status(status: int) -> str:
 class LiveHost:
     """The keeper's effects on the running system."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self, log: KeeperLog) -> None:
         self.log = log
 
     def clock(self) -> float:
@@ -250,6 +300,26 @@ class LiveHost:
         except ChildProcessError:
             return 0  # reaped already: it is gone all the same
         return status if done else None
+
+    def hand_over(self, argv: tuple[str, ...], pid: int | None, delay: float) -> str:
+        """Exec the image's shell with :data:`SHELL_KEEPER`; returns why it could not."""
+        if not os.access(IMAGE_SHELL, os.X_OK):
+            return f"the image has no {IMAGE_SHELL}"
+        if not os.path.isdir("/proc/self"):
+            return "no /proc to watch the running SSH server by"
+        script = (
+            SHELL_KEEPER.replace("@LOG@", LOG_PATH)
+            .replace("@PRIVSEP@", SSHD_PRIVSEP_DIR)
+            .replace("@STABLE@", f"{STABLE_SECONDS:.0f}")
+            .replace("@FIRST@", f"{FIRST_RESPAWN_DELAY:.0f}")
+            .replace("@LONGEST@", f"{LONGEST_RESPAWN_DELAY:.0f}")
+        )
+        console = self.log.files[1][0] if len(self.log.files) > 1 else "/dev/null"
+        words = ["dboot-keeper", str(pid or 0), f"{delay:.0f}", console, *argv]
+        try:
+            os.execve(IMAGE_SHELL, [IMAGE_SHELL, "-c", script, *words], {"PATH": DEFAULT_PATH})
+        except OSError as error:
+            return f"exec {IMAGE_SHELL}: {error.strerror}"
 
     def mark_revert_due(self) -> None:
         os.makedirs(os.path.dirname(REVERT_DUE_FILE), mode=0o755, exist_ok=True)

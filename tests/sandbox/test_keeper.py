@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,24 +107,65 @@ def test_the_keep_file_stops_the_revert(tmp_path: Path, busybox_tree: Path):
     assert "deadline passed" not in log
 
 
-def test_ssh_server_is_respawned_with_a_growing_pause(tmp_path: Path, tree_with_sshd: Path):
-    third_start = wait_for(f"grep -q 'start 3' {LOG_PATH}", 20)
-    init = f"{third_start}; sleep 0.3; {show_keeper()}"
+def list_exes() -> str:
+    return 'echo EXES:; for p in /proc/[0-9]*; do echo "${p#/proc/} $(readlink $p/exe)"; done'
+
+
+def keeper_exe(run_err: str, out: str) -> str:
+    """What the keeper process runs now, by its pid in the stage's log."""
+    pid = re.search(r"keeper: pid (\d+)", run_err).group(1)  # type: ignore[union-attr]
+    exes = dict(line.split(" ", 1) for line in out.split("EXES:\n")[1].splitlines() if " " in line)
+    return exes[pid]
+
+
+def test_ssh_server_is_respawned_then_kept_by_the_images_shell(
+    tmp_path: Path, tree_with_sshd: Path
+):
+    # The timer runs 4 s: meanwhile the keeper restarts the server itself; past it, only
+    # the server is left, and the image's shell takes over (the interpreter goes).
+    by_shell = wait_for(f"grep -q 'started (by the shell)' {LOG_PATH}", 30)
+    init = f"{by_shell}; {list_exes()}; {show_keeper()}"
     run = run_stage(
         tmp_path,
         tree_with_sshd,
-        plan_for(tmp_path, ["/bin/sh", "-c", init], keeper_ssh_argv=["/usr/sbin/sshd", "-D", "-e"]),
+        plan_for(
+            tmp_path,
+            ["/bin/sh", "-c", init],
+            keeper_ssh_argv=["/usr/sbin/sshd", "-D", "-e"],
+            revert_after_seconds=4.0,
+        ),
     )
     assert run.returncode == 0, run.err
     log = run.out.split("KEEPER-LOG:\n")[1]
-    # Its output went to the keeper's log, with the arguments it was given.
+    # Its output went to the keeper's log, with the arguments it was given: three starts.
     assert log.count("stand-in sshd pid") >= 3, log
     assert "ran: -D -e" in log
     assert "made /run/sshd" in log
-    assert "SSH server started (start 3)" in log
+    assert "SSH server started (start 2)" in log
     assert "ended (exit status 3) after" in log
     assert "starting it again in 1 s" in log and "starting it again in 2 s" in log, log
+    assert "handing it to the image's /bin/sh" in log
+    assert "the image's shell keeps the SSH server now" in log
+    assert keeper_exe(run.err, run.out) == "/bin/busybox", run.out
+
+
+def test_with_ssh_only_the_shell_keeps_the_server_from_the_start(
+    tmp_path: Path, tree_with_sshd: Path
+):
+    twice = wait_for(f"grep -q 'starting it again in 4 s' {LOG_PATH}", 30)
+    init = f"{twice}; {list_exes()}; {show_keeper()}"
+    run = run_stage(
+        tmp_path,
+        tree_with_sshd,
+        plan_for(tmp_path, ["/bin/sh", "-c", init], keeper_ssh_argv=["/usr/sbin/sshd", "-D"]),
+    )
+    assert run.returncode == 0, run.err
+    log = run.out.split("KEEPER-LOG:\n")[1]
     assert "revert: no timer" in log
+    assert log.count("stand-in sshd pid") >= 3, log  # the keeper's start, then two by the shell
+    assert re.search(r"SSH server pid \d+ ended: starting it again in 1 s", log), log
+    assert "ended (exit status 3): starting it again in 2 s" in log
+    assert keeper_exe(run.err, run.out) == "/bin/busybox", run.out
 
 
 # --- The options, end to end (dry runs: nothing is injected) ---------------------------------

@@ -43,6 +43,7 @@ class FakeHost:
     done: list[str] = field(default_factory=list)
     next_pid: int = 100
     start_fails: bool = False
+    handed: list[tuple[int | None, float]] = field(default_factory=list)
 
     def clock(self) -> float:
         return self.now
@@ -66,6 +67,10 @@ class FakeHost:
 
     def exit_status(self, pid: int) -> int | None:
         return None if pid in self.running else 3 << 8
+
+    def hand_over(self, argv: tuple[str, ...], pid: int | None, delay: float) -> str:
+        self.handed.append((pid, delay))
+        return "the fake has no shell"  # the live one returns only when it could not exec
 
     def mark_revert_due(self) -> None:
         self.done.append("marker")
@@ -166,7 +171,7 @@ def test_an_ssh_server_that_cannot_start_is_tried_again_later() -> None:
     kept, host, lines = keeper(ssh_argv=SSHD)
     host.start_fails = True
     assert kept.tick() == pytest.approx(FIRST_RESPAWN_DELAY)
-    assert "cannot start it" in lines[-1]
+    assert any("cannot start it" in line for line in lines), lines
     host.start_fails = False
     host.now += 1
     kept.tick()
@@ -174,10 +179,27 @@ def test_an_ssh_server_that_cannot_start_is_tried_again_later() -> None:
 
 
 def test_ssh_and_a_revert_together() -> None:
-    kept, host, _ = keeper(ssh_argv=SSHD, revert_after_seconds=5.0)
-    run_until(kept, host, host.now + 10)
+    kept, host, lines = keeper(ssh_argv=SSHD, revert_after_seconds=5.0)
+    run_until(kept, host, host.now + 4.9)
+    assert host.handed == [], "no hand-over while the timer runs: the shell has none"
+    run_until(kept, host, host.now + 5)
     assert host.done == ["start 101", "marker"]
+    # Only the SSH server is left: the image's shell is asked to keep it, once.
+    assert host.handed == [(101, FIRST_RESPAWN_DELAY)]
+    assert "hand-over failed (the fake has no shell): keeping it from here" in lines
     assert kept.tick() is not None, "the SSH server is still kept after the revert"
+    assert len(host.handed) == 1
+
+
+def test_with_only_ssh_the_shell_takes_over_at_once() -> None:
+    kept, host, _ = keeper(ssh_argv=SSHD)
+    kept.tick()
+    assert host.done == ["start 101"] and host.handed == [(101, FIRST_RESPAWN_DELAY)]
+    kept, host, _ = keeper(ssh_argv=SSHD, revert_after_seconds=60.0)
+    host.files.add(KEEP_FILE)
+    host.start_fails = True
+    kept.tick()
+    assert host.handed == [(None, FIRST_RESPAWN_DELAY)]  # none running: the shell starts it
 
 
 def test_the_instructions_name_the_file_the_time_and_the_wipe() -> None:
