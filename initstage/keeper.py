@@ -12,7 +12,9 @@ the new system's first minutes (issue 9 §4). It does two things, each only when
   reboot now and leaves :data:`REVERT_DUE_FILE`, nothing else.
 
 It never takes the new system down for any other reason, logs every action to the kernel
-log and to :data:`LOG_PATH`, and exits once nothing is left to do. Like the stage it is
+log and to :data:`LOG_PATH`, and exits once nothing is left to do; once only the SSH server
+is left, it hands it to the image's own shell (:data:`SHELL_KEEPER`), so that nothing runs
+from the old root's files and its disk can be repartitioned. Like the stage it is
 standard library only and imports nothing once forked: the stage imports this module (and
 so all it uses) at start-up, before the pivot.
 """

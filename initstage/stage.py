@@ -555,8 +555,9 @@ class Stage:
         if self.machine_init:
             # It runs from this interpreter, whose files are on the old root.
             self.log(
-                "keeper: until it exits, the old root's devices stay busy (a timer-only keeper"
-                f" exits at the deadline or once {keeper.KEEP_FILE} exists; with --ssh it stays)"
+                "keeper: the old root's devices stay busy while its revert timer runs (it ends"
+                f" at the deadline or once {keeper.KEEP_FILE} exists; an SSH server left to"
+                " keep then goes to the image's shell)"
             )
         if settings.revert_after_seconds:
             deadline = time.time() + settings.revert_after_seconds
