@@ -389,6 +389,16 @@ def without_export_artifacts(tree: dict[str, dict[str, Any]]) -> dict[str, dict[
     return kept
 
 
+def export_reference(image: str, work: Path) -> dict[str, dict[str, Any]]:
+    """What a copy of ``image`` must equal: `docker export` extracted by GNU tar under
+    ``work``, as metadata, less the export artifacts; the tree itself is removed again."""
+    tree = work / "root"
+    extract_export(image, tree)
+    metadata = tree_metadata(tree)
+    remove_tree(tree)
+    return without_export_artifacts(metadata)
+
+
 def differences(expected: dict[str, Any], actual: dict[str, Any], limit: int = 20) -> list[str]:
     """Readable differences between two ``tree_metadata`` results."""
     out = [f"missing: {path!r}" for path in sorted(expected.keys() - actual.keys())]

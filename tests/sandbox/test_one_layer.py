@@ -41,11 +41,7 @@ def one_layer_image() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def reference(one_layer_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tree = tmp_path_factory.mktemp("reference") / "root"
-    images.extract_export(one_layer_image, tree)
-    metadata = images.tree_metadata(tree)
-    images.remove_tree(tree)
-    return images.without_export_artifacts(metadata)
+    return images.export_reference(one_layer_image, tmp_path_factory.mktemp("reference"))
 
 
 def test_one_layer_copy_equals_docker_export(

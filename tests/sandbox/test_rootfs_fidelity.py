@@ -38,11 +38,7 @@ def fidelity_image() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def reference(fidelity_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tree = tmp_path_factory.mktemp("reference") / "root"
-    images.extract_export(fidelity_image, tree)
-    metadata = images.tree_metadata(tree)
-    images.remove_tree(tree)
-    return images.without_export_artifacts(metadata)
+    return images.export_reference(fidelity_image, tmp_path_factory.mktemp("reference"))
 
 
 @pytest.fixture(scope="module")
