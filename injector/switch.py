@@ -47,7 +47,12 @@ from initstage.plan import (
 from injector import check, labmode, teach
 from injector.access import sshcheck
 from injector.access.carry import carry_network, carry_ssh
-from injector.access.facts import carry_verdicts, read_network, revert_notices
+from injector.access.facts import (
+    carry_verdicts,
+    read_network,
+    revert_notices,
+    ssh_keeper_notices,
+)
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
@@ -338,8 +343,12 @@ def _switch_target(
     tmpfs_size = report.ram.tmpfs_size
     remote = report.session.remote and mode == "switch"
     revert = options.revert_minutes(remote)
+    image_init = report.access.image_init if report.access is not None else None
     preflight.add_notices(
-        report, carry_verdicts(remote, options.carry, revert) + revert_notices(revert)
+        report,
+        carry_verdicts(remote, options.carry, revert)
+        + revert_notices(revert)
+        + ssh_keeper_notices(keeper_ssh, image_init),
     )
     yield from preflight.report_events(report)
     yield Fact("keeper", "ssh_argv", keeper_ssh)

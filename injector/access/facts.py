@@ -595,6 +595,23 @@ def carry_verdicts(remote: bool, carry: bool, revert_minutes: float | None = Non
     ]
 
 
+def ssh_keeper_notices(ssh_argv: list[str], init: ImageInit | None) -> list[Notice]:
+    """``--ssh`` with an init that starts services: two SSH servers for one port."""
+    if not ssh_argv or init is None or not init.starts_services:
+        return []
+    return [
+        Notice(
+            "warning",
+            "keeper-ssh-twice",
+            f"--ssh with an init that starts services ({init.path}, {init.kind}): the keeper's"
+            f" {ssh_argv[0]} and the image's own SSH service compete for port 22 (the first"
+            " to start wins; both let the same keys in)",
+            "leave out --ssh: the image's init starts its SSH server itself",
+            scope="host",
+        )
+    ]
+
+
 def revert_notices(revert_minutes: float | None) -> list[Notice]:
     """The revert timer of the keeper (initstage.keeper), and how to keep the new system."""
     if revert_minutes is None:

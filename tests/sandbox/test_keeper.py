@@ -207,3 +207,21 @@ def test_a_remote_switch_reverts_after_10_minutes_unless_told(tmp_path: Path):
 
     events = dry_run(tmp_path, "--revert-after", "0.5", env=REMOTE)
     assert keeper_facts(events)["revert_after_minutes"] == 0.5
+
+
+@pytest.mark.engine
+def test_ssh_is_refused_up_front_when_the_image_has_no_ssh_server(tmp_path: Path):
+    result = subprocess.run(
+        [DBOOT, "switch", "--dry-run", "--force", "--ssh", "--state-dir", str(tmp_path / "s"),
+         "tinybox", "/bin/sh"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("dboot: --ssh: the image has no SSH server"), line
+    assert "Checking RAM" not in result.stdout, "refused before the preflight"
+    assert not (tmp_path / "s" / "root").exists()

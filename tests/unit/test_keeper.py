@@ -349,3 +349,13 @@ def test_a_remote_session_warns_only_with_neither_carry_over_nor_a_timer() -> No
     assert notice.code == "revert-timer" and "0.5 min" in notice.message
     assert KEEP_FILE in notice.fix
     assert facts.revert_notices(None) == []
+
+
+def test_ssh_with_an_init_that_starts_services_is_warned_about() -> None:
+    systemd = facts.ImageInit("/sbin/init", "/lib/systemd/systemd", "systemd", True)
+    shell = facts.ImageInit("/bin/sh", "/bin/busybox", "shell", False)
+    (notice,) = facts.ssh_keeper_notices(list(SSHD), systemd)
+    assert notice.code == "keeper-ssh-twice" and notice.level == "warning"
+    assert "compete for port 22" in notice.message
+    assert facts.ssh_keeper_notices(list(SSHD), shell) == []
+    assert facts.ssh_keeper_notices([], systemd) == []
