@@ -541,7 +541,12 @@ class Stage:
         )
         if not settings.has_work:
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            # The new system still starts: without a keeper, never into a recovery shell.
+            self.log(f"warning: keeper: fork failed ({error}): no SSH server kept, no revert")
+            return
         if pid == 0:
             try:
                 if not self.machine_init:

@@ -359,3 +359,20 @@ def test_ssh_with_an_init_that_starts_services_is_warned_about() -> None:
     assert "compete for port 22" in notice.message
     assert facts.ssh_keeper_notices(list(SSHD), shell) == []
     assert facts.ssh_keeper_notices([], systemd) == []
+
+
+def test_a_keeper_that_cannot_be_forked_does_not_stop_the_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from initstage.console import StageLog
+    from initstage.stage import Stage
+
+    def no_fork() -> int:
+        raise OSError(12, "Cannot allocate memory")
+
+    log = StageLog()
+    stage = Stage("/run/dboot/plan.json", log)
+    monkeypatch.setattr("initstage.stage.os.fork", no_fork)
+    plan = Plan(new_root="/run/dboot/root", init_argv=["/bin/sh"], revert_after_seconds=60.0)
+    stage.start_keeper(plan)  # returns: the exec of the new init goes on
+    assert "keeper: fork failed" in log.lines[-1] and "no revert" in log.lines[-1]
