@@ -44,8 +44,8 @@ def short_socket_path(path: str) -> tuple[str, int | None]:
 
 def execve_text(path: str, argv: list[str]) -> str:
     """``execve("/bin/sh", ["/bin/sh", "-l"], envp)``: the call as C would spell it."""
-    strings = ", ".join(json.dumps(arg) for arg in argv)
-    return f"execve({json.dumps(path)}, [{strings}], envp)"
+    strings = ", ".join(json.dumps(arg, ensure_ascii=False) for arg in argv)
+    return f"execve({json.dumps(path, ensure_ascii=False)}, [{strings}], envp)"
 
 
 class TeachChannel:

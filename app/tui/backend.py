@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from injector.image.sources import ImageDetails, ImageSource, ImageSummary
     from injector.preflight.preflight import ProcessInfo, Report
     from injector.switch import SwitchOptions
+    from injector.teach import PauseHook
 
 # Executables tried, in order, to pre-fill the init command: the image's own init first.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -68,6 +69,8 @@ class RunRequest:
     init_argv: list[str]
     rehearse: bool
     options: RunOptions = RunOptions()
+    # A teaching rehearsal: the engine's pause hook (the Run screen's UiPauser); None: none.
+    pause: PauseHook | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class Backend(Protocol):
@@ -350,6 +353,8 @@ class EngineBackend:
             source.close()
             source = None
         options.source = source
+        if request.rehearse:
+            options.pause = request.pause  # rehearsals only: a real switch never waits on a UI
         try:
             yield from switch.run(options)
         finally:

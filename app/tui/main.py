@@ -25,6 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only ever rehearse in a sandbox (also forced by DBOOT_REHEARSAL_ONLY=1)",
     )
+    parser.add_argument(
+        "--teach",
+        action="store_true",
+        help="rehearsals pause before each step and explain it (Space or Enter goes on)",
+    )
     parser.add_argument("--docker-host", help="Docker engine URL (default: $DOCKER_HOST)")
     parser.add_argument("--state-dir", type=Path, help="where the RAM root goes (/run/dboot)")
     parser.add_argument(
@@ -70,7 +75,9 @@ def main() -> None:
     except DbootError as error:
         print(f"dboot-tui: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    create_app(backend, rehearse_only=args.rehearse).run()
+    app = create_app(backend, rehearse_only=args.rehearse)
+    app.wizard.teach = args.teach
+    app.run()
 
 
 if __name__ == "__main__":

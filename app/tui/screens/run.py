@@ -6,6 +6,7 @@ to the thread that attached, so the injection must never hop between threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import ClassVar
 
@@ -21,6 +22,7 @@ from app.tui.messages import EngineEvent, LastWords, RunEnded
 from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.run_panels import StepList, TeachingPanel
+from app.tui.widgets.teach import UiPauser
 from app.tui.wizard import Outcome, Wizard
 from initstage.console import VT_NUMBER
 from injector.errors import DbootError
@@ -60,7 +62,10 @@ def target_next(init_argv: list[str]) -> str:
 class RunScreen(StepScreen):
     STEP = 6
     NEXT_LABEL = "Quit"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("n", "next", "Quit")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "next", "Quit"),
+        Binding("f7", "toggle_teach", "Teach", priority=True),
+    ]
 
     def __init__(self, wizard: Wizard, request: RunRequest) -> None:
         super().__init__(wizard)
@@ -106,6 +111,8 @@ class RunScreen(StepScreen):
         def last_words(text: str) -> None:
             self.post_message(LastWords(text))
 
+        if request.rehearse and self.wizard.teach:
+            request = dataclasses.replace(request, pause=UiPauser(self.app))
         try:
             for event in self.wizard.backend.run(request, last_words):
                 if isinstance(event, Progress) and not self.throttle.due(event):
@@ -197,8 +204,15 @@ class RunScreen(StepScreen):
             self.unblock("done · b: back to change something · Enter: quit")
         self.refresh_bindings()
 
+    def action_toggle_teach(self) -> None:
+        self.wizard.teach = not self.wizard.teach
+        state = "on: the next rehearsal pauses" if self.wizard.teach else "off"
+        self.notify(f"Step-by-step teaching {state} before each step.")
+
     # --- leaving: never while the engine is still working --------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "toggle_teach" and not self.request.rehearse:
+            return False
         if action in ("back", "next") and self.running:
             return None
         return super().check_action(action, parameters)
