@@ -40,9 +40,7 @@ import shutil
 import signal
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -108,6 +106,10 @@ def run_worker(
     Any exception here (a failing ``progress`` callback, Ctrl-C) kills the worker first,
     so that its root and working directory no longer pin the tmpfs.
     """
+    # Here, not at the top: the worker, which imports this module too, needs neither.
+    import subprocess
+    import tempfile
+
     status_r, status_w = os.pipe()
     data_r, data_w = os.pipe() if streams is not None else (-1, -1)
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below

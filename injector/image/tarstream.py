@@ -19,7 +19,6 @@ import io
 import lzma
 import posixpath
 import shutil
-import subprocess
 import tarfile
 import threading
 import zlib
@@ -103,6 +102,8 @@ def _zstd_reader(buffered: Any) -> IO[bytes]:
         return cast(IO[bytes], reader)
     if shutil.which("zstd") is None:
         raise ArchiveError("zstd-compressed, but neither python zstandard nor zstd(1) is installed")
+    import subprocess  # here: the copy-in worker imports this module and never needs it
+
     process = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
     sink = process.stdin
