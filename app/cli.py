@@ -62,6 +62,7 @@ from injector.events import (
 
 if TYPE_CHECKING:
     from injector.switch import SwitchOptions
+    from injector.teach import Pause
 
 EXIT_OK, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_REFUSED = 0, 1, 2, 3
 UNEXPECTED_FIX = "run it again with -v for the traceback, and report it"
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 metavar="PID",
                 help="inject into PID, the PID 1 of its own namespace (labs, tests)",
+            )
+        else:
+            sub.add_argument(
+                "--teach",
+                action="store_true",
+                help="pause before each step, say what it does and the system call it makes; "
+                "Enter goes on (end of input: no more pauses)",
             )
         sub.add_argument("image", metavar="IMAGE")
         sub.set_defaults(handler=cmd_switch, rehearse=name == "rehearse")
@@ -457,7 +465,19 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         ssh_check=getattr(args, "ssh_check", None),
         ssh_check_go=wait_for_ssh_login,
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
+        pause=wait_for_enter if getattr(args, "teach", False) else None,
     )
+
+
+def wait_for_enter(pause: Pause) -> None:
+    """`dboot rehearse --teach`: the pause on stderr, then one line of input goes on.
+    End of input (a closed or non-interactive stdin) means: no more pauses."""
+    from injector.teach import StopTeaching, describe
+
+    print("\n".join(describe(pause)), file=sys.stderr)
+    print("Enter: go on", file=sys.stderr, flush=True)
+    if not sys.stdin.readline():
+        raise StopTeaching
 
 
 def cmd_switch(args: argparse.Namespace, out: TextIO) -> int:

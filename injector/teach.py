@@ -28,7 +28,7 @@ from typing import Literal
 from initstage import teachpause
 from initstage.mounts import unescape_octal
 from initstage.teachpause import execve_text
-from injector.inject.arch import Arch
+from injector.inject.arch import ARCHES, Arch
 from injector.preflight import procinfo
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ LESSONS: Mapping[str, tuple[str, str]] = {
     "SIGTERM": (
         "SIGTERM to everyone",
         "kill(-1) sends SIGTERM to every process in the PID namespace but PID 1. Watch "
-        "the processes panel: the services that obey go now; one ignores SIGTERM.",
+        "the processes: the services that obey go now; one ignores SIGTERM.",
     ),
     "SIGKILL": (
         "SIGKILL to the rest",
@@ -104,7 +104,7 @@ LESSONS: Mapping[str, tuple[str, str]] = {
     "pivot_root": (
         "pivot_root into RAM",
         "The tmpfs becomes /, and the old root is stacked on it and then detached. Watch "
-        "the mounts panel: the old root's mounts disappear.",
+        "the mounts: the old root's mounts disappear.",
     ),
     "API mounts": (
         "The API filesystems",
@@ -241,6 +241,17 @@ def copy_call(root: Path, size: int) -> str:
         f'mount("dboot", "{root}", "tmpfs", 0, "size={size},mode=0755,uid=0,gid=0"); '
         "then per file openat, write, fchownat, utimensat"
     )
+
+
+def describe(pause: Pause) -> list[str]:
+    """The pause as plain lines, for a terminal (``dboot rehearse --teach``)."""
+    lines = [f"── {pause.position}: {pause.title} ──", pause.explanation, f"  {pause.syscall}"]
+    if pause.registers:
+        arch = ARCHES[pause.arch]
+        lines += [f"  registers ({arch.name}):"] + [
+            f"  {line}" for line in render_registers(arch, pause.registers)
+        ]
+    return lines
 
 
 # --- registers -------------------------------------------------------------------------

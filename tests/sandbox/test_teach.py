@@ -7,7 +7,11 @@ wizard. Lab mode is on; the target is always the sandbox's PID 1.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,7 @@ pytestmark = [pytest.mark.root, pytest.mark.engine, pytest.mark.usefixtures("tin
 
 IMAGE = TINYBOX
 INIT = ["/bin/sh", "-c", "echo hi-$$"]
+DBOOT = str(Path(sys.executable).with_name("dboot"))
 HOLD = 1.0  # seconds a pause is held, to see that nothing moves meanwhile
 
 
@@ -102,3 +107,38 @@ def test_end_of_file_from_the_host_means_the_stage_goes_on() -> None:
     assert any("the host closed the channel: going on without pauses" in line for line in console)
     assert [p.step for p in pauses if p.side == "stage"] == ["sync"]
     assert time.monotonic() - started < 60
+
+
+def dboot_rehearse_teach(answers: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DBOOT, "rehearse", "--teach", IMAGE, *INIT],
+        input=answers,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+    )
+
+
+def test_dboot_rehearse_teach_prints_each_pause_and_waits_for_enter() -> None:
+    steps = len(teach.HOST_STEPS) + len(teach.STAGE_STEPS)
+    done = dboot_rehearse_teach("\n" * steps)
+    assert done.returncode == 0, done.stderr
+    headers = [line for line in done.stderr.splitlines() if line.startswith("── ")]
+    expected = [
+        *(f"host {n}/8" for n in range(1, 9)),
+        *(f"stage {n}/6" for n in range(1, 7)),
+    ]
+    assert [line.split(":")[0].removeprefix("── ") for line in headers] == expected
+    assert "  ptrace(PTRACE_SEIZE, " in done.stderr
+    assert "59 execve" in done.stderr or "221 execve" in done.stderr  # the swap's registers
+    assert "hi-1" in done.stdout + done.stderr
+
+
+def test_dboot_rehearse_teach_with_no_input_goes_on_without_pauses() -> None:
+    done = dboot_rehearse_teach("")
+    assert done.returncode == 0, done.stderr
+    headers = [line for line in done.stderr.splitlines() if line.startswith("── ")]
+    assert headers == ["── host 1/8: Reading the image ──"]
+    assert "hi-1" in done.stdout + done.stderr
