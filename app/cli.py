@@ -442,6 +442,8 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
     """The engine's options for `rehearse` and `switch`, from the command line."""
     from injector.switch import SwitchOptions
 
+    teaching = getattr(args, "teach", False)
+    interactive = sys.stdin.isatty() and out.isatty()
     return SwitchOptions(
         image=args.image,
         init_argv=list(args.init),
@@ -460,12 +462,13 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         docker_host=args.docker_host,
         force=args.force,
         yes=getattr(args, "yes", False),
-        console="relay" if not args.json and sys.stdin.isatty() and out.isatty() else "capture",
+        # --teach reads Enter from our stdin: the sandbox's console is then shown, not relayed.
+        console="relay" if not (args.json or teaching) and interactive else "capture",
         confirm=None if args.json else ask_hostname,
         ssh_check=getattr(args, "ssh_check", None),
         ssh_check_go=wait_for_ssh_login,
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
-        pause=wait_for_enter if getattr(args, "teach", False) else None,
+        pause=wait_for_enter if teaching else None,
     )
 
 
@@ -627,7 +630,8 @@ class HumanRenderer:
 
 def print_notice(notice: Notice, out: TextIO) -> None:
     fix = f" ({notice.fix})" if notice.fix else ""
-    print(f"{notice.level}: {notice.message}{fix}", file=out)
+    # Flushed: an --ssh-check notice is read by someone before the run goes on.
+    print(f"{notice.level}: {notice.message}{fix}", file=out, flush=True)
 
 
 # --- errors and output that goes away ----------------------------------------------------
