@@ -125,6 +125,7 @@ class KeeperHost(Protocol):
     def clock(self) -> float: ...
     def wall_clock(self) -> float: ...
     def exists(self, path: str) -> bool: ...
+    def make_dir(self, path: str) -> bool: ...
     def prepare_ssh(self) -> list[str]: ...
     def start(self, argv: tuple[str, ...]) -> int: ...
     def exit_status(self, pid: int) -> int | None: ...
@@ -183,6 +184,10 @@ class Keeper:
     def watch_deadline(self, now: float) -> None:
         if self.deadline is None:
             return
+        # A new init mounts a fresh /run: the directory must be there for a plain `touch`.
+        keep_dir = os.path.dirname(KEEP_FILE)
+        if self.host.make_dir(keep_dir):
+            self.log(f"made {keep_dir}, for the keep file")
         if self.host.exists(KEEP_FILE):
             self.deadline = None
             self.log(f"{KEEP_FILE} found: the revert is off, the new system stays")
@@ -265,6 +270,13 @@ class LiveHost:
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
+
+    def make_dir(self, path: str) -> bool:
+        """Make ``path`` (0755) unless it is there; True if it was made."""
+        if os.path.isdir(path):
+            return False
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        return True
 
     def prepare_ssh(self) -> list[str]:
         """What OpenSSH needs each time it starts: its privilege-separation directory (a

@@ -54,6 +54,12 @@ class FakeHost:
     def exists(self, path: str) -> bool:
         return path in self.files
 
+    def make_dir(self, path: str) -> bool:
+        if path in self.files:
+            return False
+        self.files.add(path)
+        return True
+
     def prepare_ssh(self) -> list[str]:
         return []
 
@@ -124,6 +130,18 @@ def test_the_keep_file_seen_before_the_deadline_cancels_the_revert() -> None:
     run_until(kept, host, host.now + 120)
     assert host.done == []
     assert f"{KEEP_FILE} found: the revert is off, the new system stays" in lines
+
+
+def test_the_keep_files_directory_is_made_again_after_a_fresh_run() -> None:
+    kept, host, lines = keeper(revert_after_seconds=60.0)
+    kept.tick()
+    assert "/run/dboot" in host.files and lines[-1] == "made /run/dboot, for the keep file"
+    host.files.clear()  # the new init mounted a fresh /run
+    kept.tick()
+    assert "/run/dboot" in host.files
+    assert lines.count("made /run/dboot, for the keep file") == 2
+    kept.tick()
+    assert lines.count("made /run/dboot, for the keep file") == 2
 
 
 def test_the_keep_file_is_looked_at_when_the_deadline_comes() -> None:
