@@ -836,9 +836,10 @@ def _process_verdicts(processes: list[ProcessInfo], notices: list[Notice]) -> No
 
 
 def _session_verdicts(session: SessionFacts, notices: list[Notice]) -> None:
-    # A blocker (issue 9): without an SSH server nobody gets back in, and no revert timer
-    # brings the old system back yet. --force is the way for a serial or KVM console, an
-    # image that phones home, or a lab.
+    # A blocker (issue 9): without an SSH server nobody gets back in. The revert timer would
+    # bring the old system back, but only after minutes of a machine nobody can reach, and
+    # never once its disk is wiped. --force is the way for a serial or KVM console, an image
+    # that phones home, or a lab.
     if not session.remote:
         return
     if not session.image_has_ssh:
