@@ -245,6 +245,20 @@ def _outcome(
     raise failure
 
 
+def scan_layer(layer: str, on_entry: Callable[[list[Any]], None]) -> int:
+    """The entries of a one-layer image's tree (its layer directory), told to ``on_entry``
+    as the worker's scan-tree tells them; their count.
+
+    Here, in this process: a walk only reads, so it needs neither the worker's chroot nor
+    a read-only mount, and it saves the worker's start and the entries' trip through JSON
+    (about a third of the scan of a one-layer image of 19k entries)."""
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        return _TreeScanner(on_entry).scan(fd, "")
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------
 # Worker side (runs in its own process; chrooted into the new root for copy jobs)
 # ---------------------------------------------------------------------------------------
@@ -318,7 +332,7 @@ def _describe_os_error(error: OSError) -> str:
 
 def _scan_tree(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
     with _image_tree(job["layers"], job["scratch"]) as source:
-        count = _TreeScanner(reporter).scan(source, "")
+        count = _TreeScanner(reporter.entry).scan(source, "")
     return {"entries": count}
 
 
@@ -432,10 +446,10 @@ def _whole_seconds(ns: int) -> int:
 
 
 class _TreeScanner:
-    """Metadata of every entry under a directory fd, reported as index entries."""
+    """Metadata of every entry under a directory fd, told to ``entry`` as index entries."""
 
-    def __init__(self, reporter: _Reporter) -> None:
-        self._reporter = reporter
+    def __init__(self, entry: Callable[[list[Any]], None]) -> None:
+        self._entry = entry
         self._count = 0
 
     def scan(self, dir_fd: int, path: str) -> int:
@@ -448,7 +462,7 @@ class _TreeScanner:
             child = f"{path}/{entry.name}"
             target = os.readlink(entry.name, dir_fd=dir_fd) if entry.is_symlink() else None
             inode = st.st_ino if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
-            self._reporter.entry(
+            self._entry(
                 [
                     child,
                     _kind(st.st_mode),

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from injector.errors import BadInput, DbootError, EnvironmentFailure
 from injector.events import Progress as ProgressEvent
-from injector.image.extract import run_worker
+from injector.image.extract import run_worker, scan_layer
 from injector.image.imageindex import ImageIndex, IndexBuilder, IndexEntry
 from injector.image.tarstream import (
     CHUNK,
@@ -355,11 +355,14 @@ class EngineSource(ImageSource):
         layers = self._fast_layers()
         if layers is not None:
             builder = IndexBuilder()
-            run_worker(
-                {"op": "scan-tree", "layers": layers, "scratch": tempfile.gettempdir()},
-                on_entry=builder.add_scanned,
-                context=f"scanning {self.ref}",
-            )
+            if len(layers) == 1:
+                scan_layer(layers[0], builder.add_scanned)
+            else:
+                run_worker(
+                    {"op": "scan-tree", "layers": layers, "scratch": tempfile.gettempdir()},
+                    on_entry=builder.add_scanned,
+                    context=f"scanning {self.ref}",
+                )
             return builder.build()
         with self._temporary_container() as container:
             stream = io.BufferedReader(ChunkReader(self._export(container)), CHUNK)
