@@ -68,6 +68,10 @@ class RunRequest:
     image: str
     init_argv: list[str]
     rehearse: bool
+    # Set by the Run screen's stop key: ends a rehearsal whose init never exits.
+    stop: threading.Event = dataclasses.field(
+        default_factory=threading.Event, compare=False, repr=False
+    )
     options: RunOptions = RunOptions()
     # A teaching rehearsal: the engine's pause hook (the Run screen's UiPauser); None: none.
     pause: PauseHook | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -354,6 +358,9 @@ class EngineBackend:
             source = None
         options.source = source
         if request.rehearse:
+            # The wizard's console is a terminal on the sandbox's pty (the run screen's
+            # ConsoleView); the stop key ends the sandbox from the run's own thread.
+            options.console, options.stop = "pty", request.stop
             options.pause = request.pause  # rehearsals only: a real switch never waits on a UI
         try:
             yield from switch.run(options)

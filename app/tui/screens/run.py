@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 from typing import ClassVar
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -21,6 +23,7 @@ from app.tui.backend import RunRequest
 from app.tui.messages import EngineEvent, LastWords, RunEnded
 from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
+from app.tui.widgets.console import ConsoleView
 from app.tui.widgets.run_panels import StepList, TeachingPanel
 from app.tui.widgets.teach import UiPauser
 from app.tui.wizard import Outcome, Wizard
@@ -28,6 +31,7 @@ from initstage.console import VT_NUMBER
 from injector.errors import DbootError
 from injector.events import (
     Console,
+    ConsoleAttached,
     Fact,
     Finished,
     Injection,
@@ -59,11 +63,26 @@ def target_next(init_argv: list[str]) -> str:
     )
 
 
+def how_it_ended(event: Finished, init_argv: list[str]) -> str:
+    """The console's last line: how the rehearsed init ended."""
+    if event.detail.startswith("stopped"):
+        return "── stopped: the sandbox is gone ──"
+    return f"── {init_argv[0]}: {event.detail or f'exit status {event.exit_status}'} ──"
+
+
 class RunScreen(StepScreen):
+    """A rehearsal's console is a terminal on the sandbox's pty (``ConsoleView``): it has
+    the focus while the rehearsal runs, and takes the whole body then (F6 gives the steps
+    back); F8 ends an init that never exits; once it ended, r rehearses again."""
+
     STEP = 6
     NEXT_LABEL = "Quit"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "next", "Quit"),
+        # Priority: they work while the console has the focus (every other key is typed).
+        Binding("f6", "toggle_console", "Console", priority=True),
+        Binding("f8", "stop", "Stop", priority=True),
+        Binding("r", "again", "Rehearse again"),
         Binding("f7", "toggle_teach", "Teach", priority=True),
     ]
 
@@ -84,16 +103,27 @@ class RunScreen(StepScreen):
                 yield TeachingPanel(id="run-teach")
         with Horizontal(id="run-bottom"):
             yield RichLog(id="run-log", wrap=True, min_width=20, markup=False, highlight=False)
-            yield RichLog(id="run-console", wrap=True, min_width=20, markup=False, highlight=False)
+            if self.request.rehearse:
+                yield ConsoleView(id="run-terminal")
+            else:
+                yield RichLog(
+                    id="run-console", wrap=True, min_width=20, markup=False, highlight=False
+                )
 
     def on_mount(self) -> None:
         rehearse = self.request.rehearse
         self.query_one("#run-steps").border_title = "Steps"
         self.query_one("#run-teach-box").border_title = "What is happening"
         self.query_one("#run-log").border_title = "Log"
-        console = self.query_one("#run-console", RichLog)
-        console.border_title = "Sandbox console" if rehearse else "What to expect next"
-        if not rehearse:
+        if rehearse:
+            terminal = self.query_one(ConsoleView)
+            terminal.border_title = "Sandbox console"
+            terminal.border_subtitle = "F6: steps ⇄ console · F8: stop"
+            # At once, not call_later as focus() does: a quick run's end must find it focused.
+            self.set_focus(terminal)
+        else:
+            console = self.query_one("#run-console", RichLog)
+            console.border_title = "What to expect next"
             console.write(
                 Text(
                     "Nothing has changed yet: everything up to the injection "
@@ -139,6 +169,7 @@ class RunScreen(StepScreen):
         match event:
             case StepStarted(step=step, title=title):
                 steps.started(step, title)
+                self.fit_console()
                 teach.step(step, title)
                 self.log_line(f"▶ {title}", "bold")
             case StepDone(step=step, detail=detail):
@@ -167,7 +198,12 @@ class RunScreen(StepScreen):
                     "bold",
                 )
             case Console(text=text):
-                self.query_one("#run-console", RichLog).write(Text(text))
+                self.query_one(ConsoleView).feed_text(text + "\n")
+            case ConsoleAttached(fd=fd):
+                if self.request.rehearse and self.is_mounted:
+                    self.query_one(ConsoleView).attach(fd)
+                else:
+                    os.close(fd)
             case Finished():
                 self.finished(event)
 
@@ -176,9 +212,10 @@ class RunScreen(StepScreen):
             status = event.exit_status
             line = f"Rehearsal finished: the sandboxed init exited with status {status}."
             self.log_line(line, "bold green" if status == 0 else "bold yellow")
-            self.query_one("#run-console", RichLog).write(
-                Text(f"── exit status {status} ──", style="bold")
-            )
+            self.set_focus(None)  # the keys are the wizard's again: r, b, Enter
+            # Once the console has its smaller size back: pyte wraps what is written then.
+            note = how_it_ended(event, self.request.init_argv)
+            self.call_after_refresh(self.query_one(ConsoleView).note, note)
         else:
             self.log_line(f"Finished: {event.outcome}. {event.detail}", "bold green")
         if event.outcome == "injected":
@@ -199,10 +236,52 @@ class RunScreen(StepScreen):
         if message.error is not None:
             self.log_line(f"✗ {message.error}", "bold red")
             self.query_one(StepList).fail_running(message.error)
-            self.unblock("failed (see the log) · b: back · Enter: quit")
+            self.set_focus(None)
+            self.unblock(f"failed (see the log) · {self.again_hint()}b: back · Enter: quit")
         else:
-            self.unblock("done · b: back to change something · Enter: quit")
+            self.unblock(f"done · {self.again_hint()}b: back to change something · Enter: quit")
         self.refresh_bindings()
+
+    def again_hint(self) -> str:
+        return "r: rehearse again · " if self.request.rehearse else ""
+
+    # --- the console: focus, stop, again ---------------------------------------------------
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        self.fit_console()
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        self.fit_console()
+
+    def fit_console(self) -> None:
+        """The console takes the whole body while it has the focus once the image's init
+        is starting: a terminal needs room. Before that, the steps are the show."""
+        focused = isinstance(self.focused, ConsoleView)
+        self.set_class(focused and "stage" in self.query_one(StepList).steps, "console-focused")
+
+    def action_toggle_console(self) -> None:
+        terminal = self.query(ConsoleView)
+        if not terminal:
+            return
+        self.set_focus(None if terminal.first().has_focus else terminal.first())
+        self.fit_console()
+
+    def on_unmount(self) -> None:
+        # The app is going (a test's teardown, a crash): a rehearsal must not outlive it.
+        self.request.stop.set()
+
+    def action_stop(self) -> None:
+        if self.running and self.request.rehearse and not self.request.stop.is_set():
+            self.request.stop.set()
+            self.log_line("Stopping: the sandbox and everything in it will be killed.", "bold")
+
+    def action_again(self) -> None:
+        """The same rehearsal from the start, on a fresh Run screen that answers the
+        wizard loop in this one's place."""
+        if self.running or not self.request.rehearse:
+            return
+        again = RunScreen(self.wizard, dataclasses.replace(self.request, stop=threading.Event()))
+        again._outcome, self._outcome = self._outcome, None
+        self.app.switch_screen(again)
 
     def action_toggle_teach(self) -> None:
         self.wizard.teach = not self.wizard.teach
@@ -211,9 +290,12 @@ class RunScreen(StepScreen):
 
     # --- leaving: never while the engine is still working --------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "toggle_teach" and not self.request.rehearse:
+        rehearsal_only = ("toggle_console", "stop", "again", "toggle_teach")
+        if action in rehearsal_only and not self.request.rehearse:
             return False
-        if action in ("back", "next") and self.running:
+        if action == "stop":
+            return True if self.running else None
+        if action in ("back", "next", "again") and self.running:
             return None
         return super().check_action(action, parameters)
 
