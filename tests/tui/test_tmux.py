@@ -125,9 +125,12 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     # moved lands in the filter again: so Enter until the Init step shows.
     terminal.keys("Enter")
     terminal.keys_until("Enter", "Command for the new PID 1")
-    # 2 Init: the image's own /sbin/init is suggested and found in the image.
+    # 2 Init: the image's own /sbin/init is suggested and found in the image; a shell instead.
     shown = terminal.wait_for("is an executable in the image")
     assert "/sbin/init" in shown
+    terminal.keys("C-u")  # clears the field, as in a shell
+    terminal.keys("/bin/sh", literal=True)
+    terminal.wait_for("/bin/sh is an executable in the image")
     terminal.keys("Enter")
     # 3 Resources: the estimate against what is available.
     shown = terminal.wait_for("Enter: see the processes", timeout=60)
@@ -138,17 +141,24 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     terminal.wait_for("processes in")
     terminal.keys("Enter")
     shown = terminal.wait_for("The same rehearsal from a shell")
-    assert f"dboot rehearse {TINYBOX} /sbin/init" in shown
+    assert f"{TINYBOX} /bin/sh" in shown
     terminal.keys("Enter")
     shown = terminal.wait_for("Rehearse or switch?")
     assert "Switch is off" in shown
     terminal.keys("Tab")
     terminal.keys("Enter")
-    # 7 Run: the sandboxed system's console and its exit status.
-    shown = terminal.wait_for("── exit status", timeout=240)
-    assert "tinybox: init running as PID 1" in shown
-    assert "exit status 0" in shown
-    assert "done" in shown
+    # 7 Run: the sandboxed shell's console has the keyboard (issue 11 §2): it answers.
+    terminal.wait_for("exec ['/bin/sh']", timeout=240)
+    terminal.wait_for("/ #")
+    terminal.keys("echo hi-$$", literal=True)
+    terminal.keys("Enter")
+    shown = terminal.wait_for("│hi-1 ")  # on a line of its own in the console
+    assert "F6: steps ⇄ console" in shown
+    terminal.keys("exit", literal=True)
+    terminal.keys("Enter")
+    shown = terminal.wait_for("── /bin/sh: exit status 0 ──")
+    assert "r: rehearse again" in shown and "done" in shown
+    assert "Steps" in shown  # the console let go of the keyboard and the whole body
     quit_wizard(terminal)
     log = (tmp_path / "tui.log").read_text()
     assert "Rehearsal finished" in log
