@@ -74,6 +74,9 @@ chroot "$tree" systemctl enable dboot-ssh-keygen.service ssh.service >/dev/null 
 # writes (by MAC, DHCP asking for the same address), so a lease is renewed by the new system.
 # Links nothing matches keep what the kernel has.
 chroot "$tree" systemctl enable systemd-networkd.service >/dev/null 2>&1
+# dboot's revert timer is stopped by `touch /run/dboot/keep`; systemd mounts a fresh /run, so the
+# directory is made at every boot for that line to work as the switch prints it.
+echo 'd /run/dboot 0700 root root -' >"$tree/usr/lib/tmpfiles.d/dboot.conf"
 # Root logs in with a key only (Debian's default: prohibit-password); the password stays locked.
 echo dboot-rescue >"$tree/etc/hostname"
 # An empty machine-id: systemd's first-boot marker, unless the switch carries the host's in.

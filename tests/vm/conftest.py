@@ -86,7 +86,10 @@ def wait_ready(vm: Machine, timing: Timing) -> ConsoleLine:
     """Boot to the scenario unit's ready marker: systemd reached multi-user.target first."""
     ready = vm.wait_for(READY.format(scenario=re.escape(vm.scenario)), BOOT_TIMEOUT)
     reached = vm.find(r"Reached target .*(multi-user\.target|Multi-User System)")
-    assert reached is not None and reached.index < ready.index, (
+    # Its status line may be cut by a kernel message on a busy console: then systemd's answer
+    # in the marker says the same.
+    seen = reached is not None and reached.index < ready.index
+    assert seen or marker_value(ready, "multi-user") == "active", (
         "the ready marker came before systemd reported multi-user.target"
     )
     timing.values["boot_host_s"] = ready.seconds
