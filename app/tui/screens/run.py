@@ -83,7 +83,8 @@ class RunScreen(StepScreen):
         Binding("f6", "toggle_console", "Console", priority=True),
         Binding("f8", "stop", "Stop", priority=True),
         Binding("r", "again", "Rehearse again"),
-        Binding("f7", "toggle_teach", "Teach", priority=True),
+        # Not in the footer, which is full at 80 columns: the README and --help name it.
+        Binding("f7", "toggle_teach", "Teach", priority=True, show=False),
     ]
 
     def __init__(self, wizard: Wizard, request: RunRequest) -> None:
