@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--teach",
         action="store_true",
-        help="rehearsals pause before each step and explain it (Space or Enter goes on)",
+        help="rehearsals pause before each step and explain it (Space or Enter goes on; "
+        "F7 on the Run screen turns it on or off for the next rehearsal)",
     )
     parser.add_argument("--docker-host", help="Docker engine URL (default: $DOCKER_HOST)")
     parser.add_argument("--state-dir", type=Path, help="where the RAM root goes (/run/dboot)")
