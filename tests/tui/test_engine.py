@@ -27,8 +27,11 @@ from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
+from app.tui.widgets.console import ConsoleView
+from app.tui.widgets.run_panels import TeachingPanel
 from injector.errors import BadInput
 from injector.events import Progress, StepDone
+from injector.rehearsal.sandbox import CGROUP_PREFIX, own_cgroup_directory
 from tests.images import TINYBOX, build_missing_loader_image, export_tar
 from tests.tui.helpers import (
     press,
@@ -38,6 +41,7 @@ from tests.tui.helpers import (
     wait_for_screen,
     wait_until,
 )
+from tests.tui.test_console import type_line
 
 # tinybox: ours, under the test prefix, with decoys named like it in the engine too.
 pytestmark = [pytest.mark.root, pytest.mark.engine, pytest.mark.usefixtures("tinybox")]
@@ -148,8 +152,8 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
         await press(pilot, "tab", "enter")  # Cancel -> Rehearse
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 240)
-        console = app.screen.query_one("#run-console", RichLog)
-        said = "\n".join(strip.text.rstrip() for strip in console.lines)
+        await settle(pilot)
+        said = app.screen.query_one(ConsoleView).text()
         log = "\n".join(
             strip.text.rstrip() for strip in app.screen.query_one("#run-log", RichLog).lines
         )
@@ -160,6 +164,43 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
     # Nothing left behind: the state dir's RAM root is not mounted anywhere we can see.
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path / "state") not in mounts
+
+
+@pytest.mark.timeout(300)
+async def test_a_shell_answers_in_the_console_and_the_stop_key_ends_it(tmp_path: Path) -> None:
+    # Issue 11 §2 on the real engine: the sandbox's console is a pty that is PID 1's
+    # controlling terminal; the keys typed reach the rehearsed shell; F8 ends it cleanly.
+    app = make(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pick_tinybox(pilot)
+        app.screen.query_one("#init-argv", Input).value = "/bin/sh"
+        await reach_the_report(pilot)
+        for _ in range(3):  # Resources -> Processes -> Options -> Confirm
+            await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, "tab", "enter")  # Cancel -> Rehearse
+        await wait_for_screen(pilot, RunScreen)
+        view = app.screen.query_one(ConsoleView)
+        assert app.focused is view
+        await wait_until(pilot, lambda: "/ #" in view.text(), 240, "the shell's prompt")
+        await type_line(pilot, "echo hi-$$")
+        await wait_until(pilot, lambda: "\nhi-1" in view.text(), 30, "hi-1")
+        # Field 7 of /proc/1/stat: PID 1's controlling terminal (0: none).
+        await type_line(pilot, "echo ctty-$(cut -d' ' -f7 /proc/1/stat) $(tty)")
+        await wait_until(pilot, lambda: "\nctty-" in view.text(), 30, "the ctty")
+        answer = view.text().split("\nctty-")[1].split("\n")[0]
+        assert answer.split()[0] != "0" and answer.split()[1] == "/dev/console", answer
+        injection = app.screen.query_one(TeachingPanel).injection
+        assert injection is not None
+        sandbox = injection.pid  # the sandbox's PID 1, as the host sees it
+        await press(pilot, "f8")
+        await wait_for_run_end(pilot, 30)
+        await settle(pilot)
+        assert "── stopped: the sandbox is gone ──" in view.text()
+        assert "r: rehearse again" in screen_text(app)
+    assert not Path(f"/proc/{sandbox}").exists()
+    assert str(tmp_path / "state") not in Path("/proc/self/mountinfo").read_text()
+    assert not list(own_cgroup_directory().glob(f"{CGROUP_PREFIX}{os.getpid()}-*"))
 
 
 async def test_an_engine_that_does_not_answer_gets_the_how_to_start_it_screen(
