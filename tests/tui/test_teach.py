@@ -137,7 +137,8 @@ async def test_no_pauses_unless_teaching_and_f7_turns_it_on_for_the_next() -> No
         assert backend.requests[0].pause is None
         await press(pilot, "f7")
         assert app.wizard.teach
-        await press(pilot, "f6", "r")  # the keys to the steps, then rehearse again: it teaches
+        app.screen.set_focus(None)  # the keys to the screen, not the console
+        await press(pilot, "r")  # rehearse again: this one teaches
         await wait_until(pilot, showing(app, SWAP), 10, "the swap pause")
         await press(pilot, "c")
         await wait_for_run_end(pilot)
