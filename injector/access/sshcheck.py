@@ -197,8 +197,8 @@ def proof(
             "info",
             "ssh-check",
             f"log in to the new root from another terminal: {command}",
-            "the switch goes on once a login succeeds (its session is ended a few seconds "
-            "later), or when you say go",
+            "the switch goes on once a login there succeeds, whose session ends a few seconds "
+            "later, or when you say go",
         )
         went = go(command, server.done) if go is not None else server.done.wait()
         if server.login is not None:
