@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,11 @@ from typing import Any
 import psutil
 import pytest
 
+from injector.errors import BadInput, SafetyRefusal
+from injector.events import Event, Finished, StepDone
 from injector.rehearsal.sandbox import Sandbox
-from tests.images import PREFIX, docker
+from injector.switch import SwitchOptions, run
+from tests.images import PREFIX, build_tinybox, docker
 from tests.vm.build import rescue_image
 
 pytestmark = pytest.mark.root
@@ -153,3 +157,69 @@ def test_ctrl_c_while_waiting_undoes_everything(
     assert str(state) not in mounts, mounts  # the RAM root is unmounted in the sandbox
     assert not (state / "plan.json").exists()
     assert os.readlink(f"/proc/{sandbox.pid}/exe") == pid1_exe  # PID 1 untouched
+
+
+def run_with_go(
+    sandbox: Sandbox, image: str, state: Path, go: bool
+) -> tuple[list[Event], BaseException | None]:
+    """A --dry-run through the engine whose front-end answers at once, without any login:
+    ``go`` True is Enter (go on), False calls the switch off."""
+    answered: list[str] = []
+
+    def answer(command: str, done: threading.Event) -> bool:
+        answered.append(command)
+        assert not done.is_set()
+        return go
+
+    options = SwitchOptions(
+        image, ["/bin/sh"], state_dir=state, target_pid=sandbox.pid, dry_run=True, yes=True,
+        ssh_check=PORT, ssh_check_go=answer, log_file=None,
+    )  # fmt: skip
+    events: list[Event] = []
+    try:
+        for event in run(options):
+            events.append(event)
+    except SafetyRefusal as error:
+        return events, error
+    finally:
+        assert answered and answered[0].startswith(f"ssh -p {PORT} "), answered
+    return events, None
+
+
+def test_enter_goes_on_without_a_login(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    events, error = run_with_go(sandbox, keyed_image[0], tmp_path / "state", go=True)
+    assert error is None
+    done = [e for e in events if isinstance(e, StepDone) and e.step == "ssh-check"]
+    assert done and done[0].detail.startswith("no login seen"), events
+    assert isinstance(events[-1], Finished) and events[-1].outcome == "dry-run"
+    assert check_servers() == []
+
+
+def test_calling_it_off_undoes_everything(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    events, error = run_with_go(sandbox, keyed_image[0], state, go=False)
+    assert error is not None and "called off" in str(error), events
+    assert not any(isinstance(e, Finished) for e in events)
+    assert check_servers() == []
+    assert str(state) not in Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
+
+
+def test_a_port_out_of_range_is_bad_input() -> None:
+    with pytest.raises(BadInput):
+        SwitchOptions("tinybox", ["/bin/sh"], ssh_check=70000)
+
+
+def test_an_image_without_sshd_is_refused_and_undone(sandbox: Sandbox, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    options = SwitchOptions(
+        build_tinybox(), ["/bin/sh"], state_dir=state, target_pid=sandbox.pid, dry_run=True,
+        yes=True, ssh_check=PORT, log_file=None,
+    )  # fmt: skip
+    with pytest.raises(SafetyRefusal, match="has no /usr/sbin/sshd"):
+        list(run(options))
+    assert check_servers() == []
+    assert str(state) not in Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
