@@ -234,6 +234,8 @@ class RunScreen(StepScreen):
 
     def on_run_ended(self, message: RunEnded) -> None:
         self.running = False
+        for terminal in self.query(ConsoleView):
+            terminal.border_subtitle = "ended"
         if message.error is not None:
             self.log_line(f"✗ {message.error}", "bold red")
             self.query_one(StepList).fail_running(message.error)
