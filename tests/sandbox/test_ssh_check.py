@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +225,37 @@ def test_an_image_without_sshd_is_refused_and_undone(sandbox: Sandbox, tmp_path:
         list(run(options))
     assert check_servers() == []
     assert str(state) not in Path(f"/proc/{sandbox.pid}/mountinfo").read_text()
+
+
+def test_enter_on_the_terminal_goes_on(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The CLI on a terminal: the login line, then Enter there goes on without a login."""
+    controller, terminal = os.openpty()
+    switch = subprocess.Popen(
+        [DBOOT, "switch", "--yes", "--dry-run", "--ssh-check", str(PORT),
+         "--target-pid", str(sandbox.pid), "--state-dir", str(tmp_path / "state"),
+         keyed_image[0], "/bin/sh"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+        env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"Press Enter" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if ready:
+                seen += os.read(controller, 4096)
+        assert b"Press Enter to go on without one" in seen, seen
+        os.write(controller, b"\n")
+        out, _ = switch.communicate(timeout=60)
+    finally:
+        switch.kill()
+        os.close(controller)
+    assert switch.returncode == 0, out
+    assert "no login seen, going on as told; sshd stopped" in out, out
+    assert check_servers() == []
