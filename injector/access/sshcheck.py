@@ -253,6 +253,8 @@ def _mount_api(root: str) -> None:
 def serve(target: int, root: str, port: int) -> NoReturn:
     """Run the image's sshd as PID 1 of a new PID namespace; SIGTERM ends it and its sessions."""
     try:
+        # A dboot that dies (SIGKILL) takes its check along: sshd dies with us in turn.
+        linux.die_with_parent()
         _join_namespaces(target)
         linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)

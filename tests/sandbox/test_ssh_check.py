@@ -259,3 +259,20 @@ def test_enter_on_the_terminal_goes_on(
     assert switch.returncode == 0, out
     assert "no login seen, going on as told; sshd stopped" in out, out
     assert check_servers() == []
+
+
+def test_a_killed_dboot_takes_its_check_along(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    """SIGKILL leaves no undo to run, but no sshd listening on either."""
+    switch = start_switch(sandbox, keyed_image[0], tmp_path / "state")
+    try:
+        events_until_login_line(switch)
+        assert check_servers()
+    finally:
+        switch.kill()
+        switch.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while check_servers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert check_servers() == []
