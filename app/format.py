@@ -79,7 +79,7 @@ def command_line(options: SwitchOptions) -> list[str]:
     """The `dboot rehearse|switch` words that give the engine these very options: only the
     options that differ from the engine's defaults, then IMAGE, INIT and its argv.
     ``shlex.join`` of it is ready to paste into a shell. Options a rehearsal does not take
-    (carry-over, --target-pid) are left out of its line; the wizard's own typed
+    (carry-over, the keeper's, --target-pid...) are left out of its line; the wizard's own typed
     confirmation has no word (`dboot switch` asks for the hostname itself)."""
     defaults = {
         field.name: field.default
@@ -106,6 +106,14 @@ def command_line(options: SwitchOptions) -> list[str]:
     if not options.rehearse:
         if not options.carry:
             words.append("--no-carry")
+        if options.ssh:
+            words.append("--ssh")
+        if options.revert_after is not None:
+            words += ["--revert-after", number_arg(options.revert_after)]
+        if options.no_revert:
+            words.append("--no-revert")
+        if options.ssh_check is not None:
+            words += ["--ssh-check", str(options.ssh_check)]
         if options.dry_run:
             words.append("--dry-run")
         if options.target_pid is not None:

@@ -57,7 +57,12 @@ class RunOptions:
     tmpfs_size: str = ""
     api_mounts: bool = True
     modules: bool = True
+    # A real switch's only (a rehearsal takes none of them, as `dboot rehearse` takes none).
     carry: bool = True
+    ssh: bool = False
+    # Minutes; None: the engine's default (a timer for a remote session's real switch).
+    revert_after: float | None = None
+    no_revert: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +211,19 @@ def engine_options(
         tmpfs_size=parse_size(chosen.tmpfs_size) if chosen.tmpfs_size.strip() else tmpfs_size,
         api_mounts=chosen.api_mounts,
         modules=chosen.modules,
-        carry=chosen.carry,
-        target_pid=None if request.rehearse else target_pid,
         # The wizard's Confirm modal asked for the typed hostname already.
         yes=True,
     )
+    if not request.rehearse:
+        # A real switch's own options: a rehearsal takes none, as `dboot rehearse` takes none.
+        options = dataclasses.replace(
+            options,
+            carry=chosen.carry,
+            ssh=chosen.ssh,
+            revert_after=chosen.revert_after,
+            no_revert=chosen.no_revert,
+            target_pid=target_pid,
+        )
     if state_dir is not None:
         options.state_dir = state_dir
     return options

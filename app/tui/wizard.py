@@ -63,6 +63,15 @@ class Wizard:
         """Can the Confirm modal offer a real switch (no lab mode, no blocker)?"""
         return not self.rehearse_only and not self.choices.switch_blockers
 
+    def default_revert(self) -> float | None:
+        """The revert timer (minutes) the engine would set by itself for the real switch on
+        offer: a remote session's, when this machine's PID 1 is the target. None: none."""
+        report = self.choices.report
+        if report is None or not self.switch_offered:
+            return None
+        engine = self.backend.switch_options(self.request(rehearse=False, options=RunOptions()))
+        return engine.revert_minutes(report.session.remote)
+
     def request(self, *, rehearse: bool, options: RunOptions | None = None) -> RunRequest:
         """The run the choices so far describe (with ``options`` instead of the chosen ones)."""
         choices = self.choices

@@ -173,7 +173,12 @@ PROCESSES = [
 ]
 
 
-def sample_report(*, mem_available: int = 3 * GiB, remote: bool = True) -> Report:
+def sample_report(
+    *,
+    mem_available: int = 3 * GiB,
+    remote: bool = True,
+    processes: list[ProcessInfo] | None = None,
+) -> Report:
     """A host with disk and zram swap, a remote admin, and enough RAM unless told otherwise."""
     tmpfs = 66 * MiB
     notices: list[Notice] = []
@@ -218,7 +223,7 @@ def sample_report(*, mem_available: int = 3 * GiB, remote: bool = True) -> Repor
             SwapDevice("/dev/vda3", "disk", 2 * GiB, 12 * MiB),
             SwapDevice("/dev/zram0", "zram", GiB, 0),
         ],
-        processes=list(PROCESSES),
+        processes=list(PROCESSES if processes is None else processes),
         session=SessionFacts(remote=remote, via="ssh from 10.0.2.2", image_has_ssh=False),
         pid1=Pid1Facts(
             1, "/usr/lib/systemd/systemd", ["/sbin/init"], True, "Yama scope 1, we are root", False
@@ -297,6 +302,8 @@ class FakeBackend:
     target_pid: int | None = None
     # When set, read() waits for it halfway through an archive: a test can look at it.
     hold_read: threading.Event | None = None
+    # The processes the report lists (None: the sample host's; [] : PID 1 alone).
+    processes: list[ProcessInfo] | None = None
 
     def list_images(self) -> list[ImageSummary]:
         if self.engine_down is not None:
@@ -342,7 +349,7 @@ class FakeBackend:
         return None
 
     def check(self, ref: str, init_argv: list[str]) -> Report:
-        return sample_report(mem_available=self.mem_available)
+        return sample_report(mem_available=self.mem_available, processes=self.processes)
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
         host_only = ("swap", "process", "session", "pid1")

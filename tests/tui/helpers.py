@@ -10,6 +10,7 @@ from typing import Any
 from textual.app import App
 from textual.pilot import Pilot
 from textual.screen import Screen
+from textual.widgets import RadioButton, RadioSet
 
 from app.tui.screens.run import RunScreen
 
@@ -60,3 +61,12 @@ def run_ended(app: App[Any]) -> bool:
 
 async def wait_for_run_end(pilot: Pilot[Any], timeout: float = 10) -> None:
     await wait_until(pilot, lambda: run_ended(pilot.app), timeout, "the run to end")
+
+
+async def take_the_options(pilot: Pilot[Any]) -> None:
+    """On the Options step: keep the defaults, turning the revert timer on where the engine
+    asks for a choice (a remote session's real switch), then Enter."""
+    if pilot.app.screen.query_one("#opt-revert", RadioSet).pressed_button is None:
+        pilot.app.screen.query_one("#revert-on", RadioButton).value = True
+        await settle(pilot)
+    await press(pilot, "enter")

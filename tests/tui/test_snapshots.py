@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Checkbox, Input, RadioButton
 
 from app.tui.app import DbootApp, create_app
 from app.tui.screens.confirm import ConfirmScreen
@@ -26,6 +26,7 @@ from tests.tui.helpers import (
     press,
     screen_text,
     settle,
+    take_the_options,
     wait_for_run_end,
     wait_for_screen,
     wait_until,
@@ -82,7 +83,7 @@ async def options(pilot: Pilot[Any]) -> None:
 
 async def confirm(pilot: Pilot[Any]) -> None:
     await options(pilot)
-    await press(pilot, "enter")
+    await take_the_options(pilot)
     await wait_for_screen(pilot, ConfirmScreen)
     await settle(pilot)
 
@@ -178,6 +179,44 @@ def test_resources_ram_blocker(snap_compare: SnapCompare) -> None:
 
 def test_processes(snap_compare: SnapCompare) -> None:
     assert snap_compare(make(), run_before=processes)
+
+
+def test_options(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make(), run_before=options)
+
+
+def test_options_real_switch_asks_for_the_revert_timer(snap_compare: SnapCompare) -> None:
+    # Fake engine, lab mode off, a remote session: the revert timer is the user's choice.
+    assert snap_compare(real_switch(), run_before=options)
+
+
+def test_options_changed_with_an_engine_refusal(snap_compare: SnapCompare) -> None:
+    async def changed(pilot: Pilot[Any]) -> None:
+        await options(pilot)
+        screen = pilot.app.screen
+        screen.query_one("#opt-modules", Checkbox).value = False
+        screen.query_one("#opt-tmpfs", Input).value = "512M"
+        screen.query_one("#opt-grace", Input).value = "900"
+        await settle(pilot)
+
+    assert snap_compare(make(), run_before=changed)
+
+
+def test_confirm_switch_with_its_command_line(snap_compare: SnapCompare) -> None:
+    async def chosen(pilot: Pilot[Any]) -> None:
+        await options(pilot)
+        screen = pilot.app.screen
+        screen.query_one("#revert-on", RadioButton).value = True
+        screen.query_one("#opt-revert-minutes", Input).value = "30"
+        screen.query_one("#opt-grace", Input).value = "10"
+        screen.query_one("#opt-carry", Checkbox).value = False
+        await settle(pilot)
+        screen.set_focus(None)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await settle(pilot)
+
+    assert snap_compare(real_switch(), run_before=chosen)
 
 
 def test_confirm_rehearse_only(snap_compare: SnapCompare) -> None:

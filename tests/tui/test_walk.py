@@ -11,7 +11,7 @@ from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Input, RichLog
 
 from app.tui.app import DbootApp, create_app
-from app.tui.backend import EngineBackend, RunRequest
+from app.tui.backend import EngineBackend, RunOptions, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.images import ImagesScreen, OpenFileScreen
 from app.tui.screens.init import InitScreen
@@ -25,12 +25,16 @@ from tests.tui.helpers import (
     press,
     screen_text,
     settle,
+    take_the_options,
     wait_for_run_end,
     wait_for_screen,
     wait_until,
 )
 
 SIZE = (80, 24)
+# A real switch from the fake's remote session: the walks turn the revert timer on (its
+# default minutes), as the Options step asks them to choose.
+REVERT_ON = RunOptions(revert_after=10.0)
 
 
 def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> DbootApp:
@@ -238,7 +242,7 @@ async def test_switch_needs_the_typed_hostname() -> None:
     app = make(backend, rehearse_only=False)
     async with app.run_test(size=SIZE) as pilot:
         await to_options(pilot)
-        await press(pilot, "enter")
+        await take_the_options(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         switch = app.screen.query_one("#confirm-switch", Button)
         hostname = app.screen.query_one("#confirm-hostname", Input)
@@ -254,7 +258,9 @@ async def test_switch_needs_the_typed_hostname() -> None:
         console = app.screen.query_one("#run-console", RichLog)
         said = " ".join(strip.text.strip() for strip in console.lines)
         assert "this terminal closes" in said and "VT 3" in said and "/sbin/init" in said
-    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False)]
+    assert backend.requests == [
+        RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False, options=REVERT_ON)
+    ]
 
 
 def test_engine_backend_refuses_a_real_switch_in_lab_mode() -> None:
@@ -322,7 +328,7 @@ async def test_the_file_dialog_says_in_one_line_why_a_path_does_not_open() -> No
 
 async def to_real_confirm(pilot) -> ConfirmScreen:
     await to_options(pilot)
-    await press(pilot, "enter")
+    await take_the_options(pilot)
     await wait_for_screen(pilot, ConfirmScreen)
     screen = pilot.app.screen
     assert isinstance(screen, ConfirmScreen)
@@ -350,7 +356,9 @@ async def test_typing_the_hostname_then_enter_switches() -> None:
         await press(pilot, "enter")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
-    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False)]
+    assert backend.requests == [
+        RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False, options=REVERT_ON)
+    ]
 
 
 async def test_enter_with_a_wrong_hostname_says_what_is_wrong_and_switches_nothing() -> None:
@@ -376,7 +384,9 @@ async def test_enter_with_a_wrong_hostname_says_what_is_wrong_and_switches_nothi
         await press(pilot, "tab", "tab", "enter")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
-    assert backend.requests == [RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True)]
+    assert backend.requests == [
+        RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True, options=REVERT_ON)
+    ]
 
 
 async def test_escape_while_typing_the_hostname_cancels() -> None:

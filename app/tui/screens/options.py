@@ -4,7 +4,9 @@
 Each option shows its default and one line on what it means. The values are the engine's to
 judge: every change builds the engine's own options (``Backend.switch_options``), and a
 value it refuses blocks Next with the engine's one-line message. Options that only matter
-for a real switch say so, and are off in a rehearse-only wizard.
+for a real switch say so, and are off in a rehearse-only wizard. When the engine would set
+a revert timer by itself (a remote session's real switch), the user must choose: on, after
+how many minutes, or off.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Checkbox, Input, Label, Static
+from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Static
 
 from app.format import human_bytes, number_arg
 from app.tui.backend import RunOptions
 from app.tui.screens.base import StepScreen
-from app.tui.widgets.chrome import Field
+from app.tui.widgets.chrome import Choice, Field, Tick
+from app.tui.wizard import Wizard
+from initstage.plan import DEFAULT_REMOTE_REVERT_MINUTES, KEEP_FILE
 from injector.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
-SWITCH_ONLY = "real switch only"
+SWITCH_ONLY = "(real switch only)"
 COPY_KEY = "ctrl+y"
+CHOOSE_REVERT = "choose the revert timer: on, or off"
 
 
 def copy_command(screen: Screen[Any], line: str) -> None:
@@ -39,14 +44,12 @@ def copy_command(screen: Screen[Any], line: str) -> None:
     screen.notify("Command line copied (OSC 52; it is in the wizard's log file too).")
 
 
-def read_grace(text: str) -> float:
-    """The grace period as typed; the engine judges its range."""
+def read_number(text: str, what: str, example: str) -> float:
+    """A number as typed; the engine judges its range."""
     try:
         return float(text.strip())
     except ValueError:
-        raise BadInput(
-            f"grace period {text.strip()!r} is not a number", "give seconds, e.g. 5 or 0.5"
-        ) from None
+        raise BadInput(f"{what} {text.strip()!r} is not a number", f"give {example}") from None
 
 
 class OptionsScreen(StepScreen):
@@ -58,9 +61,17 @@ class OptionsScreen(StepScreen):
         Binding(COPY_KEY, "copy_command", "Copy command line"),
     ]
 
+    def __init__(self, wizard: Wizard) -> None:
+        super().__init__(wizard)
+        # The timer the engine would set by itself for this switch (None: none). When there
+        # is one, the user must choose, and the modal's command line says what was chosen.
+        self.engine_revert = wizard.default_revert()
+        report = wizard.choices.report
+        self.image_has_ssh = report is not None and report.session.image_has_ssh
+
     def body(self) -> ComposeResult:
         chosen = self.wizard.choices.options
-        switch_only = not self.wizard.rehearse_only
+        switch_off = self.wizard.rehearse_only
         with VerticalScroll(id="options-body"):
             yield Static(
                 Text(
@@ -81,41 +92,85 @@ class OptionsScreen(StepScreen):
                 yield Field(chosen.tmpfs_size, id="opt-tmpfs", compact=True, placeholder="auto")
                 yield Static(self.tmpfs_help(), classes="option-help")
             with Horizontal(classes="option"):
-                yield Checkbox("API mounts", chosen.api_mounts, id="opt-api", compact=True)
+                yield Tick("API mounts", chosen.api_mounts, id="opt-api", compact=True)
                 yield Static(
                     "Default on: /proc, /sys, /dev, /dev/pts in the new root",
                     classes="option-help",
                 )
             with Horizontal(classes="option"):
-                yield Checkbox("Kernel modules", chosen.modules, id="opt-modules", compact=True)
+                yield Tick("Kernel modules", chosen.modules, id="opt-modules", compact=True)
                 yield Static(
                     "Default on: add this kernel's modules and firmware",
                     classes="option-help",
                 )
             with Horizontal(classes="option"):
-                yield Checkbox(
-                    "Carry-over",
-                    chosen.carry,
-                    id="opt-carry",
-                    compact=True,
-                    disabled=not switch_only,
+                yield Tick(
+                    "Carry-over", chosen.carry, id="opt-carry", compact=True, disabled=switch_off
                 )
                 yield Static(
                     self.switch_only_help("Default on: SSH keys, machine-id, DNS, network files"),
                     classes="option-help",
                 )
+            with Horizontal(classes="option"):
+                yield Tick(
+                    "SSH server",
+                    chosen.ssh,
+                    id="opt-ssh",
+                    compact=True,
+                    disabled=switch_off or not self.image_has_ssh,
+                )
+                yield Static(self.ssh_help(), classes="option-help")
+            yield from self.revert_row(chosen)
             yield Static("", id="options-error")
             with Vertical(id="command-box", classes="section"):
                 yield Static("", id="options-command")
+
+    def revert_row(self, chosen: RunOptions) -> ComposeResult:
+        switch_off = self.wizard.rehearse_only
+        minutes = chosen.revert_after or self.engine_revert or DEFAULT_REMOTE_REVERT_MINUTES
+        # Pressed: the user's earlier choice (Back and forth), else none when the engine
+        # would set a timer (the user must choose), else off, the engine's default here.
+        turned_on = chosen.revert_after is not None
+        turned_off = chosen.no_revert or (not turned_on and self.engine_revert is None)
+        with Horizontal(classes="option", id="revert-row"):
+            yield Label("Revert timer", classes="option-name")
+            with RadioSet(id="opt-revert", compact=True, disabled=switch_off):
+                yield Choice("on", turned_on, id="revert-on")
+                yield Choice("off", turned_off, id="revert-off")
+            yield Field(
+                number_arg(minutes), id="opt-revert-minutes", compact=True, disabled=switch_off
+            )
+            yield Static(
+                self.switch_only_help(
+                    f"minutes, then the old system boots again unless {KEEP_FILE} exists"
+                ),
+                classes="option-help",
+            )
+        default = (
+            f"on, {number_arg(self.engine_revert)} min (remote session): choose"
+            if self.engine_revert is not None
+            else "off"
+        )
+        warning = Text(f"Default {default}. ", style="dim")
+        warning.append(
+            "! After wiping the old disk there is nothing to revert to: turn it off then.",
+            style="dim" if switch_off else "yellow",
+        )
+        yield Static(warning, id="revert-warning")
 
     def tmpfs_help(self) -> str:
         report = self.wizard.choices.report
         fits = f" ({human_bytes(report.ram.tmpfs_size)} here)" if report is not None else ""
         return f"Default auto: the image plus headroom{fits}"
 
+    def ssh_help(self) -> Text:
+        if self.wizard.choices.report is not None and not self.image_has_ssh:
+            return self.switch_only_help("Off: the image has no SSH server")
+        return self.switch_only_help("Default off: keep the image's sshd running")
+
     def switch_only_help(self, text: str) -> Text:
         help_text = Text(text)
-        help_text.append(f"\n({SWITCH_ONLY})", style="italic")
+        help_text.append(f" {SWITCH_ONLY}", style="italic")
         if self.wizard.rehearse_only:
             help_text.stylize("dim")
         return help_text
@@ -129,18 +184,39 @@ class OptionsScreen(StepScreen):
         self.changed()
 
     # --- reading and checking --------------------------------------------------------------
+    def revert_choice(self) -> tuple[float | None, bool]:
+        """(revert_after, no_revert) as the radio buttons and the minutes say."""
+        if self.query_one("#revert-on", RadioButton).value:
+            text = self.query_one("#opt-revert-minutes", Input).value
+            return read_number(text, "revert timer", "minutes, e.g. 10 or 0.5"), False
+        # Off where the engine would set a timer says so; elsewhere off is the default.
+        return None, self.engine_revert is not None
+
     def read(self) -> RunOptions:
-        """The options as the widgets hold them; ``BadInput`` for a grace that is no number."""
+        """The options as the widgets hold them; ``BadInput`` for a number that is none."""
+        revert_after, no_revert = self.revert_choice()
         return RunOptions(
-            grace=read_grace(self.query_one("#opt-grace", Input).value),
+            grace=read_number(
+                self.query_one("#opt-grace", Input).value, "grace period", "seconds, e.g. 5"
+            ),
             tmpfs_size=self.query_one("#opt-tmpfs", Input).value.strip(),
             api_mounts=self.query_one("#opt-api", Checkbox).value,
             modules=self.query_one("#opt-modules", Checkbox).value,
             carry=self.query_one("#opt-carry", Checkbox).value,
+            ssh=self.query_one("#opt-ssh", Checkbox).value,
+            revert_after=revert_after,
+            no_revert=no_revert,
         )
+
+    def revert_unchosen(self) -> bool:
+        """A switch the engine would give a timer, and neither on nor off pressed yet."""
+        if self.engine_revert is None:
+            return False
+        return self.query_one("#opt-revert", RadioSet).pressed_button is None
 
     @on(Input.Changed)
     @on(Checkbox.Changed)
+    @on(RadioSet.Changed)
     def changed(self) -> None:
         error = self.query_one("#options-error", Static)
         command = self.query_one("#options-command", Static)
@@ -155,19 +231,16 @@ class OptionsScreen(StepScreen):
             return
         error.display = False
         self.wizard.choices.options = options
+        if self.revert_unchosen():
+            command.update(Text("(choose the revert timer first)", style="dim"))
+            self.block(CHOOSE_REVERT)
+            return
         command.update(Text(line, style="bold"))
-        self.unblock(f"Enter: confirm · {COPY_KEY.replace('ctrl+', '^')}: copy the command line")
-
-    def command_line(self) -> str | None:
-        try:
-            return self.wizard.command_line()
-        except BadInput:
-            return None
+        self.unblock(f"Enter: confirm · {COPY_KEY.replace('ctrl+', '^')}: copy the command")
 
     def action_copy_command(self) -> None:
-        line = self.command_line()
-        if self.blocked_reason is None and line is not None:
-            copy_command(self, line)
+        if self.blocked_reason is None:
+            copy_command(self, self.wizard.command_line())
 
     @on(Input.Submitted)
     def submitted(self, event: Input.Submitted) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.widgets import DataTable, Static
+from textual.widgets import Button, DataTable, Static
 
 from app.format import human_bytes, plural
 from app.tui.screens.base import StepScreen
@@ -47,9 +47,10 @@ class ProcessesScreen(StepScreen):
         self.unblock("Enter: the options, then one more question")
         table = self.query_one("#processes", DataTable)
         if not report.processes:
-            # An empty table would still take the focus, and swallow Enter without a row to
-            # select: nothing to show, so no table at all, and Enter reaches the screen.
-            table.display = False
+            # An empty table would still take the focus and swallow Enter without a row to
+            # select: no table at all, and Next has the focus, so that Enter goes on.
+            table.remove()
+            self.query_one("#nav-next", Button).focus()
             return
         self.fill(report)
         table.focus()
@@ -66,7 +67,9 @@ class ProcessesScreen(StepScreen):
             text.append(".\n")
         else:
             text.append("No process to stop: PID 1 is alone in its PID namespace.\n", style="bold")
-        if self.wizard.rehearse_only:
+        if not report.processes:
+            pass
+        elif self.wizard.rehearse_only:
             text.append(
                 "A rehearsal leaves them all running: it replaces a sandbox's PID 1 instead.",
                 style="dim",

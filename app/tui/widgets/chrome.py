@@ -5,8 +5,9 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.content import Content
 from textual.widget import Widget
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Checkbox, Input, Label, RadioButton
 
 from app.tui.wizard import STEP_TITLES
 
@@ -69,3 +70,25 @@ class Field(Input):
 
     def on_mount(self) -> None:
         self.cursor_blink = bool(getattr(self.app, "blink", True))
+
+
+def _plain_mark(button: Checkbox | RadioButton, mark: str) -> None:
+    # The stock mark is the same glyph on or off, only its colour changes: a text capture, a
+    # monochrome terminal or a screen reader could not tell. Off is blank here.
+    button.BUTTON_INNER = mark if button.value else " "
+
+
+class Tick(Checkbox):
+    """A checkbox whose mark is X when ticked and blank when not, in plain text too."""
+
+    def render(self) -> Content:
+        _plain_mark(self, "X")
+        return super().render()
+
+
+class Choice(RadioButton):
+    """A radio button whose mark is ● when pressed and blank when not, in plain text too."""
+
+    def render(self) -> Content:
+        _plain_mark(self, "●")
+        return super().render()

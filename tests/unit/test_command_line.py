@@ -1,0 +1,125 @@
+"""The wizard's equivalent command line (app.format.command_line) read back by dboot's own
+parser gives the very options the wizard would run with: the two cannot drift apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import parse_command_line, switch_options
+from app.format import command_line, number_arg, size_arg
+from injector.switch import SwitchOptions
+
+# Fields no command line word sets: callbacks and hooks, the wizard's own confirmation, the
+# sandbox's stand-in services, the open image source, where the console goes.
+NOT_ON_THE_COMMAND_LINE = {
+    "confirm",
+    "yes",
+    "last_words",
+    "ssh_check_go",
+    "pause",
+    "stop",
+    "services",
+    "service_kinds",
+    "console",
+    "log_file",
+    "source",
+}
+# Options a rehearsal does not take: its command line leaves them out, and they do nothing in
+# a rehearsal.
+SWITCH_ONLY = {"carry", "ssh", "revert_after", "no_revert", "ssh_check", "dry_run", "target_pid"}
+
+INIT = ["/bin/sh", "-c", "echo 'it''s --json' $HOME; exit 0"]
+
+
+def compared(options: SwitchOptions) -> dict[str, Any]:
+    skip = NOT_ON_THE_COMMAND_LINE | (SWITCH_ONLY if options.rehearse else set())
+    return {
+        field.name: getattr(options, field.name)
+        for field in dataclasses.fields(options)
+        if field.name not in skip
+    }
+
+
+def read_back(words: list[str]) -> SwitchOptions:
+    """What `dboot` itself makes of the words, as pasted into a shell."""
+    assert words[0] == "dboot"
+    pasted = shlex.split(shlex.join(words))
+    return switch_options(parse_command_line(pasted[1:]), io.StringIO())
+
+
+VARIANTS = [
+    {},
+    {"grace": 5.0},
+    {"grace": 0.0},
+    {"grace": 2.5},
+    {"grace": 1 / 3},
+    {"tmpfs_size": 512 << 20},
+    {"tmpfs_size": 3 << 30},
+    {"tmpfs_size": 1_000_003},
+    {"api_mounts": False},
+    {"modules": False},
+    {"carry": False},
+    {"ssh": True},
+    {"revert_after": 10.0},
+    {"revert_after": 0.05},
+    {"no_revert": True},
+    {"ssh_check": 2222},
+    {"target_pid": 4242},
+    {"dry_run": True},
+    {"force": True},
+    {"state_dir": Path("/run/other dir")},
+    {"docker_host": "unix:///run/docker.sock"},
+    {"grace": 10.0, "tmpfs_size": 2 << 30, "api_mounts": False, "modules": False, "carry": False},
+    {"ssh": True, "revert_after": 30.0, "target_pid": 4242, "state_dir": Path("/tmp/x")},
+]
+
+
+@pytest.mark.parametrize("rehearse", [False, True], ids=["switch", "rehearse"])
+@pytest.mark.parametrize("changes", VARIANTS, ids=lambda changes: ",".join(changes) or "defaults")
+def test_the_command_line_reads_back_as_the_same_options(
+    changes: dict[str, Any], rehearse: bool
+) -> None:
+    options = SwitchOptions(image="tinybox:latest", init_argv=INIT, rehearse=rehearse, **changes)
+    words = command_line(options)
+    assert words[:2] == ["dboot", "rehearse" if rehearse else "switch"]
+    assert compared(read_back(words)) == compared(options), shlex.join(words)
+
+
+def test_only_the_options_that_differ_from_the_defaults_are_written() -> None:
+    plain = SwitchOptions(image="tinybox:latest", init_argv=["/sbin/init"], rehearse=True)
+    assert command_line(plain) == ["dboot", "rehearse", "tinybox:latest", "/sbin/init"]
+    changed = SwitchOptions(
+        image="tinybox:latest",
+        init_argv=["/sbin/init"],
+        grace=5,
+        tmpfs_size=512 << 20,
+        modules=False,
+        carry=False,
+        target_pid=77,
+    )
+    assert shlex.join(command_line(changed)) == (
+        "dboot switch --grace 5 --tmpfs-size 512M --no-modules --no-carry --target-pid 77 "
+        "tinybox:latest /sbin/init"
+    )
+    # A rehearsal takes no carry-over nor target: its line says nothing of them.
+    rehearsal = dataclasses.replace(changed, rehearse=True)
+    assert shlex.join(command_line(rehearsal)) == (
+        "dboot rehearse --grace 5 --tmpfs-size 512M --no-modules tinybox:latest /sbin/init"
+    )
+
+
+def test_numbers_and_sizes_are_written_as_a_person_would_type_them() -> None:
+    assert [number_arg(value) for value in (5.0, 0.0, 2.5, 600.0)] == ["5", "0", "2.5", "600"]
+    assert float(number_arg(1 / 3)) == 1 / 3
+    assert [size_arg(size) for size in (512 << 20, 3 << 30, 64 << 10, 1000)] == [
+        "512M",
+        "3G",
+        "64K",
+        "1000",
+    ]
