@@ -2,7 +2,7 @@
 
 A rehearsal runs the real switch against the PID 1 of a :class:`Sandbox` instead of the
 host's. The sandbox has new PID, mount, UTS, IPC and network namespaces; its PID 1 is
-``injector/rehearsal/standin.py`` (see there for its services and test hooks), with its own
+``injector/rehearsal/standin.py`` (see there for its services), with its own
 ``/proc``, private mount propagation, hostname ``dboot-rehearsal`` and only a loopback interface.
 
 How it is built, and why:
@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Literal
+from typing import IO, Literal, Self
 
 from initstage import hermetic, linux
 from initstage.mounts import read_mounts
@@ -72,7 +72,6 @@ from injector.preflight.procinfo import nspid_chain
 from injector.rehearsal import standin
 
 ConsoleMode = Literal["relay", "capture", "pty"]
-IdleMode = Literal["wait", "read"]
 
 WNOTHREAD = 0x20000000  # __WNOTHREAD, include/uapi/linux/wait.h; not in the os module
 EXIT_STATUS_UNKNOWN = 255
@@ -80,7 +79,6 @@ DEFAULT_HOSTNAME = "dboot-rehearsal"
 STANDIN_SCRIPT = Path(standin.__file__).resolve()
 START_TIMEOUT = 15.0
 CONSOLE_DRAIN_TIMEOUT = 5.0
-REPEAT_SIGNAL_EVERY = 0.05
 RELAY_IDLE = 0.05
 CGROUP_EMPTY_TIMEOUT = 5.0
 CGROUP_PREFIX = "dboot-rehearsal-"
@@ -267,6 +265,10 @@ class Sandbox:
     pid); leaving the block, by any path, kills the sandbox and everything in it.
     """
 
+    # The stand-in's command line after ``python -I -S``, ``idle`` one of its modes; tests
+    # name one with their own modes and hooks added (``tests/sandbox/parking.py``).
+    program: Sequence[str] = (str(STANDIN_SCRIPT),)
+
     def __init__(
         self,
         services: int = 3,
@@ -274,7 +276,7 @@ class Sandbox:
         *,
         on_line: Callable[[str], None] | None = None,
         kinds: Sequence[str] | None = None,
-        idle: IdleMode = "wait",
+        idle: str = "wait",
         hostname: str = DEFAULT_HOSTNAME,
         zombie_period: float = 0.2,
         python: str = sys.executable,
@@ -290,7 +292,7 @@ class Sandbox:
         if console not in ("relay", "capture", "pty"):
             raise BadInput(f"unknown console mode {console!r}", "use 'relay', 'capture' or 'pty'")
         self.console: ConsoleMode = console
-        self.idle: IdleMode = idle
+        self.idle = idle
         self.hostname = hostname
         self.zombie_period = zombie_period
         self.python = python
@@ -318,7 +320,7 @@ class Sandbox:
 
     # -- lifetime -------------------------------------------------------------------------
 
-    def __enter__(self) -> Sandbox:
+    def __enter__(self) -> Self:
         """Start the sandbox (if :meth:`start` was not called yet)."""
         self.start()
         return self
@@ -406,7 +408,7 @@ class Sandbox:
             *(["setsid", "--ctty", "--"] if self.console == "pty" else []),
             "unshare", "--mount", "--uts", "--ipc", "--net",
             "--propagation", "private", "--mount-proc", "--",
-            self.python, "-I", "-S", str(STANDIN_SCRIPT),
+            self.python, "-I", "-S", *self.program,
             "--hostname", self.hostname,
             "--services", ",".join(self.kinds),
             "--zombie-period", str(self.zombie_period),
@@ -531,21 +533,6 @@ class Sandbox:
         self._join_console()
         assert self._status is not None
         return self._status
-
-    def request_exit(self, timeout: float = 5.0) -> int:
-        """Make the stand-in exit with ``EXIT_ON_SIGUSR1`` (its test hook); its status.
-
-        A SIGUSR1 that lands just before the stand-in enters ``wait4`` is only acted upon
-        once something interrupts that ``wait4`` (Python runs handlers between bytecodes),
-        so the signal is repeated until PID 1 is gone. Only the stand-in has this hook: an
-        injected PID 1 ignores SIGUSR1 and this raises TimeoutError."""
-        deadline = time.monotonic() + timeout
-        while self._pidfd is not None and not self._exited.wait(REPEAT_SIGNAL_EVERY):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the sandbox (pid {self._pid}) ignored SIGUSR1")
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGUSR1)
-        return self.wait(max(deadline - time.monotonic(), 0))
 
     def running(self) -> bool:
         return self._owner is not None and not self._exited.is_set()

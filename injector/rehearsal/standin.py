@@ -12,14 +12,11 @@ real host:
                   reaps it (a buggy daemon): its zombies pile up under it, at most
                   ``MAX_ZOMBIES``; when it dies they are reparented to PID 1, which reaps them;
     ``plain``     exits on SIGTERM like a well-behaved daemon;
-- it then idles in a blocking syscall, where ptrace finds it:
-    ``--idle wait``  ``wait4(-1)``: reaps every child and orphan and says so (the default);
-    ``--idle read``  ``read(0)``: echoes what arrives on stdin as ``standin: read b'...'``
-                     (the line ``exit N`` makes it exit N); reaps in a SIGCHLD handler; on
-                     end of file it falls back to ``wait``.
-  ``main`` takes the table of idle modes: the injection tests run this same program with
-  their own parking modes added (``tests/sandbox/parked.py``: epoll_wait, sleeps, spins...),
-  so that only the modes a rehearsal uses live here.
+- it then idles in ``wait4(-1)``, where ptrace finds it: it reaps every child and orphan
+  and says so (``--idle wait``, the one mode a rehearsal uses).
+  ``main`` takes the table of idle modes: the tests run this same program with their own
+  modes and hooks added (``tests/sandbox/parked.py``: reading stdin, epoll_wait, sleeps,
+  spins, an exit on SIGUSR1...), so that only what a rehearsal uses lives here.
 
 Hermetic (``initstage/hermetic.py``): before anything else it joins the delegated cgroup
 ``--cgroup`` and takes a cgroup namespace of its own, makes ``/proc/sys`` and
@@ -28,13 +25,8 @@ delegated cgroup2 under it and ``/dev`` by a minimal one (plus ``kmsg``, where t
 stage logs, and ``console`` when the console is a terminal). Its children get no
 CAP_MKNOD: only PID 1 keeps it, for the init stage's own minimal ``/dev``.
 
-Test hooks: in ``--idle read``, the line ``run COMMAND`` runs ``/bin/sh -c COMMAND`` as a
-child of PID 1 (so with everything PID 1's children get), its output on the console.
-SIGUSR1 makes it exit with status ``EXIT_ON_SIGUSR1`` (7). PID 1 of a PID
-namespace only receives the signals it has a handler for, so nothing else can end it
-short of SIGKILL from outside. Python runs a handler between bytecodes, so a SIGUSR1 that
-lands just before ``wait4`` is entered waits there until something else interrupts it:
-senders repeat it (``Sandbox.request_exit``).
+PID 1 of a PID namespace only receives the signals it has a handler for, so nothing
+else can end it short of SIGKILL from outside.
 """
 
 from __future__ import annotations
@@ -52,10 +44,8 @@ if not __package__:  # run as a script with -I: the repository is not on sys.pat
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from initstage import hermetic, linux
 
-EXIT_ON_SIGUSR1 = 7
 MAX_ZOMBIES = 5
 KMSG_NODE = ("kmsg", 1, 11)
-RUN_PREFIX = b"run "
 SERVICE_KINDS = ("stubborn", "zombies", "plain")
 READY_LINE = "ready"
 
@@ -67,11 +57,13 @@ def say(text: str) -> None:
 
 
 def become_child() -> None:
-    """What every child of PID 1 gets: default signals, and no CAP_MKNOD (so no device
-    node of its own making, hence no raw host device)."""
+    """What every child of PID 1 gets: default signals (none of the handlers PID 1 set,
+    the tests' hooks included), and no CAP_MKNOD (so no device node of its own making,
+    hence no raw host device)."""
     hermetic.drop_capability(hermetic.CAP_MKNOD)
-    for sig in (signal.SIGUSR1, signal.SIGCHLD, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in signal.valid_signals():
+        if callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def become_service(kind: str) -> None:
@@ -147,33 +139,6 @@ def reap_all(block: bool) -> None:
         say(f"reaped pid {pid} ({describe(status)})")
 
 
-def idle_reading(reaper: Callable[[int, object], None]) -> None:
-    signal.signal(signal.SIGCHLD, reaper)
-    while True:
-        data = os.read(0, 4096)
-        if not data:
-            say("stdin closed, idling in wait4")
-            return
-        say(f"read {data!r}")
-        if data.startswith(RUN_PREFIX):
-            run_command(data.removeprefix(RUN_PREFIX).decode().strip())
-            continue
-        words = data.split()
-        if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
-            sys.exit(int(words[1]))
-
-
-def run_command(command: str) -> None:
-    """The ``run`` test hook: ``/bin/sh -c COMMAND`` as a child of PID 1; not waited for
-    here (the SIGCHLD reaper says how it ended)."""
-    if os.fork() == 0:
-        try:
-            become_child()
-            os.execv("/bin/sh", ["/bin/sh", "-c", command])
-        finally:
-            os._exit(127)
-
-
 def harden(cgroup: str | None) -> None:
     """Enter the delegated cgroup and a cgroup namespace, then the hermetic mounts (in our
     own, private mount namespace: ``unshare --mount --propagation private``)."""
@@ -197,24 +162,12 @@ def ignore(signum: int, frame: object) -> None:
     """A handler that does nothing: SIGCHLD then wakes pause() (SIG_DFL would not)."""
 
 
-def on_sigusr1(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once: the sender may repeat it
-    say(f"SIGUSR1: exiting {EXIT_ON_SIGUSR1}")
-    sys.exit(EXIT_ON_SIGUSR1)
-
-
 def idle_waiting() -> None:
     reap_all(block=True)
 
 
-def idle_reading_then_waiting() -> None:
-    idle_reading(lambda signum, frame: reap_all(block=False))
-    signal.signal(signal.SIGCHLD, ignore)
-    reap_all(block=True)
-
-
 # --idle MODE: what PID 1 does once it is ready, where ptrace finds it.
-IDLES: Mapping[str, Callable[[], None]] = {"wait": idle_waiting, "read": idle_reading_then_waiting}
+IDLES: Mapping[str, Callable[[], None]] = {"wait": idle_waiting}
 
 
 def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
@@ -234,7 +187,6 @@ def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
         print("standin: refusing to run: not PID 1 of a PID namespace", file=sys.stderr)
         sys.exit(3)
     harden(args.cgroup)
-    signal.signal(signal.SIGUSR1, on_sigusr1)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, ignore)
     socket.sethostname(args.hostname)

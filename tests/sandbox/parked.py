@@ -1,12 +1,25 @@
-"""The stand-in init (``injector/rehearsal/standin.py``) with the injection tests' parking modes.
+"""The stand-in init (``injector/rehearsal/standin.py``) with the tests' own modes and hooks.
 
-The one stand-in program, run as PID 1 of a PID namespace by ``tests/sandbox/parking.py``:
+The one stand-in program, run as PID 1 of a PID namespace by ``tests/sandbox/parking.py``
+(``StandIn``, and ``ParkedSandbox``: a rehearsal sandbox running this program):
 ``python -I -S -c BOOT --idle MODE --ready-fd N ...`` calls :func:`main` with the engine's
 folder and this repository's on ``sys.path`` (in the VM guest the engine is installed apart
-from the tests). These modes are the tests' own (no rehearsal idles like this), so they live
-here and are handed to ``standin.main``. Each one parks PID 1 in a known way, talks raw bytes
-on stdout (the test's pipe) and says ``<ready>`` once nothing but its parking system call is
-left to run:
+from the tests). What is here is the tests' own (no rehearsal idles like this), so it lives
+here and is handed to ``standin.main``.
+
+Hooks, in every mode: SIGUSR1 makes PID 1 exit with status ``EXIT_ON_SIGUSR1`` (7), saying
+so (modes with their own SIGUSR1 handler replace it). Python runs a handler between
+bytecodes, so a SIGUSR1 that lands just before ``wait4`` is entered waits there until
+something else interrupts it: senders repeat it (``ParkedSandbox.request_exit``).
+
+``read``        the rehearsal's stand-in, but idling in ``read(0)``: echoes what arrives on
+                stdin as ``standin: read b'...'``; the line ``exit N`` makes it exit N, and
+                ``run COMMAND`` runs ``/bin/sh -c COMMAND`` as a child of PID 1 (so with
+                everything PID 1's children get), its output on the console; reaps in a
+                SIGCHLD handler; on end of file it falls back to ``wait``.
+
+The parking modes each park PID 1 in a known way, talk raw bytes on stdout (the test's pipe)
+and say ``<ready>`` once nothing but their parking system call is left to run:
 
 ``read-echo``   ``read(0)`` through libc, so that an error, EINTR included, is told
                 (``<error N>``) instead of being retried by Python; echoes what it reads;
@@ -24,11 +37,15 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 
 from injector.rehearsal import standin
 
+EXIT_ON_SIGUSR1 = 7
+RUN_PREFIX = b"run "
+READ = "read"
 READY = b"<ready>"
 READ_ECHO, EPOLL_ECHO, WAIT4 = "read-echo", "epoll-echo", "wait4"
 SLEEP_RELATIVE, SLEEP_ABSOLUTE, BUSY, SPIN = "nanosleep", "sleep", "busy", "spin"
@@ -38,6 +55,39 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 def tell(data: bytes) -> None:
     os.write(1, data)
+
+
+def exit_on_sigusr1(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once: the sender may repeat it
+    standin.say(f"SIGUSR1: exiting {EXIT_ON_SIGUSR1}")
+    sys.exit(EXIT_ON_SIGUSR1)
+
+
+def read_then_wait() -> None:
+    """The ``read`` mode: stdin's lines until its end, then the rehearsal's own ``wait``."""
+    signal.signal(signal.SIGCHLD, lambda signum, frame: standin.reap_all(block=False))
+    while data := os.read(0, 4096):
+        standin.say(f"read {data!r}")
+        if data.startswith(RUN_PREFIX):
+            run_command(data.removeprefix(RUN_PREFIX).decode().strip())
+            continue
+        words = data.split()
+        if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
+            sys.exit(int(words[1]))
+    standin.say("stdin closed, idling in wait4")
+    signal.signal(signal.SIGCHLD, standin.ignore)
+    standin.idle_waiting()
+
+
+def run_command(command: str) -> None:
+    """The ``run`` hook: ``/bin/sh -c COMMAND`` as a child of PID 1; not waited for here
+    (the SIGCHLD reaper says how it ended)."""
+    if os.fork() == 0:
+        try:
+            standin.become_child()
+            os.execv("/bin/sh", ["/bin/sh", "-c", command])
+        finally:
+            os._exit(127)
 
 
 def read_echo() -> None:
@@ -90,7 +140,9 @@ def spin() -> None:
         pass
 
 
-PARKING: dict[str, Callable[[], None]] = {
+MODES: dict[str, Callable[[], None]] = {
+    **standin.IDLES,
+    READ: read_then_wait,
     READ_ECHO: read_echo,
     EPOLL_ECHO: epoll_echo,
     WAIT4: wait4,
@@ -102,4 +154,6 @@ PARKING: dict[str, Callable[[], None]] = {
 
 
 def main() -> None:
-    standin.main({**standin.IDLES, **PARKING})
+    # Before the services start: become_child() takes it off them, as any handler of PID 1.
+    signal.signal(signal.SIGUSR1, exit_on_sigusr1)
+    standin.main(MODES)

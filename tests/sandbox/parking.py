@@ -1,6 +1,6 @@
 """Park the one stand-in init (``injector/rehearsal/standin.py``, with the injection tests'
 modes: ``tests/sandbox/parked.py``) as PID 1 of a PID namespace created for it, never the
-machine's own PID 1, and talk to it.
+machine's own PID 1, and talk to it; or run it as the PID 1 of a rehearsal sandbox.
 
 ``with StandIn(READ_ECHO) as init:`` starts it; ``init.pid`` is its host pid. Its stdin and
 stdout are the test's pipes (``send``, ``read_until``, ``echo``). It has its own PID, mount,
@@ -8,6 +8,10 @@ UTS and IPC namespaces (it names its system and makes its mounts hermetic, as in
 
 Cleanup kills only the pids started here: the namespace's PID 1 (which takes the whole
 namespace with it) and the ``unshare`` process that waits for it.
+
+``ParkedSandbox`` is the rehearsal's :class:`Sandbox` with this program as its PID 1, for the
+tests that use its hooks: ``idle="read"`` (``send("run ...")``, ``send("exit N")``) and
+:meth:`ParkedSandbox.request_exit`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from types import TracebackType
 from initstage import linux
 from injector.preflight import procinfo
 from injector.rehearsal import standin
+from injector.rehearsal.sandbox import Sandbox
 from tests.sandbox import parked
 from tests.sandbox.parked import (
     BUSY,
     EPOLL_ECHO,
+    EXIT_ON_SIGUSR1,
     READ_ECHO,
     READY,
     SLEEP_ABSOLUTE,
@@ -43,11 +49,13 @@ from tests.sandbox.parked import (
 __all__ = [
     "BUSY",
     "EPOLL_ECHO",
+    "EXIT_ON_SIGUSR1",
     "READ_ECHO",
     "SLEEP_ABSOLUTE",
     "SLEEP_RELATIVE",
     "SPIN",
     "WAIT4",
+    "ParkedSandbox",
     "StandIn",
     "ns_pid",
     "syscall_in_progress",
@@ -60,7 +68,9 @@ BOOT = (
 )
 ENGINE_PARENT = str(Path(standin.__file__).resolve().parents[2])  # holds injector/, initstage/
 TESTS_PARENT = str(Path(parked.__file__).resolve().parents[2])  # holds tests/
+PARKED_PROGRAM = ("-c", BOOT, ENGINE_PARENT, TESTS_PARENT)
 HOSTNAME = "dboot-parked"
+REPEAT_SIGNAL_EVERY = 0.05
 # wait4 needs a child to wait for: one service that just waits for signals.
 SERVICES = {WAIT4: "plain"}
 
@@ -113,7 +123,7 @@ class StandIn:
         # --uts and --mount: the stand-in names its system and remounts /sys and /dev.
         command = [
             unshare, "--pid", "--fork", "--kill-child", "--mount", "--uts", "--ipc", "--mount-proc",
-            sys.executable, "-I", "-S", "-c", BOOT, ENGINE_PARENT, TESTS_PARENT,
+            sys.executable, "-I", "-S", *PARKED_PROGRAM,
             "--idle", self.mode, "--services", SERVICES.get(self.mode, ""),
             "--hostname", HOSTNAME, "--ready-fd", str(ready_write),
         ]  # fmt: skip
@@ -218,6 +228,27 @@ class StandIn:
         self._to_init = self._from_init = None
         self.pid = 0
         self._stderr.close()
+
+
+class ParkedSandbox(Sandbox):
+    """A rehearsal sandbox whose PID 1 is the stand-in with the tests' modes and hooks."""
+
+    program = PARKED_PROGRAM
+
+    def request_exit(self, timeout: float = 5.0) -> int:
+        """Make the stand-in exit with ``EXIT_ON_SIGUSR1`` (its hook); its status.
+
+        A SIGUSR1 that lands just before the stand-in enters ``wait4`` is only acted upon
+        once something interrupts that ``wait4`` (Python runs handlers between bytecodes),
+        so the signal is repeated until PID 1 is gone. Only the stand-in has this hook: an
+        injected PID 1 ignores SIGUSR1 and this raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while self._pidfd is not None and not self._exited.wait(REPEAT_SIGNAL_EVERY):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the sandbox (pid {self._pid}) ignored SIGUSR1")
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGUSR1)
+        return self.wait(max(deadline - time.monotonic(), 0))
 
 
 def _parent_of(pid: int) -> int | None:

@@ -23,11 +23,16 @@ from pathlib import Path
 import pytest
 
 from injector.inject import arch as archmod
-from injector.rehearsal.sandbox import Sandbox
-from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from injector.runlog import LOG_FILE_ENV
 from injector.testhooks import PAUSE_ENV
-from tests.sandbox.parking import READ_ECHO, StandIn, ns_pid, syscall_in_progress
+from tests.sandbox.parking import (
+    EXIT_ON_SIGUSR1,
+    READ_ECHO,
+    ParkedSandbox,
+    StandIn,
+    ns_pid,
+    syscall_in_progress,
+)
 from tests.sandbox.sandbox_checks import eventually, wait_for_output
 
 pytestmark = [
@@ -173,7 +178,7 @@ def test_sigkilled_switch_leaves_pid1_untouched_or_in_the_stage(phase: str, tmp_
     from the swap on, the init stage runs, finds its plan and execs the image's init."""
     outcomes: collections.Counter[str] = collections.Counter()
     for round_ in range(SWITCH_ROUNDS):
-        with Sandbox(services=1, console="capture") as sandbox:
+        with ParkedSandbox(services=1, console="capture") as sandbox:
             exe_before = os.readlink(f"/proc/{sandbox.pid}/exe")
             command = [
                 DBOOT, "switch", "--yes", "--grace", "1", "--target-pid", str(sandbox.pid),
@@ -186,7 +191,7 @@ def test_sigkilled_switch_leaves_pid1_untouched_or_in_the_stage(phase: str, tmp_
     assert outcomes == {EXPECTED[phase]: SWITCH_ROUNDS}, outcomes
 
 
-def switch_outcome(sandbox: Sandbox, exe_before: str) -> str:
+def switch_outcome(sandbox: ParkedSandbox, exe_before: str) -> str:
     """'stage with plan' or 'untouched', asserting that it is one of them."""
     assert eventually(lambda: tracer_of(sandbox.pid) == 0, 5)
     if wait_for_output(sandbox, "dboot-stage:", timeout=3):

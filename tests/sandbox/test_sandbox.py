@@ -17,19 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from injector.errors import BadInput, SafetyRefusal
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.inject.nsenter import run_in_mount_namespace
 from injector.preflight.procinfo import nspid_chain
 from injector.rehearsal.sandbox import (
     STANDIN_SCRIPT,
-    IdleMode,
     Sandbox,
     children_of,
     namespace_of,
     pids_in_namespace,
     process_state,
 )
-from injector.rehearsal.standin import EXIT_ON_SIGUSR1
+from tests.sandbox.parking import EXIT_ON_SIGUSR1, ParkedSandbox
 from tests.sandbox.sandbox_checks import (
     Footprint,
     eventually,
@@ -118,13 +117,24 @@ def test_zombies_pile_up_under_their_service_until_pid1_reaps_them(sandbox: Sand
 
 
 def test_exit_status_of_pid1_propagates_and_ends_the_namespace() -> None:
-    with Sandbox() as sandbox:
+    with ParkedSandbox() as sandbox:
         footprint = Footprint(sandbox)
         assert sandbox.request_exit() == EXIT_ON_SIGUSR1 == 7
         assert sandbox.wait(0) == 7
         assert not sandbox.running()
         footprint.assert_gone()  # the kernel killed the services with their PID 1
     assert "SIGUSR1: exiting 7" in sandbox.output()
+
+
+def test_the_rehearsal_stand_in_has_none_of_the_tests_hooks() -> None:
+    """The tests' modes and hooks live in tests/sandbox/parked.py: the rehearsal's own PID 1
+    has no handler for SIGUSR1 (so, as a namespace's PID 1, never gets it) and no ``read``."""
+    with Sandbox(services=0) as sandbox:
+        os.kill(sandbox.pid, signal.SIGUSR1)
+        with pytest.raises(TimeoutError):
+            sandbox.wait(0.5)
+    with pytest.raises(EnvironmentFailure, match="before it was ready"):
+        Sandbox(services=0, idle="read").start()
 
 
 def test_a_killed_pid1_reads_as_128_plus_the_signal() -> None:
@@ -137,7 +147,7 @@ def test_a_killed_pid1_reads_as_128_plus_the_signal() -> None:
 
 def test_capture_mode_collects_the_console() -> None:
     seen: list[str] = []
-    with Sandbox(on_line=seen.append) as sandbox:
+    with ParkedSandbox(on_line=seen.append) as sandbox:
         sandbox.request_exit()
         lines = list(sandbox.console_lines())
     assert lines == seen
@@ -147,7 +157,7 @@ def test_capture_mode_collects_the_console() -> None:
 
 
 def test_send_reaches_a_stand_in_idling_in_read() -> None:
-    with Sandbox(services=0, idle="read") as sandbox:
+    with ParkedSandbox(services=0, idle="read") as sandbox:
         sandbox.send("hello\n")
         assert wait_for_output(sandbox, "standin: read b'hello\\n'")
         sandbox.send("exit 5\n")
@@ -184,8 +194,8 @@ def test_ctrl_c_inside_the_block_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_relay_mode_inherits_our_terminal() -> None:
     script = (
-        "from injector.rehearsal.sandbox import Sandbox\n"
-        "with Sandbox(console='relay') as sandbox:\n"
+        "from tests.sandbox.parking import ParkedSandbox\n"
+        "with ParkedSandbox(console='relay') as sandbox:\n"
         "    raise SystemExit(sandbox.request_exit())\n"
     )
     done = subprocess.run(
@@ -277,9 +287,9 @@ def test_an_injected_execve_takes_over_pid1_and_its_status_comes_back() -> None:
     its PID 1 must not swallow the ptrace stops, and the new program inherits the console."""
     from injector.inject import ptrace
 
-    idles: list[tuple[IdleMode, str]] = [("wait", "wait4"), ("read", "read")]
+    idles: list[tuple[str, str]] = [("wait", "wait4"), ("read", "read")]
     for idle, syscall in idles:
-        with Sandbox(services=1, idle=idle) as sandbox:
+        with ParkedSandbox(services=1, idle=idle) as sandbox:
             report = ptrace.inject_execve(
                 sandbox.pid,
                 "/bin/sh",

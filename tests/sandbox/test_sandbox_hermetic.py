@@ -22,6 +22,7 @@ from injector.events import Finished
 from injector.inject.arch import host_arch, syscall_number
 from injector.rehearsal.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
 from tests.images import build_tinybox
+from tests.sandbox.parking import ParkedSandbox
 from tests.sandbox.sandbox_checks import Footprint, eventually, wait_for_output
 from tests.sandbox.test_switch import (  # noqa: F401 (nothing_left_behind: a fixture)
     console,
@@ -38,7 +39,7 @@ SAFE_DEVICES = {"null", "zero", "full", "random", "urandom", "tty", "kmsg", "ptm
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(1, idle="read") as started:
+    with ParkedSandbox(1, idle="read") as started:
         footprint = Footprint(started)
         cgroup = started.cgroup
         assert cgroup is not None and cgroup.path.is_dir()

@@ -29,9 +29,9 @@ import pytest
 from injector import switch
 from injector.inject import ptrace
 from injector.rehearsal.sandbox import Sandbox
-from injector.rehearsal.standin import EXIT_ON_SIGUSR1
 from injector.runlog import LOG_FILE_ENV, RunLog
 from injector.testhooks import PAUSE_ENV, PAUSE_SECONDS_ENV
+from tests.sandbox.parking import EXIT_ON_SIGUSR1, ParkedSandbox
 from tests.sandbox.sandbox_checks import eventually, mounted_sources
 
 pytestmark = [pytest.mark.root, pytest.mark.engine]
@@ -244,7 +244,7 @@ def test_a_failed_execve_rolls_back_then_undoes(
 
     monkeypatch.setattr(switch, "_stage_command", missing_program)
     log_file = tmp_path / "dboot.log"
-    with Sandbox(services=1, console="capture") as sandbox:
+    with ParkedSandbox(services=1, console="capture") as sandbox:
         pid = sandbox.pid
         exe_before = os.readlink(f"/proc/{pid}/exe")
         options = switch.SwitchOptions(
