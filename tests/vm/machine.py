@@ -36,6 +36,7 @@ ACCEL = os.environ.get("DBOOT_VM_ACCEL", "tcg")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 # Lines that mean the scenario cannot go on: stop waiting at once and show them.
 FATAL = re.compile(r"Kernel panic|DBOOT-VM: finished")
+GUEST_CHECK_PORT = 2222  # `dboot switch --ssh-check`'s port in the guest
 
 
 class VmError(AssertionError):
@@ -64,11 +65,13 @@ class Machine:
         reboot: bool = False,
     ) -> None:
         """``ssh``: a NIC on QEMU's user network (DHCP), the guest's port 22 forwarded from
-        127.0.0.1:``ssh_port`` only. ``reboot``: a guest reboot restarts it (by default QEMU
-        exits), with the same kernel command line and the same overlay."""
+        127.0.0.1:``ssh_port`` only, and its port ``GUEST_CHECK_PORT`` (for `dboot switch
+        --ssh-check`) from 127.0.0.1:``check_port``. ``reboot``: a guest reboot restarts it
+        (by default QEMU exits), with the same kernel command line and the same overlay."""
         self.bed, self.scenario, self.workdir = bed, scenario, workdir
         self.memory_mb, self.cpus = memory_mb, cpus
         self.ssh_port = free_loopback_port() if ssh else None
+        self.check_port = free_loopback_port() if ssh else None
         self.reboot = reboot
         self.log_path = workdir / "console.log"
         self.lines: list[ConsoleLine] = []
@@ -131,6 +134,7 @@ class Machine:
         # restrict=on: the guest reaches neither the host nor the outside; the forward from the
         # host's loopback (and DHCP, served by QEMU itself) still work.
         forward = f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        forward += f",hostfwd=tcp:127.0.0.1:{self.check_port}-:{GUEST_CHECK_PORT}"
         return ("-nic", f"user,model=virtio-net-pci,restrict=on,{forward}")
 
     def start(self) -> None:
