@@ -17,8 +17,10 @@ from app.cli import parse_command_line, switch_options
 from app.tui.app import DbootApp, create_app
 from app.tui.backend import EngineBackend, RunOptions, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.init import InitScreen
 from app.tui.screens.options import CHOOSE_REVERT, OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
+from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from app.tui.widgets.run_panels import StepList
 from app.tui.wizard import STEP_TITLES
@@ -33,7 +35,7 @@ from tests.tui.helpers import (
     wait_until,
 )
 from tests.tui.test_engine import pick_tinybox, reach_the_report
-from tests.tui.test_walk import to_options, to_processes
+from tests.tui.test_walk import to_options, to_processes, to_tinybox
 
 SIZE = (80, 24)
 
@@ -190,6 +192,50 @@ async def test_target_pid_is_on_the_switch_command_line() -> None:
         # A namespace's PID 1, not this machine's: no timer by default, nothing to choose.
         assert not app.screen.query_one("#nav-next", Button).disabled
         assert command_shown(app) == "dboot switch --target-pid 4242 tinybox:latest /sbin/init"
+
+
+LONG_INIT = (
+    "/bin/sh -c 'echo the new system is up, and the old userspace is gone; "
+    "echo its disk may be wiped and partitioned again; exec /bin/sh'"
+)
+
+
+async def test_a_long_command_line_leaves_the_modal_usable_at_80x24() -> None:
+    backend = FakeBackend(lab=False, target_pid=123456)
+    app = make(backend, rehearse_only=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_tinybox(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        app.screen.query_one("#init-argv", Input).value = LONG_INIT
+        await settle(pilot)
+        for step in (ResourcesScreen, ProcessesScreen, OptionsScreen):
+            await press(pilot, "enter")
+            await wait_for_screen(pilot, step)
+        screen = app.screen
+        screen.query_one("#opt-grace", Input).value = "12.5"
+        screen.query_one("#opt-tmpfs", Input).value = "1536M"
+        for box in ("#opt-api", "#opt-modules", "#opt-carry"):
+            screen.query_one(box, Checkbox).value = False
+        screen.query_one("#revert-on", RadioButton).value = True
+        screen.query_one("#opt-revert-minutes", Input).value = "45"
+        await settle(pilot)
+        screen.set_focus(None)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        assert confirm.command_line == (
+            "dboot switch --grace 12.5 --tmpfs-size 1536M --no-api-mounts --no-modules "
+            "--no-carry --revert-after 45 --target-pid 123456 tinybox:latest " + LONG_INIT
+        )
+        text = screen_text(app)
+        for seen in ("type the hostname labhost", "Cancel", "Rehearse", "Switch"):
+            assert seen in text, text
+        await press(pilot, *"labhost", "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert [request.options.revert_after for request in backend.requests] == [45.0]
 
 
 async def test_enter_on_an_empty_processes_table_moves_on() -> None:

@@ -15,7 +15,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
@@ -80,8 +80,11 @@ class ConfirmScreen(ModalScreen[Outcome]):
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm"):
             yield Label("[b]Rehearse or switch?[/b]", id="confirm-title")
-            yield Static(consequences(self.wizard), id="confirm-text")
-            yield Static(self.command_text(), id="confirm-command")
+            # Scrolls rather than pushing the hostname field and the buttons off an 80x24
+            # screen when the command line is long (many options, a long archive path).
+            with VerticalScroll(id="confirm-scroll", can_focus=False):
+                yield Static(consequences(self.wizard), id="confirm-text")
+                yield Static(self.command_text(), id="confirm-command")
             if self.refusal is None:
                 yield Label(
                     f"To switch for real, type the hostname [b]{self.hostname}[/b] and press Enter:"
