@@ -4,6 +4,7 @@ with the real one; the Processes step's Enter on an empty table; the step titles
 from __future__ import annotations
 
 import io
+import logging
 import shlex
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,10 @@ async def set_field(pilot: Pilot[Any], field_id: str, value: str) -> None:
     await press(pilot, *value)
 
 
-async def test_changed_options_reach_the_command_line_the_modal_and_the_run() -> None:
+async def test_changed_options_reach_the_command_line_the_modal_and_the_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.tui.screens.confirm")
     backend = FakeBackend()
     app = make(backend)
     async with app.run_test(size=SIZE) as pilot:
@@ -87,6 +91,8 @@ async def test_changed_options_reach_the_command_line_the_modal_and_the_run() ->
         confirm = app.screen
         assert isinstance(confirm, ConfirmScreen) and confirm.command_line == expected
         assert "dboot rehearse --grace 5 --tmpfs-size 512M --no-modules" in screen_text(app)
+        # The wizard's log keeps it, for a terminal that does not take OSC 52 copies.
+        assert f"equivalent command line: {expected}" in caplog.text
         await press(pilot, "tab", "enter")  # Cancel, then Rehearse
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)

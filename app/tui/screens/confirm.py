@@ -9,6 +9,7 @@ Escape cancels in every case.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 from rich.text import Text
@@ -22,6 +23,8 @@ from textual.widgets import Button, Input, Label, Static
 from app.tui.screens.options import COPY_KEY, copy_command
 from app.tui.widgets.chrome import Field
 from app.tui.wizard import Outcome, Wizard
+
+logger = logging.getLogger(__name__)
 
 
 def consequences(wizard: Wizard) -> Text:
@@ -67,6 +70,7 @@ class ConfirmScreen(ModalScreen[Outcome]):
         self.refusal = self.switch_refusal()
         # The Options step checked these options: the engine accepted them there.
         self.command_line = wizard.command_line()
+        logger.info("equivalent command line: %s", self.command_line)
 
     def switch_refusal(self) -> str | None:
         """Why the real switch is not offered, or None when typing the hostname enables it."""
