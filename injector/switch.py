@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Literal
 
 from initstage import linux
 from initstage.console import VT_NUMBER
-from initstage.keeper import keep_instructions
 from initstage.launch import StageLaunchError, stage_argv, stage_files
 from initstage.plan import (
     DEFAULT_GRACE_SECONDS,
@@ -44,8 +43,7 @@ from initstage.plan import (
     Plan,
     write_plan,
 )
-from injector import check, labmode, teach
-from injector.access import sshcheck
+from injector import check, labmode
 from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import (
     carry_verdicts,
@@ -69,7 +67,7 @@ from injector.events import (
 )
 from injector.image.imageindex import ImageIndex
 from injector.image.sources import ImageSource, open_source
-from injector.inject import nsenter, ptrace
+from injector.inject import nsenter
 from injector.preflight import preflight, procinfo
 from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules
 from injector.ramroot.rootfs import RamRoot, add_host_files
@@ -78,7 +76,11 @@ from injector.signals import ending_signals_raise, signals_deferred
 from injector.testhooks import pause_point
 
 if TYPE_CHECKING:
-    from injector.rehearsal.sandbox import Sandbox  # imported by a rehearsal only: start-up time
+    # Imported where they are used, by the runs that need them: start-up time.
+    from injector import teach
+    from injector.access import sshcheck
+    from injector.inject import ptrace
+    from injector.rehearsal.sandbox import Sandbox
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
 STOP_POLL_SECONDS = 0.1
@@ -165,6 +167,8 @@ class SwitchOptions:
                     "give --revert-after in minutes, e.g. 10 (fractions too: 0.5)",
                 )
         if self.ssh_check is not None:
+            from injector.access import sshcheck  # --ssh-check runs only: start-up time
+
             sshcheck.check_port(self.ssh_check)
 
     @property
@@ -204,11 +208,13 @@ def _is_our_namespaces_pid1(pid: int) -> bool:
     if pid == 1:
         return True
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid") and (
-            ptrace.is_pid1_of_its_namespace(pid)
-        )
+        if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+            return False
     except OSError:
         return False  # no such process: the injection step names that
+    from injector.inject import ptrace  # a PID 1 in our own namespace only: start-up time
+
+    return ptrace.is_pid1_of_its_namespace(pid)
 
 
 # Runs whose consumer stopped iterating without closing them (an exception in the front-end,
@@ -271,7 +277,11 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
         if options.source is not None
         else open_source(options.image, options.docker_host)
     )
-    teacher = teach.Teacher(options.pause) if options.pause is not None else None
+    teacher = None
+    if options.pause is not None:
+        from injector import teach  # teaching rehearsals only: start-up time
+
+        teacher = teach.Teacher(options.pause)
     with opened as source:
         if teacher is not None:
             teacher(teach.Pause("host", "source", teach.source_call(options.image)))
@@ -284,6 +294,7 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
             # is the one trace a rehearsal could leave on the host, so it goes too.
             created_state_dir = not options.state_dir.exists()
             try:
+                from injector import teach  # its stage listener: rehearsals only, start-up time
                 from injector.rehearsal.sandbox import SHARED_WITH_HOST, Sandbox
 
                 with (
@@ -321,11 +332,16 @@ def _switch_target(
     listener: teach.StageListener | None = None,
 ) -> Iterator[Event]:
     mode = options.mode
-    if mode != "switch" and not ptrace.is_pid1_of_its_namespace(target):
-        raise EnvironmentFailure(
-            f"pid {target} is not PID 1 of its own PID namespace",
-            "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
-        )
+    if teacher is not None:
+        from injector import teach  # teaching rehearsals only: start-up time
+    if mode != "switch":
+        from injector.inject import ptrace  # a host's dry run never needs it: start-up time
+
+        if not ptrace.is_pid1_of_its_namespace(target):
+            raise EnvironmentFailure(
+                f"pid {target} is not PID 1 of its own PID namespace",
+                "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
+            )
 
     keeper_ssh = keeper_ssh_argv(index) if options.ssh else []
     # --- Preflight: facts first, then verdicts. ---------------------------------------
@@ -420,6 +436,8 @@ def _switch_target(
         yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
         yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
         if options.ssh_check is not None:
+            from injector.access import sshcheck  # --ssh-check runs only: start-up time
+
             root = options.state_dir / "root"
             go = options.ssh_check_go
             yield from sshcheck.proof(namespace_pid, root, options.ssh_check, report.access, go)
@@ -442,8 +460,6 @@ def _switch_target(
             )
         injection = yield from _inject_live(target, python, argv, envp, undo, teacher)
     except BaseException as error:
-        if isinstance(error, ptrace.InjectionRolledBack):
-            undo.committed = False  # PID 1 re-runs its own call: nothing of ours is live
         if undo.committed:
             runlog.write(
                 f"committed: PID {target} may be running the init stage; the RAM root and "
@@ -483,6 +499,8 @@ def _keeper_words(ssh_argv: list[str], revert_minutes: float | None) -> str:
     """The last lines' part about the keeper: what runs, and how to keep the new system."""
     words = f" The new system runs {ssh_argv[0]}, restarted if it dies." if ssh_argv else ""
     if revert_minutes is not None:
+        from initstage.keeper import keep_instructions  # a real switch's last words only
+
         deadline = time.time() + revert_minutes * 60
         words += f" Revert timer of {revert_minutes:g} min: {keep_instructions(deadline)}."
     return words
@@ -672,6 +690,8 @@ def _inject_live(
     here for as long as it runs (the injection calls itself off at the swap if one came),
     and whatever stops the consumer, this waits for the thread: no decision to undo may be
     taken while PID 1 could still be given our execve."""
+    from injector.inject import ptrace  # the injection only, never a dry run: start-up time
+
     events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
     outcome: list[ptrace.InjectionReport | BaseException] = []
 
@@ -710,6 +730,8 @@ def _inject_live(
         finally:
             worker.join()
     (result,) = outcome
+    if isinstance(result, ptrace.InjectionRolledBack):
+        undo.committed = False  # PID 1 re-runs its own call: nothing of ours is live
     if isinstance(result, BaseException):
         raise result
     return result
