@@ -212,9 +212,7 @@ def _is_our_namespaces_pid1(pid: int) -> bool:
             return False
     except OSError:
         return False  # no such process: the injection step names that
-    from injector.inject import ptrace  # a PID 1 in our own namespace only: start-up time
-
-    return ptrace.is_pid1_of_its_namespace(pid)
+    return procinfo.is_pid1_of_its_namespace(pid)
 
 
 # Runs whose consumer stopped iterating without closing them (an exception in the front-end,
@@ -334,14 +332,11 @@ def _switch_target(
     mode = options.mode
     if teacher is not None:
         from injector import teach  # teaching rehearsals only: start-up time
-    if mode != "switch":
-        from injector.inject import ptrace  # a host's dry run never needs it: start-up time
-
-        if not ptrace.is_pid1_of_its_namespace(target):
-            raise EnvironmentFailure(
-                f"pid {target} is not PID 1 of its own PID namespace",
-                "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
-            )
+    if mode != "switch" and not procinfo.is_pid1_of_its_namespace(target):
+        raise EnvironmentFailure(
+            f"pid {target} is not PID 1 of its own PID namespace",
+            "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
+        )
 
     keeper_ssh = keeper_ssh_argv(index) if options.ssh else []
     # --- Preflight: facts first, then verdicts. ---------------------------------------

@@ -174,13 +174,13 @@ def _engine_module() -> Iterator[None]:
 def check_target_pid(pid: int) -> None:
     """``--target-pid``: the PID 1 of a namespace the user made, never this machine's own."""
     with _engine_module():
-        from injector.inject import ptrace
+        from injector.preflight import procinfo
     if pid == 1:
         raise SafetyRefusal(
             "--target-pid 1 is this machine's own PID 1",
             "give the PID 1 of a namespace you made (see NSpid in /proc/PID/status)",
         )
-    if not ptrace.is_pid1_of_its_namespace(pid):
+    if not procinfo.is_pid1_of_its_namespace(pid):
         raise BadInput(
             f"pid {pid} is not PID 1 of its own PID namespace",
             "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",

@@ -26,8 +26,7 @@ where it stands: before the swap it re-runs its own call (our bytes lie below th
 dead by the ABI); after it, it executes our execve. So the caller must have everything that
 execve needs (the RAM root, the plan) in place before calling ``inject_execve``.
 
-``is_pid1_of_its_namespace`` only reads /proc; ``procinfo.ptrace_permission`` decides
-whether we may attach.
+``procinfo.ptrace_permission`` decides whether we may attach.
 """
 
 from __future__ import annotations
@@ -210,14 +209,6 @@ def _errno_name(code: int) -> str:
 
 
 # --- /proc readers ------------------------------------------------------------------------
-
-
-def is_pid1_of_its_namespace(pid: int) -> bool:
-    """True when ``pid`` is PID 1 inside its own PID namespace (NSpid's last field is 1)."""
-    try:
-        return procinfo.nspid_chain(pid)[-1:] == [1]
-    except (OSError, procinfo.Unreadable):
-        return False
 
 
 def _writable_mapping_holds(tracee: _Tracee, start: int, end: int) -> bool:

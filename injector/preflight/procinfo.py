@@ -309,6 +309,14 @@ def nspid_chain(pid: int, proc: Path = PROC) -> list[int]:
     raise Unreadable(f"{proc}/{pid}/status has no NSpid line (Linux 4.1 or later has it)")
 
 
+def is_pid1_of_its_namespace(pid: int) -> bool:
+    """True when ``pid`` is PID 1 inside its own PID namespace (NSpid's last field is 1)."""
+    try:
+        return nspid_chain(pid)[-1:] == [1]
+    except (OSError, Unreadable):
+        return False
+
+
 # --- may we ptrace it? ----------------------------------------------------------------------
 
 

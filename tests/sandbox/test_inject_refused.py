@@ -18,12 +18,9 @@ import pytest
 from injector import labmode
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.inject import ptrace
-from injector.inject.ptrace import (
-    InjectionRolledBack,
-    inject_execve,
-    is_pid1_of_its_namespace,
-)
+from injector.inject.ptrace import InjectionRolledBack, inject_execve
 from injector.preflight import procinfo
+from injector.preflight.procinfo import is_pid1_of_its_namespace
 from tests.sandbox import parking
 from tests.sandbox.parking import StandIn
 from tests.sandbox.sandbox_checks import SEIZE_AND_HOLD
