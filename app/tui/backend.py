@@ -25,6 +25,7 @@ from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Notice
 
 if TYPE_CHECKING:
+    from injector.access.sshcheck import GoCallback
     from injector.image.sources import ImageDetails, ImageSource, ImageSummary
     from injector.preflight.preflight import ProcessInfo, Report
     from injector.switch import SwitchOptions
@@ -63,6 +64,10 @@ class RunOptions:
     # Minutes; None: the engine's default (a timer for a remote session's real switch).
     revert_after: float | None = None
     no_revert: bool = False
+    # --ssh-check PORT: a login into the RAM root before the commit; None: no login check.
+    ssh_check: int | None = None
+    # The user turned the login check off where the wizard would turn it on (remote session).
+    no_ssh_check: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,8 @@ class RunRequest:
     options: RunOptions = RunOptions()
     # A teaching rehearsal: the engine's pause hook (the Run screen's UiPauser); None: none.
     pause: PauseHook | None = dataclasses.field(default=None, compare=False, repr=False)
+    # A real switch's login check: the Run screen's LoginWaiter; None: wait for a login only.
+    ssh_check_go: GoCallback | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class Backend(Protocol):
@@ -222,6 +229,7 @@ def engine_options(
             ssh=chosen.ssh,
             revert_after=chosen.revert_after,
             no_revert=chosen.no_revert,
+            ssh_check=chosen.ssh_check,
             target_pid=target_pid,
         )
     if state_dir is not None:
@@ -374,7 +382,9 @@ class EngineBackend:
             # The wizard's console is a terminal on the sandbox's pty (the run screen's
             # ConsoleView); the stop key ends the sandbox from the run's own thread.
             options.console, options.stop = "pty", request.stop
-            options.pause = request.pause  # rehearsals only: a real switch never waits on a UI
+            options.pause = request.pause  # rehearsals only: a real switch never pauses to teach
+        else:
+            options.ssh_check_go = request.ssh_check_go
         try:
             yield from switch.run(options)
         finally:

@@ -6,7 +6,9 @@ judge: every change builds the engine's own options (``Backend.switch_options``)
 value it refuses blocks Next with the engine's one-line message. Options that only matter
 for a real switch say so, and are off in a rehearse-only wizard. When the engine would set
 a revert timer by itself (a remote session's real switch), the user must choose: on, after
-how many minutes, or off.
+how many minutes, or off. In a remote session a real switch checks a login first: the
+image's sshd answers in the RAM root on port 2222 before the point of no return (the user
+may turn it off).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 SWITCH_ONLY = "(real switch only)"
 COPY_KEY = "ctrl+y"
 CHOOSE_REVERT = "choose the revert timer: on, or off"
+DEFAULT_CHECK_PORT = 2222  # not 22: the old system's sshd still holds that one
 
 
 def copy_command(screen: Screen[Any], line: str) -> None:
@@ -68,6 +71,13 @@ class OptionsScreen(StepScreen):
         self.engine_revert = wizard.default_revert()
         report = wizard.choices.report
         self.image_has_ssh = report is not None and report.session.image_has_ssh
+        # A remote session's real switch checks a login into the new root before the commit.
+        self.check_by_default = (
+            wizard.switch_offered
+            and self.image_has_ssh
+            and report is not None
+            and report.session.remote
+        )
 
     def body(self) -> ComposeResult:
         chosen = self.wizard.choices.options
@@ -121,6 +131,7 @@ class OptionsScreen(StepScreen):
                 )
                 yield Static(self.ssh_help(), classes="option-help")
             yield from self.revert_row(chosen)
+            yield from self.login_check_row(chosen)
             yield Static("", id="options-error")
             with Vertical(id="command-box", classes="section"):
                 yield Static("", id="options-command")
@@ -158,6 +169,32 @@ class OptionsScreen(StepScreen):
         )
         yield Static(warning, id="revert-warning")
 
+    def login_check_row(self, chosen: RunOptions) -> ComposeResult:
+        # A real switch's only; unlike the others it is left out of a rehearsal's step, whose
+        # 80x24 then keeps room for a long command line.
+        unavailable = self.wizard.rehearse_only or not self.image_has_ssh
+        turned_on = chosen.ssh_check is not None or (
+            self.check_by_default and not chosen.no_ssh_check
+        )
+        if not self.image_has_ssh:
+            help_text = "Off: the image has no SSH server"
+        elif self.check_by_default:
+            help_text = "Default on (remote session): log in first"
+        else:
+            help_text = "Default off: log in to the new root first"
+        with Horizontal(classes="option", id="login-check-row") as row:
+            row.display = not self.wizard.rehearse_only
+            yield Tick(
+                "Login check",
+                turned_on and not unavailable,
+                id="opt-login-check",
+                compact=True,
+                disabled=unavailable,
+            )
+            port = str(chosen.ssh_check or DEFAULT_CHECK_PORT)
+            yield Field(port, id="opt-login-port", compact=True, disabled=unavailable)
+            yield Static(help_text, classes="option-help")
+
     def tmpfs_help(self) -> str:
         report = self.wizard.choices.report
         fits = f" ({human_bytes(report.ram.tmpfs_size)} here)" if report is not None else ""
@@ -192,9 +229,22 @@ class OptionsScreen(StepScreen):
         # Off where the engine would set a timer says so; elsewhere off is the default.
         return None, self.engine_revert is not None
 
+    def login_check_choice(self) -> tuple[int | None, bool]:
+        """(ssh_check, no_ssh_check) as the tick and the port say; the engine judges the port."""
+        if not self.query_one("#opt-login-check", Checkbox).value:
+            return None, self.check_by_default
+        text = self.query_one("#opt-login-port", Input).value.strip()
+        try:
+            return int(text), False
+        except ValueError:
+            raise BadInput(
+                f"login check port {text!r} is not a number", "give a TCP port, e.g. 2222"
+            ) from None
+
     def read(self) -> RunOptions:
         """The options as the widgets hold them; ``BadInput`` for a number that is none."""
         revert_after, no_revert = self.revert_choice()
+        ssh_check, no_ssh_check = self.login_check_choice()
         return RunOptions(
             grace=read_number(
                 self.query_one("#opt-grace", Input).value, "grace period", "seconds, e.g. 5"
@@ -206,6 +256,8 @@ class OptionsScreen(StepScreen):
             ssh=self.query_one("#opt-ssh", Checkbox).value,
             revert_after=revert_after,
             no_revert=no_revert,
+            ssh_check=ssh_check,
+            no_ssh_check=no_ssh_check,
         )
 
     def revert_unchosen(self) -> bool:

@@ -24,6 +24,7 @@ from app.tui.messages import EngineEvent, LastWords, RunEnded
 from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.console import ConsoleView
+from app.tui.widgets.login_check import LoginWaiter
 from app.tui.widgets.run_panels import StepList, TeachingPanel
 from app.tui.widgets.teach import UiPauser
 from app.tui.wizard import Outcome, Wizard
@@ -144,6 +145,8 @@ class RunScreen(StepScreen):
 
         if request.rehearse and self.wizard.teach:
             request = dataclasses.replace(request, pause=UiPauser(self.app))
+        if not request.rehearse and request.options.ssh_check is not None:
+            request = dataclasses.replace(request, ssh_check_go=LoginWaiter(self.app))
         try:
             for event in self.wizard.backend.run(request, last_words):
                 if isinstance(event, Progress) and not self.throttle.due(event):

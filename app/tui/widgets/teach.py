@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from rich.console import RenderableType
 from rich.text import Text
@@ -28,6 +28,8 @@ from injector.inject import arch as archmod
 
 REFRESH_SECONDS = 0.5  # the panels re-read the sandbox this often while a pause shows
 ANSWER_POLL = 0.5  # how often a waiting engine thread looks whether the wizard is still there
+UNTIL_POLL = 0.1  # how often it looks whether what it waits for happened by itself
+Answer = TypeVar("Answer")
 
 
 @dataclasses.dataclass
@@ -167,6 +169,43 @@ class TeachScreen(ModalScreen[bool]):
         self.dismiss(False)
 
 
+class AppGone(Exception):
+    """The wizard stopped while a worker thread waited for an answer."""
+
+
+def wait_for_answer(
+    app: App[Any], screen: ModalScreen[Answer], until: threading.Event | None = None
+) -> Answer | None:
+    """Show ``screen`` from a worker thread and block that thread until it is dismissed: its
+    answer. Once ``until`` is set first, the screen is closed and the answer is None.
+    ``AppGone`` when the wizard stops meanwhile. Never call it from the UI thread."""
+    answered = threading.Event()
+    answers: list[Answer | None] = []
+
+    def answer(result: Answer | None) -> None:
+        answers.append(result)
+        answered.set()
+
+    def close() -> None:
+        if answered.is_set():
+            return
+        if screen.is_current:
+            screen.dismiss(None)
+        else:
+            answer(None)
+
+    try:
+        app.call_from_thread(app.push_screen, screen, answer)
+        while not answered.wait(ANSWER_POLL if until is None else UNTIL_POLL):
+            if not app.is_running:
+                raise AppGone
+            if until is not None and until.is_set():
+                app.call_from_thread(close)
+    except RuntimeError as error:  # the app is not running any more
+        raise AppGone from error
+    return answers[0]
+
+
 class UiPauser:
     """The engine's pause hook for the wizard: blocks the calling (worker) thread until the
     pause is answered. Never call it from the UI thread."""
@@ -175,19 +214,9 @@ class UiPauser:
         self.app = app
 
     def __call__(self, pause: teach.Pause) -> None:
-        answered = threading.Event()
-        answers: list[bool] = []
-
-        def answer(go_on: bool | None) -> None:
-            answers.append(bool(go_on))
-            answered.set()
-
         try:
-            self.app.call_from_thread(self.app.push_screen, TeachScreen(pause), answer)
-        except RuntimeError as error:  # the app is not running any more
+            go_on = wait_for_answer(self.app, TeachScreen(pause))
+        except AppGone as error:
             raise teach.StopTeaching from error
-        while not answered.wait(ANSWER_POLL):
-            if not self.app.is_running:
-                raise teach.StopTeaching
-        if not answers[0]:
+        if not go_on:
             raise teach.StopTeaching
