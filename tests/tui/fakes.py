@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from app.tui.backend import InitSuggestion, RunRequest, engine_options
 from app.tui.progress import PROGRESS_INTERVAL_S
-from injector.errors import BadInput, EnvironmentFailure
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import (
     Console,
     Event,
@@ -178,6 +178,7 @@ def sample_report(
     mem_available: int = 3 * GiB,
     remote: bool = True,
     processes: list[ProcessInfo] | None = None,
+    image_has_ssh: bool = False,
 ) -> Report:
     """A host with disk and zram swap, a remote admin, and enough RAM unless told otherwise."""
     tmpfs = 66 * MiB
@@ -224,7 +225,7 @@ def sample_report(
             SwapDevice("/dev/zram0", "zram", GiB, 0),
         ],
         processes=list(PROCESSES if processes is None else processes),
-        session=SessionFacts(remote=remote, via="ssh from 10.0.2.2", image_has_ssh=False),
+        session=SessionFacts(remote=remote, via="ssh from 10.0.2.2", image_has_ssh=image_has_ssh),
         pid1=Pid1Facts(
             1, "/usr/lib/systemd/systemd", ["/sbin/init"], True, "Yama scope 1, we are root", False
         ),
@@ -304,6 +305,11 @@ class FakeBackend:
     hold_read: threading.Event | None = None
     # The processes the report lists (None: the sample host's; [] : PID 1 alone).
     processes: list[ProcessInfo] | None = None
+    # The image has an sshd: the Options step offers the login check (--ssh-check).
+    image_has_ssh: bool = False
+    # Set by a test: "sshd accepted a login" during the login check. What go answered: went.
+    login: threading.Event = dataclasses.field(default_factory=threading.Event)
+    went: list[bool] = dataclasses.field(default_factory=list)
 
     def list_images(self) -> list[ImageSummary]:
         if self.engine_down is not None:
@@ -349,7 +355,11 @@ class FakeBackend:
         return None
 
     def check(self, ref: str, init_argv: list[str]) -> Report:
-        return sample_report(mem_available=self.mem_available, processes=self.processes)
+        return sample_report(
+            mem_available=self.mem_available,
+            processes=self.processes,
+            image_has_ssh=self.image_has_ssh,
+        )
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
         host_only = ("swap", "process", "session", "pid1")
@@ -367,6 +377,7 @@ class FakeBackend:
         self.requests.append(request)
         for event in rehearsal_events(request):
             if isinstance(event, StepStarted) and event.step == "inject" and not request.rehearse:
+                yield from self.login_check(request)
                 last_words(
                     f"Point of no return: {HOSTNAME}'s PID 1 is about to become the init stage."
                 )
@@ -375,6 +386,26 @@ class FakeBackend:
             yield event
             if isinstance(event, Finished):
                 return
+
+    def login_check(self, request: RunRequest) -> Iterator[Event]:
+        """The engine's ssh-check step (sshcheck.proof) as the front-end sees it."""
+        port = request.options.ssh_check
+        if port is None:
+            return
+        yield StepStarted("ssh-check", f"Starting the image's sshd in the RAM root on port {port}")
+        command = f"ssh -p {port} -o HostKeyAlias=10.0.2.15 root@10.0.2.15"
+        yield Notice(
+            "info", "ssh-check", f"log in to the new root from another terminal: {command}"
+        )
+        go = request.ssh_check_go
+        went = go(command, self.login) if go is not None else self.login.wait(30)
+        self.went.append(went)
+        if self.login.is_set():
+            yield StepDone("ssh-check", "login by root from 10.0.2.2 (publickey) accepted")
+        elif not went:
+            raise SafetyRefusal("--ssh-check: the switch was called off", "run it again when ready")
+        else:
+            yield StepDone("ssh-check", "no login seen, going on as told; sshd stopped")
 
     def hostname(self) -> str:
         return HOSTNAME

@@ -13,6 +13,7 @@ import pytest
 
 from app.cli import parse_command_line, switch_options
 from app.format import command_line, number_arg, size_arg
+from app.tui.backend import RunOptions, RunRequest, engine_options
 from injector.switch import SwitchOptions
 
 # Fields no command line word sets: callbacks and hooks, the wizard's own confirmation, the
@@ -70,6 +71,8 @@ VARIANTS = [
     {"revert_after": 0.05},
     {"no_revert": True},
     {"ssh_check": 2222},
+    {"ssh_check": 1},
+    {"ssh_check": 65535},
     {"target_pid": 4242},
     {"dry_run": True},
     {"force": True},
@@ -77,6 +80,9 @@ VARIANTS = [
     {"docker_host": "unix:///run/docker.sock"},
     {"grace": 10.0, "tmpfs_size": 2 << 30, "api_mounts": False, "modules": False, "carry": False},
     {"ssh": True, "revert_after": 30.0, "target_pid": 4242, "state_dir": Path("/tmp/x")},
+    # The wizard's remote session: timer chosen, the login check on its default port.
+    {"revert_after": 10.0, "ssh_check": 2222, "carry": True},
+    {"no_revert": True, "ssh_check": 2200, "target_pid": 4242},
 ]
 
 
@@ -123,3 +129,21 @@ def test_numbers_and_sizes_are_written_as_a_person_would_type_them() -> None:
         "64K",
         "1000",
     ]
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        RunOptions(no_revert=True, ssh_check=2222),
+        RunOptions(revert_after=10.0, ssh_check=4022, ssh=True),
+        RunOptions(no_revert=True, no_ssh_check=True),
+    ],
+    ids=["login-check", "login-check-and-timer", "login-check-off"],
+)
+def test_the_wizards_login_check_reaches_the_engine_and_reads_back(chosen: RunOptions) -> None:
+    request = RunRequest("tinybox:latest", ["/sbin/init"], rehearse=False, options=chosen)
+    options = engine_options(request)
+    assert options.ssh_check == chosen.ssh_check
+    words = command_line(options)
+    assert ("--ssh-check" in words) == (chosen.ssh_check is not None)
+    assert compared(read_back(words)) == compared(options), shlex.join(words)
