@@ -104,7 +104,7 @@ class OptionsScreen(StepScreen):
             with Horizontal(classes="option"):
                 yield Tick("API mounts", chosen.api_mounts, id="opt-api", compact=True)
                 yield Static(
-                    "Default on: /proc, /sys, /dev, /dev/pts in the new root",
+                    "Default on: mount /proc, /sys, /dev, /dev/pts for it",
                     classes="option-help",
                 )
             with Horizontal(classes="option"):
@@ -133,8 +133,9 @@ class OptionsScreen(StepScreen):
             yield from self.revert_row(chosen)
             yield from self.login_check_row(chosen)
             yield Static("", id="options-error")
-            with Vertical(id="command-box", classes="section"):
-                yield Static("", id="options-command")
+        # Below the options, never scrolled away: the line is what this step is for.
+        with Vertical(id="command-box", classes="section"):
+            yield Static("", id="options-command")
 
     def revert_row(self, chosen: RunOptions) -> ComposeResult:
         switch_off = self.wizard.rehearse_only

@@ -98,7 +98,8 @@ class RunScreen(StepScreen):
     def body(self) -> ComposeResult:
         with Horizontal(id="run-top"):
             with Vertical(id="run-left"):
-                yield StepList(id="run-steps")
+                with VerticalScroll(id="run-steps"):
+                    yield StepList(id="run-step-list")
                 yield ProgressBar(total=100, show_eta=False, id="run-bar")
                 yield Label("", id="run-bytes")
             with VerticalScroll(id="run-teach-box"):
@@ -173,6 +174,7 @@ class RunScreen(StepScreen):
         match event:
             case StepStarted(step=step, title=title):
                 steps.started(step, title)
+                self.query_one("#run-steps", VerticalScroll).scroll_end(animate=False)
                 self.fit_console()
                 teach.step(step, title)
                 self.log_line(f"▶ {title}", "bold")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 
 from rich.console import RenderableType
 from rich.text import Text
@@ -62,16 +63,20 @@ class StepList(Widget):
     def render(self) -> RenderableType:
         if not self.steps:
             return Text("Starting…", style="dim")
-        # One line per step, cut to the panel's width: the details are in the log.
+        # Each title whole, wrapped under its mark (a cut title hid the image's name and the
+        # tmpfs size at 80 columns); the box scrolls, and follows the newest step.
         width = max(8, self.content_region.width)
         lines = []
         for line in self.steps.values():
             mark, style = STATE_MARKS[line.state]
+            wrapped = textwrap.wrap(line.title, width - 2, break_on_hyphens=False) or [""]
             row = Text(f"{mark} ", style=style)
-            row.append(line.title, style="bold" if line.state == "running" else "")
-            row.truncate(width, overflow="ellipsis")
+            row.append("\n  ".join(wrapped), style="bold" if line.state == "running" else "")
             lines.append(row)
         return Text("\n").join(lines)
+
+    def on_resize(self) -> None:
+        self.refresh(layout=True)  # the wrap depends on the width
 
 
 def register_value(value: int) -> str:
