@@ -55,14 +55,13 @@ def pause_text(pause: teach.Pause) -> Text:
     return text
 
 
-class ProcessesPanel(Widget):
-    """The sandbox's processes by their pid inside it, re-read while the pause shows."""
+class _LivePanel(Widget):
+    """A view of the sandbox re-read every REFRESH_SECONDS while the pause shows."""
 
     def __init__(self, sandbox_pid: int | None, readers: SandboxReaders, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sandbox_pid = sandbox_pid
         self.readers = readers
-        self.processes: list[teach.SandboxProcess] = []
 
     def on_mount(self) -> None:
         self.reread()
@@ -71,8 +70,20 @@ class ProcessesPanel(Widget):
 
     def reread(self) -> None:
         if self.sandbox_pid is not None:
-            self.processes = self.readers.processes(self.sandbox_pid)
+            self.read(self.sandbox_pid)
         self.refresh(layout=True)
+
+    def read(self, sandbox_pid: int) -> None:
+        raise NotImplementedError
+
+
+class ProcessesPanel(_LivePanel):
+    """The sandbox's processes by their pid inside it."""
+
+    processes: list[teach.SandboxProcess] = []  # noqa: RUF012 (replaced, never mutated)
+
+    def read(self, sandbox_pid: int) -> None:
+        self.processes = self.readers.processes(sandbox_pid)
 
     def render(self) -> RenderableType:
         if self.sandbox_pid is None:
@@ -90,24 +101,13 @@ class ProcessesPanel(Widget):
         return Text("\n").join(lines)
 
 
-class MountsPanel(Widget):
+class MountsPanel(_LivePanel):
     """The mount table of the sandbox's PID 1: the old root's, until the pivot."""
 
-    def __init__(self, sandbox_pid: int | None, readers: SandboxReaders, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.sandbox_pid = sandbox_pid
-        self.readers = readers
-        self.mounts: list[str] = []
+    mounts: list[str] = []  # noqa: RUF012 (replaced, never mutated)
 
-    def on_mount(self) -> None:
-        self.reread()
-        if self.sandbox_pid is not None:
-            self.set_interval(REFRESH_SECONDS, self.reread)
-
-    def reread(self) -> None:
-        if self.sandbox_pid is not None:
-            self.mounts = self.readers.mounts(self.sandbox_pid)
-        self.refresh(layout=True)
+    def read(self, sandbox_pid: int) -> None:
+        self.mounts = self.readers.mounts(sandbox_pid)
 
     def render(self) -> RenderableType:
         if self.sandbox_pid is None or not self.mounts:
