@@ -174,7 +174,6 @@ class RunScreen(StepScreen):
         match event:
             case StepStarted(step=step, title=title):
                 steps.started(step, title)
-                self.query_one("#run-steps", VerticalScroll).scroll_end(animate=False)
                 self.fit_console()
                 teach.step(step, title)
                 self.log_line(f"▶ {title}", "bold")
@@ -265,6 +264,9 @@ class RunScreen(StepScreen):
         is starting: a terminal needs room. Before that, the steps are the show."""
         focused = isinstance(self.focused, ConsoleView)
         self.set_class(focused and "stage" in self.query_one(StepList).steps, "console-focused")
+        # Once laid out (and shown again): the newest step is the one to see.
+        box = self.query_one("#run-steps", VerticalScroll)
+        self.call_after_refresh(box.scroll_end, animate=False)
 
     def action_toggle_console(self) -> None:
         terminal = self.query(ConsoleView)
