@@ -22,6 +22,7 @@ import pytest
 
 from initstage.keeper import LOG_PATH, REVERT_DUE_FILE
 from initstage.plan import KEEP_FILE
+from tests.images import build_tinybox
 from tests.sandbox.test_stage import busybox_tree, plan_for, run_stage
 
 __all__ = ["busybox_tree"]  # the fixture, re-exported for pytest
@@ -181,7 +182,7 @@ REMOTE = {"SSH_CONNECTION": "198.51.100.20 50122 192.0.2.77 22"}
 def dry_run(tmp_path: Path, *words: str, env: dict[str, str]) -> list[dict[str, object]]:
     result = subprocess.run(
         [DBOOT, "switch", "--json", "--dry-run", "--force", "--state-dir", str(tmp_path / "s"),
-         *words, "tinybox", "/bin/sh"],
+         *words, build_tinybox(), "/bin/sh"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -217,7 +218,7 @@ def test_a_remote_switch_reverts_after_10_minutes_unless_told(tmp_path: Path):
 def test_ssh_is_refused_up_front_when_the_image_has_no_ssh_server(tmp_path: Path):
     result = subprocess.run(
         [DBOOT, "switch", "--dry-run", "--force", "--ssh", "--state-dir", str(tmp_path / "s"),
-         "tinybox", "/bin/sh"],
+         build_tinybox(), "/bin/sh"],
         capture_output=True,
         text=True,
         timeout=120,
