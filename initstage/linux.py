@@ -35,6 +35,7 @@ MNT_DETACH = 0x2
 # include/uapi/linux/sched.h, prctl.h
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 
 # Magic numbers of include/uapi/linux/magic.h, for "is this already mounted here?".

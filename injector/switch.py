@@ -208,7 +208,7 @@ def _is_our_namespaces_pid1(pid: int) -> bool:
     if pid == 1:
         return True
     try:
-        if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+        if procinfo.namespace_of(pid, "pid") != procinfo.namespace_of("self", "pid"):
             return False
     except OSError:
         return False  # no such process: the injection step names that
@@ -527,8 +527,8 @@ def _count_warnings(report: preflight.Report, mode: Mode) -> int:
 def _own_network_namespace(pid: int) -> str:
     """The network namespace of a sandbox's (or lab's) PID 1 when it has one of its own,
     else "": read here, in our own /proc, before anything enters the target's mounts."""
-    theirs = os.readlink(f"/proc/{pid}/ns/net")
-    return "" if theirs == os.readlink("/proc/self/ns/net") else theirs
+    theirs = procinfo.namespace_of(pid, "net")
+    return "" if theirs == procinfo.namespace_of("self", "net") else theirs
 
 
 @dataclasses.dataclass

@@ -46,7 +46,6 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 LAST_LINES = 5
 
-CLONE_NEWNET = 0x40000000  # not among initstage.linux's: the stage never needs it
 
 # Given the instruction line and an event set once a login was accepted (or sshd died);
 # returns when either that event is set or the user said go. True: go on; False: call off.
@@ -236,7 +235,7 @@ def _join_namespaces(target: int) -> None:
         for kind, path in paths.items()
         if os.readlink(path) != os.readlink(f"/proc/self/ns/{kind}")
     }
-    for kind, flag in (("net", CLONE_NEWNET), ("mnt", linux.CLONE_NEWNS)):
+    for kind, flag in (("net", linux.CLONE_NEWNET), ("mnt", linux.CLONE_NEWNS)):
         if kind in fds:
             linux.setns(fds[kind], flag)
             os.close(fds[kind])

@@ -300,6 +300,11 @@ def pid_namespace(pid: int, proc: Path = PROC) -> str | None:
     return read_link(proc / str(pid) / "ns" / "pid")
 
 
+def namespace_of(pid: int | str, kind: str) -> str:
+    """The identity of a namespace, e.g. ``pid:[4026531836]`` (``pid`` may be ``"self"``)."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
 def nspid_chain(pid: int, proc: Path = PROC) -> list[int]:
     """The ``NSpid`` line of a process: its pid in each PID namespace, outermost first (psutil
     has no NSpid)."""

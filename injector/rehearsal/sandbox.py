@@ -68,7 +68,7 @@ from initstage import hermetic, linux
 from initstage.mounts import read_mounts
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, system_call_failure
 from injector.preflight import procinfo
-from injector.preflight.procinfo import nspid_chain
+from injector.preflight.procinfo import namespace_of, nspid_chain
 from injector.rehearsal import standin
 
 ConsoleMode = Literal["relay", "capture", "pty"]
@@ -98,11 +98,6 @@ SHARED_WITH_HOST = (
 def default_kinds(count: int) -> list[str]:
     """``count`` services: one that ignores SIGTERM, one that makes zombies, then plain ones."""
     return (["stubborn", "zombies"] + ["plain"] * count)[:count]
-
-
-def namespace_of(pid: int | str, kind: str) -> str:
-    """The identity of a namespace, e.g. ``pid:[4026531836]`` (``pid`` may be ``"self"``)."""
-    return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
 def pids_in_namespace(kind: str, identity: str) -> list[int]:

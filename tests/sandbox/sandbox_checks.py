@@ -10,7 +10,8 @@ from pathlib import Path
 
 from injector.errors import SafetyRefusal
 from injector.inject.ptrace_ext import PTRACE_SEIZE
-from injector.rehearsal.sandbox import Sandbox, namespace_of, pids_in_namespace
+from injector.preflight.procinfo import namespace_of
+from injector.rehearsal.sandbox import Sandbox, pids_in_namespace
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:

@@ -19,12 +19,11 @@ import pytest
 
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.inject.nsenter import run_in_mount_namespace
-from injector.preflight.procinfo import nspid_chain
+from injector.preflight.procinfo import namespace_of, nspid_chain
 from injector.rehearsal.sandbox import (
     STANDIN_SCRIPT,
     Sandbox,
     children_of,
-    namespace_of,
     pids_in_namespace,
     process_state,
 )

@@ -20,7 +20,8 @@ import pytest
 from initstage import hermetic
 from injector.events import Finished
 from injector.inject.arch import host_arch, syscall_number
-from injector.rehearsal.sandbox import CGROUP_PREFIX, Sandbox, namespace_of, own_cgroup_directory
+from injector.preflight.procinfo import namespace_of
+from injector.rehearsal.sandbox import CGROUP_PREFIX, Sandbox, own_cgroup_directory
 from tests.images import build_tinybox
 from tests.sandbox.parking import ParkedSandbox
 from tests.sandbox.sandbox_checks import Footprint, eventually, wait_for_output

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from injector.events import Console
-from injector.rehearsal.sandbox import Sandbox, namespace_of
+from injector.preflight.procinfo import namespace_of
+from injector.rehearsal.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.sandbox.test_stage import StageRun, busybox_tree, plan_for, run_stage
 
