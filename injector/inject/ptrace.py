@@ -573,9 +573,8 @@ def inject_execve(
     started = time.monotonic()
     try:
         with signals_deferred():
-            return _inject(
-                tracee, path, argv, envp, started, entry_timeout, on_commit, on_wait, pause
-            )
+            injection = _Injection(tracee, path, argv, envp, started, pause)
+            return injection.run(entry_timeout, on_commit, on_wait)
     except OSError as error:
         # A ptrace request or /proc access the kernel refused half-way (the target died,
         # memory vanished): name it. Whatever we had changed was undone on the way out.
@@ -586,169 +585,220 @@ def inject_execve(
         tracee.close()
 
 
-def _inject(
-    tracee: _Tracee,
-    path: str,
-    argv: list[str],
-    envp: list[str],
-    started: float,
-    entry_timeout: float,
-    on_commit: Callable[[], None] | None,
-    on_wait: WaitReport | None,
-    pause: PauseHook | None = None,
-) -> InjectionReport:
-    arch, pid, log = tracee.arch, tracee.pid, tracee.log
+@dataclasses.dataclass
+class _Swap:
+    """What step 3 changed in the target, and all that a rollback needs to put it back."""
 
-    def teach(step: str, syscall: str, registers: tuple[RegisterRow, ...] = ()) -> None:
-        if pause is not None:
-            pause(Pause("host", step, syscall, pid, arch.name, registers))
+    entry: _Entry
+    base: int  # where our block lies, below the red zone
+    size: int
+    saved: bytes  # the target's own bytes at base, before ours
+    substituted: RegisterEdit  # the registers as swapped for execve
+
+
+class _Injection:
+    """One injection, as the design's steps 5.1 to 5.4: each a method, run in order by
+    :meth:`run`. Every method leaves the target as it found it when it raises, up to the
+    swap; after the swap only :meth:`roll_back` may touch it."""
+
+    def __init__(
+        self,
+        tracee: _Tracee,
+        path: str,
+        argv: list[str],
+        envp: list[str],
+        started: float,
+        pause: PauseHook | None,
+    ) -> None:
+        self.tracee = tracee
+        self.arch = tracee.arch
+        self.pid = tracee.pid
+        self.log = tracee.log
+        self.path, self.argv, self.envp = path, argv, envp
+        self.started = started
+        self.pause = pause
+
+    def run(
+        self,
+        entry_timeout: float,
+        on_commit: Callable[[], None] | None,
+        on_wait: WaitReport | None,
+    ) -> InjectionReport:
+        entry = self.reach_syscall_entry(entry_timeout)
+        swap = self.swap_in_execve(entry)
+        # Committed: were we to die now, PID 1 would still run our execve.
+        self.log("committed: from here on PID 1 may exec; no deadline, no undo unless execve fails")
+        if on_commit is not None:
+            on_commit()
+        pause_point("swapped")
+        self.teach("execve", execve_call(self.pid, self.path, self.argv))
+        report = self.report_at_commit(entry)
+        result = self.tracee.run_execve(self.wait_reporter(on_wait))
+        if result is None:
+            return self.executed(swap, report)
+        raise self.roll_back(swap, report, -result)
+
+    def teach(self, step: str, syscall: str, registers: tuple[RegisterRow, ...] = ()) -> None:
+        if self.pause is not None:
+            self.pause(Pause("host", step, syscall, self.pid, self.arch.name, registers))
 
     # 1-2. Seize and reach a syscall entry. Nothing of ours is in the target yet, so any
     # failure here only needs a detach.
-    pause_point("before-seize")
-    _stop_if_asked_to_end(log, "before the attach")
-    teach("seize", seize_call(pid))
-    try:
-        tracee.seize(lambda: teach("interrupt", interrupt_call(pid)))
-        entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
-        pause_point("entry-stop")
-        teach(
-            "entry-stop",
-            entry_stop_call(pid, entry.name),
-            registers=register_rows(
-                arch, archmod.shown(arch, entry.regs), kernel_nr=(entry.nr, None)
-            ),
-        )
-    except TimeoutError:
-        tracee.abandon()
-        raise EnvironmentFailure(
-            f"PID {pid} made no system call within {entry_timeout:g} s",
-            "retry; a target spinning in userspace cannot be injected",
-        ) from None
-    except BaseException:
-        tracee.abandon()
-        raise
-    before = archmod.shown(arch, entry.regs)
-    interrupted = archmod.syscall_name(
-        arch, tracee.blocked_in if tracee.blocked_in is not None else entry.nr
-    )
-    log(f"syscall-entry stop: {entry.name}() at {arch.ip}={before[arch.ip]:#x}")
+    def reach_syscall_entry(self, entry_timeout: float) -> _Entry:
+        tracee, arch, pid = self.tracee, self.arch, self.pid
+        pause_point("before-seize")
+        _stop_if_asked_to_end(self.log, "before the attach")
+        self.teach("seize", seize_call(pid))
+        try:
+            tracee.seize(lambda: self.teach("interrupt", interrupt_call(pid)))
+            entry = tracee.stop_at_syscall_entry(time.monotonic() + entry_timeout)
+            pause_point("entry-stop")
+            self.teach(
+                "entry-stop",
+                entry_stop_call(pid, entry.name),
+                registers=register_rows(
+                    arch, archmod.shown(arch, entry.regs), kernel_nr=(entry.nr, None)
+                ),
+            )
+        except TimeoutError:
+            tracee.abandon()
+            raise EnvironmentFailure(
+                f"PID {pid} made no system call within {entry_timeout:g} s",
+                "retry; a target spinning in userspace cannot be injected",
+            ) from None
+        except BaseException:
+            tracee.abandon()
+            raise
+        ip = archmod.shown(arch, entry.regs)[arch.ip]
+        self.log(f"syscall-entry stop: {entry.name}() at {arch.ip}={ip:#x}")
+        return entry
 
     # 3. Place the block below the stack pointer, past the red zone, and swap the call.
-    sp = archmod.get_reg(entry.regs, arch.sp)
-    size = archmod.exec_block_size(arch, path, argv, envp)
-    base = archmod.scratch_base(arch, sp, size)
-    block = archmod.build_exec_block(arch, base, path, argv, envp)
-    saved: bytes | None = None
-    swapped = False
-    try:
-        if not _writable_mapping_holds(tracee, base, base + size):
-            raise EnvironmentFailure(
-                f"PID {pid}'s stack has no {size} writable bytes below {arch.sp}={sp:#x}",
-                "use a shorter init command line and environment",
+    # Any failure, or an ending signal held back since the attach, puts back what was
+    # changed: the target then runs its own call as if nothing happened.
+    def swap_in_execve(self, entry: _Entry) -> _Swap:
+        tracee, arch, pid = self.tracee, self.arch, self.pid
+        path, argv, envp = self.path, self.argv, self.envp
+        sp = archmod.get_reg(entry.regs, arch.sp)
+        size = archmod.exec_block_size(arch, path, argv, envp)
+        base = archmod.scratch_base(arch, sp, size)
+        block = archmod.build_exec_block(arch, base, path, argv, envp)
+        saved: bytes | None = None
+        swapped = False
+        try:
+            if not _writable_mapping_holds(tracee, base, base + size):
+                raise EnvironmentFailure(
+                    f"PID {pid}'s stack has no {size} writable bytes below {arch.sp}={sp:#x}",
+                    "use a shorter init command line and environment",
+                )
+            saved = tracee.read_mem(base, size)
+            tracee.write_mem(base, block.data)
+            self.log(
+                f"wrote {size} bytes at {base:#x} ({arch.sp} - {sp - base}): path, "
+                f"{len(argv)} argv and {len(envp)} envp strings; the original bytes are saved"
             )
-        saved = tracee.read_mem(base, size)
-        tracee.write_mem(base, block.data)
-        log(
-            f"wrote {size} bytes at {base:#x} ({arch.sp} - {sp - base}): path, "
-            f"{len(argv)} argv and {len(envp)} envp strings; the original bytes are saved"
-        )
-        substituted = archmod.substitute_execve(
-            arch, entry.regs, block.path, block.argv, block.envp
-        )
-        teach(
-            "swap",
-            swap_call(arch, pid, base, size),
-            registers=register_rows(
-                arch,
-                archmod.shown(arch, entry.regs),
-                archmod.shown(arch, substituted.regs),
-                kernel_nr=(entry.nr, substituted.kernel_nr),
-            ),
-        )
-        # The last moment to call it off: a Ctrl-C or a hang-up held back since the attach.
-        _stop_if_asked_to_end(log, "at the entry stop, before the swap")
-        swapped = True
-        tracee.set_regs(substituted)
-        log(f"swapped {entry.name} ({entry.nr}) for execve ({arch.execve_nr}): {path}")
-    except BaseException:
-        _undo_at_entry(tracee, entry, base, saved, swapped)
-        raise
-    # Committed: were we to die now, PID 1 would still run our execve.
-    log("committed: from here on PID 1 may exec; no deadline, no undo unless execve fails")
-    if on_commit is not None:
-        on_commit()
-    pause_point("swapped")
-    teach("execve", execve_call(pid, path, argv))
+            substituted = archmod.substitute_execve(
+                arch, entry.regs, block.path, block.argv, block.envp
+            )
+            self.teach(
+                "swap",
+                swap_call(arch, pid, base, size),
+                registers=register_rows(
+                    arch,
+                    archmod.shown(arch, entry.regs),
+                    archmod.shown(arch, substituted.regs),
+                    kernel_nr=(entry.nr, substituted.kernel_nr),
+                ),
+            )
+            # The last moment to call it off: a Ctrl-C or a hang-up held back since the attach.
+            _stop_if_asked_to_end(self.log, "at the entry stop, before the swap")
+            swapped = True
+            tracee.set_regs(substituted)
+            self.log(f"swapped {entry.name} ({entry.nr}) for execve ({arch.execve_nr}): {path}")
+        except BaseException:
+            _undo_at_entry(tracee, entry, base, saved, swapped)
+            raise
+        return _Swap(entry, base, size, saved, substituted)
 
-    report = InjectionReport(
-        pid=pid,
-        arch=arch.name,
-        interrupted_syscall=interrupted,
-        registers_before=before,
-        registers_after={},
-        elapsed_ms=0.0,
-        replaced_syscall=entry.name,
-        reinjected_signals=tracee.reinjected,
-        scratch_address=base,
-        scratch_bytes=size,
-    )
+    def report_at_commit(self, entry: _Entry) -> InjectionReport:
+        interrupted = archmod.syscall_name(
+            self.arch, self.tracee.blocked_in if self.tracee.blocked_in is not None else entry.nr
+        )
+        return InjectionReport(
+            pid=self.pid,
+            arch=self.arch.name,
+            interrupted_syscall=interrupted,
+            registers_before=archmod.shown(self.arch, entry.regs),
+            registers_after={},
+            elapsed_ms=0.0,
+            replaced_syscall=entry.name,
+            reinjected_signals=self.tracee.reinjected,
+        )
 
     # 4. Let execve run, however long it takes: an exec event, or its exit stop with an error.
-    def waiting(seconds: float) -> None:
-        log(f"waiting for execve in PID {pid}: {seconds:.0f} s")
-        if on_wait is not None:
-            on_wait(seconds)
+    def wait_reporter(self, on_wait: WaitReport | None) -> WaitReport:
+        def waiting(seconds: float) -> None:
+            self.log(f"waiting for execve in PID {self.pid}: {seconds:.0f} s")
+            if on_wait is not None:
+                on_wait(seconds)
 
-    assert saved is not None  # written before the swap
-    result = tracee.run_execve(waiting)
+        return waiting
 
-    if result is None:
-        # Success. The old image, our block with it, is gone: nothing to restore.
-        log(f"exec event: PID {pid} now runs {path}")
+    def executed(self, swap: _Swap, report: InjectionReport) -> InjectionReport:
+        """Success. The old image, our block with it, is gone: nothing to restore."""
+        self.log(f"exec event: PID {self.pid} now runs {self.path}")
         # What teaches is the swap itself: the syscall number and arguments we set at the
         # entry stop (after the exec the registers belong to the new program).
         try:
-            report.registers_after = archmod.shown(arch, substituted.regs)
-            if substituted.kernel_nr is not None:
-                report.registers_after[arch.nr] = substituted.kernel_nr
+            report.registers_after = archmod.shown(self.arch, swap.substituted.regs)
+            if swap.substituted.kernel_nr is not None:
+                report.registers_after[self.arch.nr] = swap.substituted.kernel_nr
         finally:
-            tracee.detach()
-        report.elapsed_ms = (time.monotonic() - started) * 1000
-        return report
+            self.tracee.detach()
+        return self.finished(report, swap)
 
-    # Failure. Registers first, as at the entry stop but rewound over the system call
-    # instruction: they decide whether PID 1 sees an error, and with them it re-runs its
-    # own call instead. Then the bytes: below the red zone they are dead by the ABI, but
-    # they go back all the same so that nothing can tell we were there.
-    error_name = _errno_name(-result)
-    log(f"execve failed with {error_name}: rolling back")
-    rewound = archmod.rewind_to_syscall(arch, entry.regs, entry.nr)
-    _restore_registers(tracee, rewound)
-    try:
-        report.registers_after = archmod.shown(arch, tracee.get_regs())
-    except OSError:  # only the report misses them: never stay attached for that
-        report.registers_after = archmod.shown(arch, rewound.regs)
-    try:
-        tracee.write_mem(base, saved)
-        restored = f"the registers and {size} bytes"
-    except OSError as error:
-        # Below the red zone the bytes are dead by the ABI: the registers are what matter.
-        restored = f"the registers (the {size} scratch bytes stay: {error})"
-    log(
-        f"restored {restored}; {arch.ip} {before[arch.ip]:#x} -> "
-        f"{report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
-        f"{entry.name}() will run again"
-    )
-    tracee.detach()
-    report.outcome = "rolled-back"
-    report.error = error_name
-    report.elapsed_ms = (time.monotonic() - started) * 1000
-    raise InjectionRolledBack(
-        f"execve({path}) failed in PID {pid} with {error_name}; PID {pid} was left as it was",
-        "check that the interpreter and the stage's files exist inside the target's root",
-        report,
-    )
+    def roll_back(self, swap: _Swap, report: InjectionReport, errno_: int) -> InjectionRolledBack:
+        """execve failed: PID 1 must re-run its own call as if we had never been there.
+
+        Registers first, as at the entry stop but rewound over the system call instruction:
+        they decide whether PID 1 sees an error, and with them it re-runs its own call
+        instead. Then the bytes: below the red zone they are dead by the ABI, but they go
+        back all the same so that nothing can tell we were there."""
+        arch, tracee, entry = self.arch, self.tracee, swap.entry
+        error_name = _errno_name(errno_)
+        self.log(f"execve failed with {error_name}: rolling back")
+        rewound = archmod.rewind_to_syscall(arch, entry.regs, entry.nr)
+        _restore_registers(tracee, rewound)
+        try:
+            report.registers_after = archmod.shown(arch, tracee.get_regs())
+        except OSError:  # only the report misses them: never stay attached for that
+            report.registers_after = archmod.shown(arch, rewound.regs)
+        try:
+            tracee.write_mem(swap.base, swap.saved)
+            restored = f"the registers and {swap.size} bytes"
+        except OSError as error:
+            restored = f"the registers (the {swap.size} scratch bytes stay: {error})"
+        before_ip = report.registers_before[arch.ip]
+        self.log(
+            f"restored {restored}; {arch.ip} {before_ip:#x} -> "
+            f"{report.registers_after[arch.ip]:#x}, {arch.nr}={entry.nr}: "
+            f"{entry.name}() will run again"
+        )
+        tracee.detach()
+        report.outcome = "rolled-back"
+        report.error = error_name
+        return InjectionRolledBack(
+            f"execve({self.path}) failed in PID {self.pid} with {error_name}; "
+            f"PID {self.pid} was left as it was",
+            "check that the interpreter and the stage's files exist inside the target's root",
+            self.finished(report, swap),
+        )
+
+    def finished(self, report: InjectionReport, swap: _Swap) -> InjectionReport:
+        report.scratch_address = swap.base
+        report.scratch_bytes = swap.size
+        report.elapsed_ms = (time.monotonic() - self.started) * 1000
+        return report
 
 
 def _stop_if_asked_to_end(log: Log, where: str) -> None:
