@@ -151,17 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("rehearse", "the whole switch, inside a sandbox"),
         ("switch", "the real thing"),
+        ("install", "make the image what this machine boots, on probation, old system kept"),
     ):
         sub = commands.add_parser(
             name,
             parents=[common],
             allow_abbrev=False,
             help=text,
-            usage="%(prog)s [options] IMAGE INIT [ARG...]",
+            usage="%(prog)s [options] IMAGE INIT [ARG...]"
+            if name != "install"
+            else "%(prog)s [options] IMAGE [INIT [ARG...]] | --revert",
             epilog=INIT_RULE,
         )
         sub.add_argument("--force", action="store_true", help=FORCE_HELP)
-        if name == "switch":
+        if name == "install":
+            sub.add_argument(
+                "--no-reboot", action="store_true", help="install, then leave the reboot to you"
+            )
+            sub.add_argument(
+                "--revert",
+                action="store_true",
+                help="boot the old system from the next boot on (from either system)",
+            )
+        if name in ("switch", "install"):
             sub.add_argument("--yes", action="store_true", help=YES_HELP)
             sub.add_argument(
                 "--dry-run",
@@ -175,12 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "configuration into the new root",
             )
             sub.add_argument(
-                "--ssh",
-                action="store_true",
-                help="the new system runs the image's SSH server, restarted whenever it dies "
-                "(for an init that starts no services: a shell, busybox init)",
-            )
-            sub.add_argument(
                 "--revert-after",
                 type=float,
                 metavar="MINUTES",
@@ -190,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--no-revert", action="store_true", help="no revert timer, even in a remote session"
+            )
+        if name == "switch":
+            sub.add_argument(
+                "--ssh",
+                action="store_true",
+                help="the new system runs the image's SSH server, restarted whenever it dies "
+                "(for an init that starts no services: a shell, busybox init)",
             )
             sub.add_argument(
                 "--ssh-check",
@@ -204,15 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PID",
                 help="inject into PID, the PID 1 of its own namespace (labs, tests)",
             )
-        else:
+        if name == "rehearse":
             sub.add_argument(
                 "--teach",
                 action="store_true",
                 help="pause before each step, say what it does and the system call it makes; "
                 "Enter goes on (end of input: no more pauses)",
             )
-        sub.add_argument("image", metavar="IMAGE")
+        sub.add_argument("image", metavar="IMAGE", nargs="?" if name == "install" else None)
         sub.set_defaults(handler=cmd_switch, rehearse=name == "rehearse")
+    _subcommands(parser)["install"].set_defaults(handler=cmd_install)
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        allow_abbrev=False,
+        help="which system booted, its probation, the last boot report",
+    )
+    status.set_defaults(handler=cmd_status)
     return parser
 
 
@@ -438,13 +460,15 @@ def print_access(access: Any, image_has_ssh: bool, out: TextIO) -> None:
 # --- rehearse / switch -----------------------------------------------------------------------
 
 
-def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
-    """The engine's options for `rehearse` and `switch`, from the command line."""
+def switch_options(
+    args: argparse.Namespace, out: TextIO, kind: type[SwitchOptions] | None = None
+) -> SwitchOptions:
+    """The engine's options for `rehearse`, `switch` and `install`, from the command line."""
     from injector.switch import SwitchOptions
 
     teaching = getattr(args, "teach", False)
     interactive = sys.stdin.isatty() and out.isatty()
-    return SwitchOptions(
+    return (kind or SwitchOptions)(
         image=args.image,
         init_argv=list(args.init),
         state_dir=args.state_dir,
@@ -470,6 +494,42 @@ def switch_options(args: argparse.Namespace, out: TextIO) -> SwitchOptions:
         last_words=lambda text: print(text, file=sys.stderr, flush=True),
         pause=wait_for_enter if teaching else None,
     )
+
+
+def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
+    from injector.install import install
+
+    renderer = JsonRenderer(out) if args.json else HumanRenderer(out, verbose=args.verbose)
+    if _guard is not None:
+        _guard.changes = True
+    if args.revert:
+        if args.image is not None:
+            raise BadInput("--revert takes no IMAGE", "run `dboot install --revert` alone")
+        events = install.revert(install.find_disk(), reboot=not args.no_reboot)
+    else:
+        if args.image is None:
+            raise BadInput("install needs an IMAGE", "e.g. `dboot install debian:12 /sbin/init`")
+        if not args.init:
+            args.init = [install.DEFAULT_INIT]
+        options = switch_options(args, out, install.InstallOptions)
+        assert isinstance(options, install.InstallOptions)
+        options.reboot = not args.no_reboot
+        events = install.run_install(options)
+    for event in events:
+        renderer.render(event)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    from injector.install import status
+
+    found = status.read_status()
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True), file=out)
+    else:
+        for line in status.describe(found):
+            print(line, file=out)
+    return EXIT_OK
 
 
 def wait_for_enter(pause: Pause) -> None:

@@ -74,6 +74,9 @@ class Plan:
     # /run/dboot/keep exists (0: never). It reboots only when ``machine`` is true as well.
     keeper_ssh_argv: list[str] = field(default_factory=list)
     revert_after_seconds: float = 0.0
+    # An installed machine's probation boot (initstage.bootshim): the install's state file,
+    # as seen from the new system, which the keeper marks kept once the keep file exists.
+    boot_state_file: str = ""
     version: int = PLAN_VERSION
 
     def validate(self) -> None:
@@ -112,6 +115,8 @@ class Plan:
             )
         if self.keeper_ssh_argv:
             _check_absolute("keeper_ssh_argv[0]", self.keeper_ssh_argv[0])
+        if self.boot_state_file:
+            _check_absolute("boot_state_file", self.boot_state_file)
         if self.teach_socket:
             if self.machine:
                 raise PlanError(
@@ -170,6 +175,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "teach_timeout_seconds": (int, float),
     "keeper_ssh_argv": (list,),
     "revert_after_seconds": (int, float),
+    "boot_state_file": (str,),
 }
 _REQUIRED = ("version", "new_root", "init_argv")
 # Seconds may be written as JSON integers; the Plan holds floats.

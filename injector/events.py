@@ -108,7 +108,7 @@ class ConsoleAttached:
 class Finished:
     """The last event. ``exit_status`` is the sandboxed init's status in a rehearsal."""
 
-    outcome: Literal["dry-run", "rehearsed", "switched", "injected"]
+    outcome: Literal["dry-run", "rehearsed", "switched", "injected", "installed", "reverted"]
     exit_status: int | None = None
     detail: str = ""
 
