@@ -154,7 +154,8 @@ class BootShim:
         if choice.probation:
             self.panic_restarts()
         sysroot = tree + bootstate.SYSROOT
-        os.makedirs(sysroot, mode=0o755, exist_ok=True)
+        if os.path.islink(sysroot) or not os.path.isdir(sysroot):
+            raise StateError(f"{sysroot} is not a directory: the install made one; reinstall")
         linux.mount("/", sysroot, None, linux.MS_BIND)
         self.log(f"the disk's root bound at {bootstate.SYSROOT} in the new system")
         self.sysroot_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

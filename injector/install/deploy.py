@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def partial_tree(disk: Disk, name: str) -> Path:
     path = Path(disk.path(f"{bootstate.TREES_DIR}/{PARTIAL_PREFIX}{name}"))
     path.mkdir(mode=0o755)
     return path
+
+
+def make_sysroot(tree: Path) -> None:
+    """The empty directory the shim binds the disk's root on. Whatever the image has at
+    that name goes (a symlink there would make the bind land anywhere)."""
+    root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        name = bootstate.SYSROOT.lstrip("/")
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(os.lstat(name, dir_fd=root_fd).st_mode):
+                os.unlink(name, dir_fd=root_fd)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
 
 
 def finish_tree(disk: Disk, partial: Path, name: str) -> str:

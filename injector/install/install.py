@@ -25,14 +25,14 @@ from injector.access.carry import carry_network, carry_ssh
 from injector.access.facts import read_network
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Fact, Finished, Log, Notice, Progress, StepDone, StepStarted
-from injector.image.sources import open_source
+from injector.image.sources import ImageSource, open_source
 from injector.inject import nsenter
 from injector.install import bootchain, deploy
 from injector.install.bootchain import BootChain
 from injector.install.fstab import new_fstab
 from injector.preflight import preflight
 from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules
-from injector.ramroot.rootfs import add_host_files
+from injector.ramroot.rootfs import add_host_files, write_etc_file
 from injector.switch import SwitchOptions, require_root
 
 # The switch's verdicts that speak of RAM, swap and the injection: an install has none.
@@ -102,41 +102,56 @@ def run_install(options: InstallOptions) -> Iterator[Event]:
         if not options.yes and not (options.confirm is not None and options.confirm(report)):
             raise SafetyRefusal("install not confirmed", "type the hostname, or pass --yes")
 
-        disk = deploy.Disk()
-        yield StepStarted("tree", f"Copying the image into {bootstate.TREES_DIR}/{name}")
-        for leftover in deploy.remove_leftovers(disk):
-            yield Log(f"removed the leftover {leftover}")
-        deploy.make_dirs(disk)
-        partial = deploy.partial_tree(disk, name)
-
-        def fill(send: Callable[[Event], None]) -> None:
-            source.copy_into(partial, lambda done, total: send(Progress("tree", done, total)))
-            for line in complete_tree(partial, chain, options, report.modules):
-                send(Log(line))
-
-        yield from nsenter.stream_in_mount_namespace(os.getpid(), fill)
-        tree = deploy.finish_tree(disk, partial, name)
-        yield StepDone("tree", f"{tree} complete and flushed")
-
-        yield StepStarted("shim", "Writing the boot shim and the boot state")
-        old_init, old_link = deploy.old_init_for(disk, chain.init_path)
-        for line in deploy.write_shim(disk, chain.interpreter, old_init, chain.init_path):
-            yield Log(f"wrote {line}")
-        state = deploy.new_state(
-            tree, options.init_argv, old_init, old_link, chain.init_path, revert, options.image
+        yield from write_install(
+            deploy.Disk(), source, name, chain, options, revert, report.modules
         )
-        bootstate.write_state(state, disk.path(bootstate.STATE_FILE))
-        yield StepDone("shim", f"state: probation, {_deadline_words(revert)}")
-
-        yield StepStarted("commit", f"Pointing {chain.init_path} at the boot shim")
-        deploy.commit(disk, chain.init_path)
-        yield StepDone("commit", f"{chain.init_path} -> {bootstate.SHIM_ENTRY}; old: {old_init}")
         for line in after_reboot_lines(revert):
             yield Notice("info", "install-next", line)
         if options.reboot:
             yield Log("rebooting through the host's init")
             reboot_through_init()
         yield Finished("installed", detail="the next boot starts the image on probation")
+
+
+def write_install(
+    disk: deploy.Disk,
+    source: ImageSource,
+    name: str,
+    chain: BootChain,
+    options: InstallOptions,
+    revert: float | None,
+    modules: ModulesFacts | None,
+) -> Iterator[Event]:
+    """Everything the install writes, in deploy's order: killed at any point, the machine
+    boots the old system until the commit, and the new one on probation after it."""
+    yield StepStarted("tree", f"Copying the image into {bootstate.TREES_DIR}/{name}")
+    for leftover in deploy.remove_leftovers(disk):
+        yield Log(f"removed the leftover {leftover}")
+    deploy.make_dirs(disk)
+    partial = deploy.partial_tree(disk, name)
+
+    def fill(send: Callable[[Event], None]) -> None:
+        source.copy_into(partial, lambda done, total: send(Progress("tree", done, total)))
+        for line in complete_tree(partial, chain, options, modules):
+            send(Log(line))
+
+    yield from nsenter.stream_in_mount_namespace(os.getpid(), fill)
+    tree = deploy.finish_tree(disk, partial, name)
+    yield StepDone("tree", f"{tree} complete and flushed")
+
+    yield StepStarted("shim", "Writing the boot shim and the boot state")
+    old_init, old_link = deploy.old_init_for(disk, chain.init_path)
+    for line in deploy.write_shim(disk, chain.interpreter, old_init, chain.init_path):
+        yield Log(f"wrote {line}")
+    state = deploy.new_state(
+        tree, options.init_argv, old_init, old_link, chain.init_path, revert, options.image
+    )
+    bootstate.write_state(state, disk.path(bootstate.STATE_FILE))
+    yield StepDone("shim", f"state: probation, {_deadline_words(revert)}")
+
+    yield StepStarted("commit", f"Pointing {chain.init_path} at the boot shim")
+    deploy.commit(disk, chain.init_path)
+    yield StepDone("commit", f"{chain.init_path} -> {bootstate.SHIM_ENTRY}; old: {old_init}")
 
 
 def complete_tree(
@@ -153,16 +168,11 @@ def complete_tree(
         lines += [f"added {line}" for line in add_kernel_modules(tree, modules)]
     root = chain.root
     if root is not None:
-        old = _read_text("/etc/fstab")
-        (tree / "etc").mkdir(mode=0o755, exist_ok=True)
-        fstab = new_fstab(old, root.uuid, root.device, root.fstype)
-        target = tree / "etc" / "fstab"
-        if target.is_symlink():
-            target.unlink()
-        target.write_text(fstab)
+        fstab = new_fstab(_read_text("/etc/fstab"), root.uuid, root.device, root.fstype)
+        write_etc_file(tree, "fstab", fstab.encode())
         lines.append("wrote /etc/fstab:")
         lines += [f"  {line}" for line in fstab.splitlines() if not line.startswith("#")]
-    os.makedirs(tree / bootstate.SYSROOT.lstrip("/"), mode=0o755, exist_ok=True)
+    deploy.make_sysroot(tree)
     return lines
 
 

@@ -1,7 +1,8 @@
 """The RAM root: a tmpfs sized for the image, and the host files the new system needs.
 
-``RamRoot`` mounts a tmpfs at ``<state dir>/root`` (state dir mode 0700) with an explicit
-size, never the kernel's default of half the RAM. It is a context manager: any exception,
+``RamRoot`` mounts a tmpfs at ``<dir>/root``, ``<dir>`` being the run's own subdirectory of
+the state dir (mode 0700, see ``injector.ramroot.statedir``), with an explicit size, never
+the kernel's default of half the RAM. It is a context manager: any exception,
 Ctrl-C included, unmounts it and removes the directories it made; only ``keep()`` (called
 once the new init owns it) leaves it in place.
 """
@@ -104,13 +105,12 @@ class RamRoot:
         for directory in reversed(missing):
             directory.mkdir(mode=0o700)
             self._created.append(directory)
+        # Never chmod what is there: the run's own subdirectory was made root's alone.
         state = os.lstat(self.state_dir)
         if not stat.S_ISDIR(state.st_mode) or state.st_uid != 0:
             raise EnvironmentFailure(
                 f"{self.state_dir} is not a root-owned directory", "choose another --state-dir"
             )
-        # The state dir holds the plan that PID 1 will execute: nobody else may write there.
-        os.chmod(self.state_dir, 0o700)
         if self.path.is_symlink() or not self.path.is_dir():
             raise EnvironmentFailure(
                 f"{self.path} is not a directory", "choose another --state-dir"
@@ -322,3 +322,17 @@ def replace_file(
     except OSError:
         os.unlink(temporary, dir_fd=dir_fd)
         raise
+
+
+def write_etc_file(root: Path, name: str, content: bytes) -> None:
+    """Write ``/etc/NAME`` inside ``root`` as :func:`add_host_files` does: no symlink the
+    image has there (``/etc`` itself included) is ever followed."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        etc_fd = _open_etc(root_fd, root)
+        try:
+            replace_file(etc_fd, name, content)
+        finally:
+            os.close(etc_fd)
+    finally:
+        os.close(root_fd)

@@ -1,0 +1,220 @@
+"""The boot shim as PID 1, the way the kernel starts it at every boot of an installed machine.
+
+Each boot is a new PID and mount namespace whose root is a disk laid out as
+``dboot install`` leaves it (``deploy``'s own functions write it): the old system's init,
+``/dboot/state.json``, the shim's entry script and its copy of ``initstage``, a tree under
+``/dboot/trees``. The host's ``/usr`` is bound read-only into both roots for ``/bin/sh`` and
+``python3``. What is real: the shim's choice, its writes, its pivot into the tree, the
+keeper's deadline (a sandbox's keeper leaves ``/run/dboot/revert-due`` where a machine's
+would reboot), and the exec of either init. What is not: firmware, kernel and initramfs,
+which the VM tier's install scenarios boot for real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from initstage import bootstate
+from initstage.bootstate import BootState
+from injector.install import deploy
+
+pytestmark = pytest.mark.root
+
+TREE = "/dboot/trees/test-0123456789ab"
+OLD_INIT = """\
+#!/bin/sh
+echo "old system: pid $$ args $*" > /old-ran
+"""
+# The new system's init: says where it runs, then waits for what the test asks.
+NEW_INIT = """\
+#!/bin/sh
+{{ echo "pid $$"; ls /sysroot/dboot; }} > /sysroot/new-ran
+{action}
+"""
+
+
+def python3() -> str:
+    for path in ("/usr/bin/python3",):
+        if os.path.exists(path):
+            return path
+    pytest.fail("the shim runs on the distribution's /usr/bin/python3: apt-get install python3")
+
+
+def make_root(root: Path) -> None:
+    for name in ("usr", "proc", "dev", "sys", "run", "etc", "tmp"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"),
+                         ("sbin", "usr/sbin")):  # fmt: skip
+        if not (root / link).exists():
+            (root / link).symlink_to(target)
+
+
+@dataclasses.dataclass
+class Bed:
+    disk: Path
+
+    def install(self, new_init_action: str = "exit 0", **state: object) -> BootState:
+        make_root(self.disk)
+        (self.disk / "old-init").write_text(OLD_INIT)
+        (self.disk / "old-init").chmod(0o755)
+        disk = deploy.Disk(str(self.disk))
+        deploy.make_dirs(disk)
+        tree = self.disk / TREE.lstrip("/")
+        make_root(tree)
+        deploy.make_sysroot(tree)
+        (tree / "init").write_text(NEW_INIT.format(action=new_init_action))
+        (tree / "init").chmod(0o755)
+        deploy.write_shim(disk, python3(), "/old-init", "/sbin/init")
+        values = {
+            "tree": TREE,
+            "init_argv": ["/init"],
+            "old_init": "/old-init",
+            "init_path": "/sbin/init",
+            "revert_after_seconds": 3.0,
+            "image": "test",
+            **state,
+        }
+        installed = BootState(**values)  # type: ignore[arg-type]
+        bootstate.write_state(installed, disk.path(bootstate.STATE_FILE))
+        return installed
+
+    def boot(self, *kernel_args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """PID 1 of new namespaces, chrooted into the disk as the kernel would exec it."""
+        script = (
+            f"mount --rbind /usr {self.disk}/usr && mount -o remount,bind,ro {self.disk}/usr"
+            f" && mount --bind {self.disk}/usr {self.disk}{TREE}/usr"
+            f" && mount --rbind {self.disk} {self.disk}"
+            f' && exec chroot {self.disk} {bootstate.SHIM_ENTRY} "$@"'
+        )
+        return subprocess.run(
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "shim",
+                *kernel_args,
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def state(self) -> BootState:
+        return bootstate.read_state(str(self.disk / bootstate.STATE_FILE.lstrip("/")))
+
+    def report(self) -> dict[str, object]:
+        data = json.loads((self.disk / bootstate.REPORT_FILE.lstrip("/")).read_text())
+        assert isinstance(data, dict)
+        return data
+
+    def read(self, relative: str) -> str:
+        path = self.disk / relative
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Bed:
+    return Bed(tmp_path / "disk")
+
+
+def test_refuses_unless_pid1() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from initstage.bootshim import main; main([])"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "refusing to run as pid" in result.stderr
+
+
+def test_probation_boot_runs_the_tree_then_the_next_boot_is_the_old_system(bed: Bed) -> None:
+    # The new system waits for its keeper's deadline (3 s), which in a sandbox leaves the
+    # revert-due marker where a machine's keeper reboots.
+    wait = "for i in $(seq 100); do [ -e /run/dboot/revert-due ] && break; sleep 0.1; done\n"
+    wait += "[ -e /run/dboot/revert-due ] && echo due > /sysroot/revert-seen"
+    bed.install(new_init_action=wait)
+    first = bed.boot()
+    assert first.returncode == 0, first.stdout + first.stderr
+    ran = bed.read("new-ran")
+    assert "pid 1" in ran, first.stderr
+    assert "state.json" in ran  # the disk is at /sysroot in the new system
+    assert bed.read("revert-seen") == "due\n", first.stderr
+    assert bed.read("old-ran") == ""
+    state = bed.state()
+    assert state.state == bootstate.PROBATION and state.boots_left == 0
+    report = bed.report()
+    assert report["booted"] == "new" and report["probation"] is True
+
+    # Nobody kept it: the next boot is the old system's, with the kernel's arguments.
+    (bed.disk / "new-ran").unlink()
+    second = bed.boot("single")
+    assert second.returncode == 0, second.stderr
+    assert bed.read("old-ran").startswith("old system: pid 1 args single")
+    assert bed.read("new-ran") == ""
+    assert bed.state().state == bootstate.REVERTED
+    assert "not kept in time" in bed.state().reason
+    assert bed.report()["booted"] == "old"
+
+
+def test_kept_boots_the_tree_without_a_deadline(bed: Bed) -> None:
+    # Longer than the 3 s a probation would have had: no keeper, no revert marker.
+    bed.install(
+        state=bootstate.KEPT,
+        boots_left=0,
+        new_init_action="sleep 5; ls -a /run/dboot > /sysroot/run-dboot 2>&1; exit 0",
+    )
+    result = bed.boot()
+    assert result.returncode == 0, result.stderr
+    assert "pid 1" in bed.read("new-ran")
+    assert "No such file" in bed.read("run-dboot"), bed.read("run-dboot")
+    assert "keeper" not in result.stderr
+    assert bed.state().state == bootstate.KEPT
+
+
+def test_a_tree_without_its_init_boots_the_old_system_at_once(bed: Bed) -> None:
+    bed.install()
+    (bed.disk / TREE.lstrip("/") / "init").unlink()
+    result = bed.boot()
+    assert result.returncode == 0, result.stderr
+    assert bed.read("old-ran").startswith("old system: pid 1")
+    state = bed.state()
+    assert state.state == bootstate.REVERTED and "/init is missing" in state.reason
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "world-writable"])
+def test_an_unusable_state_boots_the_old_system(bed: Bed, damage: str) -> None:
+    bed.install()
+    path = bed.disk / bootstate.STATE_FILE.lstrip("/")
+    if damage == "garbage":
+        path.write_text("{")
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.chmod(0o666)
+    result = bed.boot()
+    assert result.returncode == 0, result.stderr
+    assert bed.read("old-ran").startswith("old system: pid 1"), result.stderr
+    assert bed.read("new-ran") == ""
+
+
+def test_a_shim_that_cannot_be_imported_still_boots_the_old_system(bed: Bed) -> None:
+    bed.install()
+    shutil.rmtree(bed.disk / bootstate.SHIM_DIR.lstrip("/") / "initstage")
+    result = bed.boot()
+    assert result.returncode == 0, result.stderr
+    assert "no boot shim" in result.stderr
+    assert bed.read("old-ran").startswith("old system: pid 1")
