@@ -107,7 +107,7 @@ class Bed:
                 script,
                 "shim",
                 *kernel_args,
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,
