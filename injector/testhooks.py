@@ -28,6 +28,18 @@ from pathlib import Path
 PAUSE_ENV = "DBOOT_TEST_PAUSE"
 PAUSE_SECONDS_ENV = "DBOOT_TEST_PAUSE_SECONDS"  # pause this long, then go on (default: forever)
 PHASES = ("copy", "prepared", "before-seize", "entry-stop", "swapped", "exec-wait")
+# `dboot install`'s, in its order (injector.install): a partial tree made, filled, renamed to
+# its final name; the shim written (a reinstall: its old package set aside first); the state
+# written; the init path committed.
+INSTALL_PHASES = (
+    "install-partial",
+    "install-filled",
+    "install-tree",
+    "install-shim-aside",
+    "install-shim",
+    "install-state",
+    "install-committed",
+)
 
 
 def pause_point(phase: str) -> None:

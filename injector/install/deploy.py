@@ -31,6 +31,7 @@ from pathlib import Path
 import initstage
 from initstage import bootstate, linux
 from initstage.bootstate import BootState
+from injector.testhooks import pause_point
 
 # The shim's entry, what the kernel runs as init. /bin/sh first, so that a missing or broken
 # interpreter, or a shim that cannot be imported, still boots the old system: PID 1 exiting
@@ -150,6 +151,7 @@ def write_shim(disk: Disk, interpreter: str, old_init: str, init_path: str) -> l
         # no package; the entry script then runs the old init (its fallback line).
         aside = shim_dir / f".initstage.old.tmp{os.getpid()}"
         os.rename(current, aside)
+        pause_point("install-shim-aside")
         os.rename(staged, current)
         shutil.rmtree(aside)
     else:

@@ -34,6 +34,7 @@ from injector.preflight import preflight
 from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules
 from injector.ramroot.rootfs import add_host_files, write_etc_file
 from injector.switch import SwitchOptions, require_root
+from injector.testhooks import pause_point
 
 # The switch's verdicts that speak of RAM, swap and the injection: an install has none.
 NOT_FOR_INSTALL = re.compile(r"^(ram-|swap-|ptrace-|processes-writing)")
@@ -129,6 +130,7 @@ def write_install(
         yield Log(f"removed the leftover {leftover}")
     deploy.make_dirs(disk)
     partial = deploy.partial_tree(disk, name)
+    pause_point("install-partial")
 
     def fill(send: Callable[[Event], None]) -> None:
         source.copy_into(partial, lambda done, total: send(Progress("tree", done, total)))
@@ -136,21 +138,26 @@ def write_install(
             send(Log(line))
 
     yield from nsenter.stream_in_mount_namespace(os.getpid(), fill)
+    pause_point("install-filled")
     tree = deploy.finish_tree(disk, partial, name)
+    pause_point("install-tree")
     yield StepDone("tree", f"{tree} complete and flushed")
 
     yield StepStarted("shim", "Writing the boot shim and the boot state")
     old_init, old_link = deploy.old_init_for(disk, chain.init_path)
     for line in deploy.write_shim(disk, chain.interpreter, old_init, chain.init_path):
         yield Log(f"wrote {line}")
+    pause_point("install-shim")
     state = deploy.new_state(
         tree, options.init_argv, old_init, old_link, chain.init_path, revert, options.image
     )
     bootstate.write_state(state, disk.path(bootstate.STATE_FILE))
     yield StepDone("shim", f"state: probation, {_deadline_words(revert)}")
+    pause_point("install-state")
 
     yield StepStarted("commit", f"Pointing {chain.init_path} at the boot shim")
     deploy.commit(disk, chain.init_path)
+    pause_point("install-committed")
     yield StepDone("commit", f"{chain.init_path} -> {bootstate.SHIM_ENTRY}; old: {old_init}")
 
 

@@ -18,16 +18,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from initstage import bootstate
 from initstage.bootstate import BootState
+from injector import testhooks
 from injector.install import deploy
 
 pytestmark = pytest.mark.root
 
+PROJECT = Path(__file__).resolve().parents[2]
 TREE = "/dboot/trees/test-0123456789ab"
 OLD_INIT = """\
 #!/bin/sh
@@ -86,13 +90,16 @@ class Bed:
         bootstate.write_state(installed, disk.path(bootstate.STATE_FILE))
         return installed
 
-    def boot(self, *kernel_args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def boot(
+        self, *kernel_args: str, entry: str = bootstate.SHIM_ENTRY, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """PID 1 of new namespaces, chrooted into the disk as the kernel would exec it."""
         script = (
             f"mount --rbind /usr {self.disk}/usr && mount -o remount,bind,ro {self.disk}/usr"
-            f" && mount --bind {self.disk}/usr {self.disk}{TREE}/usr"
+            f" && {{ [ ! -d {self.disk}{TREE}/usr ] || mount --bind {self.disk}/usr"
+            f" {self.disk}{TREE}/usr; }}"
             f" && mount --rbind {self.disk} {self.disk}"
-            f' && exec chroot {self.disk} {bootstate.SHIM_ENTRY} "$@"'
+            f' && exec chroot {self.disk} {entry} "$@"'
         )
         return subprocess.run(
             [
@@ -218,3 +225,102 @@ def test_a_shim_that_cannot_be_imported_still_boots_the_old_system(bed: Bed) -> 
     assert result.returncode == 0, result.stderr
     assert "no boot shim" in result.stderr
     assert bed.read("old-ran").startswith("old system: pid 1")
+
+
+# --- `dboot install` killed at each of its steps --------------------------------------------
+
+
+def image_archive(path: Path) -> Path:
+    """A rootfs tarball whose /init is NEW_INIT (exit 0), with the mount points it needs."""
+    staging = path.parent / "image-tree"
+    make_root(staging)
+    (staging / "init").write_text(NEW_INIT.format(action="exit 0"))
+    (staging / "init").chmod(0o755)
+    with tarfile.open(path, "w") as archive:
+        archive.add(staging, arcname=".")
+    return path
+
+
+def run_driver(disk: Path, archive: Path, pause: str = "", tmp: Path | None = None) -> None:
+    """The install's disk part; with ``pause``, SIGKILLed at that pause point."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    announce = (tmp or disk.parent) / f"paused-{pause}"
+    if pause:
+        env[testhooks.PAUSE_ENV] = f"{pause}:{announce}"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tests.sandbox.install_driver", str(disk), str(archive)],
+        env=env,
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if not pause:
+        out, err = driver.communicate(timeout=120)
+        assert driver.returncode == 0, out + err
+        return
+    deadline = time.monotonic() + 120
+    while not announce.exists():
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, f"{pause} never reached"
+        time.sleep(0.02)
+    driver.kill()  # by its own pid: the process this test started
+    driver.communicate(timeout=30)
+
+
+def old_disk(bed: Bed) -> None:
+    """The disk as the old system leaves it: /sbin a real directory whose init is a link."""
+    (bed.disk / "sbin").mkdir(parents=True)
+    make_root(bed.disk)
+    (bed.disk / "old-init").write_text(OLD_INIT)
+    (bed.disk / "old-init").chmod(0o755)
+    (bed.disk / "sbin" / "init").symlink_to("/old-init")
+
+
+@pytest.mark.parametrize(
+    "phase", [p for p in testhooks.INSTALL_PHASES if p != "install-shim-aside"]
+)
+def test_install_killed_at_each_step_boots_a_working_system(
+    bed: Bed, tmp_path: Path, phase: str
+) -> None:
+    old_disk(bed)
+    archive = image_archive(tmp_path / "image.tar")
+    run_driver(bed.disk, archive, phase, tmp_path)
+    committed = phase == "install-committed"
+    boot = bed.boot(entry="/sbin/init")
+    assert boot.returncode == 0, boot.stderr
+    if committed:
+        assert "pid 1" in bed.read("new-ran"), boot.stderr
+        assert bed.read("old-ran") == ""
+    else:
+        assert bed.read("old-ran").startswith("old system: pid 1"), boot.stderr
+        assert bed.read("new-ran") == ""
+    # A retry needs no cleaning up by hand, and ends with the new system on probation.
+    for marker in ("old-ran", "new-ran"):
+        (bed.disk / marker).unlink(missing_ok=True)
+    if not committed:
+        run_driver(bed.disk, archive)
+        assert not list((bed.disk / "dboot" / "trees").glob(".partial-*"))
+        boot = bed.boot(entry="/sbin/init")
+        assert "pid 1" in bed.read("new-ran"), boot.stderr
+        assert bed.state().boots_left == 0
+
+
+def test_a_reinstall_killed_between_the_shim_renames_boots_the_old_system(
+    bed: Bed, tmp_path: Path
+) -> None:
+    old_disk(bed)
+    archive = image_archive(tmp_path / "image.tar")
+    run_driver(bed.disk, archive)
+    # Reverted on purpose, as `dboot install --revert` does it, then installed again.
+    state = bed.state()
+    deploy.uncommit(deploy.Disk(str(bed.disk)), state)
+    state.state = bootstate.REVERTED
+    bootstate.write_state(state, str(bed.disk / bootstate.STATE_FILE.lstrip("/")))
+    run_driver(bed.disk, archive, "install-shim-aside", tmp_path)
+    boot = bed.boot(entry="/sbin/init")
+    assert bed.read("old-ran").startswith("old system: pid 1"), boot.stderr
+    (bed.disk / "old-ran").unlink()
+    run_driver(bed.disk, archive)
+    boot = bed.boot(entry="/sbin/init")
+    assert "pid 1" in bed.read("new-ran"), boot.stderr
