@@ -172,6 +172,7 @@ class BootShim:
         plan.validate()
         self.stage = stage = Stage("", self.log)
         stage.plan = plan
+        stage.start_revert_timer(plan)  # as the stage does: from now on, whatever fails
         stage.step(5, f"pivot_root into {tree}")
         stage.pivot(tree)
         stage.step(6, "API filesystems")
@@ -209,8 +210,15 @@ class BootShim:
         if self.stage is None or not self.stage.pivoted:
             self.boot_old_system(why)
         self.log(f"{why}: restarting into the old system")
-        keeper.restart_machine(self.log)
+        restart_machine(self.log)
         stay_alive_forever()
+
+
+def restart_machine(log: StageLog) -> None:
+    """The keeper's own revert: sync under its deadline, then reboot(RB_AUTOBOOT)."""
+    host = keeper.LiveHost(log)
+    log(f"sync: {host.sync()}")
+    host.reboot()  # returns only if the kernel refused, which it logged
 
 
 def _write_small(path: str, text: str) -> None:

@@ -45,6 +45,7 @@ PROBATION_PANIC_SECONDS = 10
 MAX_STATE_BYTES = 1 << 16
 
 PROBATION, KEPT, REVERTED = "probation", "kept", "reverted"
+KEEP_FILE_WORDS = "touch /run/dboot/keep"
 STATES = (PROBATION, KEPT, REVERTED)
 
 
@@ -132,6 +133,17 @@ def choose(state: BootState | None, problem: str = "") -> Choice:
         return Choice(True, False, following, "first boot, no revert timer: the new system")
     following.noted("probation boot of the new system")
     return Choice(True, True, following, "probation: the new system, this boot only")
+
+
+def mark_kept(path: str) -> BootState:
+    """The keeper's "kept", written to the disk: every boot from now on is the new system."""
+    state = read_state(path)
+    if state.state != PROBATION:
+        raise StateError(f"{path} says {state.state}, not {PROBATION}: nothing to keep")
+    state.state, state.reason = KEPT, f"the keep file was there in time ({KEEP_FILE_WORDS})"
+    state.noted("kept")
+    write_state(state, path)
+    return state
 
 
 def state_from_dict(data: object) -> BootState:

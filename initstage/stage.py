@@ -188,6 +188,10 @@ class Stage:
         self.hung_children: list[int] = []  # flush children stuck in the kernel
         self.step_number = 0
         self.teach = TeachChannel("", 1.0, log)  # a teaching rehearsal's plan names one
+        # The dead-man's switch while this process keeps it (a thread, from step 1 until a
+        # keeper process takes it over), and that keeper once there is one.
+        self.revert_timer: keeper.RevertTimer | None = None
+        self.keeper_pid: int | None = None
 
     def step(self, number: int, title: str) -> None:
         self.step_number = number
@@ -195,6 +199,7 @@ class Stage:
 
     def run(self) -> NoReturn:
         plan = self.read_and_check_plan()
+        self.start_revert_timer(plan)
         self.step(2, f"console ({plan.console})")
         self.console = take_console(plan.console, not self.machine_init, self.log)
         self.step(
@@ -246,6 +251,32 @@ class Stage:
             + ("" if proc_is_ours else ", /proc mounted for our PID namespace")
         )
 
+    def start_revert_timer(self, plan: Plan) -> None:
+        """The dead-man's switch starts now, before anything is stopped: whatever fails or
+        hangs from here on, the revert still comes at the deadline (see keeper.RevertTimer).
+        After isolate_sandbox: a thread keeps the mount namespace it was started in."""
+        if plan.revert_after_seconds <= 0:
+            return
+        may_reboot = plan.machine and self.machine_init
+        root_fd: int | None = None
+        try:
+            root_fd = os.open(plan.new_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            if not may_reboot:
+                self.log(f"warning: revert timer: no new root to leave its marker in ({error})")
+        timer = keeper.RevertTimer(plan.revert_after_seconds, may_reboot, root_fd, self.log)
+        self.revert_timer = timer
+        try:
+            timer.start()
+        except RuntimeError as error:  # no thread: the deadline still goes to the keeper
+            self.log(f"warning: revert timer: no thread ({error}): it runs once the keeper does")
+            return
+        action = "sync and reboot" if may_reboot else f"leave {keeper.REVERT_DUE_FILE}"
+        self.log(
+            f"revert timer: {plan.revert_after_seconds:g} s from now, then {action}; a thread"
+            " of PID 1 keeps it until the keeper process takes it over"
+        )
+
     # Step 3 -------------------------------------------------------------------------
     def terminate_everything(self, plan: Plan) -> None:
         self.teach.pause(
@@ -282,7 +313,8 @@ class Stage:
             f" {report.total_seconds * 1000:.1f} ms in all"
         )
         if network is not None:
-            netkeep.restore(network, self.log)
+            timer = self.revert_timer
+            netkeep.restore(network, self.log, timer.seconds_left() if timer else 0.0)
         try:
             retry_vt(self.console, self.log)
         except OSError as error:
@@ -532,30 +564,31 @@ class Stage:
 
     def start_keeper(self, plan: Plan) -> None:
         """Fork the keeper (initstage.keeper) if the plan gives it work: the SSH server to
-        keep running, the revert timer. It reboots only if the plan says machine and this is
-        the machine's PID 1, as for the superblock remount."""
+        keep running, and what is left of the revert timer, which it takes over from this
+        process's thread. It reboots only if the plan says machine and this is the
+        machine's PID 1, as for the superblock remount."""
+        timer, self.revert_timer = self.revert_timer, None
         settings = keeper.KeeperSettings(
             ssh_argv=tuple(plan.keeper_ssh_argv),
-            revert_after_seconds=plan.revert_after_seconds,
+            revert_after_seconds=timer.stop() if timer is not None else 0.0,
             may_reboot=plan.machine and self.machine_init,
+            boot_state_file=plan.boot_state_file,
         )
         if not settings.has_work:
             return
         try:
-            pid = os.fork()
+            pid = self.fork_keeper(settings)
         except OSError as error:
+            if timer is not None and settings.revert_after_seconds:
+                # The thread would die at the exec: the deadline stays with PID 1 instead.
+                self.revert_timer = timer.restarted()
+                raise StageError(
+                    f"cannot fork the keeper ({error.strerror}): the revert timer would not"
+                    " outlive the exec, so the image's init is not started"
+                ) from error
             # The new system still starts: without a keeper, never into a recovery shell.
-            self.log(f"warning: keeper: fork failed ({error}): no SSH server kept, no revert")
+            self.log(f"warning: keeper: fork failed ({error}): no SSH server kept")
             return
-        if pid == 0:
-            try:
-                if not self.machine_init:
-                    hermetic.drop_capability(hermetic.CAP_MKNOD)
-                reset_rlimits(lambda line: None)
-                reset_signals()
-                os.umask(0o022)
-            finally:
-                keeper.run(settings)
         self.log(f"keeper: pid {pid}, logging to {keeper.LOG_PATH} and the kernel log")
         if self.machine_init:
             # It runs from this interpreter, whose files are on the old root.
@@ -567,6 +600,29 @@ class Stage:
         if settings.revert_after_seconds:
             deadline = time.time() + settings.revert_after_seconds
             self.log(f"revert timer: {keeper.keep_instructions(deadline)}")
+
+    def fork_keeper(
+        self,
+        settings: keeper.KeeperSettings,
+        *,
+        before_pivot: bool = False,
+        root_fd: int | None = None,
+    ) -> int:
+        """The keeper in a child of its own. ``before_pivot``: a recovery's, which counts
+        down in the old root reaching no file by its path (keeper.CountdownHost); its
+        marker goes through ``root_fd``, the new root."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if not self.machine_init:
+                    hermetic.drop_capability(hermetic.CAP_MKNOD)
+                reset_rlimits(lambda line: None)
+                reset_signals()
+                os.umask(0o022)
+            finally:
+                keeper.run(settings, before_pivot=before_pivot, root_fd=root_fd)
+        self.keeper_pid = pid
+        return pid
 
     def release_old_root(self, plan: Plan) -> None:
         """On the machine, say whether the old root's block devices will be free, which
@@ -609,13 +665,18 @@ class Stage:
 
     # Step 8 -------------------------------------------------------------------------
     def save_log(self) -> None:
-        """Copy the log into the new root: at its log_path once we stand in it, else
-        through its path from the old root."""
+        """Copy the log into the new root, at its log_path, once we stand in it. Not
+        before the pivot: the path would go through the image's symlinks, which may lead
+        anywhere on this system (the kernel log has every line)."""
         if self.plan is None:
             return
         path = self.plan.log_path
         if not self.pivoted:
-            path = self.plan.new_root.rstrip("/") + path
+            self.log(
+                f"log: not saved into the new root before the pivot ({path} there could"
+                " lead anywhere through the image's symlinks); the kernel log has it"
+            )
+            return
         try:
             self.log.save(path)
         except OSError as error:
@@ -624,18 +685,20 @@ class Stage:
     def recover(self, error: BaseException) -> None:
         """Name the failure, then give the operator a shell. Returns only if no shell
         could be started at all; the caller then stays alive forever."""
-        if isinstance(error, PlanError | StageError):
+        if isinstance(error, (PlanError, StageError)):
             self.log(f"FAILED at step {self.step_number}/{STEPS}: {error}")
         else:
             self.log(f"FAILED at step {self.step_number}/{STEPS}:")
             for line in describe_error(error):
                 self.log(line)
         self.step(8, "recovery shell")
+        deadline_kept = self.keep_revert_timer()
         if self.machine_init and self.console.stdio is None:
             # It failed before step 2: our stdio is the old init's /dev/null.
             self.console = take_console("vt", False, self.log)
         self.save_log()
-        sandbox = self.plan_says_sandbox()
+        # A shell exec'd as PID 1 would end the thread that may still keep the deadline.
+        sandbox = deadline_kept and self.plan_says_sandbox()
         for where in self.recovery_roots():
             if not self.enter_root(where):
                 continue
@@ -647,6 +710,37 @@ class Stage:
             except OSError as exec_error:
                 self.log(f"recovery shell: {exec_error}")
         self.log("no recovery shell could be started: staying alive as PID 1")
+
+    def keep_revert_timer(self) -> bool:
+        """Hand a deadline this process still keeps (its thread) to a keeper process, which
+        outlives both a hung PID 1 and a shell exec'd as a sandbox's PID 1. False when the
+        thread must keep it (no fork): PID 1 must not exec then."""
+        timer, self.revert_timer = self.revert_timer, None
+        if timer is None:
+            if self.keeper_pid is not None:
+                self.log(f"recovery: the keeper (pid {self.keeper_pid}) goes on as it was")
+            return True
+        seconds = timer.stop()
+        if not seconds:
+            return True
+        settings = keeper.KeeperSettings(revert_after_seconds=seconds, may_reboot=timer.may_reboot)
+        try:
+            pid = self.fork_keeper(settings, before_pivot=not self.pivoted, root_fd=timer.root_fd)
+        except OSError as error:
+            self.revert_timer = timer.restarted()
+            self.log(
+                f"recovery: cannot fork a keeper ({error}): PID 1's own thread keeps the revert"
+                " timer, so the shell runs as a child"
+            )
+            return False
+        then = "sync and reboot" if timer.may_reboot else f"leave {keeper.REVERT_DUE_FILE}"
+        unless = (
+            f"unless {keeper.KEEP_FILE} exists in the new root by then"
+            if self.pivoted
+            else f"unless it is killed (kill {pid}): before the pivot no keep file counts"
+        )
+        self.log(f"recovery: the keeper, pid {pid}, will {then} in {seconds:.0f} s, {unless}")
+        return True
 
     def plan_says_sandbox(self) -> bool:
         """Only a plan we read and trusted can say "sandbox" (a rehearsal or a lab

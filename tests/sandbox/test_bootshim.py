@@ -177,6 +177,25 @@ def test_probation_boot_runs_the_tree_then_the_next_boot_is_the_old_system(bed: 
     assert bed.report()["booted"] == "old"
 
 
+def test_a_kept_probation_boot_is_written_to_the_disk_and_boots_again(bed: Bed) -> None:
+    # The user's `touch /run/dboot/keep`, then the new system waits for its keeper to
+    # have written "kept" through /sysroot, with a deadline long enough not to revert first.
+    keep = (
+        "mkdir -p /run/dboot; touch /run/dboot/keep\n"
+        "for i in $(seq 100); do grep -q kept /sysroot/dboot/state.json && break; sleep 0.1; done"
+    )
+    bed.install(new_init_action=keep, revert_after_seconds=30.0)
+    first = bed.boot()
+    assert first.returncode == 0, first.stderr
+    state = bed.state()
+    assert state.state == bootstate.KEPT, first.stderr
+    assert state.history[-1].endswith("kept")
+    (bed.disk / "new-ran").unlink()
+    second = bed.boot()
+    assert second.returncode == 0, second.stderr
+    assert "pid 1" in bed.read("new-ran") and bed.read("old-ran") == ""
+
+
 def test_kept_boots_the_tree_without_a_deadline(bed: Bed) -> None:
     # Longer than the 3 s a probation would have had: no keeper, no revert marker.
     bed.install(
