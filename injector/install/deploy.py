@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import stat
@@ -60,6 +61,7 @@ exec "$OLD_INIT" "$@"
 """
 OLD_INIT_LINK = bootstate.SHIM_DIR + "/old-init"  # a hard link, when the init was a file
 PARTIAL_PREFIX = ".partial-"
+MAX_SYMLINK_HOPS = 256  # path components and links together, as a bound on link loops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,30 @@ class Disk:
 
     def path(self, absolute: str) -> str:
         return os.path.join(self.root, absolute.lstrip("/"))
+
+    def resolve(self, absolute: str) -> str:
+        """``absolute`` with every symlink followed as the kernel will at boot, inside this
+        root (an absolute link starts again at the disk's root, not at ours); as the boot
+        sees it. Debian's /sbin/init -> ../lib/systemd/systemd lies in /usr/sbin, say."""
+        pending = [part for part in absolute.split("/") if part]
+        resolved: list[str] = []
+        for _hop in range(MAX_SYMLINK_HOPS):
+            if not pending:
+                return "/" + "/".join(resolved)
+            part = pending.pop(0)
+            if part in (".", ".."):
+                if part == ".." and resolved:
+                    resolved.pop()
+                continue
+            here = os.path.join(self.root, *resolved, part)
+            if os.path.islink(here):
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    resolved = []
+                pending = [p for p in target.split("/") if p] + pending
+            else:
+                resolved.append(part)
+        raise OSError(errno.ELOOP, f"too many symbolic links resolving {absolute}")
 
 
 def remove_leftovers(disk: Disk) -> list[str]:
@@ -168,16 +194,15 @@ def write_shim(disk: Disk, interpreter: str, old_init: str, init_path: str) -> l
 def old_init_for(disk: Disk, init_path: str) -> tuple[str, str]:
     """(what the shim execs for the old system, the link text to put back on a revert).
 
-    A symlink (systemd-sysv's /sbin/init -> /lib/systemd/systemd) is recorded by its target;
-    a file (sysvinit's /sbin/init) gets a hard link in the shim's directory first, so that
-    it survives the rename that puts the shim in its place."""
+    A symlink (systemd-sysv's /sbin/init -> ../lib/systemd/systemd) is recorded by what it
+    leads to; a file (sysvinit's /sbin/init) gets a hard link in the shim's directory first,
+    so that it survives the rename that puts the shim in its place."""
     path = disk.path(init_path)
     if os.path.islink(path):
-        target = os.readlink(path)
-        resolved = os.path.normpath(os.path.join(os.path.dirname(init_path), target))
-        if os.path.realpath(path) == os.path.realpath(disk.path(bootstate.SHIM_ENTRY)):
+        old_init = disk.resolve(init_path)
+        if old_init == disk.resolve(bootstate.SHIM_ENTRY):
             raise FileExistsError(f"{init_path} already runs the boot shim")
-        return _resolve_on_disk(disk, resolved), target
+        return old_init, os.readlink(path)
     link = disk.path(OLD_INIT_LINK)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(link)
@@ -189,25 +214,26 @@ def old_init_for(disk: Disk, init_path: str) -> tuple[str, str]:
 def commit(disk: Disk, init_path: str) -> None:
     """The one change that makes the machine boot the shim: a symlink renamed over the
     init path. Relative, so that it means the same in an initramfs's view of the root."""
-    real_dir = os.path.realpath(disk.path(os.path.dirname(init_path)))
-    entry = os.path.realpath(disk.path(bootstate.SHIM_ENTRY))
-    _replace_with_link(real_dir, os.path.basename(init_path), os.path.relpath(entry, real_dir))
+    directory = disk.resolve(os.path.dirname(init_path))
+    entry = disk.resolve(bootstate.SHIM_ENTRY)
+    _replace_with_link(
+        disk.path(directory), os.path.basename(init_path), os.path.relpath(entry, directory)
+    )
 
 
 def uncommit(disk: Disk, state: BootState) -> str:
     """Put the old init back over the init path: the same one-step change, reversed."""
-    real_dir = os.path.realpath(disk.path(os.path.dirname(state.init_path)))
+    directory = disk.path(disk.resolve(os.path.dirname(state.init_path)))
     name = os.path.basename(state.init_path)
-    old = state.old_link
-    if old:
-        _replace_with_link(real_dir, name, old)
-        return f"{state.init_path} -> {old} again"
-    temp = os.path.join(real_dir, f".{name}.dboot-revert")
+    if state.old_link:
+        _replace_with_link(directory, name, state.old_link)
+        return f"{state.init_path} -> {state.old_link} again"
+    temp = os.path.join(directory, f".{name}.dboot-revert")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)
     os.link(disk.path(OLD_INIT_LINK), temp)
-    os.rename(temp, os.path.join(real_dir, name))
-    _fsync_dir(real_dir)
+    os.rename(temp, os.path.join(directory, name))
+    _fsync_dir(directory)
     return f"{state.init_path} is the old init file again"
 
 
@@ -232,19 +258,6 @@ def new_state(
     )
     state.noted(f"installed {image} into {tree}")
     return state
-
-
-def _resolve_on_disk(disk: Disk, path: str) -> str:
-    """Follow symlinks as the kernel will at boot, inside the disk's root."""
-    seen = 0
-    while os.path.islink(disk.path(path)) and seen < 40:
-        target = os.readlink(disk.path(path))
-        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
-        seen += 1
-    # Directory symlinks (/sbin -> usr/sbin, /lib -> usr/lib) resolve the same way.
-    real = os.path.realpath(disk.path(path))
-    root = os.path.realpath(disk.root)
-    return "/" + os.path.relpath(real, root) if root != "/" else real
 
 
 def _replace_with_link(directory: str, name: str, target: str) -> None:

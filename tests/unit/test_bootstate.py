@@ -14,6 +14,7 @@ import pytest
 
 from initstage import bootstate
 from initstage.bootstate import BootState, StateError
+from injector.install import deploy
 from injector.install.fstab import new_fstab
 
 
@@ -149,3 +150,38 @@ def test_fstab_keeps_every_mount_and_writes_the_root_by_uuid() -> None:
 def test_fstab_without_a_root_line_gets_one() -> None:
     fstab = new_fstab("", "", "/dev/vda", "ext4")
     assert "/dev/vda / ext4 defaults 0 0" in fstab.splitlines()
+
+
+def test_the_init_path_resolves_inside_the_disk_as_at_boot(tmp_path: Path) -> None:
+    """Debian 12: /sbin -> usr/sbin and /usr/sbin/init -> ../lib/systemd/systemd, which is
+    /usr/lib/systemd/systemd (not /lib/...); an absolute link starts at the disk's root."""
+    (tmp_path / "usr/sbin").mkdir(parents=True)
+    (tmp_path / "usr/lib/systemd").mkdir(parents=True)
+    (tmp_path / "usr/lib/systemd/systemd").write_text("")
+    (tmp_path / "sbin").symlink_to("usr/sbin")
+    (tmp_path / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
+    (tmp_path / "usr/sbin/telinit").symlink_to("/sbin/init")
+    disk = deploy.Disk(str(tmp_path))
+    assert disk.resolve("/sbin/init") == "/usr/lib/systemd/systemd"
+    assert disk.resolve("/usr/sbin/telinit") == "/usr/lib/systemd/systemd"
+    assert deploy.old_init_for(disk, "/sbin/init") == (
+        "/usr/lib/systemd/systemd",
+        "../lib/systemd/systemd",
+    )
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError, match="too many symbolic links"):
+        disk.resolve("/loop/x")
+
+
+def test_commit_and_uncommit_swap_the_init_path_in_one_rename(tmp_path: Path) -> None:
+    (tmp_path / "usr/sbin").mkdir(parents=True)
+    (tmp_path / "sbin").symlink_to("usr/sbin")
+    (tmp_path / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
+    disk = deploy.Disk(str(tmp_path))
+    deploy.make_dirs(disk)
+    deploy.commit(disk, "/sbin/init")
+    assert os.readlink(tmp_path / "usr/sbin/init") == "../../dboot/boot/init"
+    state = installed(old_link="../lib/systemd/systemd")
+    deploy.uncommit(disk, state)
+    assert os.readlink(tmp_path / "usr/sbin/init") == "../lib/systemd/systemd"
+    assert sorted(os.listdir(tmp_path / "usr/sbin")) == ["init"]  # no temp link left
