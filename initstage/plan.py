@@ -30,6 +30,9 @@ DEFAULT_TEACH_TIMEOUT_SECONDS = 900.0
 # The longest revert timer (the keeper's dead-man's switch): a day. A longer one was meant
 # in seconds, or is no dead-man's switch at all.
 MAX_REVERT_MINUTES = 1440.0
+# The shortest one a user may ask for (--revert-after, the wizard): time to log in and keep
+# the new system. A plan itself may hold a shorter one: the tests write their plans.
+MIN_REVERT_MINUTES = 1.0
 # A real switch from a remote session reverts after this long unless told otherwise.
 DEFAULT_REMOTE_REVERT_MINUTES = 10.0
 # What keeps the new system when the revert timer ends: the user touches it, the keeper looks.

@@ -40,6 +40,7 @@ from initstage.plan import (
     DEFAULT_REMOTE_REVERT_MINUTES,
     MAX_GRACE_SECONDS,
     MAX_REVERT_MINUTES,
+    MIN_REVERT_MINUTES,
     Plan,
     write_plan,
 )
@@ -158,14 +159,7 @@ class SwitchOptions:
         if self.revert_after is not None:
             if self.no_revert:
                 raise BadInput("--revert-after and --no-revert contradict", "give only one")
-            if not (
-                math.isfinite(self.revert_after) and 0 < self.revert_after <= MAX_REVERT_MINUTES
-            ):
-                raise BadInput(
-                    f"revert timer {self.revert_after:g} min is not more than 0 and at most"
-                    f" {MAX_REVERT_MINUTES:g} min",
-                    "give --revert-after in minutes, e.g. 10 (fractions too: 0.5)",
-                )
+            _check_revert_minutes(self.revert_after)
         if self.ssh_check is not None:
             from injector.access import sshcheck  # --ssh-check runs only: start-up time
 
@@ -185,6 +179,21 @@ class SwitchOptions:
         if self.revert_after is not None:
             return self.revert_after
         return DEFAULT_REMOTE_REVERT_MINUTES if remote and self.mode == "switch" else None
+
+
+def _check_revert_minutes(minutes: float) -> None:
+    if 0 < minutes < MIN_REVERT_MINUTES:
+        raise BadInput(
+            f"revert timer {minutes:g} min is too short: the new system would revert before"
+            " anyone could log in and keep it",
+            f"give --revert-after in minutes, at least {MIN_REVERT_MINUTES:g}, e.g. 10",
+        )
+    if not MIN_REVERT_MINUTES <= minutes <= MAX_REVERT_MINUTES:  # nan and inf too
+        raise BadInput(
+            f"revert timer {minutes:g} min is not between {MIN_REVERT_MINUTES:g} and"
+            f" {MAX_REVERT_MINUTES:g} min",
+            "give --revert-after in minutes, e.g. 10 (fractions too: 2.5)",
+        )
 
 
 def require_root() -> None:

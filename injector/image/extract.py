@@ -79,6 +79,10 @@ NS_PER_SECOND = 1_000_000_000
 MOUNT_DATA_LIMIT = 4000
 OPAQUE_MARKER = ".wh..wh..opq"
 WHITEOUT_PREFIX = ".wh."
+# Runtime state: a system boots with these empty (a tmpfs, or cleaned), and what an image
+# ships there is stale, or worse (a /run/dboot/keep would call off the revert timer). The
+# copy keeps each directory itself, with the image's owner and mode, and none of its contents.
+FRESH_DIRS = ("/run",)
 
 _BOOT = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
@@ -349,6 +353,7 @@ def _copy_tree(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
         finally:
             os.close(dest)
         copier.finish()
+    _empty_fresh_dirs()
     return {"files": copier.files, "bytes": copier.bytes, "method": "overlay"}
 
 
@@ -361,6 +366,7 @@ def _apply_tars(job: dict[str, Any], reporter: _Reporter) -> dict[str, Any]:
         framed.start_stream()
         applier.apply(framed)
     applier.finish()
+    _empty_fresh_dirs()
     return {"files": applier.files, "bytes": applier.bytes, "method": "tar"}
 
 
@@ -428,6 +434,19 @@ def _short_lowerdir(lower: list[str]) -> str:
             names.append(layer)
     os.chdir(base)
     return "lowerdir=" + ":".join(names)
+
+
+def _empty_fresh_dirs() -> None:
+    """Empty :data:`FRESH_DIRS` in the copied root (we stand in it), once everything is in
+    place: a hardlink elsewhere to a file in there keeps its data. Not through a symlink:
+    an image whose /run is a link keeps it as it is."""
+    for directory in FRESH_DIRS:
+        found = _lstat(directory)
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            continue
+        for name in os.listdir(directory):
+            _remove(posixpath.join(directory, name))
+        os.utime(directory, ns=(found.st_atime_ns, found.st_mtime_ns), follow_symlinks=False)
 
 
 def _enter_root(root_fd: int) -> None:

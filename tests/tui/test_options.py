@@ -163,8 +163,9 @@ async def test_a_remote_switch_asks_for_the_revert_timer_and_names_it_on_the_com
         await settle(pilot)
         line = "dboot switch --no-carry --revert-after 30 tinybox:latest /sbin/init"
         assert command_shown(app) == line
-        await set_field(pilot, "#opt-revert-minutes", "0")
-        assert "revert timer 0 min is not more than 0" in screen_text(app)
+        await set_field(pilot, "#opt-revert-minutes", "0.5")
+        assert "revert timer 0.5 min is too short" in screen_text(app)
+        assert app.screen.query_one("#nav-next", Button).disabled
         await set_field(pilot, "#opt-revert-minutes", "30")
         app.screen.set_focus(None)
         await press(pilot, "enter")

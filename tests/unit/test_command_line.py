@@ -68,7 +68,7 @@ VARIANTS = [
     {"carry": False},
     {"ssh": True},
     {"revert_after": 10.0},
-    {"revert_after": 0.05},
+    {"revert_after": 2.5},
     {"no_revert": True},
     {"ssh_check": 2222},
     {"ssh_check": 1},

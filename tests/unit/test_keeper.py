@@ -39,11 +39,13 @@ class FakeHost:
 
     now: float = 1000.0
     files: set[str] = field(default_factory=set)
+    touched: dict[str, int] = field(default_factory=dict)  # path: its ctime
     running: set[int] = field(default_factory=set)
     done: list[str] = field(default_factory=list)
     next_pid: int = 100
     start_fails: bool = False
     handed: list[tuple[int | None, float]] = field(default_factory=list)
+    broken: dict[str, OSError] = field(default_factory=dict)  # method name: what it raises
 
     def clock(self) -> float:
         return self.now
@@ -51,10 +53,14 @@ class FakeHost:
     def wall_clock(self) -> float:
         return 1_700_000_000.0 + self.now
 
-    def exists(self, path: str) -> bool:
-        return path in self.files
+    def identity(self, path: str) -> tuple[int, int, int] | None:
+        if "identity" in self.broken:
+            raise self.broken["identity"]
+        return (1, hash(path), self.touched.get(path, 0)) if path in self.files else None
 
     def make_dir(self, path: str) -> bool:
+        if "make_dir" in self.broken:
+            raise self.broken["make_dir"]
         if path in self.files:
             return False
         self.files.add(path)
@@ -79,6 +85,8 @@ class FakeHost:
         return "the fake has no shell"  # the live one returns only when it could not exec
 
     def mark_revert_due(self) -> None:
+        if "mark_revert_due" in self.broken:
+            raise self.broken["mark_revert_due"]
         self.done.append("marker")
 
     def sync(self) -> str:
@@ -150,6 +158,57 @@ def test_the_keep_file_is_looked_at_when_the_deadline_comes() -> None:
     host.files.add(KEEP_FILE)
     assert kept.tick() is None
     assert host.done == []
+
+
+def test_a_keep_file_there_from_the_start_counts_only_once_touched_again() -> None:
+    # An image that ships /run/dboot/keep must not turn the revert off by itself.
+    host, lines = FakeHost(files={KEEP_FILE}), list[str]()
+    kept = Keeper(KeeperSettings(revert_after_seconds=60.0), host, lines.append)
+    kept.announce()
+    assert any("was there before the new system ran" in line for line in lines), lines
+    run_until(kept, host, host.now + 30)
+    assert kept.deadline is not None, "the image's keep file turned the revert off"
+    host.touched[KEEP_FILE] = 1  # `touch` changes its ctime
+    assert kept.tick() is None and host.done == []
+    # Untouched, it is the deadline that ends the timer: the revert comes.
+    host, lines = FakeHost(files={KEEP_FILE}), []
+    kept = Keeper(KeeperSettings(revert_after_seconds=60.0), host, lines.append)
+    run_until(kept, host, host.now + 61)
+    assert host.done == ["marker"]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        # /run/dboot is a file or a dangling link: it cannot be made, on every tick.
+        {"make_dir": FileExistsError(17, "File exists")},
+        # The keep file cannot even be looked at: not kept.
+        {"identity": PermissionError(13, "Permission denied")},
+    ],
+    ids=["no-keep-dir", "keep-file-unreadable"],
+)
+def test_the_deadline_fires_whatever_fails_around_it(broken: dict[str, OSError]) -> None:
+    kept, host, lines = keeper(revert_after_seconds=60.0, may_reboot=True)
+    host.broken.update(broken)
+    run_until(kept, host, host.now + 59)
+    assert host.done == [] and kept.deadline is not None
+    run_until(kept, host, host.now + 5)
+    assert host.done == ["sync", "reboot"], lines
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1, "a failure is logged once, not on every tick"
+    if "make_dir" in broken:
+        assert (
+            "cannot make /run/dboot" in warnings[0]
+            and "revert comes at the deadline" in (warnings[0])
+        )
+
+
+def test_a_marker_that_cannot_be_left_is_said_and_the_keeper_ends() -> None:
+    kept, host, lines = keeper(revert_after_seconds=5.0)
+    host.broken["mark_revert_due"] = NotADirectoryError(20, "Not a directory")
+    run_until(kept, host, host.now + 10)
+    assert "warning: could not leave /run/dboot/revert-due: [Errno 20] Not a directory" in lines
+    assert any("a real switch would reboot now" in line for line in lines)
 
 
 def test_nothing_asked_means_nothing_to_do() -> None:
@@ -275,11 +334,14 @@ def test_bad_keeper_fields_are_refused(fields: dict[str, object], words: str) ->
 @pytest.mark.parametrize(
     ("given", "words"),
     [
-        ({"revert_after": 0.0}, "revert timer 0 min is not more than 0 and at most 1440 min"),
+        ({"revert_after": 0.0}, "revert timer 0 min is not between 1 and 1440 min"),
         ({"revert_after": -2.0}, "revert timer -2 min"),
         ({"revert_after": math.nan}, "revert timer nan min"),
         ({"revert_after": math.inf}, "revert timer inf min"),
-        ({"revert_after": 1441.0}, "at most 1440 min"),
+        ({"revert_after": 1441.0}, "not between 1 and 1440 min"),
+        # 0.01 min is 0.6 s: nobody could log in and keep the new system in time.
+        ({"revert_after": 0.01}, "revert timer 0.01 min is too short: the new system would"),
+        ({"revert_after": 0.99}, "at least 1, e.g. 10"),
         ({"revert_after": 5.0, "no_revert": True}, "--revert-after and --no-revert contradict"),
     ],
 )
@@ -293,8 +355,8 @@ def test_the_revert_timer_is_10_minutes_for_a_remote_switch_only() -> None:
     assert plain.revert_minutes(remote=True) == 10.0
     assert plain.revert_minutes(remote=False) is None
     assert SwitchOptions("tinybox", ["/sbin/init"], no_revert=True).revert_minutes(True) is None
-    given = SwitchOptions("tinybox", ["/sbin/init"], revert_after=0.05)
-    assert given.revert_minutes(remote=False) == 0.05
+    given = SwitchOptions("tinybox", ["/sbin/init"], revert_after=1.5)
+    assert given.revert_minutes(remote=False) == 1.5
     # A --target-pid lab is no remote machine's switch: no timer unless asked.
     lab = SwitchOptions("tinybox", ["/sbin/init"], target_pid=1234)
     assert lab.revert_minutes(remote=True) is None
@@ -302,10 +364,10 @@ def test_the_revert_timer_is_10_minutes_for_a_remote_switch_only() -> None:
 
 def test_the_command_line_gives_the_keeper_options() -> None:
     args = parse_command_line(
-        ["switch", "--ssh", "--revert-after", "0.5", "tinybox", "/bin/sh", "--no-revert"]
+        ["switch", "--ssh", "--revert-after", "1.5", "tinybox", "/bin/sh", "--no-revert"]
     )
     options = switch_options(args, io.StringIO())
-    assert (options.ssh, options.revert_after, options.no_revert) == (True, 0.5, False)
+    assert (options.ssh, options.revert_after, options.no_revert) == (True, 1.5, False)
     assert options.init_argv == ["/bin/sh", "--no-revert"]  # the init's own argument
     options = switch_options(
         parse_command_line(["switch", "--no-revert", "x", "/i"]), io.StringIO()
@@ -321,7 +383,7 @@ def test_a_bad_revert_timer_stops_the_cli_before_the_image_is_opened(
     argv = ["switch", "--dry-run", "--revert-after", "0", "no-such-image", "/bin/sh"]
     assert run_cli(argv, out=io.StringIO()) == 1
     said = capsys.readouterr().err.strip()
-    assert said.startswith("dboot: revert timer 0 min is not more than 0"), said
+    assert said.startswith("dboot: revert timer 0 min is not between 1 and 1440 min"), said
     assert "--revert-after" in said and said.count("\n") == 0
 
 
@@ -379,11 +441,12 @@ def test_ssh_with_an_init_that_starts_services_is_warned_about() -> None:
     assert facts.ssh_keeper_notices([], systemd) == []
 
 
-def test_a_keeper_that_cannot_be_forked_does_not_stop_the_switch(
+def test_a_keeper_that_cannot_be_forked_stops_the_switch_only_when_a_deadline_is_pending(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from initstage.console import StageLog
-    from initstage.stage import Stage
+    from initstage.keeper import RevertTimer
+    from initstage.stage import Stage, StageError
 
     def no_fork() -> int:
         raise OSError(12, "Cannot allocate memory")
@@ -391,6 +454,17 @@ def test_a_keeper_that_cannot_be_forked_does_not_stop_the_switch(
     log = StageLog()
     stage = Stage("/run/dboot/plan.json", log)
     monkeypatch.setattr("initstage.stage.os.fork", no_fork)
-    plan = Plan(new_root="/run/dboot/root", init_argv=["/bin/sh"], revert_after_seconds=60.0)
-    stage.start_keeper(plan)  # returns: the exec of the new init goes on
-    assert "keeper: fork failed" in log.lines[-1] and "no revert" in log.lines[-1]
+    # Only an SSH server to keep: the exec of the new init goes on without it.
+    plan = Plan(new_root="/run/dboot/root", init_argv=["/bin/sh"], keeper_ssh_argv=list(SSHD))
+    stage.start_keeper(plan)
+    assert "keeper: fork failed" in log.lines[-1] and "no SSH server kept" in log.lines[-1]
+    # A deadline pending (the stage's timer thread, nothing but a clock here): the exec
+    # would end the thread, so the stage goes to recovery instead, the timer still running.
+    timer = RevertTimer(60.0, False, None, log)
+    timer.start()
+    stage.revert_timer = timer
+    with pytest.raises(StageError, match="the revert timer would not outlive the exec"):
+        stage.start_keeper(Plan(new_root="/run/dboot/root", init_argv=["/bin/sh"]))
+    restarted = stage.revert_timer
+    assert restarted is not None and restarted.thread.is_alive()
+    assert 55 < restarted.stop() <= 60

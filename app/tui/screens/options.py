@@ -226,7 +226,7 @@ class OptionsScreen(StepScreen):
         """(revert_after, no_revert) as the radio buttons and the minutes say."""
         if self.query_one("#revert-on", RadioButton).value:
             text = self.query_one("#opt-revert-minutes", Input).value
-            return read_number(text, "revert timer", "minutes, e.g. 10 or 0.5"), False
+            return read_number(text, "revert timer", "minutes, e.g. 10 or 2.5"), False
         # Off where the engine would set a timer says so; elsewhere off is the default.
         return None, self.engine_revert is not None
 
