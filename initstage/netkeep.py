@@ -7,7 +7,9 @@ scripts do the same, ifupdown takes links down, and once the DHCP client is dead
 kernel drops a leased address when its ``valid_lft`` runs out. So the stage takes a
 :func:`snapshot` before the kill phase and :func:`restore` s it after: links that were up
 are up again, addresses and routes that vanished are put back, and every dynamic address
-is made permanent (lifetimes forever) until the new system's own client takes over.
+is kept for a bounded time (:func:`kept_lifetime`) so that the new system's own client can
+take it over. Never forever: in a new system without a DHCP client, an address that
+outlived its lease would clash with its next holder.
 
 Each change is one line in the stage log. Nothing here may stop the switch: a failure is
 logged and the next change is tried. Loopback is left alone, and so are IPv6 link-local
@@ -28,6 +30,9 @@ from initstage.plan import Plan
 Log = Callable[[str], None]
 REMOVED = "removed while the old system stopped"
 WENT_DOWN = "taken down while the old system stopped"
+# How long past its lease (or the revert deadline, if later) a kept dynamic address stays,
+# for the new system's own DHCP client to start and take it over.
+TAKE_OVER_SECONDS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,7 @@ class NetworkState:
     links: list[Link]
     addresses: list[Address]
     routes: list[Route]
+    taken_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def names(self) -> dict[int, str]:
@@ -94,9 +100,18 @@ def snapshot(plan: Plan, machine_init: bool, log: Log) -> NetworkState | None:
     return state
 
 
-def restore(saved: NetworkState, log: Log) -> None:
-    """Put back what the kill phase took; every change logged, no failure raised."""
+def kept_lifetime(lease_left: float, revert_left: float) -> int:
+    """Seconds a kept dynamic address stays valid: until its lease ends or the revert timer
+    fires, whichever is later, plus :data:`TAKE_OVER_SECONDS`. After a revert the machine
+    has rebooted; a kept system's own client renews the lease long before this runs out."""
+    return int(max(lease_left, revert_left, 0)) + TAKE_OVER_SECONDS
+
+
+def restore(saved: NetworkState, log: Log, revert_left: float = 0.0) -> None:
+    """Put back what the kill phase took; every change logged, no failure raised.
+    ``revert_left``: seconds until the revert timer fires (0: none)."""
     started = time.monotonic()
+    elapsed = started - saved.taken_at
     changes = Changes(log)
     try:
         with Rtnetlink() as kernel:
@@ -111,19 +126,30 @@ def restore(saved: NetworkState, log: Log) -> None:
                     continue
                 device = saved.names[address.index]
                 present = current.get(address.key)
-                if present is None:
+                if present is None and address.permanent:
                     changes.apply(
                         f"re-added {address} on {device} ({REMOVED})",
                         kernel.add_address,
                         without_dad(address),
                         device,
                     )
-                elif not present.permanent:
+                elif present is None:
+                    lifetime = kept_lifetime(address.valid - elapsed, revert_left)
                     changes.apply(
-                        f"{address} on {device} made permanent (was valid {present.valid} s)",
+                        f"re-added {address} on {device} ({REMOVED}), valid {lifetime} s",
+                        kernel.add_address,
+                        without_dad(address),
+                        device,
+                        lifetime,
+                    )
+                elif not present.permanent:
+                    lifetime = kept_lifetime(present.valid, revert_left)
+                    changes.apply(
+                        f"{address} on {device} kept {lifetime} s (was valid {present.valid} s)",
                         kernel.add_address,
                         present,
                         device,
+                        lifetime,
                     )
             # Read again: a re-added address brought its prefix route back with it.
             routes = {route.key for route in kernel.routes()}

@@ -270,8 +270,9 @@ def parse_address(payload: bytes) -> Address:
     )
 
 
-def address_request(address: Address) -> bytes:
-    """The body of an RTM_NEWADDR that (re)makes ``address`` with lifetimes forever."""
+def address_request(address: Address, lifetime: int = INFINITY_LIFE_TIME) -> bytes:
+    """The body of an RTM_NEWADDR that (re)makes ``address``, valid and preferred for
+    ``lifetime`` seconds (forever by default: a permanent address)."""
     family = address.family
     local = socket.inet_pton(family, address.address)
     flags = address.flags & ADDRESS_FLAGS_KEPT
@@ -283,8 +284,8 @@ def address_request(address: Address) -> bytes:
         body += pack_attribute(IFA_BROADCAST, socket.inet_pton(family, address.broadcast))
     if address.label:
         body += pack_attribute(IFA_LABEL, address.label.encode() + b"\0")
-    forever = IFA_CACHEINFO_STRUCT.pack(INFINITY_LIFE_TIME, INFINITY_LIFE_TIME, 0, 0)
-    body += pack_attribute(IFA_CACHEINFO, forever)
+    lifetimes = IFA_CACHEINFO_STRUCT.pack(lifetime, lifetime, 0, 0)
+    body += pack_attribute(IFA_CACHEINFO, lifetimes)
     return body + pack_attribute(IFA_FLAGS, U32.pack(flags))
 
 
@@ -499,11 +500,14 @@ class Rtnetlink:
             and route.kind == RTN_UNICAST
         ]
 
-    def add_address(self, address: Address, device: str) -> None:
-        """Add ``address`` with lifetimes forever, or make the existing one so."""
+    def add_address(
+        self, address: Address, device: str, lifetime: int = INFINITY_LIFE_TIME
+    ) -> None:
+        """Add ``address`` for ``lifetime`` seconds (forever by default), or set the
+        existing one's lifetimes so."""
         what = f"RTM_NEWADDR {address} on {device}"
         flags = NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK
-        self.request(RTM_NEWADDR, flags, address_request(address), what)
+        self.request(RTM_NEWADDR, flags, address_request(address, lifetime), what)
 
     def add_route(self, route: Route, names: dict[int, str]) -> None:
         what = f"RTM_NEWROUTE {route.describe(names)}"

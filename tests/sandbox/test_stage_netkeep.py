@@ -7,7 +7,7 @@ A stand-in "network daemon" deletes the leased address and its routes when it ge
 as systemd-networkd does by default. The stage runs as PID 1 of a fresh PID namespace, as in
 test_stage.py, entering the network namespace through its interpreter (``nsenter --net``
 then the real bootstrap). The new init (busybox) prints ``ip addr`` and ``ip route`` as it
-finds them: everything must be back, and every address permanent.
+finds them: everything must be back, every leased address for a bounded time.
 
 The other side: a stage that shares the host's network namespace, or is not in the one its
 plan names, leaves the network alone, and the rehearsal sandbox has a namespace of its own.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from initstage.netkeep import TAKE_OVER_SECONDS
 from injector.events import Console
 from injector.preflight.procinfo import namespace_of
 from injector.rehearsal.sandbox import Sandbox
@@ -42,7 +43,7 @@ pytestmark = [
 DEVICE = "dbk0"
 LEASED = "10.77.0.2/24"  # the daemon removes it, and the routes through it
 STATIC = "10.77.1.2/24"
-UNTOUCHED_LEASE = "10.77.2.2/24"  # dynamic, but left there: it must become permanent
+UNTOUCHED_LEASE = "10.77.2.2/24"  # dynamic, but left there: it must be kept, for a while
 LEASED6 = "fd77::2/64"
 ONLINK_GATEWAY = "10.77.9.1"
 SETUP = f"""
@@ -159,16 +160,36 @@ def network_lines(run: StageRun) -> list[str]:
     return [line.split("s network: ", 1)[1] for line in run.log_lines if "s network: " in line]
 
 
-@pytest.mark.parametrize("daemon", sorted(DAEMON_EXTRAS))
-def test_what_a_dying_daemon_removed_is_back_and_permanent_when_the_new_init_starts(
-    tmp_path: Path, busybox_tree: Path, netns: NetNamespace, daemon: str
+@pytest.mark.parametrize(
+    ("daemon", "revert_after"),
+    [("networkd", 0.0), ("ifupdown", 0.0), ("networkd", 1200.0)],
+    ids=["networkd", "ifupdown", "networkd-revert-timer"],
+)
+def test_what_a_dying_daemon_removed_is_back_for_a_bounded_time_when_the_new_init_starts(
+    tmp_path: Path, busybox_tree: Path, netns: NetNamespace, daemon: str, revert_after: float
 ):
-    run = run_with_daemon(tmp_path, busybox_tree, netns, daemon, sandbox_netns=netns.identity)
+    run = run_with_daemon(
+        tmp_path,
+        busybox_tree,
+        netns,
+        daemon,
+        sandbox_netns=netns.identity,
+        revert_after_seconds=revert_after,
+    )
     addresses = init_saw(run, "INIT-UP", "ROUTES")
+    # Each lease is kept until it ends or the revert timer fires, whichever is later, plus
+    # the time the new system's own DHCP client gets to take it over; never forever.
+    bounds = {
+        address: max(lease, revert_after) + TAKE_OVER_SECONDS
+        for address, lease in ((LEASED, 300), (UNTOUCHED_LEASE, 200), (LEASED6, 600))
+    }
     for address in (LEASED, STATIC, UNTOUCHED_LEASE, LEASED6):
-        line = re.search(rf"inet6? {re.escape(address)} .*\n\s+(valid_lft \S+)", addresses)
+        line = re.search(rf"inet6? {re.escape(address)} .*\n\s+valid_lft (\S+)", addresses)
         assert line is not None, f"{address} is not there when the new init starts:\n{addresses}"
-        assert line.group(1) == "valid_lft forever", f"{address}: {line.group(1)}"
+        if address == STATIC:
+            assert line.group(1) == "forever", line.group(0)
+        else:
+            assert bounds[address] - 30 < int(line.group(1).rstrip("sec")) <= bounds[address]
         # Put back without duplicate address detection: not tentative (unusable) for a second.
         assert "tentative" not in line.group(0), line.group(0)
     routes = init_saw(run, "ROUTES", "ROUTES6")
@@ -178,27 +199,26 @@ def test_what_a_dying_daemon_removed_is_back_and_permanent_when_the_new_init_sta
     routes6 = init_saw(run, "ROUTES6", "INIT-DONE")
     assert re.search(rf"default via fd77::1 dev {DEVICE}\s.*metric 1024", routes6), routes6
 
-    # The kernel agrees, seen from outside: permanent, and the flag says so.
+    # The kernel agrees, seen from outside: dynamic, and it ages them.
     kernel = netns.addresses()
-    for address in (LEASED, UNTOUCHED_LEASE, LEASED6):
-        assert kernel[address]["valid_life_time"] == 0xFFFFFFFF
-        assert "dynamic" not in kernel[address], kernel[address]
+    for address, bound in bounds.items():
+        assert bound - 30 < kernel[address]["valid_life_time"] <= bound, kernel[address]
+        assert kernel[address]["preferred_life_time"] == kernel[address]["valid_life_time"]
+        assert kernel[address].get("dynamic") is True, kernel[address]
 
     changes = network_lines(run)
     assert changes[0].startswith("snapshot of 3 links, 6 addresses (3 dynamic), ")
     removed = "(removed while the old system stopped)"
-    assert f"re-added {LEASED} on {DEVICE} {removed}" in changes
-    assert f"re-added {LEASED6} on {DEVICE} {removed}" in changes
-    made_permanent = [
-        int(match.group(1))
-        for line in changes
-        if (
-            match := re.fullmatch(
-                rf"{UNTOUCHED_LEASE} on {DEVICE} made permanent \(was valid (\d+) s\)", line
-            )
-        )
+    for address in (LEASED, LEASED6):
+        valid = rf"re-added {re.escape(address)} on {DEVICE} \(removed .*\), valid (\d+) s"
+        said = [int(match[1]) for line in changes if (match := re.fullmatch(valid, line))]
+        assert len(said) == 1 and bounds[address] - 30 < said[0] <= bounds[address], changes
+    kept = rf"{UNTOUCHED_LEASE} on {DEVICE} kept (\d+) s \(was valid (\d+) s\)"
+    said = [
+        (int(match[1]), int(match[2])) for line in changes if (match := re.fullmatch(kept, line))
     ]
-    assert len(made_permanent) == 1 and 190 < made_permanent[0] <= 200, changes
+    assert len(said) == 1 and 190 < said[0][1] <= 200, changes
+    assert bounds[UNTOUCHED_LEASE] - 30 < said[0][0] <= bounds[UNTOUCHED_LEASE], changes
     assert f"re-added route default via {ONLINK_GATEWAY} dev {DEVICE} onlink {removed}" in changes
     dhcp_route = "10.66.0.0/16 via 10.77.0.1 dev dbk0 proto dhcp metric 50"
     assert f"re-added route {dhcp_route} {removed}" in changes

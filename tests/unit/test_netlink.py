@@ -70,6 +70,9 @@ def test_an_address_request_parses_back_as_the_same_address_with_lifetimes_forev
         preferred=INFINITY_LIFE_TIME,
     )
     assert str(back) == "10.0.2.15/24"
+    # A kept lease gets a bound instead (initstage.netkeep.kept_lifetime), never forever.
+    bounded = netlink.parse_address(netlink.address_request(leased, 3842))
+    assert (bounded.valid, bounded.preferred) == (3842, 3842)
 
 
 def test_an_ipv6_point_to_point_address_keeps_its_peer():
