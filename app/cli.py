@@ -37,14 +37,13 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from app.format import human_bytes, short_id
 from initstage.plan import DEFAULT_GRACE_SECONDS, DEFAULT_REMOTE_REVERT_MINUTES, KEEP_FILE
-from injector.errors import BadInput, DbootError, EnvironmentFailure
+from injector.errors import BadInput, DbootError, EnvironmentFailure, traceback_text
 from injector.events import (
     Console,
     Event,
@@ -331,7 +330,7 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     for row in rows:
         print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(),
             file=out,
         )
     return EXIT_OK
@@ -637,32 +636,34 @@ class HumanRenderer:
         self.last_decile = -1
 
     def render(self, event: Event) -> None:
-        match event:
-            case StepStarted(title=title):
-                self.progress_started, self.last_decile = time.monotonic(), -1
-                self.line(f"==> {title}")
-            case StepDone(detail=detail) if detail:
-                self.line(f"    {detail}")
-            case StepFailed(step=step):
-                self.line(f"    {step} failed")  # the error itself follows, on stderr
-            case Progress(done=done, total=total):
-                self.progress(done, total)
-            case Notice():
-                print_notice(event, self.out)
-            case Injection():
-                self.line(
-                    f"    pid {event.pid} ({event.arch}) stopped in {event.interrupted_syscall},"
-                    f" execve injected in {event.elapsed_ms:.1f} ms"
-                )
-            case Console(text=text):
-                self.line(text)
-            case Finished(outcome=outcome, exit_status=status, detail=detail):
-                suffix = f", init exited with status {status}" if status is not None else ""
-                self.line(f"{outcome}{suffix}{': ' + detail if detail else ''}")
-            case Log(text=text) if self.verbose:
-                self.line(f"    . {text}")
-            case Fact(section=section, key=key, value=value) if self.verbose:
-                self.line(f"    {section}.{key} = {value}")
+        if isinstance(event, StepStarted):
+            self.progress_started, self.last_decile = time.monotonic(), -1
+            self.line(f"==> {event.title}")
+        elif isinstance(event, StepDone):
+            if event.detail:
+                self.line(f"    {event.detail}")
+        elif isinstance(event, StepFailed):
+            self.line(f"    {event.step} failed")  # the error itself follows, on stderr
+        elif isinstance(event, Progress):
+            self.progress(event.done, event.total)
+        elif isinstance(event, Notice):
+            print_notice(event, self.out)
+        elif isinstance(event, Injection):
+            self.line(
+                f"    pid {event.pid} ({event.arch}) stopped in {event.interrupted_syscall},"
+                f" execve injected in {event.elapsed_ms:.1f} ms"
+            )
+        elif isinstance(event, Console):
+            self.line(event.text)
+        elif isinstance(event, Finished):
+            status, detail = event.exit_status, event.detail
+            suffix = f", init exited with status {status}" if status is not None else ""
+            self.line(f"{event.outcome}{suffix}{': ' + detail if detail else ''}")
+        elif isinstance(event, Log):
+            if self.verbose:
+                self.line(f"    . {event.text}")
+        elif isinstance(event, Fact) and self.verbose:
+            self.line(f"    {event.section}.{event.key} = {event.value}")
 
     def line(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -815,6 +816,10 @@ class GuardedStream(io.TextIOBase):
             self._stream.flush()
         except OSError as error:
             self._guard.lost(self, error)
+        except ValueError:
+            # Its owner closed it first, e.g. when this wrapper is collected at exit: nothing
+            # to flush. (Python 3.13 reports what a finalizer's flush raises; before, silence.)
+            pass
 
     def divert(self) -> None:
         """Point the stream's file descriptor at /dev/null: nothing reaches it any more."""
@@ -920,5 +925,5 @@ def _run_command(words: list[str], out: TextIO, guard: OutputGuard) -> int:
         line, code = unexpected_error(error, _user_paths(args))
         guard.say(f"dboot: {line}")
         if verbose:
-            guard.say("".join(traceback.format_exception(error)).rstrip())
+            guard.say(traceback_text(error).rstrip())
         return code

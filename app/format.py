@@ -4,7 +4,7 @@ durations. No Textual; sizes are the engine's own rule (its notices print them t
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from injector.units import human_bytes
@@ -37,8 +37,8 @@ def short_created(created: str) -> str:
     except ValueError:
         return created
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 def human_seconds(seconds: float) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import traceback
 from collections.abc import Iterator
 
 
@@ -48,3 +50,21 @@ def system_call_failure(cause: str, fix: str) -> Iterator[None]:
         yield
     except OSError as error:
         raise EnvironmentFailure(f"{cause}: {os.strerror(error.errno or 0)}", fix) from None
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` on Python 3.9 and 3.10 too: the same ``__notes__`` list, which
+    Python 3.11's tracebacks print and the CLI's -v prints on every version."""
+    notes = getattr(error, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        error.__notes__ = notes  # type: ignore[attr-defined]  # BaseException's own from 3.11
+    notes.append(note)
+
+
+def traceback_text(error: BaseException) -> str:
+    """The traceback Python would print for ``error``, its notes included on every version."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    if sys.version_info < (3, 11):  # from 3.11 on, format_exception prints the notes itself
+        text += "".join(f"{note}\n" for note in getattr(error, "__notes__", []))
+    return text

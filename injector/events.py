@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 Level = Literal["info", "warning", "blocker"]
 Scope = Literal["host", "any"]
@@ -113,19 +113,20 @@ class Finished:
     detail: str = ""
 
 
-Event = (
-    StepStarted
-    | StepDone
-    | StepFailed
-    | Progress
-    | Fact
-    | Notice
-    | Log
-    | Injection
-    | Console
-    | ConsoleAttached
-    | Finished
-)
+# Union[...], not `|`: this alias is evaluated at run time, and Python 3.9 has no `type | type`.
+Event = Union[
+    StepStarted,
+    StepDone,
+    StepFailed,
+    Progress,
+    Fact,
+    Notice,
+    Log,
+    Injection,
+    Console,
+    ConsoleAttached,
+    Finished,
+]
 
 
 def event_name(event: Event) -> str:

@@ -43,26 +43,25 @@ def default_log_file() -> Path | None:
 
 def describe(event: Event) -> str | None:
     """The log line for an event, or None for those too many or too bulky to log."""
-    match event:
-        case StepStarted(step=step, title=title):
-            return f"{step}: {title}"
-        case StepDone(step=step, detail=detail):
-            return f"{step}: done{': ' + detail if detail else ''}"
-        case StepFailed(step=step, error=error):
-            return f"{step}: failed: {error}"
-        case Progress(step=step, done=done, total=total) if done >= total:
-            return f"{step}: {done} of {total} bytes"
-        case Notice(level=level, code=code, message=message):
-            return f"{level} {code}: {message}"
-        case Log(text=text):
-            return f"  {text}"
-        case Injection():
-            return (
-                f"inject: PID {event.pid} was in {event.interrupted_syscall}(); "
-                f"{event.outcome} in {event.elapsed_ms:.1f} ms"
-            )
-        case Finished(outcome=outcome, detail=detail):
-            return f"finished: {outcome}{': ' + detail if detail else ''}"
+    if isinstance(event, StepStarted):
+        return f"{event.step}: {event.title}"
+    if isinstance(event, StepDone):
+        return f"{event.step}: done{': ' + event.detail if event.detail else ''}"
+    if isinstance(event, StepFailed):
+        return f"{event.step}: failed: {event.error}"
+    if isinstance(event, Progress) and event.done >= event.total:
+        return f"{event.step}: {event.done} of {event.total} bytes"
+    if isinstance(event, Notice):
+        return f"{event.level} {event.code}: {event.message}"
+    if isinstance(event, Log):
+        return f"  {event.text}"
+    if isinstance(event, Injection):
+        return (
+            f"inject: PID {event.pid} was in {event.interrupted_syscall}(); "
+            f"{event.outcome} in {event.elapsed_ms:.1f} ms"
+        )
+    if isinstance(event, Finished):
+        return f"finished: {event.outcome}{': ' + event.detail if event.detail else ''}"
     return None
 
 

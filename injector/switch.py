@@ -52,7 +52,7 @@ from injector.access.facts import (
     revert_notices,
     ssh_keeper_notices,
 )
-from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
+from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal, add_note
 from injector.events import (
     Console,
     ConsoleAttached,
@@ -255,7 +255,7 @@ def _logged_run(options: SwitchOptions) -> Generator[Event, None, None]:
     try:
         with ending_signals_raise():
             for event in _run(options, runlog):
-                if isinstance(event, StepStarted | StepDone):
+                if isinstance(event, (StepStarted, StepDone)):
                     open_step = event.step if isinstance(event, StepStarted) else None
                 runlog.event(event)
                 yield event
@@ -646,7 +646,7 @@ class _Undo:
         except Exception as undo_error:
             # The first failure is the one to name; the leftover gets its own line.
             self.runlog.write(f"undo failed: {undo_error}")
-            error.add_note(f"also, undoing the RAM root failed: {undo_error}")
+            add_note(error, f"also, undoing the RAM root failed: {undo_error}")
 
 
 def _undo_state(target: int, state_dir: Path) -> list[str]:

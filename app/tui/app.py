@@ -7,7 +7,7 @@ tests pass a fake with fixed images, processes and events, and a fixed clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from textual import work
 from textual.app import App
@@ -129,6 +129,6 @@ def create_app(
         backend=backend,
         rehearse_only=reason is not None,
         rehearse_only_reason=reason or "",
-        clock=clock or (lambda: datetime.now(UTC)),
+        clock=clock or (lambda: datetime.now(timezone.utc)),
     )
     return DbootApp(wizard, blink=blink)

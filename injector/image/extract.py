@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from initstage import linux
-from injector.errors import BadInput, EnvironmentFailure
+from injector.errors import BadInput, EnvironmentFailure, add_note
 from injector.image.tarstream import (
     ArchiveError,
     StrictTar,
@@ -245,7 +245,7 @@ def _outcome(
         fix = "nothing was kept; fix what the message names and run it again"
     failure = EnvironmentFailure(f"{context}: {message}", fix)
     if said:
-        failure.add_note(f"the copy-in worker said:\n{said}")  # shown by the CLI's -v
+        add_note(failure, f"the copy-in worker said:\n{said}")  # shown by the CLI's -v
     raise failure
 
 

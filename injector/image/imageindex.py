@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -33,8 +34,12 @@ MAX_SYMLINK_HOPS = 40  # like the kernel's MAXSYMLINKS: a loop gives "not found"
 
 KINDS = ("file", "dir", "symlink", "char", "block", "fifo")
 
+# An image has tens of thousands of entries: without a __dict__ each is about half the size.
+# dataclass(slots=True) came with Python 3.10; on 3.9 the entries keep their __dict__.
+SLOTTED: dict[str, Any] = {"slots": True} if sys.version_info >= (3, 10) else {}
 
-@dataclasses.dataclass(frozen=True, slots=True)
+
+@dataclasses.dataclass(frozen=True, **SLOTTED)
 class IndexEntry:
     path: str  # absolute inside the image, e.g. "/usr/bin/env"
     kind: str  # one of KINDS

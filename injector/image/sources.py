@@ -153,7 +153,7 @@ def list_images(docker_host: str | None = None) -> list[ImageSummary]:
         client.close()
     summaries = []
     for row in rows:
-        created = datetime.datetime.fromtimestamp(row.get("Created", 0), datetime.UTC)
+        created = datetime.datetime.fromtimestamp(row.get("Created", 0), datetime.timezone.utc)
         stamp = created.strftime("%Y-%m-%dT%H:%M:%SZ")
         tags = [t for t in row.get("RepoTags") or [] if t != "<none>:<none>"] or ["<none>:<none>"]
         for tag in tags:

@@ -36,13 +36,12 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from initstage import linux
-from injector.errors import EnvironmentFailure, system_call_failure
+from injector.errors import EnvironmentFailure, add_note, system_call_failure, traceback_text
 
 T = TypeVar("T")
 Send = Callable[[Any], None]
@@ -231,7 +230,7 @@ def _rebuild(pid: int, payload: tuple[bytes | None, str, str]) -> BaseException:
         error = EnvironmentFailure(
             f"{summary} (in the mount namespace of pid {pid})", "see the traceback above"
         )
-    error.add_note(f"raised in the mount namespace of pid {pid}:\n{child_traceback.rstrip()}")
+    add_note(error, f"raised in the mount namespace of pid {pid}:\n{child_traceback.rstrip()}")
     return error
 
 
@@ -341,7 +340,7 @@ def _post(channel: int, frame: tuple[str, Any]) -> None:
 
 def _post_error(channel: int, error: BaseException) -> None:
     summary = f"{type(error).__name__}: {error}"
-    text = "".join(traceback.format_exception(error))
+    text = traceback_text(error)
     try:
         pickled: bytes | None = pickle.dumps(error)
     except Exception:

@@ -25,7 +25,7 @@ import stat
 import struct
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Optional
 
 from injector.errors import DbootError
 from injector.events import Notice
@@ -163,7 +163,7 @@ def _pt_interp(
 
 # --- The verdict ---------------------------------------------------------------------------
 
-HeadReader = Callable[[str], bytes | None]
+HeadReader = Callable[[str], Optional[bytes]]  # run-time alias: no `|` on Python 3.9
 
 
 def judge_init(

@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Literal, Self
+from typing import IO, Literal, TypeVar
 
 from initstage import hermetic, linux
 from initstage.mounts import read_mounts
@@ -253,6 +253,9 @@ class DelegatedCgroup:
                 os.rmdir(here)
 
 
+SandboxT = TypeVar("SandboxT", bound="Sandbox")  # typing.Self, which Python 3.9 lacks
+
+
 class Sandbox:
     """A stand-in init as PID 1 of new PID, mount, UTS, IPC and network namespaces.
 
@@ -315,7 +318,7 @@ class Sandbox:
 
     # -- lifetime -------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
+    def __enter__(self: SandboxT) -> SandboxT:
         """Start the sandbox (if :meth:`start` was not called yet)."""
         self.start()
         return self

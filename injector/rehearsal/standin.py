@@ -191,7 +191,7 @@ def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
     signal.signal(signal.SIGCHLD, ignore)
     socket.sethostname(args.hostname)
     pids = spawn_services(kinds, args.zombie_period, args.ready_fd)
-    listing = "".join(f" {kind}={pid}" for kind, pid in zip(kinds, pids, strict=True))
+    listing = "".join(f" {kind}={pid}" for kind, pid in zip(kinds, pids))
     say(f"pid 1 on {socket.gethostname()}, {len(pids)} services{listing}")
     os.write(args.ready_fd, f"{READY_LINE}\n".encode())
     os.close(args.ready_fd)

@@ -142,7 +142,7 @@ def main() -> int:
             f"{labels[name]:<50} {seconds / best['original']:>11.2f}x"
             f" {seconds / best['floor']:>8.2f}x"
         )
-    runs = zip(results["dry run"], results["original"], strict=True)
+    runs = zip(results["dry run"], results["original"])
     ratios = [dry / original for dry, original in runs]
     print(
         f"dry run / original, run by run ({len(ratios)} runs): min {min(ratios):.2f}x,"

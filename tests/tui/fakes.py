@@ -11,7 +11,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from app.tui.backend import InitSuggestion, RunRequest, engine_options
 from app.tui.progress import PROGRESS_INTERVAL_S
@@ -43,7 +43,7 @@ from injector.switch import SwitchOptions
 MiB = 1 << 20
 GiB = 1 << 30
 HOSTNAME = "labhost"
-T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=timezone.utc)
 
 
 class SteppingClock:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from rich.text import Text
 from textual import on, work
@@ -44,7 +44,8 @@ def sort_key(image: ImageSummary) -> tuple[bool, str, str]:
     return (untagged, image.repository, image.tag)
 
 
-class OpenFileScreen(ModalScreen[str | None]):
+# Optional[str]: a base class is evaluated at run time, and Python 3.9 has no `str | None`.
+class OpenFileScreen(ModalScreen[Optional[str]]):
     """Ask for an image file by its plain path: the engine tells its kind from its content.
 
     The dialog stays open until the file is known to open (its details read), and says in

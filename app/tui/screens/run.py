@@ -171,46 +171,47 @@ class RunScreen(StepScreen):
         event = message.event
         steps = self.query_one(StepList)
         teach = self.query_one(TeachingPanel)
-        match event:
-            case StepStarted(step=step, title=title):
-                steps.started(step, title)
-                self.fit_console()
-                teach.step(step, title)
-                self.log_line(f"▶ {title}", "bold")
-            case StepDone(step=step, detail=detail):
-                steps.finished(step, failed=False, detail=detail)
-                self.log_line(f"✓ {step}: {detail}", "green")
-            case StepFailed(step=step, error=error):
-                steps.finished(step, failed=True, detail=error)
-                self.log_line(f"✗ {step}: {error}", "bold red")
-            case Progress():
-                bar = self.query_one("#run-bar", ProgressBar)
-                bar.update(total=event.total, progress=event.done)
-                self.query_one("#run-bytes", Label).update(self.eta.describe(event))
-            case Fact(section=section, key=key, value=value):
-                if section == "pid1" and key in ("pid", "exe"):
-                    teach.identity(key, str(value))
-                self.log_line(f"{section}.{key} = {value}", "dim")
-            case Notice(level=level, message=text, fix=fix):
-                self.log_line(f"{level}: {text}" + (f" → {fix}" if fix else ""), "yellow")
-            case Log(text=text):
-                self.log_line(text, "dim")
-            case Injection():
-                teach.injected(event)
-                self.log_line(
-                    f"injected execve into pid {event.pid}: it was in "
-                    f"{event.interrupted_syscall}(), {event.elapsed_ms:.1f} ms",
-                    "bold",
-                )
-            case Console(text=text):
-                self.query_one(ConsoleView).feed_text(text + "\n")
-            case ConsoleAttached(fd=fd):
-                if self.request.rehearse and self.is_mounted:
-                    self.query_one(ConsoleView).attach(fd)
-                else:
-                    os.close(fd)
-            case Finished():
-                self.finished(event)
+        if isinstance(event, StepStarted):
+            steps.started(event.step, event.title)
+            self.fit_console()
+            teach.step(event.step, event.title)
+            self.log_line(f"▶ {event.title}", "bold")
+        elif isinstance(event, StepDone):
+            steps.finished(event.step, failed=False, detail=event.detail)
+            self.log_line(f"✓ {event.step}: {event.detail}", "green")
+        elif isinstance(event, StepFailed):
+            steps.finished(event.step, failed=True, detail=event.error)
+            self.log_line(f"✗ {event.step}: {event.error}", "bold red")
+        elif isinstance(event, Progress):
+            bar = self.query_one("#run-bar", ProgressBar)
+            bar.update(total=event.total, progress=event.done)
+            self.query_one("#run-bytes", Label).update(self.eta.describe(event))
+        elif isinstance(event, Fact):
+            section, key, value = event.section, event.key, event.value
+            if section == "pid1" and key in ("pid", "exe"):
+                teach.identity(key, str(value))
+            self.log_line(f"{section}.{key} = {value}", "dim")
+        elif isinstance(event, Notice):
+            fix = f" → {event.fix}" if event.fix else ""
+            self.log_line(f"{event.level}: {event.message}{fix}", "yellow")
+        elif isinstance(event, Log):
+            self.log_line(event.text, "dim")
+        elif isinstance(event, Injection):
+            teach.injected(event)
+            self.log_line(
+                f"injected execve into pid {event.pid}: it was in "
+                f"{event.interrupted_syscall}(), {event.elapsed_ms:.1f} ms",
+                "bold",
+            )
+        elif isinstance(event, Console):
+            self.query_one(ConsoleView).feed_text(event.text + "\n")
+        elif isinstance(event, ConsoleAttached):
+            if self.request.rehearse and self.is_mounted:
+                self.query_one(ConsoleView).attach(event.fd)
+            else:
+                os.close(event.fd)
+        elif isinstance(event, Finished):
+            self.finished(event)
 
     def finished(self, event: Finished) -> None:
         if event.outcome == "rehearsed":
