@@ -100,8 +100,8 @@ _LIST_FILES = """\
 import os, sys
 sys.path.append(@PACKAGE_PARENT@)
 import initstage.stage
-paths = {os.path.realpath(sys.executable), sys._stdlib_dir}
-paths.add(os.path.join(sys._stdlib_dir, "lib-dynload"))
+stdlib = getattr(sys, "_stdlib_dir", None) or os.path.dirname(os.__file__)  # 3.11, or before
+paths = {os.path.realpath(sys.executable), stdlib, os.path.join(stdlib, "lib-dynload")}
 for module in list(sys.modules.values()):
     if getattr(module, "__file__", None):
         paths.add(os.path.realpath(module.__file__))
