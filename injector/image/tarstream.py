@@ -170,8 +170,11 @@ class StrictTar:
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         tar = self._tar
+        # Opening read the first header: none there means an empty archive. (Python 3.9 and
+        # 3.10 would seek back to read it again, which a stream cannot do.)
+        empty = tar.firstmember is None  # type: ignore[attr-defined]
         try:
-            while True:
+            while not empty:
                 member = tar.next()
                 tar.members.clear()  # type: ignore[attr-defined]
                 if member is None:
