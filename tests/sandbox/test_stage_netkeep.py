@@ -202,7 +202,8 @@ def test_what_a_dying_daemon_removed_is_back_for_a_bounded_time_when_the_new_ini
     # The kernel agrees, seen from outside: dynamic, and it ages them.
     kernel = netns.addresses()
     for address, bound in bounds.items():
-        assert bound - 30 < kernel[address]["valid_life_time"] <= bound, kernel[address]
+        lifetime = kernel[address]["valid_life_time"]
+        assert isinstance(lifetime, int) and bound - 30 < lifetime <= bound, kernel[address]
         assert kernel[address]["preferred_life_time"] == kernel[address]["valid_life_time"]
         assert kernel[address].get("dynamic") is True, kernel[address]
 
@@ -214,11 +215,11 @@ def test_what_a_dying_daemon_removed_is_back_for_a_bounded_time_when_the_new_ini
         said = [int(match[1]) for line in changes if (match := re.fullmatch(valid, line))]
         assert len(said) == 1 and bounds[address] - 30 < said[0] <= bounds[address], changes
     kept = rf"{UNTOUCHED_LEASE} on {DEVICE} kept (\d+) s \(was valid (\d+) s\)"
-    said = [
+    extended = [
         (int(match[1]), int(match[2])) for line in changes if (match := re.fullmatch(kept, line))
     ]
-    assert len(said) == 1 and 190 < said[0][1] <= 200, changes
-    assert bounds[UNTOUCHED_LEASE] - 30 < said[0][0] <= bounds[UNTOUCHED_LEASE], changes
+    assert len(extended) == 1 and 190 < extended[0][1] <= 200, changes
+    assert bounds[UNTOUCHED_LEASE] - 30 < extended[0][0] <= bounds[UNTOUCHED_LEASE], changes
     assert f"re-added route default via {ONLINK_GATEWAY} dev {DEVICE} onlink {removed}" in changes
     dhcp_route = "10.66.0.0/16 via 10.77.0.1 dev dbk0 proto dhcp metric 50"
     assert f"re-added route {dhcp_route} {removed}" in changes
