@@ -96,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     common.add_argument("-v", "--verbose", action="store_true", help="also print log lines")
     common.add_argument("--docker-host", help="Docker engine address (default: $DOCKER_HOST)")
-    common.add_argument("--state-dir", type=Path, default=Path("/run/dboot"))
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/run/dboot"),
+        metavar="DIR",
+        help="an absolute path only root can change; each run works in a fresh subdirectory"
+        " of it, one switch or dry run at a time (default /run/dboot)",
+    )
     common.add_argument(
         "--grace",
         type=float,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import queue
@@ -70,8 +71,10 @@ from injector.image.imageindex import ImageIndex
 from injector.image.sources import ImageSource, open_source
 from injector.inject import nsenter
 from injector.preflight import preflight, procinfo
+from injector.ramroot import statedir
 from injector.ramroot.kmodules import ModulesFacts, add_kernel_modules
 from injector.ramroot.rootfs import RamRoot, add_host_files
+from injector.rootonly import first_not_root_only
 from injector.runlog import RunLog, default_log_file
 from injector.signals import ending_signals_raise, signals_deferred
 from injector.testhooks import pause_point
@@ -84,6 +87,7 @@ if TYPE_CHECKING:
     from injector.rehearsal.sandbox import Sandbox
 
 DEFAULT_STATE_DIR = Path("/run/dboot")
+PLAN_NAME = "plan.json"  # in the run's own subdirectory of the state dir
 STOP_POLL_SECONDS = 0.1
 
 Mode = Literal["switch", "target", "rehearse"]
@@ -146,6 +150,7 @@ class SwitchOptions:
     def __post_init__(self) -> None:
         """Every rule about the options alone, checked up front: before any image is read."""
         preflight.check_init_argv(self.init_argv)
+        statedir.check_state_dir_path(Path(self.state_dir))
         if self.pause is not None and not self.rehearse:
             raise SafetyRefusal(
                 "teaching pauses are for rehearsals: a real switch never waits on a UI",
@@ -279,6 +284,13 @@ def _logged_run(options: SwitchOptions) -> Generator[Event, None, None]:
 def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
     _refuse_in_lab_mode(options)
     require_root()
+    # Rehearsals take no lock: their sandbox sees only a private tmpfs over their own
+    # subdirectory of the state dir, so they cannot disturb a switch, nor one another.
+    with statedir.StateDir(options.state_dir, lock=options.mode != "rehearse") as state:
+        yield from _run_in_state_dir(options, runlog, state.work_dir)
+
+
+def _run_in_state_dir(options: SwitchOptions, runlog: RunLog, work_dir: Path) -> Iterator[Event]:
     opened = (
         contextlib.nullcontext(options.source)
         if options.source is not None
@@ -297,35 +309,30 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
         yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
 
         if options.mode == "rehearse":
-            # The sandbox mounts a private tmpfs over the state dir; the directory it sits on
-            # is the one trace a rehearsal could leave on the host, so it goes too.
-            created_state_dir = not options.state_dir.exists()
-            try:
-                from injector import teach  # its stage listener: rehearsals only, start-up time
-                from injector.rehearsal.sandbox import SHARED_WITH_HOST, Sandbox
+            # The sandbox mounts a private tmpfs over this run's subdirectory: on the host it
+            # stays an empty directory, which leaving the state dir removes.
+            from injector import teach  # its stage listener: rehearsals only, start-up time
+            from injector.rehearsal.sandbox import SHARED_WITH_HOST, Sandbox
 
-                with (
-                    Sandbox(
-                        services=options.services,
-                        console=options.console,
-                        kinds=options.service_kinds,
-                    ) as sandbox,
-                    teach.stage_listener(teacher, sandbox.pid, options.state_dir) as listener,
-                ):
-                    yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
-                    yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
-                    if sandbox.console == "pty":
-                        yield ConsoleAttached(sandbox.take_terminal())
-                    yield from _switch_target(
-                        options, source, index, sandbox.pid, sandbox, runlog, teacher, listener
-                    )
-            finally:
-                if created_state_dir:
-                    with contextlib.suppress(OSError):
-                        options.state_dir.rmdir()
+            with (
+                Sandbox(
+                    services=options.services,
+                    console=options.console,
+                    kinds=options.service_kinds,
+                ) as sandbox,
+                teach.stage_listener(teacher, sandbox.pid, work_dir) as listener,
+            ):
+                yield Log(f"sandbox PID 1 is host pid {sandbox.pid}")
+                yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
+                if sandbox.console == "pty":
+                    yield ConsoleAttached(sandbox.take_terminal())
+                target = sandbox.pid
+                yield from _switch_target(
+                    options, source, index, target, sandbox, runlog, work_dir, teacher, listener
+                )
         else:
             target = options.target_pid if options.target_pid is not None else 1
-            yield from _switch_target(options, source, index, target, None, runlog)
+            yield from _switch_target(options, source, index, target, None, runlog, work_dir)
 
 
 def _switch_target(
@@ -335,6 +342,7 @@ def _switch_target(
     target: int,
     sandbox: Sandbox | None,
     runlog: RunLog,
+    work_dir: Path,
     teacher: teach.Teacher | None = None,
     listener: teach.StageListener | None = None,
 ) -> Iterator[Event]:
@@ -406,7 +414,7 @@ def _switch_target(
     # --- RAM root and plan, prepared inside the target's mount namespace. ----------------
     # From here until the commit point inside the injection, any failure or ending signal
     # takes the RAM root and the plan away again, so the target is left exactly as it was.
-    plan_path = options.state_dir / "plan.json"
+    plan_path = work_dir / PLAN_NAME
     namespace_pid = target
     try:
         try:
@@ -422,19 +430,20 @@ def _switch_target(
     except BaseException as error:
         undo.run_before_commit(error)
         raise
-    undo.namespace_pid, undo.state_dir = namespace_pid, options.state_dir
+    undo.namespace_pid = namespace_pid
     try:
         if teacher is not None:
-            call = teach.copy_call(options.state_dir / "root", tmpfs_size)
+            call = teach.copy_call(work_dir / "root", tmpfs_size)
             teacher(teach.Pause("host", "copy", call, target))
         yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
-        prepare = _Prepare(options, source, tmpfs_size, plan_path, mode, report.modules)
+        prepare = _Prepare(options, source, tmpfs_size, work_dir, mode, report.modules)
         prepare.keeper_ssh, prepare.revert_minutes = keeper_ssh, revert
         if mode != "switch":
             prepare.sandbox_netns = _own_network_namespace(target)
         if listener is not None:
             prepare.teach_socket = str(listener.stage_path)
-        used: int = yield from nsenter.stream_in_mount_namespace(namespace_pid, prepare)
+        prepared = nsenter.stream_in_mount_namespace(namespace_pid, prepare)
+        used = yield from _noting_what_is_made(prepared, undo)
         estimate = report.ram.estimated_bytes  # the image, the kernel's modules and firmware
         yield Fact("ram", "actual_bytes", used)
         yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
@@ -442,7 +451,7 @@ def _switch_target(
         if options.ssh_check is not None:
             from injector.access import sshcheck  # --ssh-check runs only: start-up time
 
-            root = options.state_dir / "root"
+            root = work_dir / "root"
             go = options.ssh_check_go
             yield from sshcheck.proof(namespace_pid, root, options.ssh_check, report.access, go)
 
@@ -542,12 +551,13 @@ def _own_network_namespace(pid: int) -> str:
 
 @dataclasses.dataclass
 class _Prepare:
-    """Runs in the target's mount namespace: tmpfs, copy-in, host files, plan."""
+    """Runs in the target's mount namespace: this run's subdirectory of the state dir, and in
+    it the tmpfs, copy-in, host files, plan."""
 
     options: SwitchOptions
     source: ImageSource
     tmpfs_size: int
-    plan_path: Path
+    work_dir: Path  # made here, afresh: see injector.ramroot.statedir
     mode: Mode
     modules: ModulesFacts | None = None  # the kernel's modules and firmware to add
     keeper_ssh: list[str] = dataclasses.field(default_factory=list)
@@ -558,8 +568,18 @@ class _Prepare:
     # must never touch the host's network).
     sandbox_netns: str = ""
 
-    def __call__(self, send: Callable[[Event], None]) -> int:
-        state_dir = self.options.state_dir
+    def __call__(self, send: Callable[[Event | _DirsMade], None]) -> int:
+        made = statedir.make_work_dir(self.work_dir)
+        try:
+            send(_DirsMade([str(path) for path in made]))
+            send(Log(f"this run works in {self.work_dir} (made for it, mode 0700)"))
+            return self._fill(send)
+        except BaseException:
+            statedir.remove_dirs(made)
+            raise
+
+    def _fill(self, send: Callable[[Event], None]) -> int:
+        state_dir = self.work_dir
         if self.mode == "rehearse":
             # A private tmpfs over the state dir keeps the plan out of the host's /run: it
             # vanishes with the sandbox's mount namespace, so a rehearsal leaves nothing behind.
@@ -604,12 +624,38 @@ class _Prepare:
                 teach_socket=self.teach_socket if self.mode == "rehearse" else "",
                 sandbox_netns=self.sandbox_netns,
             )
-            write_plan(plan, self.plan_path)
-            send(Log(f"plan written to {self.plan_path}"))
+            plan_path = state_dir / PLAN_NAME
+            write_plan(plan, plan_path)
+            send(Log(f"plan written to {plan_path}"))
             pause_point("prepared")
             used = root.used_bytes()
             root.keep()
         return used
+
+
+@dataclasses.dataclass(frozen=True)
+class _DirsMade:
+    """The prepare's word, as soon as it made them, of the directories this run made (its
+    own subdirectory last): ``_noting_what_is_made`` hands it to the undo, no front-end."""
+
+    paths: list[str]
+
+
+def _noting_what_is_made(
+    prepared: nsenter.Streamed[int], undo: _Undo
+) -> Generator[Event, None, int]:
+    """The prepare's events as they come, but what it made goes to ``undo``: the undo then
+    takes away that and nothing else (never another run's RAM root or plan)."""
+    events = prepared.__iter__()
+    try:
+        for event in events:
+            if isinstance(event, _DirsMade):
+                undo.dirs_made = [Path(path) for path in event.paths]
+            else:
+                yield event
+    finally:
+        events.close()  # stopped early: the prepare is cancelled, its own clean-up runs
+    return prepared.value
 
 
 @dataclasses.dataclass
@@ -619,7 +665,8 @@ class _Undo:
     runlog: RunLog
     swaps: list[str] = dataclasses.field(default_factory=list)  # disk swap we turned off
     namespace_pid: int | None = None  # where the RAM root and the plan are being made
-    state_dir: Path | None = None
+    # The directories this run made there, outermost first, its own subdirectory last.
+    dirs_made: list[Path] = dataclasses.field(default_factory=list)
     committed: bool = False  # set from the injection thread at the register swap
 
     def run(self, why: str) -> list[str]:
@@ -627,8 +674,8 @@ class _Undo:
         self.runlog.write(f"undoing ({why}); nothing was injected")
         lines = []
         with signals_deferred():  # a second Ctrl-C must not cut the undo in half
-            if self.namespace_pid is not None and self.state_dir is not None:
-                lines += _undo_state(self.namespace_pid, self.state_dir)
+            if self.namespace_pid is not None and self.dirs_made:
+                lines += _undo_state(self.namespace_pid, self.dirs_made)
             lines += _swapon(self.swaps)
         self.swaps = []
         for line in lines:
@@ -649,14 +696,22 @@ class _Undo:
             add_note(error, f"also, undoing the RAM root failed: {undo_error}")
 
 
-def _undo_state(target: int, state_dir: Path) -> list[str]:
-    """Unmount the RAM root and remove the plan in the target's mount namespace.
+def _undo_state(target: int, dirs_made: list[Path]) -> list[str]:
+    """Unmount the RAM root, remove the plan and the directories this run made (its own
+    subdirectory of the state dir last in ``dirs_made``), in the target's mount namespace.
 
     A target that is gone took its mount namespace with it (a sandbox that died): then
     there is nothing left to undo."""
     if not Path(f"/proc/{target}").exists():
         return [f"RAM root and plan: gone with pid {target}'s mount namespace"]
-    return nsenter.run_in_mount_namespace(target, lambda send: nsenter.undo_state_dir(state_dir))
+
+    def undo(send: nsenter.Send) -> list[str]:
+        work_dir = dirs_made[-1]
+        return nsenter.undo_state_dir(work_dir, plan_name=PLAN_NAME) + statedir.remove_dirs(
+            dirs_made
+        )
+
+    return nsenter.run_in_mount_namespace(target, undo)
 
 
 def _swapon(paths: list[str]) -> list[str]:
@@ -758,9 +813,26 @@ def _stage_command(target: int, plan_path: Path) -> tuple[str, list[str], list[s
                 f"{needed} is not reachable from pid {target}'s root",
                 "run dboot from a filesystem the target can see (not a private mount or container)",
             )
+    _refuse_stage_code_others_can_change(target, [python, *files])
     argv = stage_argv(python, str(plan_path))
     envp = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=linux"]
     return python, argv, envp
+
+
+def _refuse_stage_code_others_can_change(target: int, files: list[str]) -> None:
+    """PID 1 will run these as root: each of them, every directory above it, and the
+    bytecode beside each module (read, if there, even under -B, which only stops writing
+    it) must be root's alone (see ``injector.rootonly``), as the target sees them."""
+    paths = [os.path.realpath(path) for path in files]
+    caches = [importlib.util.cache_from_source(path) for path in paths if path.endswith(".py")]
+    found = first_not_root_only(paths + caches, via=f"/proc/{target}/root")
+    if found is not None:
+        where, why = found
+        raise SafetyRefusal(
+            f"{where} is {why}, and PID 1 would run the init stage's code from it as root",
+            f"install docker-boot where only root can change it (pipx or make, as root), or"
+            f" chown root and chmod go-w {where}",
+        )
 
 
 def _relay_until_exit(sandbox: Sandbox, stop: threading.Event | None) -> Iterator[Event]:

@@ -209,4 +209,4 @@ def test_target_already_traced_is_refused_and_untouched(tmp_path: Path) -> None:
             tracer.kill()
             tracer.wait()
         assert sandbox.running()
-        assert not Path(f"/proc/{sandbox.pid}/root{state}/root").is_mount()
+        assert not Path(f"/proc/{sandbox.pid}/root{state}").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import select
 import shutil
 import signal
@@ -41,6 +42,12 @@ BUSYBOX = os.path.realpath(shutil.which("busybox") or "/bin/busybox")
 STATE_DIR = "/run/dboot-faults"
 # Python's own status when flushing stdout fails at exit: "nothing says what state it left".
 PYTHON_FLUSH_FAILED = 120
+
+
+def run_dir(state_dir: object) -> str:
+    """A run's own subdirectory of ``state_dir`` (injector/ramroot/statedir.py), as a regular
+    expression: the RAM root and the plan are in it."""
+    return rf"{re.escape(str(state_dir))}/run-\d+-[0-9a-f]+"
 
 
 def _no_controlling_terminal() -> None:
@@ -166,10 +173,10 @@ def test_an_ending_before_the_commit_point_undoes_everything(
             "1" if in_injection or not hangs_up else None,
         )
 
-        # The tmpfs and the plan are gone from the target's mount namespace ...
+        # The tmpfs, the plan and the run's own directory are gone from the target's mount
+        # namespace ...
         assert "dboot" not in mounted_sources(pid), said
-        assert not Path(f"/proc/{pid}/root{STATE_DIR}/plan.json").exists()
-        assert not Path(f"/proc/{pid}/root{STATE_DIR}/root").is_mount()
+        assert not list(Path(f"/proc/{pid}/root{STATE_DIR}").glob("run-*"))
         # ... PID 1 is untouched: the same stand-in, untraced, its services alive ...
         assert sandbox.running() and os.readlink(f"/proc/{pid}/exe") == exe_before
         assert tracer_of(pid) == 0
@@ -177,14 +184,16 @@ def test_an_ending_before_the_commit_point_undoes_everything(
         # ... and the log says what was undone, and why.
         log = log_file.read_text()
         assert "undoing (" in log and "nothing was injected" in log, log
-        assert f"undone: RAM root {STATE_DIR}/root:" in log, log
-        assert f"undone: plan {STATE_DIR}/plan.json:" in log, log
+        assert re.search(rf"undone: RAM root {run_dir(STATE_DIR)}/root:", log), log
+        assert re.search(rf"undone: plan {run_dir(STATE_DIR)}/plan.json:", log), log
+        # Removed by the copy's own clean-up, or by the undo once the copy was done.
+        assert re.search(rf"undone: directory {run_dir(STATE_DIR)}: (removed|not there)", log)
         if phase != "copy":
-            assert f"undone: plan {STATE_DIR}/plan.json: removed" in log, log
+            assert re.search(rf"undone: plan {run_dir(STATE_DIR)}/plan.json: removed", log), log
         if in_injection:
             # Held back while PID 1 was stopped under us, seen before the swap: called off.
             assert "at the entry stop, before the swap: calling the injection off" in log, log
-            assert f"undone: RAM root {STATE_DIR}/root: unmounted" in log, log
+            assert re.search(rf"undone: RAM root {run_dir(STATE_DIR)}/root: unmounted", log)
         assert "undo finished" in log, log
         assert "committed" not in log, log
         print(f"\n{ending} at {phase}: exit status {status}; the log says:")
@@ -254,14 +263,15 @@ def test_a_failed_execve_rolls_back_then_undoes(
         with pytest.raises(ptrace.InjectionRolledBack, match="ENOENT"):
             list(switch.run(options))
         assert "dboot" not in mounted_sources(pid)
-        assert not Path(f"/proc/{pid}/root{STATE_DIR}/plan.json").exists()
+        assert not list(Path(f"/proc/{pid}/root{STATE_DIR}").glob("run-*"))
         assert tracer_of(pid) == 0 and os.readlink(f"/proc/{pid}/exe") == exe_before
         assert sandbox.request_exit() == EXIT_ON_SIGUSR1  # still its own code
     log = log_file.read_text()
     rolled_back = log.index("restored the registers")
     undoing = log.index("undoing (InjectionRolledBack")
-    assert rolled_back < undoing < log.index(f"undone: plan {STATE_DIR}/plan.json: removed"), log
-    assert f"undone: RAM root {STATE_DIR}/root: unmounted" in log, log
+    plan_removed = re.search(rf"undone: plan {run_dir(STATE_DIR)}/plan.json: removed", log)
+    assert plan_removed is not None and rolled_back < undoing < plan_removed.start(), log
+    assert re.search(rf"undone: RAM root {run_dir(STATE_DIR)}/root: unmounted", log), log
     assert "committed: PID" not in log, log
 
 
@@ -296,17 +306,17 @@ def test_an_ending_in_our_own_mount_namespace_undoes_everything(tmp_path: Path) 
                 "copy",
                 "pty closed",
                 tmp_path,
-                lambda: os.path.ismount(state_dir / "root"),
+                lambda: any(os.path.ismount(run / "root") for run in state_dir.glob("run-*")),
                 "1",  # the copy thread must go on to its next event to see the cancel
             )
         finally:
-            if os.path.ismount(state_dir / "root"):
-                subprocess.run(["umount", "-l", str(state_dir / "root")], check=False)
-        assert not os.path.ismount(state_dir / "root"), said
-        assert not (state_dir / "plan.json").exists()
+            for run in state_dir.glob("run-*"):
+                if os.path.ismount(run / "root"):
+                    subprocess.run(["umount", "-l", str(run / "root")], check=False)
+        assert not state_dir.exists(), said  # made for the run, with its subdirectory
         assert os.path.realpath(f"/proc/{pid}/exe") == BUSYBOX and tracer_of(pid) == 0
     log = (tmp_path / "dboot.log").read_text()
     assert "undoing (EndingSignal: SIGHUP received)" in log, log
-    assert f"undone: RAM root {state_dir}/root:" in log, log
+    assert re.search(rf"undone: RAM root {run_dir(state_dir)}/root:", log), log
     assert "undo finished" in log and "committed" not in log, log
     assert status != PYTHON_FLUSH_FAILED, said
