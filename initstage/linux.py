@@ -9,6 +9,7 @@ the mount, clone and prctl constants from here too (it may import initstage, not
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -152,12 +153,27 @@ def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) ->
             pass  # EBADF: not open
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies; exit now if the parent is already gone."""
-    parent = os.getppid()
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL this process when its parent dies; exit now, saying so on stderr, if the
+    parent is already gone (we were reparented before prctl took effect).
+
+    ``parent`` is the parent's pid, which the parent knows (its ``os.getpid()`` before it
+    forked or spawned us): pass it whenever you can. Without it, a parent of pid 1 is taken
+    for init having adopted us, which is wrong when the parent really is PID 1 (a dboot that
+    is a container's entrypoint, or PID 1 of a namespace)."""
+    expected = os.getppid() if parent is None else parent
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent or parent == 1:  # died before prctl took effect: reparented
+    now = os.getppid()
+    if now != expected or (parent is None and now == 1):
+        why = (
+            f"pid {os.getpid()}: its parent pid {expected} is gone (now pid {now}): exiting"
+            if now != expected
+            else f"pid {os.getpid()}: its parent is pid 1, taken for init that adopted it"
+            " (its caller must pass die_with_parent the parent's pid): exiting"
+        )
+        with contextlib.suppress(OSError):
+            os.write(2, f"{why}\n".encode())
         os._exit(1)
 
 

@@ -117,7 +117,9 @@ def run_worker(
     status_r, status_w = os.pipe()
     data_r, data_w = os.pipe() if streams is not None else (-1, -1)
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    job = {**job, "status_fd": status_w}
+    # Our pid: the worker's own check that we still live must not take a dboot that is PID 1
+    # (a container's entrypoint) for init having adopted it.
+    job = {**job, "status_fd": status_w, "parent": os.getpid()}
     # -S: the worker needs nothing from site-packages (the engine is on _PACKAGE_PARENT), and
     # each start saves importing site.
     command = [sys.executable, "-I", "-S", "-c", _BOOT, _PACKAGE_PARENT, json.dumps(job)]
@@ -240,7 +242,11 @@ def _outcome(
             f" ({lines[-1]})" if lines else ""
         )
     if kind == "internal" or "message" not in outcome:
-        fix = "nothing was kept; run it again with -v for the worker's traceback, and report it"
+        fix = (
+            "nothing was kept; run it again with -v for what the worker said, and report it"
+            if said
+            else "nothing was kept; the worker said nothing at all: report it, with the command"
+        )
     else:
         fix = "nothing was kept; fix what the message names and run it again"
     failure = EnvironmentFailure(f"{context}: {message}", fix)
@@ -306,7 +312,7 @@ def worker_main(job_text: str) -> None:
     reporter = _Reporter(job["status_fd"])
     code = 1
     try:
-        linux.die_with_parent()
+        linux.die_with_parent(job["parent"])
         # The parent owns Ctrl-C: it kills us, then unmounts. Ignoring SIGINT here means a
         # terminal's Ctrl-C cannot leave a half-done worker racing its own cleanup.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
