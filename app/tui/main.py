@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from app.tui.app import create_app
 from app.tui.backend import EngineBackend
 from injector.errors import DbootError
 
-DEFAULT_LOG = Path("/tmp/dboot-tui.log")
+# Beside the engine's /var/log/dboot.log, in a directory only root can write: never /tmp,
+# where anyone could plant a symlink for root to append through.
+DEFAULT_LOG = Path("/var/log/dboot-tui.log")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,17 +47,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-file",
         type=Path,
-        help=f"the wizard's log; never the screen (default: <state-dir>/tui.log or {DEFAULT_LOG})",
+        help=f"the wizard's log, mode 0600, never through a symlink (default: {DEFAULT_LOG})",
     )
     return parser.parse_args(argv)
 
 
 def log_path(args: argparse.Namespace) -> Path:
-    if args.log_file is not None:
-        return Path(args.log_file)
-    if args.state_dir is not None and Path(args.state_dir).is_dir():
-        return Path(args.state_dir) / "tui.log"
-    return DEFAULT_LOG
+    return Path(args.log_file) if args.log_file is not None else DEFAULT_LOG
+
+
+def open_log(path: Path) -> TextIO:
+    """The wizard's log, to append to: never through a symlink (root would write wherever it
+    points), only a regular file (O_NONBLOCK: a FIFO with no reader fails instead of
+    hanging), made mode 0600 when new (it names hosts, addresses and keys)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags | os.O_NOCTTY, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return open(fd, "a", encoding="utf-8", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def main() -> None:
@@ -60,14 +76,14 @@ def main() -> None:
     # While Textual owns the terminal nothing else may write to it: all logging goes to a file.
     path = log_path(args)
     try:
-        logging.basicConfig(
-            filename=path,
-            level=logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
+        log = open_log(path)
     except OSError as error:
-        print(f"dboot-tui: cannot write the log {path}: {error}: use --log-file", file=sys.stderr)
+        why = "it is a symlink" if error.errno == errno.ELOOP else error.strerror or str(error)
+        print(f"dboot-tui: cannot write the log {path}: {why}: use --log-file", file=sys.stderr)
         sys.exit(2)
+    logging.basicConfig(
+        stream=log, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     logging.getLogger(__name__).info("dboot-tui starting, pid %d", os.getpid())
     try:
         backend = EngineBackend(
