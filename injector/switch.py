@@ -287,7 +287,20 @@ def _run(options: SwitchOptions, runlog: RunLog) -> Iterator[Event]:
     # Rehearsals take no lock: their sandbox sees only a private tmpfs over their own
     # subdirectory of the state dir, so they cannot disturb a switch, nor one another.
     with statedir.StateDir(options.state_dir, lock=options.mode != "rehearse") as state:
+        yield from _stale_runs_notices(state.path)
         yield from _run_in_state_dir(options, runlog, state.work_dir)
+
+
+def _stale_runs_notices(state_dir: Path) -> Iterator[Event]:
+    """What a SIGKILLed run left in the state dir: this run works beside it, and says so."""
+    for stale, pid in statedir.stale_runs(state_dir):
+        yield Notice(
+            "warning",
+            "state-dir-leftover",
+            f"{stale} was left by dboot pid {pid}, which is gone (killed?); a RAM root may"
+            " still be mounted in it",
+            f"umount -l {stale}/root, then rm -r {stale}",
+        )
 
 
 def _run_in_state_dir(options: SwitchOptions, runlog: RunLog, work_dir: Path) -> Iterator[Event]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -121,6 +122,18 @@ def make_work_dir(work_dir: Path) -> list[Path]:
         remove_dirs(made)
         raise
     return [*made, work_dir]
+
+
+def stale_runs(state_dir: Path) -> list[tuple[Path, int]]:
+    """The subdirectories of ``state_dir`` whose run is gone (SIGKILLed before it could clean
+    up), with that run's pid: a RAM root may still be mounted in one."""
+    stale = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(state_dir.iterdir()):
+            named = re.fullmatch(rf"{WORK_DIR_PREFIX}(\d+)-[0-9a-f]+", entry.name)
+            if named is not None and not Path(f"/proc/{named.group(1)}").exists():
+                stale.append((entry, int(named.group(1))))
+    return stale
 
 
 def lock_holder(info: os.stat_result) -> str:

@@ -8,6 +8,7 @@ lab mode on): never this machine's PID 1.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import stat
@@ -228,3 +229,27 @@ def test_a_second_run_is_refused_and_the_first_keeps_its_ram_root(tmp_path: Path
         assert first.returncode == 128 + signal.SIGTERM, said
         assert "dboot" not in mounted_sources(sandbox.pid)
     assert not state.exists()
+
+
+def test_what_a_killed_run_left_is_named_and_left_alone(tmp_path: Path) -> None:
+    """A run SIGKILLed before its undo leaves its subdirectory (and, in its namespace, maybe
+    its RAM root): the next run works beside it, says what to do about it, and takes
+    nothing of it away, as it is not its own."""
+    state = tmp_path / "state"
+    gone = 2**22 + 1  # above any pid_max: no process has it
+    leftover = state / f"run-{gone}-0123abcd"
+    (leftover / "root").mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    with Sandbox(services=1, console="capture") as sandbox:
+        result = dboot(
+            "switch", "--dry-run", "--yes", "--json", "--target-pid", str(sandbox.pid),
+            "--state-dir", str(state), build_tinybox(), "/bin/sh",
+            env=lab_env(tmp_path),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    (notice,) = [e for e in events if e.get("code") == "state-dir-leftover"]
+    assert notice["level"] == "warning"
+    assert notice["message"].startswith(f"{leftover} was left by dboot pid {gone}, which is gone")
+    assert notice["fix"] == f"umount -l {leftover}/root, then rm -r {leftover}"
+    assert os.listdir(state) == [leftover.name] and os.listdir(leftover) == ["root"]
