@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--revert-after",
                 type=float,
                 metavar="MINUTES",
-                help="reboot into the old system MINUTES after the switch unless "
+                help="reboot into the old system MINUTES (1 to 1440) after the switch unless "
                 f"{KEEP_FILE} exists by then (default in a remote session: "
                 f"{DEFAULT_REMOTE_REVERT_MINUTES:g})",
             )
