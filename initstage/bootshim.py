@@ -151,8 +151,6 @@ class BootShim:
             raise StateError(f"the new tree {tree} is missing")
         if not os.access(tree + init, os.X_OK):
             raise StateError(f"the image's init {init} is missing or not executable in {tree}")
-        if choice.probation:
-            self.panic_restarts()
         sysroot = tree + bootstate.SYSROOT
         if os.path.islink(sysroot) or not os.path.isdir(sysroot):
             raise StateError(f"{sysroot} is not a directory: the install made one; reinstall")
@@ -179,17 +177,6 @@ class BootShim:
         stage.mount_api_filesystems(plan)
         stage.step(7, f"exec the image's init {plan.init_argv}")
         stage.exec_init(plan)
-
-    def panic_restarts(self) -> None:
-        try:
-            with open("/proc/sys/kernel/panic", "w") as panic:
-                panic.write(str(bootstate.PROBATION_PANIC_SECONDS))
-            self.log(
-                f"probation: a kernel panic restarts the machine after"
-                f" {bootstate.PROBATION_PANIC_SECONDS} s (into the old system)"
-            )
-        except OSError as error:
-            self.log(f"warning: kernel.panic not set ({error}): a panic would hang")
 
     def revert_after_failure(self, why: str) -> NoReturn:
         """The new system cannot start: record it, then let the old one boot. Before the

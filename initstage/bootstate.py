@@ -39,9 +39,6 @@ REPORT_FILE = DBOOT_DIR + "/last-boot.json"
 # Where the shim binds the physical root filesystem inside the new system, as ostree does:
 # `dboot status`, `--revert` and the keeper's "kept" reach the state file through it.
 SYSROOT = "/sysroot"
-# Seconds after a kernel panic before the machine restarts, while on probation: Debian's
-# default is 0 (hang forever), which would leave a new system that panics dead, not reverted.
-PROBATION_PANIC_SECONDS = 10
 MAX_STATE_BYTES = 1 << 16
 
 PROBATION, KEPT, REVERTED = "probation", "kept", "reverted"

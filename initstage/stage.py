@@ -276,6 +276,8 @@ class Stage:
             f"revert timer: {plan.revert_after_seconds:g} s from now, then {action}; a thread"
             " of PID 1 keeps it until the keeper process takes it over"
         )
+        if may_reboot:
+            panic_restarts(self.log)
 
     # Step 3 -------------------------------------------------------------------------
     def terminate_everything(self, plan: Plan) -> None:
@@ -989,6 +991,22 @@ def _read_text(path: str) -> str | None:
             return text_file.read().decode("utf-8", "replace").strip()
     except OSError:
         return None
+
+
+# While a revert is pending, a kernel panic (the new init exiting is one) restarts the machine
+# after this many seconds, into the old system, instead of leaving it down: Debian's default
+# kernel.panic is 0, "hang forever". The new system may set its own.
+PANIC_RESTART_SECONDS = 10
+
+
+def panic_restarts(log: Callable[[str], None]) -> None:
+    try:
+        with open("/proc/sys/kernel/panic", "w") as panic:
+            panic.write(str(PANIC_RESTART_SECONDS))
+    except OSError as error:
+        log(f"warning: kernel.panic not set ({error}): a panic would leave the machine down")
+        return
+    log(f"kernel.panic = {PANIC_RESTART_SECONDS}: a kernel panic restarts into the old system")
 
 
 def stay_alive_forever() -> NoReturn:
