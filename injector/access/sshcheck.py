@@ -1,27 +1,29 @@
 """``--ssh-check PORT``: prove the new root can be logged in to before the point of no return.
 
-After the copy and the carry-over, the image's own sshd runs chrooted in the RAM root on PORT,
-with the host keys and authorized_keys the switch carried in. The user logs in from another
+After the copy and the carry-over, the image's own sshd runs in the RAM root on PORT, with
+the host keys and authorized_keys the switch carried in. The user logs in from another
 terminal with the line we print (``HostKeyAlias`` makes ssh check the host key against the
 machine's known_hosts entry, so the login also proves the host key came along). The run goes
 on once sshd logged an accepted login, or when the front-end says go (Enter); Ctrl-C calls
 the switch off like any fault before the commit. The sshd is stopped before the injection.
 
-The sshd runs through a small helper (``python -m injector.access.sshcheck serve``): it joins
-the target's mount and network namespaces (the RAM root lives in the one, the address in the
-other), then makes a mount and a PID namespace of its own. In them, ``/dev``, ``/proc`` and a
-``/run`` with ``/run/sshd`` are mounted over the RAM root's, so the RAM root itself is left as
-copied, and sshd is PID 1 of its namespace: stopping it ends every session it started too.
-The helper is a fresh single-threaded process, as ``setns(CLONE_NEWNS)`` requires.
+The sshd runs through a helper, ``injector.access.sshserve`` (see there), isolated like the
+stage (``python -I -S``: nothing from the working directory or site-packages is imported as
+root). It confines sshd: a PID namespace of its own, ``pivot_root`` into the RAM root in a
+mount namespace of its own, a minimal ``/dev``, a read-only ``/proc/sys``, and a bounding set
+without what acts on the whole machine: a login there cannot reach the host's disks or knobs,
+although this may be only a ``--dry-run``. Only sshd's own syslog messages, relayed one per
+line on the helper's stdout, can prove a login: the whole line "Accepted <method> for <user>
+from <address> port <n> ssh2", with the key and its fingerprint after it for a key. The
+helper's stderr is shown, never trusted: a user name is free text, and there a newline in
+it makes a line of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -29,18 +31,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import IO
 
-from initstage import linux
+from initstage import launch
 from injector.access.facts import AccessFacts
+from injector.access.sshserve import SSHD
 from injector.errors import BadInput, EnvironmentFailure, SafetyRefusal
 from injector.events import Event, Log, Notice, StepDone, StepStarted
 
-SSHD = "/usr/sbin/sshd"
-LISTENING = re.compile(r"Server listening on \S+ port (\d+)")
-ACCEPTED = re.compile(r"Accepted (\S+) for (\S+) from (\S+) port \d+")
+# sshd's own messages (auth.c, sshd.c), matched whole on the trusted channel: a line that only
+# holds one of them, e.g. in "Invalid user Accepted publickey for root from ...", is no login.
+LISTENING = re.compile(r"Server listening on \S+ port (\d+)\.")
+ACCEPTED = re.compile(r"Accepted (\S+) for (\S+) from (\S+) port \d+ ssh2(?:: (\S.*))?")
 # The proving session's end; until then (or LOGIN_LINGER), sshd stays so that its command runs.
-DISCONNECTED = re.compile(r"Disconnected from|Received disconnect from|Connection closed by")
+DISCONNECTED = re.compile(r"(?:Disconnected from|Received disconnect from|Connection closed by) ")
+# The helper, run like the stage (initstage.launch): isolated, only our package folder added.
+HELPER_BOOT = (
+    "import sys; sys.path.append(sys.argv[1]); "
+    "from injector.access.sshserve import main; main(sys.argv[2:])"
+)
 LOGIN_LINGER = 5.0
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -76,10 +85,19 @@ def login_command(port: int, address: str) -> str:
     return f"ssh -p {port} -o HostKeyAlias={address} root@{address}"
 
 
+def helper_command(target: int, root: Path, port: int) -> list[str]:
+    """The helper's command line: our interpreter with the stage's flags (``-I -S``), which
+    appends only the folder that holds our packages to ``sys.path``."""
+    return [
+        sys.executable, *launch.INTERPRETER_FLAGS, "-c", HELPER_BOOT, launch.package_parent(),
+        str(target), str(root), str(port),
+    ]  # fmt: skip
+
+
 class CheckServer:
-    """The image's sshd on ``port``, chrooted in ``root`` (a path in ``target``'s mount
-    namespace), until ``stop``. Its stderr lines are kept; ``done`` is set once a login was
-    accepted or sshd ended."""
+    """The image's sshd on ``port``, confined in ``root`` (a path in ``target``'s mount
+    namespace), until ``stop``. Its lines are kept; ``done`` is set once sshd logged an
+    accepted login, or ended."""
 
     def __init__(self, target: int, root: Path, port: int) -> None:
         self.target, self.root, self.port = target, root, port
@@ -88,9 +106,9 @@ class CheckServer:
         self.listening = threading.Event()
         self.done = threading.Event()
         self.session_over = threading.Event()
-        self.login: str | None = None  # "root from 127.0.0.1 (publickey)"
+        self.login: str | None = None  # "root from 127.0.0.1 (publickey ED25519 SHA256:...)"
         self.process: subprocess.Popen[str] | None = None
-        self.reader: threading.Thread | None = None
+        self.readers: list[threading.Thread] = []
 
     def __enter__(self) -> CheckServer:
         self.start()
@@ -117,23 +135,30 @@ class CheckServer:
                 "keep the carry-over on (no --no-carry) on a machine with host keys, or put "
                 "keys in the image",
             )
-        command = [sys.executable, "-m", __name__, "serve", str(self.target), str(self.root)]
         self.process = subprocess.Popen(
-            [*command, str(self.port)],
+            helper_command(self.target, self.root, self.port),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,  # sshd's syslog messages, one a line
+            stderr=subprocess.PIPE,  # the helper's failures and sshd's start-up errors
             text=True,
             errors="replace",
             # Not in the terminal's process group: Ctrl-C reaches us, and we stop it in order.
             start_new_session=True,
         )
-        self.reader = threading.Thread(target=self._read, name="dboot-sshcheck", daemon=True)
-        self.reader.start()
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self.readers = [
+            threading.Thread(target=read, args=(stream,), name="dboot-sshcheck", daemon=True)
+            for read, stream in (
+                (self._read_log, self.process.stdout),
+                (self._read_errors, self.process.stderr),
+            )
+        ]
+        for reader in self.readers:
+            reader.start()
         deadline = time.monotonic() + START_TIMEOUT
         while not self.listening.wait(0.1):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.reader.join(1.0)
+                self._join_readers(1.0)
                 last = "; ".join(self.seen[-LAST_LINES:]) or "no output"
                 self.stop()
                 raise EnvironmentFailure(
@@ -141,23 +166,34 @@ class CheckServer:
                     "choose a free port, or check the image's sshd_config",
                 )
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for raw in self.process.stderr:
+    def _keep(self, line: str) -> None:
+        self.seen.append(line)
+        self.lines.put(line)
+
+    def _read_log(self, stream: IO[str]) -> None:
+        """sshd's own messages: the only lines that can prove a login."""
+        for raw in stream:
             line = raw.rstrip("\n")
-            self.seen.append(line)
-            self.lines.put(line)
-            if LISTENING.search(line):
+            self._keep(line)
+            if LISTENING.fullmatch(line):
                 self.listening.set()
-            accepted = ACCEPTED.search(line)
+            accepted = ACCEPTED.fullmatch(line)
             if accepted and self.login is None:
-                method, user, client = accepted.groups()
-                self.login = f"{user} from {client} ({method})"
+                method, user, client, key = accepted.groups()
+                self.login = f"{user} from {client} ({method}{' ' + key if key else ''})"
                 self.done.set()
-            elif self.login is not None and DISCONNECTED.search(line):
+            elif self.login is not None and DISCONNECTED.match(line):
                 self.session_over.set()
-        self.done.set()  # sshd ended: nobody can log in any more
+        self.done.set()  # the helper ended: nobody can log in any more
         self.session_over.set()
+
+    def _read_errors(self, stream: IO[str]) -> None:
+        for raw in stream:
+            self._keep(raw.rstrip("\n"))
+
+    def _join_readers(self, timeout: float) -> None:
+        for reader in self.readers:
+            reader.join(timeout)
 
     def logs(self) -> Iterator[Event]:
         with contextlib.suppress(queue.Empty):
@@ -179,8 +215,7 @@ class CheckServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()  # its sshd dies with it (parent-death signal)
                 self.process.wait()
-        if self.reader is not None:
-            self.reader.join(STOP_TIMEOUT)
+        self._join_readers(STOP_TIMEOUT)
 
 
 def proof(
@@ -217,73 +252,3 @@ def proof(
             f"--ssh-check: the image's sshd ended before any login ({last})",
             "check the image's sshd_config, or drop --ssh-check",
         )
-
-
-# --- The helper: runs as its own process --------------------------------------------------
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"ssh-check helper: {message}", file=sys.stderr, flush=True)
-    os._exit(2)
-
-
-def _join_namespaces(target: int) -> None:
-    # Both opened first: once in the target's mount namespace, /proc may be another's.
-    paths = {kind: f"/proc/{target}/ns/{kind}" for kind in ("net", "mnt")}
-    fds = {
-        kind: os.open(path, os.O_RDONLY)
-        for kind, path in paths.items()
-        if os.readlink(path) != os.readlink(f"/proc/self/ns/{kind}")
-    }
-    for kind, flag in (("net", linux.CLONE_NEWNET), ("mnt", linux.CLONE_NEWNS)):
-        if kind in fds:
-            linux.setns(fds[kind], flag)
-            os.close(fds[kind])
-
-
-def _mount_api(root: str) -> None:
-    """Mounts that sshd needs, in our private mount namespace only."""
-    linux.mount("/dev", f"{root}/dev", None, linux.MS_BIND | linux.MS_REC)
-    linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    linux.mount("tmpfs", f"{root}/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    os.mkdir(f"{root}/run/sshd", 0o755)
-
-
-def serve(target: int, root: str, port: int) -> NoReturn:
-    """Run the image's sshd as PID 1 of a new PID namespace; SIGTERM ends it and its sessions."""
-    try:
-        # A dboot that dies (SIGKILL) takes its check along: sshd dies with us in turn.
-        linux.die_with_parent()
-        _join_namespaces(target)
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID)
-        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    except OSError as error:
-        _fail(f"namespaces: {error}")
-    child = os.fork()
-    if child == 0:
-        try:
-            linux.die_with_parent()
-            _mount_api(root)
-            os.chroot(root)
-            os.chdir("/")
-            os.execv(SSHD, [SSHD, "-D", "-e", "-p", str(port)])
-        except OSError as error:
-            _fail(f"sshd: {error}")
-    # SIGTERM: kill sshd; its PID namespace's end takes every session with it, and waitpid
-    # returns once they are all gone.
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(child, signal.SIGKILL))
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 5 or sys.argv[1] != "serve":
-        _fail("usage: python -m injector.access.sshcheck serve TARGET_PID ROOT PORT")
-    serve(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

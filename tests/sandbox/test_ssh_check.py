@@ -21,8 +21,10 @@ from typing import Any
 import psutil
 import pytest
 
+from injector.access import sshserve
+from injector.access.sshcheck import GoCallback
 from injector.errors import BadInput, SafetyRefusal
-from injector.events import Event, Finished, StepDone
+from injector.events import Event, Finished, Log, StepDone
 from injector.rehearsal.sandbox import Sandbox
 from injector.switch import SwitchOptions, run
 from tests.images import PREFIX, build_tinybox, docker
@@ -62,12 +64,27 @@ def check_servers() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         words = process.info["cmdline"] or []
-        if "injector.access.sshcheck" in words or words[:2] == ["/usr/sbin/sshd", "-D"]:
+        helper = any("injector.access.ssh" in word for word in words)  # sshserve's boot line
+        if helper or words[:2] == ["/usr/sbin/sshd", "-D"]:
             found.append(process)
     return found
 
 
-def start_switch(sandbox: Sandbox, image: str, state: Path) -> subprocess.Popen[str]:
+def start_switch(
+    sandbox: Sandbox,
+    image: str,
+    state: Path,
+    *,
+    cwd: Path | None = None,
+    loginuid: int | None = None,
+) -> subprocess.Popen[str]:
+    """``dboot switch --ssh-check`` at the sandbox, run from ``cwd``; ``loginuid``: as if run
+    with sudo from that user's login session (pam_loginuid's audit login uid)."""
+
+    def set_login_uid() -> None:
+        if loginuid is not None:
+            Path("/proc/self/loginuid").write_text(str(loginuid))
+
     return subprocess.Popen(
         [DBOOT, "switch", "--json", "--yes", "--grace", "1", "--ssh-check", str(PORT),
          "--target-pid", str(sandbox.pid), "--state-dir", str(state),
@@ -77,6 +94,8 @@ def start_switch(sandbox: Sandbox, image: str, state: Path) -> subprocess.Popen[
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "DBOOT_REHEARSAL_ONLY": "1"},
+        cwd=cwd,
+        preexec_fn=set_login_uid,
     )  # fmt: skip
 
 
@@ -87,15 +106,19 @@ def events_until_login_line(switch: subprocess.Popen[str]) -> list[dict[str, Any
         events.append(json.loads(line))
         if events[-1].get("code") == "ssh-check":
             return events
-    raise AssertionError(f"no ssh-check notice: {switch.wait()} {switch.stderr}")
+    assert switch.stderr is not None
+    raise AssertionError(f"no ssh-check notice: {switch.wait()} {switch.stderr.read()}")
 
 
-def ssh_in_sandbox(sandbox: Sandbox, keys: Path, command: str) -> subprocess.CompletedProcess[str]:
+def ssh_in_sandbox(
+    sandbox: Sandbox, keys: Path, command: str, user: str = "root"
+) -> subprocess.CompletedProcess[str]:
+    """Debian's ssh client, with the test key, at the check's sshd over 127.0.0.1."""
     return subprocess.run(
         ["nsenter", "--target", str(sandbox.pid), "--net",
          "ssh", "-p", str(PORT), "-i", str(keys / "client"), "-o", "BatchMode=yes",
          "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={keys / 'known_hosts'}",
-         "-o", "ConnectTimeout=10", "root@127.0.0.1", command],
+         "-o", "ConnectTimeout=10", "-l", user, "127.0.0.1", command],
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,16 +189,27 @@ def run_with_go(
 ) -> tuple[list[Event], BaseException | None]:
     """A --dry-run through the engine whose front-end answers at once, without any login:
     ``go`` True is Enter (go on), False calls the switch off."""
-    answered: list[str] = []
 
     def answer(command: str, done: threading.Event) -> bool:
-        answered.append(command)
         assert not done.is_set()
         return go
 
+    return dry_run_answered_by(answer, sandbox, image, state)
+
+
+def dry_run_answered_by(
+    answer: GoCallback, sandbox: Sandbox, image: str, state: Path
+) -> tuple[list[Event], BaseException | None]:
+    """A --dry-run through the engine whose front-end is ``answer``."""
+    answered: list[str] = []
+
+    def front_end(command: str, done: threading.Event) -> bool:
+        answered.append(command)
+        return answer(command, done)
+
     options = SwitchOptions(
         image, ["/bin/sh"], state_dir=state, target_pid=sandbox.pid, dry_run=True, yes=True,
-        ssh_check=PORT, ssh_check_go=answer, log_file=None,
+        ssh_check=PORT, ssh_check_go=front_end, log_file=None,
     )  # fmt: skip
     events: list[Event] = []
     try:
@@ -276,3 +310,130 @@ def test_a_killed_dboot_takes_its_check_along(
     while check_servers() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert check_servers() == []
+
+
+# A user name is free text, and sshd logs it: "Invalid user NAME from 127.0.0.1 port N".
+FORGED_NAMES = (
+    # In the middle of sshd's line: what the old, unanchored pattern took for a login.
+    "Accepted publickey for root from 192.0.2.1 port 22",
+    # On sshd -e's stderr a newline in the name starts a line of its own, which a match of the
+    # whole line takes for a login too (sshd cuts a name at ":", so no key can follow "ssh2").
+    "x\nAccepted publickey for root from 192.0.2.1 port 22 ssh2\ny",
+)
+FORGED_WAIT = 3.0  # sshd logged the name before the client was refused; a login ends it at once
+
+
+def fingerprint(public_key: Path) -> str:
+    listed = subprocess.run(["ssh-keygen", "-l", "-f", str(public_key)], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    return listed.stdout.split()[1]  # "256 SHA256:... comment (ED25519)"
+
+
+def test_a_user_name_that_reads_like_a_login_proves_nothing(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    """No terminal: only a login lets the switch go on. Unauthenticated clients whose user
+    names spell sshd's login line, sent by Debian's ssh over 127.0.0.1, must not; the real
+    login that follows must, and is named with its key's fingerprint."""
+    image, keys = keyed_image
+    key = fingerprint(keys / "client.pub")
+    forged: list[subprocess.CompletedProcess[str]] = []
+    ended_by_forgery: list[bool] = []
+    real: list[subprocess.CompletedProcess[str]] = []
+
+    def answer(command: str, done: threading.Event) -> bool:
+        for name in FORGED_NAMES:
+            forged.append(ssh_in_sandbox(sandbox, keys, "true", user=name))
+        ended_by_forgery.append(done.wait(FORGED_WAIT))
+        real.append(ssh_in_sandbox(sandbox, keys, "true"))
+        return done.wait(30)
+
+    events, error = dry_run_answered_by(answer, sandbox, image, tmp_path / "state")
+    logs = [event.text for event in events if isinstance(event, Log)]
+    assert ended_by_forgery == [False], logs
+    for attempt in forged:
+        assert attempt.returncode == 255 and "Permission denied" in attempt.stderr, attempt
+    # sshd saw both names, as one escaped line each.
+    assert any(f"Invalid user {FORGED_NAMES[0]} from 127.0.0.1 port " in line for line in logs)
+    assert any("Invalid user x\\nAccepted publickey" in line for line in logs), logs
+    assert error is None and real[0].returncode == 0, (error, real)
+    done = [e for e in events if isinstance(e, StepDone) and e.step == "ssh-check"]
+    assert done[0].detail == (
+        f"login by root from 127.0.0.1 (publickey ED25519 {key}) accepted; sshd stopped"
+    ), logs
+    assert check_servers() == []
+
+
+# Run by the proving login inside the check's sshd: what of the host it reaches. The last
+# line climbs out of a chroot of its own, as root can (mkdir, chroot, chdir "..", chroot "."):
+# out of a chroot that lands in the host's tree, out of a pivot_root in the RAM root again.
+CLIMB_OUT = (
+    'mkdir "/run/out"; chroot "/run/out" or die "chroot: $!"; chdir ".." for 1 .. 64;'
+    ' chroot "." or die "chroot: $!";'
+    ' print "host: ", (-e $ARGV[0] ? "reached" : "out of reach"), "\\n"'
+)
+PROBE = (
+    "echo block: $(find /dev -type b); grep CapBnd /proc/self/status;"
+    " for knob in /proc/sys/kernel/hostname /proc/sysrq-trigger; do"
+    " [ -w $knob ] && echo writable: $knob; done;"
+    " awk '{print \"mount:\", $5}' /proc/self/mountinfo;"
+    f" perl -e '{CLIMB_OUT}'"  # then a path of the host
+)
+# What the check mounts over the RAM root, and nothing else.
+CHECK_MOUNTS = {"/", "/proc", "/proc/sys", "/proc/sysrq-trigger", "/dev", "/dev/pts", "/run"}
+
+
+def probed(lines: list[str], label: str) -> list[str]:
+    return [line.split(": ", 1)[1] for line in lines if line.startswith(f"{label}: ")]
+
+
+def test_the_checks_sshd_reaches_nothing_of_the_host(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A root login in the check (dboot run with sudo from a login session: an audit login
+    uid is set) sees no disk, no writable kernel knob, a reduced bounding set, none of the
+    host's mounts, and cannot climb out to the host's tree (pivot_root, not a chroot)."""
+    image, keys = keyed_image
+    switch = start_switch(sandbox, image, tmp_path / "state", loginuid=1000)
+    try:
+        events_until_login_line(switch)
+        login = ssh_in_sandbox(sandbox, keys, f"{PROBE} {tmp_path}")
+        _, err = switch.communicate(timeout=120)
+    finally:
+        switch.kill()
+    assert login.returncode == 0, login.stderr
+    assert switch.returncode == 0, err
+    lines = login.stdout.splitlines()
+    assert "block:" in lines, lines  # a minimal /dev: no disk at all
+    assert probed(lines, "writable") == [], lines
+    (bounding,) = [int(line.split()[1], 16) for line in lines if line.startswith("CapBnd:")]
+    kept = {name for name, bit in sshserve.DROPPED_CAPABILITIES.items() if bounding & 1 << bit}
+    assert bounding and not kept, lines
+    mounts = set(probed(lines, "mount"))
+    assert CHECK_MOUNTS - {"/proc/sysrq-trigger"} <= mounts <= CHECK_MOUNTS, lines  # no sysrq: ok
+    assert probed(lines, "host") == ["out of reach"], (lines, login.stderr)
+
+
+def test_a_module_planted_in_the_working_directory_is_not_imported(
+    sandbox: Sandbox, keyed_image: tuple[str, Path], tmp_path: Path
+) -> None:
+    """``cd DIR; sudo dboot switch --ssh-check``: the check's helper runs as root, and must
+    import nothing from DIR (python -I -S, as the stage)."""
+    image, keys = keyed_image
+    planted, imported = tmp_path / "planted", tmp_path / "imported"
+    for module in ("injector/__init__.py", "injector/access/__init__.py",
+                   "injector/access/sshcheck.py", "injector/access/sshserve.py",
+                   "initstage/__init__.py"):  # fmt: skip
+        (planted / module).parent.mkdir(parents=True, exist_ok=True)
+        (planted / module).write_text(f"open({str(imported)!r}, 'a').write(__name__ + '\\n')\n")
+    switch = start_switch(sandbox, image, tmp_path / "state", cwd=planted)
+    try:
+        events_until_login_line(switch)
+        login = ssh_in_sandbox(sandbox, keys, f"cat {MARKER}")
+        _, err = switch.communicate(timeout=120)
+    finally:
+        switch.kill()
+        # Checked even when the check never started: a planted module can make it fail.
+        assert not imported.exists(), f"imported from the cwd: {imported.read_text()}"
+    assert login.returncode == 0, login.stderr
+    assert switch.returncode == 0, err
