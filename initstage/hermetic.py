@@ -24,6 +24,7 @@ Standard library only (the stand-in and the stage both use it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -60,6 +61,8 @@ MNT_DETACH = 2
 HARDENED = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 READ_ONLY_PROC_PATHS = ("/proc/sys", "/proc/sysrq-trigger")
 STAGED_CONSOLE = "/.dboot-console"  # in the new root, from before the pivot until /dev exists
+# A new file and nothing else: never one that exists, never through a symlink.
+CREATE_ONLY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # The minimal /dev of a rehearsal: no host devices beyond the harmless ones.
 MINIMAL_DEV_NODES = (
@@ -136,12 +139,27 @@ def open_console(fd: int, path: str) -> int | None:
 
 
 def bind_console(terminal: int, target: str) -> None:
-    """Bind ``terminal`` (from :func:`open_console`) onto the file ``target``, made if
-    missing: a container's /dev/console. systemd writes its status lines there and, as PID 1
-    of a container, its log. The fd is closed."""
+    """Bind ``terminal`` (from :func:`open_console`) onto a file made at ``target``: a
+    container's /dev/console. systemd writes its status lines there and, as PID 1 of a
+    container, its log. The fd is closed.
+
+    ``target`` is in the new root, before the pivot: by path, an image's symlink there
+    (``/.dboot-console -> /run/nologin``) would lead to the host's files. So the name is made
+    afresh in its directory (whatever the image had there is removed, never followed) with
+    O_EXCL|O_NOFOLLOW, and the mount goes onto that very file, through its fd."""
+    directory, name = os.path.split(target)
     try:
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        linux.mount(f"/proc/self/fd/{terminal}", target, None, linux.MS_BIND)
+        parent = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+            made = os.open(name, CREATE_ONLY, 0o600, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            linux.mount(f"/proc/self/fd/{terminal}", f"/proc/self/fd/{made}", None, linux.MS_BIND)
+        finally:
+            os.close(made)
     finally:
         os.close(terminal)
 

@@ -7,6 +7,7 @@ it with nothing left behind. Never this machine's PID 1: every target is a Sandb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -43,9 +44,11 @@ def read_until(fd: int, text: bytes, seen: bytearray) -> bytes:
     return bytes(seen)
 
 
-def pty_rehearsal(tmp_path: Path, init: list[str], stop: threading.Event) -> Iterator[Event]:
+def pty_rehearsal(
+    tmp_path: Path, init: list[str], stop: threading.Event, image: str | None = None
+) -> Iterator[Event]:
     options = SwitchOptions(
-        image=build_tinybox(),
+        image=image or build_tinybox(),
         init_argv=init,
         rehearse=True,
         console="pty",
@@ -56,11 +59,11 @@ def pty_rehearsal(tmp_path: Path, init: list[str], stop: threading.Event) -> Ite
     return run(options)
 
 
-def test_a_shell_answers_on_the_pty_and_stop_ends_it(tmp_path: Path) -> None:
-    stop = threading.Event()
-    events = pty_rehearsal(tmp_path, ["/bin/sh"], stop)
+@contextlib.contextmanager
+def shell_on_pty(events: Iterator[Event]) -> Iterator[tuple[int, bytearray]]:
+    """The pty's master end, once the rehearsed shell prompts there, and what it showed so
+    far; the rehearsal's events and the master end are closed on the way out."""
     master = None
-    seen = bytearray()
     try:
         for event in events:
             if isinstance(event, ConsoleAttached):
@@ -68,7 +71,19 @@ def test_a_shell_answers_on_the_pty_and_stop_ends_it(tmp_path: Path) -> None:
             if isinstance(event, StepDone) and event.step == "inject":
                 break
         assert master is not None
+        seen = bytearray()
         read_until(master, b"/ # ", seen)
+        yield master, seen
+    finally:
+        events.close()  # type: ignore[attr-defined]
+        if master is not None:
+            os.close(master)
+
+
+def test_a_shell_answers_on_the_pty_and_stop_ends_it(tmp_path: Path) -> None:
+    stop = threading.Event()
+    events = pty_rehearsal(tmp_path, ["/bin/sh"], stop)
+    with shell_on_pty(events) as (master, seen):
         # Field 7 of /proc/1/stat is PID 1's controlling terminal: the pty, not none (0).
         os.write(master, b"echo hi-$$ ctty-$(cut -d' ' -f7 /proc/1/stat) $(tty)\r")
         shown = read_until(master, b"/dev/console\r\n", seen).decode()
@@ -76,10 +91,6 @@ def test_a_shell_answers_on_the_pty_and_stop_ends_it(tmp_path: Path) -> None:
         assert answer.startswith("1 ctty-") and not answer.startswith("1 ctty-0 "), answer
         stop.set()
         rest = list(events)
-    finally:
-        events.close()  # type: ignore[attr-defined]
-        if master is not None:
-            os.close(master)
     assert rest[-1] == Finished("rehearsed", exit_status=0, detail="stopped; the sandbox is gone")
     assert not (tmp_path / "state").exists()
 
