@@ -80,7 +80,8 @@ def command_line(options: SwitchOptions) -> list[str]:
     options that differ from the engine's defaults, then IMAGE, INIT and its argv.
     ``shlex.join`` of it is ready to paste into a shell. Options a rehearsal does not take
     (carry-over, the keeper's, --target-pid...) are left out of its line; the wizard's own typed
-    confirmation has no word (`dboot switch` asks for the hostname itself)."""
+    confirmation has no word (`dboot switch` asks for the hostname itself). A teaching
+    rehearsal (one with a pause hook) says --teach."""
     defaults = {
         field.name: field.default
         for field in dataclasses.fields(options)
@@ -91,6 +92,8 @@ def command_line(options: SwitchOptions) -> list[str]:
         return bool(getattr(options, name) != defaults[name])
 
     words = ["dboot", "rehearse" if options.rehearse else "switch"]
+    if options.rehearse and options.pause is not None:
+        words.append("--teach")
     if changed("docker_host") and options.docker_host is not None:
         words += ["--docker-host", options.docker_host]
     if changed("state_dir"):

@@ -21,6 +21,7 @@ from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
+from app.tui.widgets.teach import UiPauser
 from app.tui.wizard import Outcome, Wizard
 
 # The steps before the Confirm modal, in order; each is built when the user moves forward.
@@ -43,6 +44,8 @@ class DbootApp(App[None]):
     def __init__(self, wizard: Wizard, *, blink: bool = True) -> None:
         super().__init__()
         self.wizard = wizard
+        # A teaching rehearsal's pauses show over the Run screen, answered here.
+        wizard.pauser = UiPauser(self)
         # Snapshot tests turn the blinking cursor off so that every capture is identical.
         self.blink = blink
 

@@ -83,7 +83,7 @@ class RunRequest:
         default_factory=threading.Event, compare=False, repr=False
     )
     options: RunOptions = RunOptions()
-    # A teaching rehearsal: the engine's pause hook (the Run screen's UiPauser); None: none.
+    # A teaching rehearsal: the engine's pause hook (the wizard's UiPauser); None: none.
     pause: PauseHook | None = dataclasses.field(default=None, compare=False, repr=False)
     # A real switch's login check: the Run screen's LoginWaiter; None: wait for a login only.
     ssh_check_go: GoCallback | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -220,6 +220,8 @@ def engine_options(
         modules=chosen.modules,
         # The wizard's Confirm modal asked for the typed hostname already.
         yes=True,
+        # A teaching rehearsal (`dboot rehearse --teach`); a real switch never pauses.
+        pause=request.pause if request.rehearse else None,
     )
     if not request.rehearse:
         # A real switch's own options: a rehearsal takes none, as `dboot rehearse` takes none.
@@ -382,7 +384,6 @@ class EngineBackend:
             # The wizard's console is a terminal on the sandbox's pty (the run screen's
             # ConsoleView); the stop key ends the sandbox from the run's own thread.
             options.console, options.stop = "pty", request.stop
-            options.pause = request.pause  # rehearsals only: a real switch never pauses to teach
         else:
             options.ssh_check_go = request.ssh_check_go
         try:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from injector.events import Notice
     from injector.image.sources import ImageDetails
     from injector.preflight.preflight import Report
+    from injector.teach import PauseHook
 
 # The titles shown in the step indicator, in order. Confirm is a modal over Options.
 STEP_TITLES = ("Images", "Init", "Resources", "Processes", "Options", "Confirm", "Run")
@@ -57,6 +58,8 @@ class Wizard:
     choices: Choices = dataclasses.field(default_factory=Choices)
     # Teaching rehearsals pause before each step (dboot-tui --teach; F7 on the Run screen).
     teach: bool = False
+    # How this front-end answers a teaching pause (the app's UiPauser); None: it cannot.
+    pauser: PauseHook | None = None
 
     @property
     def switch_offered(self) -> bool:
@@ -81,7 +84,13 @@ class Wizard:
             init_argv=list(choices.init_argv),
             rehearse=rehearse,
             options=options or choices.options,
+            pause=self.pause_hook(rehearse=rehearse),
         )
+
+    def pause_hook(self, *, rehearse: bool) -> PauseHook | None:
+        """What a run pauses on to teach: the front-end's hook, for a rehearsal while teaching
+        is on (a real switch never pauses). The command line says --teach from it."""
+        return self.pauser if rehearse and self.teach else None
 
     def command_line(self, options: RunOptions | None = None) -> str:
         """The `dboot` command that does what this wizard run would: the switch when one is

@@ -17,7 +17,8 @@ from app.tui.backend import RunOptions, RunRequest, engine_options
 from injector.switch import SwitchOptions
 
 # Fields no command line word sets: callbacks and hooks, the wizard's own confirmation, the
-# sandbox's stand-in services, the open image source, where the console goes.
+# sandbox's stand-in services, the open image source, where the console goes. (The teaching
+# pause is a hook too, but whether there is one is --teach: compared as such.)
 NOT_ON_THE_COMMAND_LINE = {
     "confirm",
     "yes",
@@ -40,11 +41,16 @@ INIT = ["/bin/sh", "-c", "echo 'it''s --json' $HOME; exit 0"]
 
 def compared(options: SwitchOptions) -> dict[str, Any]:
     skip = NOT_ON_THE_COMMAND_LINE | (SWITCH_ONLY if options.rehearse else set())
-    return {
+    fields = {
         field.name: getattr(options, field.name)
         for field in dataclasses.fields(options)
         if field.name not in skip
     }
+    return {**fields, "teaches": options.pause is not None}
+
+
+def a_pause(pause: Any) -> None:
+    """A front-end's teaching pause hook (what it does is no word of the command line)."""
 
 
 def read_back(words: list[str]) -> SwitchOptions:
@@ -129,6 +135,34 @@ def test_numbers_and_sizes_are_written_as_a_person_would_type_them() -> None:
         "64K",
         "1000",
     ]
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"grace": 5.0}, {"modules": False, "state_dir": Path("/tmp/x")}], ids=str
+)
+def test_a_teaching_rehearsal_says_teach_and_reads_back(changes: dict[str, Any]) -> None:
+    options = SwitchOptions(
+        image="tinybox:latest", init_argv=INIT, rehearse=True, pause=a_pause, **changes
+    )
+    words = command_line(options)
+    assert words[:3] == ["dboot", "rehearse", "--teach"]
+    assert compared(read_back(words)) == compared(options), shlex.join(words)
+
+
+@pytest.mark.parametrize("teach", [True, False], ids=["teach", "no-teach"])
+def test_the_wizards_teaching_reaches_the_engine_and_reads_back(teach: bool) -> None:
+    # The wizard's state (dboot-tui --teach, F7) is its request's pause hook: a rehearsal's
+    # engine options carry it, and the command line says --teach from them.
+    pause = a_pause if teach else None
+    request = RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True, pause=pause)
+    options = engine_options(request)
+    assert options.pause is pause
+    words = command_line(options)
+    assert ("--teach" in words) == teach
+    assert compared(read_back(words)) == compared(options), shlex.join(words)
+    # A real switch never pauses, whatever the wizard's state: no hook, no --teach.
+    switch = engine_options(dataclasses.replace(request, rehearse=False))
+    assert switch.pause is None and "--teach" not in command_line(switch)
 
 
 @pytest.mark.parametrize(

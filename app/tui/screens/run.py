@@ -26,7 +26,6 @@ from app.tui.screens.base import StepScreen
 from app.tui.widgets.console import ConsoleView
 from app.tui.widgets.login_check import LoginWaiter
 from app.tui.widgets.run_panels import StepList, TeachingPanel
-from app.tui.widgets.teach import UiPauser
 from app.tui.wizard import Outcome, Wizard
 from initstage.console import VT_NUMBER
 from injector.errors import DbootError
@@ -144,8 +143,6 @@ class RunScreen(StepScreen):
         def last_words(text: str) -> None:
             self.post_message(LastWords(text))
 
-        if request.rehearse and self.wizard.teach:
-            request = dataclasses.replace(request, pause=UiPauser(self.app))
         if not request.rehearse and request.options.ssh_check is not None:
             request = dataclasses.replace(request, ssh_check_go=LoginWaiter(self.app))
         try:
@@ -290,7 +287,10 @@ class RunScreen(StepScreen):
         wizard loop in this one's place."""
         if self.running or not self.request.rehearse:
             return
-        again = RunScreen(self.wizard, dataclasses.replace(self.request, stop=threading.Event()))
+        # F7 may have turned teaching on or off since: the new run pauses as it now says.
+        pause = self.wizard.pause_hook(rehearse=True)
+        request = dataclasses.replace(self.request, stop=threading.Event(), pause=pause)
+        again = RunScreen(self.wizard, request)
         again._outcome, self._outcome = self._outcome, None
         self.app.switch_screen(again)
 
