@@ -642,6 +642,38 @@ def decoy_images() -> Iterator[list[str]]:
             remove_image(tag)
 
 
+# A busy engine: more images than an 80x24 list shows, newer than ours and named to sort before
+# and after every one of ours, decoys included (aa-dboot-test-crowd-01 ... zz-dboot-test-crowd-15:
+# "dboot-test" in the name, to spot a stray one). A wizard test that hopes to see its image on
+# the first screen fails among them; one that filters, as a person would, does not.
+CROWD_TAGS = tuple(
+    f"{side}-{PREFIX.rstrip('/')}-crowd-{number:02d}:latest"
+    for side in ("aa", "zz")
+    for number in range(1, 16)
+)
+
+
+@contextlib.contextmanager
+def crowd_images() -> Iterator[list[str]]:
+    """The :data:`CROWD_TAGS` in the engine while the block runs: one tiny image (a file, no
+    init, no shell) under 30 tags. A tag that already exists is someone's: left as it is;
+    only the tags made here are removed, each by its exact name."""
+    made: list[str] = []
+    try:
+        for tag in CROWD_TAGS:
+            if image_exists(tag):
+                continue
+            if made:
+                docker("tag", made[0], tag)
+            else:
+                _import_small_root(tag, {"etc/crowd": b"one of many: not a dboot test image\n"})
+            made.append(tag)
+        yield list(CROWD_TAGS)
+    finally:
+        for tag in reversed(made):
+            remove_image(tag)
+
+
 # ---------------------------------------------------------------------------------------
 # Debian 12 minbase whose /sbin/init is systemd: the hermetic rehearsal's image
 # ---------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ async def rehearse(pilot: Pilot[Any]) -> None:
         if not isinstance(app.screen, ConfirmScreen):
             await press(pilot, "enter")
     await wait_for_screen(pilot, ConfirmScreen)
-    await press(pilot, "tab", "enter")  # Cancel -> Rehearse
+    await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
     await wait_for_screen(pilot, RunScreen)
     assert isinstance(app, DbootApp)
     await wait_until(pilot, lambda: "/ #" in console(app).text(), 10, "the shell's prompt")

@@ -31,8 +31,8 @@ from app.tui.widgets.console import ConsoleView
 from app.tui.widgets.run_panels import TeachingPanel
 from injector.errors import BadInput
 from injector.events import Progress, StepDone
-from injector.rehearsal.sandbox import CGROUP_PREFIX, own_cgroup_directory
-from tests.images import TINYBOX, build_missing_loader_image, export_tar
+from injector.rehearsal.sandbox import CGROUP_PREFIX, Sandbox, own_cgroup_directory
+from tests.images import CROWD_TAGS, TINYBOX, build_missing_loader_image, export_tar
 from tests.tui.helpers import (
     press,
     screen_text,
@@ -62,10 +62,11 @@ async def pick_tinybox(pilot: Pilot[Any]) -> None:
 
 
 async def pick_image(pilot: Pilot[Any], ref: str) -> None:
-    """Filter the Images step down to ``ref`` by its full name, take it, wait for Init."""
+    """Find ``ref`` as a person would, whatever else the engine holds: the list once loaded
+    (whichever image is first), then `/` and its full name, then Enter takes it."""
     app = pilot.app
-    await wait_until(pilot, lambda: "tinybox" in screen_text(app), 30, "the image list")
-    await press(pilot, "slash", *ref, "enter")
+    await wait_until(pilot, lambda: "Enter: continue with" in screen_text(app), 30, "the list")
+    await press(pilot, "slash", *ref)
     await wait_until(pilot, lambda: f"continue with {ref}" in screen_text(app), 30, ref)
     await wait_until(pilot, lambda: "history" in screen_text(app), 30, f"{ref}'s details")
     await press(pilot, "enter")
@@ -149,7 +150,7 @@ async def test_a_whole_rehearsal_through_the_wizard(tmp_path: Path) -> None:
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
         assert app.screen.query_one("#confirm-switch", Button).disabled
-        await press(pilot, "tab", "enter")  # Cancel -> Rehearse
+        await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 240)
         await settle(pilot)
@@ -178,7 +179,7 @@ async def test_a_shell_answers_in_the_console_and_the_stop_key_ends_it(tmp_path:
         for _ in range(3):  # Resources -> Processes -> Options -> Confirm
             await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
-        await press(pilot, "tab", "enter")  # Cancel -> Rehearse
+        await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
         await wait_for_screen(pilot, RunScreen)
         view = app.screen.query_one(ConsoleView)
         assert app.focused is view
@@ -201,6 +202,70 @@ async def test_a_shell_answers_in_the_console_and_the_stop_key_ends_it(tmp_path:
     assert not Path(f"/proc/{sandbox}").exists()
     assert str(tmp_path / "state") not in Path("/proc/self/mountinfo").read_text()
     assert not list(own_cgroup_directory().glob(f"{CGROUP_PREFIX}{os.getpid()}-*"))
+
+
+@pytest.mark.timeout(300)
+async def test_among_many_newer_images_the_filter_finds_ours_and_enter_rehearses(
+    tmp_path: Path,
+) -> None:
+    # Issue 20: an engine with more images than the screen shows (the tier's crowd, newer than
+    # ours, named to sort before and after it). A person filters; then Enter alone walks on,
+    # and on the Confirm modal of a rehearse-only wizard Enter rehearses.
+    listed = {f"{image.repository}:{image.tag}" for image in EngineBackend().list_images()}
+    assert set(CROWD_TAGS) <= listed
+    app = make(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "Enter: continue with" in screen_text(app), 30, "list")
+        first_screen = screen_text(app)
+        assert "Newest first" in first_screen
+        assert "tinybox" not in first_screen, first_screen  # what the old tests waited for
+        await pick_tinybox(pilot)
+        app.screen.query_one("#init-argv", Input).value = SAY_HELLO
+        await reach_the_report(pilot)
+        for step in (ProcessesScreen, OptionsScreen, ConfirmScreen, RunScreen):
+            await press(pilot, "enter")
+            await wait_for_screen(pilot, step)
+        await wait_for_run_end(pilot, 240)
+        await settle(pilot)
+        said = app.screen.query_one(ConsoleView).text()
+        assert "hello from PID 1" in said and "exit status 0" in said, said
+
+
+@pytest.mark.timeout(300)
+async def test_where_a_switch_is_possible_ctrl_r_rehearses_and_the_target_is_untouched(
+    tmp_path: Path,
+) -> None:
+    # A switch on offer (--target-pid, the PID 1 of a namespace made here, never this
+    # machine's): the hostname field has the focus, r is typed there, and Ctrl-R rehearses
+    # in a sandbox of its own. The target namespace's PID 1 is left as it was.
+    with Sandbox(services=1, console="capture") as target:
+        assert target.pid != 1
+        target_exe = os.readlink(f"/proc/{target.pid}/exe")
+        services = target.service_pids()
+        engine = EngineBackend(state_dir=tmp_path / "state", target_pid=target.pid)
+        app = create_app(engine, rehearse_only=False, blink=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await pick_tinybox(pilot)
+            app.screen.query_one("#init-argv", Input).value = SAY_HELLO
+            await reach_the_report(pilot)
+            for step in (ProcessesScreen, OptionsScreen, ConfirmScreen):
+                await press(pilot, "enter")
+                await wait_for_screen(pilot, step)
+            field = app.screen.query_one("#confirm-hostname", Input)
+            assert app.focused is field
+            assert "^R rehearses, with no typing" in screen_text(app)
+            await press(pilot, "r")
+            assert field.value == "r" and isinstance(app.screen, ConfirmScreen)
+            await press(pilot, "ctrl+r")
+            await wait_for_screen(pilot, RunScreen)
+            run = app.screen
+            assert isinstance(run, RunScreen) and run.request.rehearse
+            await wait_for_run_end(pilot, 240)
+            await settle(pilot)
+            said = run.query_one(ConsoleView).text()
+            assert "hello from PID 1" in said, said
+        assert os.readlink(f"/proc/{target.pid}/exe") == target_exe
+        assert all(Path(f"/proc/{pid}").exists() for pid in services), services
 
 
 async def test_an_engine_that_does_not_answer_gets_the_how_to_start_it_screen(

@@ -93,7 +93,7 @@ async def test_changed_options_reach_the_command_line_the_modal_and_the_run(
         assert "dboot rehearse --grace 5 --tmpfs-size 512M --no-modules" in screen_text(app)
         # The wizard's log keeps it, for a terminal that does not take OSC 52 copies.
         assert f"equivalent command line: {expected}" in caplog.text
-        await press(pilot, "tab", "enter")  # Cancel, then Rehearse
+        await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
     chosen = RunOptions(grace=5.0, tmpfs_size="512M", modules=False)
@@ -189,6 +189,103 @@ async def test_a_rehearsal_shows_the_real_switch_options_as_such_and_leaves_them
         # Not asked in a rehearsal: Next is on with the defaults.
         assert not app.screen.query_one("#nav-next", Button).disabled
         assert "The same rehearsal from a shell" in screen_text(app)
+
+
+def teaching_in_the_line(line: str) -> bool:
+    """What `dboot` itself makes of the line, pasted into a shell: a run that teaches?"""
+    parsed = switch_options(parse_command_line(shlex.split(line)[1:]), io.StringIO())
+    return parsed.pause is not None
+
+
+async def test_a_teaching_wizard_says_teach_on_its_command_line() -> None:
+    # Issue 20: `dboot-tui --teach` rehearses step by step; the line that replays the run says
+    # so, and reads back through dboot's own parser as a run that pauses.
+    backend = FakeBackend()
+    app = make(backend)
+    app.wizard.teach = True
+    async with app.run_test(size=SIZE) as pilot:
+        await to_options(pilot)
+        line = command_shown(app)
+        assert line == "dboot rehearse --teach tinybox:latest /sbin/init"
+        assert teaching_in_the_line(line)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen) and confirm.command_line == line
+        assert line in flat(screen_text(app))
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert [request.pause is not None for request in backend.requests] == [True]
+
+
+async def test_f7_on_the_run_screen_reaches_the_next_runs_command_line() -> None:
+    backend = FakeBackend()
+    app = make(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_options(pilot)
+        assert command_shown(app) == "dboot rehearse tinybox:latest /sbin/init"
+        await press(pilot, "enter", "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+        await press(pilot, "f7")  # teaching on, for the next rehearsal
+        await press(pilot, "b")
+        await wait_for_screen(pilot, InitScreen)
+        for step in (ResourcesScreen, ProcessesScreen, OptionsScreen):
+            await press(pilot, "enter")
+            await wait_for_screen(pilot, step)
+        line = command_shown(app)
+        assert line == "dboot rehearse --teach tinybox:latest /sbin/init"
+        assert teaching_in_the_line(line)
+        await press(pilot, "enter", "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+        await press(pilot, "f7", "r")  # off again: "rehearse again" does not pause
+        await wait_until(pilot, lambda: len(backend.requests) == 3, 10, "the third run")
+        await wait_for_run_end(pilot, 10)
+    assert [request.pause is not None for request in backend.requests] == [False, True, False]
+
+
+async def test_a_real_switch_never_teaches_so_its_line_says_no_teach() -> None:
+    backend = FakeBackend(lab=False, target_pid=4242)
+    app = make(backend, rehearse_only=False)
+    app.wizard.teach = True
+    async with app.run_test(size=SIZE) as pilot:
+        await to_options(pilot)
+        line = command_shown(app)
+        assert line == "dboot switch --target-pid 4242 tinybox:latest /sbin/init"
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, "ctrl+r")  # the rehearsal it also offers does teach
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert [(r.rehearse, r.pause is not None) for r in backend.requests] == [(True, True)]
+
+
+async def test_enter_on_an_option_goes_on_and_space_toggles_it() -> None:
+    # Issue 20: the nav line says "Enter: confirm"; Enter on a focused option used to toggle
+    # it instead (a run changed without a word). Space toggles; Enter confirms.
+    backend = FakeBackend(lab=False)
+    app = make(backend, rehearse_only=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_options(pilot)
+        modules = app.screen.query_one("#opt-modules", Checkbox)
+        modules.focus()
+        await press(pilot, "space")
+        assert modules.value is False
+        await press(pilot, "space")
+        assert modules.value is True
+        revert = app.screen.query_one("#opt-revert")
+        revert.focus()
+        await press(pilot, "space")  # presses the highlighted choice: on
+        assert app.screen.query_one("#revert-on", RadioButton).value
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        # Modules as they were (Enter toggled nothing), the timer Space pressed on.
+        assert confirm.command_line == "dboot switch --revert-after 10 tinybox:latest /sbin/init"
+    assert backend.requests == []
 
 
 async def test_target_pid_is_on_the_switch_command_line() -> None:
@@ -316,7 +413,7 @@ async def test_the_real_engine_judges_the_options_and_runs_with_them(tmp_path: P
         app.screen.set_focus(None)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
-        await press(pilot, "tab", "enter")
+        await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
         await wait_for_screen(pilot, RunScreen)
         # The engine's copy step names the tmpfs size the Options step chose.
         copy_step = "Copying the image into a 48 MiB tmpfs"

@@ -55,7 +55,7 @@ async def filtered(pilot: Pilot[Any]) -> None:
 
 async def init(pilot: Pilot[Any]) -> None:
     await filtered(pilot)
-    await press(pilot, "enter", "enter")
+    await press(pilot, "enter")  # in the filter: continue with the one match
     await wait_for_screen(pilot, InitScreen)
     await settle(pilot)
 
@@ -90,7 +90,7 @@ async def confirm(pilot: Pilot[Any]) -> None:
 
 async def rehearsing(pilot: Pilot[Any]) -> None:
     await confirm(pilot)
-    await press(pilot, "tab", "enter")
+    await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
     await wait_for_screen(pilot, RunScreen)
 
 

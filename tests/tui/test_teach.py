@@ -7,6 +7,8 @@ the real one runs a whole teaching rehearsal of tinybox through every pause.
 
 from __future__ import annotations
 
+import io
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,11 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
+from app.cli import parse_command_line, switch_options
 from app.tui.app import DbootApp, create_app
 from app.tui.backend import EngineBackend, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.run import RunScreen
 from app.tui.widgets.teach import SandboxReaders, TeachScreen
 from injector import teach
@@ -80,7 +84,7 @@ def gone(app: DbootApp, screen: TeachScreen) -> Callable[[], bool]:
 async def rehearsing(pilot: Pilot[Any]) -> None:
     """Confirm a rehearsal; the Run screen may be under a pause at once."""
     await confirm(pilot)
-    await press(pilot, "tab", "enter")
+    await press(pilot, "enter")  # rehearse-only: Rehearse has the focus
     app = pilot.app
     await wait_until(
         pilot, lambda: any(isinstance(s, RunScreen) for s in app.screen_stack), 10, "run"
@@ -186,9 +190,18 @@ async def test_a_teaching_rehearsal_on_the_real_engine(
         await pick_tinybox(pilot)
         app.screen.query_one("#init-argv").value = SAY_HELLO  # type: ignore[attr-defined]
         await reach_the_report(pilot)
-        while not isinstance(app.screen, ConfirmScreen):
+        while not isinstance(app.screen, OptionsScreen):
             await press(pilot, "enter")  # the steps after Resources, whichever there are
-        await press(pilot, "tab", "enter")  # Cancel -> Rehearse
+        # The line that replays this run says it teaches, and dboot reads it back so (issue 20).
+        line = app.wizard.command_line()
+        assert line.startswith(f"dboot rehearse --teach --state-dir {tmp_path / 'state'} ")
+        parsed = switch_options(parse_command_line(shlex.split(line)[1:]), io.StringIO())
+        assert parsed.pause is not None and parsed.init_argv == shlex.split(SAY_HELLO)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        assert app.screen.command_line == line  # type: ignore[attr-defined]
+        assert app.focused is not None and app.focused.id == "confirm-rehearse"
+        await press(pilot, "enter")  # rehearse-only: Rehearse has the focus, Enter rehearses
         for side, step in [("host", s) for s in teach.HOST_STEPS] + [
             ("stage", s) for s in teach.STAGE_STEPS
         ]:
@@ -231,13 +244,13 @@ PAUSE_TEXTS = {
 @pytest.mark.timeout(400)
 def test_a_person_walks_through_every_pause(wizard: Callable[..., Terminal]) -> None:
     terminal = wizard("--rehearse", "--teach")
-    terminal.wait_for("tinybox")
+    terminal.wait_for("Enter: continue with")  # the list, whatever image is first
     terminal.keys("/")
     terminal.wait_for("filter: repository")
     terminal.keys(TINYBOX, literal=True)
     terminal.wait_for(f"Enter: continue with {TINYBOX}")
     terminal.keys("Enter")
-    terminal.keys_until("Enter", "Command for the new PID 1")
+    terminal.wait_for("Command for the new PID 1")
     terminal.wait_for("is an executable in the image")
     terminal.keys("C-u")
     terminal.wait_for("type the command to run as PID 1")  # emptied, then the new one
@@ -247,9 +260,11 @@ def test_a_person_walks_through_every_pause(wizard: Callable[..., Terminal]) -> 
     terminal.wait_for("Enter: see the processes", timeout=60)
     terminal.keys("Enter")
     terminal.wait_for("processes in")
-    terminal.keys_until("Enter", "Rehearse or switch?")  # through whatever steps follow
-    terminal.keys("Tab")
     terminal.keys("Enter")
+    terminal.wait_for("Enter: confirm")
+    terminal.keys("Enter")
+    terminal.wait_for("Rehearse or switch?")
+    terminal.keys("Enter")  # rehearse-only: Rehearse has the focus
     for side, steps in (("host", teach.HOST_STEPS), ("stage", teach.STAGE_STEPS)):
         for number, step in enumerate(steps, start=1):
             title = teach.LESSONS[step][0]

@@ -111,20 +111,18 @@ def terminal(wizard: Callable[..., Terminal]) -> Terminal:
 
 @pytest.mark.timeout(300)
 def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_path: Path) -> None:
-    shown = terminal.wait_for("tinybox")
+    # The list once loaded, whatever image is first: the engine may hold many (issue 20).
+    shown = terminal.wait_for("Enter: continue with")
     assert "REHEARSAL ONLY" in shown
-    # 1 Images: filter down to tinybox, then Enter on the table.
+    # 1 Images: filter down to tinybox, then Enter takes it, as the nav line says.
     # Each key waits for the screen to answer the one before: a key that lands before the
     # filter field has focus goes to the table, and Enter there picks whatever row is first.
     terminal.keys("/")
     terminal.wait_for("filter: repository")
     terminal.keys(TINYBOX, literal=True)
     terminal.wait_for(f"Enter: continue with {TINYBOX}")
-    # Enter in the filter hands the focus to the table, and Enter there picks the row. The
-    # screen looks the same either way, and a second Enter that arrives before the focus has
-    # moved lands in the filter again: so Enter until the Init step shows.
     terminal.keys("Enter")
-    terminal.keys_until("Enter", "Command for the new PID 1")
+    terminal.wait_for("Command for the new PID 1")
     # 2 Init: the image's own /sbin/init is suggested and found in the image; a shell instead.
     shown = terminal.wait_for("is an executable in the image")
     assert "/sbin/init" in shown
@@ -136,16 +134,15 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     shown = terminal.wait_for("Enter: see the processes", timeout=60)
     assert "image in RAM (estimate)" in shown
     terminal.keys("Enter")
-    # 4 Processes, 5 Options, then 6 the Confirm modal: Cancel has the focus, Tab moves to
-    # Rehearse.
+    # 4 Processes, 5 Options, then 6 the Confirm modal: Rehearse has the focus (the only run
+    # on offer, and it touches nothing here), so Enter rehearses.
     terminal.wait_for("processes in")
     terminal.keys("Enter")
     shown = terminal.wait_for("The same rehearsal from a shell")
     assert f"{TINYBOX} /bin/sh" in shown
     terminal.keys("Enter")
     shown = terminal.wait_for("Rehearse or switch?")
-    assert "Switch is off" in shown
-    terminal.keys("Tab")
+    assert "Switch is off" in shown and "Enter rehearses; Escape cancels." in shown
     terminal.keys("Enter")
     # 7 Run: the sandboxed shell's console has the keyboard (issue 11 §2): it answers.
     terminal.wait_for("exec ['/bin/sh']", timeout=240)
@@ -162,6 +159,44 @@ def test_a_person_rehearses_tinybox_with_the_keyboard(terminal: Terminal, tmp_pa
     quit_wizard(terminal)
     log = (tmp_path / "tui.log").read_text()
     assert "Rehearsal finished" in log
+
+
+@pytest.mark.timeout(300)
+def test_enter_alone_takes_a_teaching_rehearsal_to_its_first_pause(
+    wizard: Callable[..., Terminal],
+) -> None:
+    """Issue 20: `dboot-tui --rehearse --teach` as a teacher tries it before a class. Once the
+    image is chosen (with the filter: the engine holds many), Enter alone goes from step to
+    step, each doing what its nav line says, to the first teaching pause. No Tab, no loop."""
+    terminal = wizard("--rehearse", "--teach")
+    terminal.wait_for("Enter: continue with")
+    terminal.keys("/")
+    terminal.wait_for("filter: repository")
+    terminal.keys(TINYBOX, literal=True)
+    # Each Enter waits for the promise it keeps: the nav line (or the modal's) says it first.
+    promises = [
+        (f"Enter: continue with {TINYBOX}", "Command for the new PID 1"),
+        ("Enter: check the resources", "image in RAM (estimate)"),
+        ("Enter: see the processes", "processes in"),
+        ("Enter: the options", "The same rehearsal from a shell"),
+        ("Enter: confirm", "Rehearse or switch?"),
+        ("Enter rehearses", "Step by step · host 1/"),
+    ]
+    for promise, kept in promises:
+        shown = terminal.wait_for(promise, timeout=90)
+        if promise in ("Enter: confirm", "Enter rehearses"):
+            # The line that replays this run teaches too (issue 20 §2), before and in the modal.
+            assert "dboot rehearse --teach " in shown, shown
+        terminal.keys("Enter")
+        terminal.wait_for(kept, timeout=90)
+    shown = terminal.wait_for("Teaching pause:")
+    assert "read(fd, buf, 1 MiB)" in shown, shown  # the first host step: reading the image
+    # Done here: no more pauses, then stop tinybox's shell and leave.
+    terminal.keys("c")
+    terminal.wait_for("/ #", timeout=120)
+    terminal.keys("F8")
+    terminal.wait_for("── stopped: the sandbox is gone ──", timeout=60)
+    quit_wizard(terminal)
 
 
 def pid1_identity() -> tuple[str, str]:

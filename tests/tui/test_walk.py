@@ -20,7 +20,10 @@ from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
 from injector.errors import SafetyRefusal
-from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
+from injector.events import Notice
+from injector.image.sources import ImageSummary
+from injector.preflight.preflight import Report
+from tests.tui.fakes import HOSTNAME, IMAGES, FakeBackend, MiB, SteppingClock
 from tests.tui.helpers import (
     press,
     screen_text,
@@ -44,9 +47,10 @@ def make(backend: FakeBackend | None = None, *, rehearse_only: bool = True) -> D
 
 
 async def to_tinybox(pilot) -> None:
-    """Filter the image list down to tinybox, as a user would with `/`."""
+    """Filter the image list down to tinybox, as a user would with `/` (the filter keeps the
+    focus: Enter there continues with it)."""
     await settle(pilot)
-    await press(pilot, "slash", *"tinybox", "enter")
+    await press(pilot, "slash", *"tinybox")
     assert pilot.app.screen.selected == "tinybox:latest"
 
 
@@ -86,9 +90,10 @@ async def test_whole_walk_ends_with_the_rehearsals_console_and_status() -> None:
         assert "dboot rehearse tinybox:latest /sbin/init" in screen_text(app)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
-        # Cancel has the focus first: a stray Enter must never start anything.
-        assert app.focused is not None and app.focused.id == "confirm-cancel"
-        await press(pilot, "tab", "enter")  # -> Rehearse
+        # Rehearse-only: Rehearse has the focus, and Enter rehearses (issue 20).
+        assert app.focused is not None and app.focused.id == "confirm-rehearse"
+        assert "Enter rehearses; Escape cancels." in screen_text(app)
+        await press(pilot, "enter")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
         text = screen_text(app)
@@ -126,7 +131,7 @@ async def test_cancel_in_confirm_returns_to_options_and_runs_nothing() -> None:
         await to_options(pilot)
         await press(pilot, "enter")
         await wait_for_screen(pilot, ConfirmScreen)
-        await press(pilot, "enter")  # Cancel is focused
+        await press(pilot, "shift+tab", "enter")  # Rehearse has the focus; Cancel is before it
         await wait_for_screen(pilot, OptionsScreen)
         await press(pilot, "n")
         await wait_for_screen(pilot, ConfirmScreen)
@@ -139,7 +144,7 @@ async def test_back_after_a_run_lands_on_the_init_step() -> None:
     app = make()
     async with app.run_test(size=SIZE) as pilot:
         await to_options(pilot)
-        await press(pilot, "enter", "tab", "enter")
+        await press(pilot, "enter", "enter")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
         await press(pilot, "b")
@@ -152,7 +157,7 @@ async def test_leaving_is_refused_while_a_run_is_in_flight() -> None:
     async with app.run_test(size=SIZE) as pilot:
         try:
             await to_options(pilot)
-            await press(pilot, "enter", "tab", "enter")
+            await press(pilot, "enter", "enter")
             await wait_for_screen(pilot, RunScreen)
             await wait_until(pilot, lambda: "wait4" in screen_text(app), 10, "the injection")
             await press(pilot, "q", "b", "escape")
@@ -380,13 +385,98 @@ async def test_enter_with_a_wrong_hostname_says_what_is_wrong_and_switches_nothi
         await press(pilot, "enter")
         assert "'LABHOST' differs in case" in screen_text(app)
         assert app.screen is screen
-        # A rehearsal needs no typing: Tab to Cancel, Tab to Rehearse.
-        await press(pilot, "tab", "tab", "enter")
+        # A rehearsal needs no typing: its own key, from the hostname field.
+        await press(pilot, "ctrl+r")
         await wait_for_screen(pilot, RunScreen)
         await wait_for_run_end(pilot, 10)
     assert backend.requests == [
         RunRequest("tinybox:latest", ["/sbin/init"], rehearse=True, options=REVERT_ON)
     ]
+
+
+async def test_where_a_switch_is_possible_ctrl_r_rehearses_and_r_is_typed() -> None:
+    # Issue 20: the hostname field keeps the focus (a real switch needs the typed name), and
+    # Rehearse has a key of its own that works from the field; the modal names it.
+    backend = FakeBackend(lab=False)
+    app = real_switch_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await to_real_confirm(pilot)
+        field = screen.query_one("#confirm-hostname", Input)
+        assert app.focused is field
+        assert "^R rehearses, with no typing; Escape cancels." in screen_text(app)
+        await press(pilot, "r")  # a letter of a hostname: typed, never a rehearsal
+        assert field.value == "r" and app.screen is screen
+        await press(pilot, "ctrl+r")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert [request.rehearse for request in backend.requests] == [True]
+
+
+class SwitchBlocked(FakeBackend):
+    """Lab mode off, but a host blocker stops the real switch: only a rehearsal is offered."""
+
+    def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
+        if rehearse:
+            return []
+        return [Notice("blocker", "pid1-ptrace", "ptrace of PID 1 is denied", "allow ptrace")]
+
+
+async def test_when_blockers_leave_only_a_rehearsal_enter_rehearses() -> None:
+    backend = SwitchBlocked(lab=False)
+    app = make(backend, rehearse_only=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await to_options(pilot)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        assert "Switch is off: ptrace of PID 1 is denied" in screen_text(app)
+        assert app.focused is not None and app.focused.id == "confirm-rehearse"
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+    assert [request.rehearse for request in backend.requests] == [True]
+
+
+async def test_enter_in_the_filter_continues_with_the_image_it_promises() -> None:
+    # Issue 20: the nav line says "Enter: continue with X" while the filter has the focus;
+    # Enter there takes X (it used to only hand the focus to the list, silently).
+    app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await press(pilot, "slash", *"alpine")
+        assert isinstance(app.focused, Input) and app.focused.id == "filter"
+        assert "Enter: continue with alpine:3.20" in screen_text(app)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, InitScreen)
+        assert app.wizard.choices.image == "alpine:3.20"
+
+
+async def test_the_list_is_newest_first_as_docker_images_and_says_so() -> None:
+    # The image just built or pulled is on top; images made together by name; untagged last.
+    twins = [
+        ImageSummary("zeta", "1", "sha256:" + "e" * 64, 1, "2026-12-01T00:00:00Z"),
+        ImageSummary("beta", "1", "sha256:" + "b" * 64, 1, "2026-12-01T00:00:00Z"),
+    ]
+
+    class NewerImages(FakeBackend):
+        def list_images(self) -> list[ImageSummary]:
+            return [*IMAGES, *twins]
+
+    app = make(NewerImages())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one("#images", DataTable)
+        rows = [str(key.value) for key in table.rows]
+        assert rows == [
+            "beta:1",
+            "zeta:1",
+            "tinybox:latest",
+            "myapp:2.1",
+            "debian:bookworm-slim",
+            "alpine:3.20",
+            "deadbeefdead",
+        ]
+        header = screen_text(app).splitlines()[2]
+        assert header.split() == ["Repository", "Tag", "Image", "ID", "Size", "Newest", "first"]
 
 
 async def test_escape_while_typing_the_hostname_cancels() -> None:

@@ -2,9 +2,10 @@
 `dboot` command line, ready to copy: one wizard run can be replayed from a script.
 
 For a real switch the hostname field has the focus: what the user types lands there, Switch
-stays off until it matches exactly, and Enter in it either switches or says what is wrong.
-Otherwise (rehearse-only, or blockers) Cancel has the focus, so a stray Enter starts nothing.
-Escape cancels in every case.
+stays off until it matches exactly, and Enter in it either switches or says what is wrong;
+Ctrl-R rehearses without typing. Otherwise (rehearse-only, or blockers) only a rehearsal is on
+offer, which touches nothing on this machine: Rehearse has the focus, and Enter rehearses, as
+the Options step's "Enter: confirm" promised. Escape cancels in every case.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from app.tui.widgets.chrome import Field
 from app.tui.wizard import Outcome, Wizard
 
 logger = logging.getLogger(__name__)
+
+REHEARSE_KEY = "ctrl+r"
 
 
 def consequences(wizard: Wizard) -> Text:
@@ -56,11 +59,14 @@ def consequences(wizard: Wizard) -> Text:
 
 class ConfirmScreen(ModalScreen[Outcome]):
     # The first match in screen order: the hostname field when a real switch is on offer
-    # (it comes before the buttons), else Cancel.
-    AUTO_FOCUS = "#confirm-hostname, #confirm-cancel"
+    # (it comes before the buttons), else Rehearse.
+    AUTO_FOCUS = "#confirm-hostname, #confirm-rehearse"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel"),
         Binding(COPY_KEY, "copy_command", "Copy command line"),
+        # Priority: it works while the hostname field has the focus (r is typed there).
+        Binding(REHEARSE_KEY, "rehearse", "Rehearse", priority=True),
+        Binding("r", "rehearse", "Rehearse"),
     ]
 
     def __init__(self, wizard: Wizard) -> None:
@@ -98,6 +104,9 @@ class ConfirmScreen(ModalScreen[Outcome]):
                 yield Static(self.hint(""), id="confirm-status")
             else:
                 yield Label(Text(self.refusal, style="yellow"), id="confirm-refusal")
+                yield Static(
+                    Text("Enter rehearses; Escape cancels.", style="dim"), id="confirm-status"
+                )
             with Horizontal(id="confirm-buttons"):
                 yield Button("Cancel", id="confirm-cancel", compact=True)
                 yield Button("Rehearse", id="confirm-rehearse", variant="success", compact=True)
@@ -125,7 +134,8 @@ class ConfirmScreen(ModalScreen[Outcome]):
         """What Enter would do now, before the user presses it."""
         if value == self.hostname:
             return Text(f"✓ {self.hostname}: Enter switches for real.", style="bold green")
-        return Text("Escape cancels; Tab reaches Rehearse, which needs no typing.", style="dim")
+        key = REHEARSE_KEY.replace("ctrl+", "^").upper()
+        return Text(f"{key} rehearses, with no typing; Escape cancels.", style="dim")
 
     def mismatch(self, value: str) -> Text:
         """Why Enter did not switch, in one line."""
@@ -165,3 +175,6 @@ class ConfirmScreen(ModalScreen[Outcome]):
 
     def action_cancel(self) -> None:
         self.dismiss(Outcome.BACK)
+
+    def action_rehearse(self) -> None:
+        self.dismiss(Outcome.REHEARSE)

@@ -38,10 +38,14 @@ or a filesystem tarball, compressed or not."""
 FILE_KINDS = {"docker-archive": "docker save", "rootfs": "tarball"}
 
 
-def sort_key(image: ImageSummary) -> tuple[bool, str, str]:
-    """Named images first, alphabetically; untagged `<none>` ones last, as the issue asks."""
-    untagged = image.repository == "<none>" or image.tag == "<none>"
-    return (untagged, image.repository, image.tag)
+def listed_order(images: list[ImageSummary]) -> list[ImageSummary]:
+    """Newest first, as `docker images` lists them (the image just built or pulled is on
+    top), those created at the same time by name; untagged `<none>` ones last."""
+    by_name = sorted(images, key=lambda image: (image.repository, image.tag))
+    # The engine's dates are ISO 8601 in UTC, one format: as text they sort in time order.
+    # Sorting is stable, reverse included: images created together stay in name order.
+    newest_first = sorted(by_name, key=lambda image: image.created, reverse=True)
+    return sorted(newest_first, key=lambda image: "<none>" in (image.repository, image.tag))
 
 
 # Optional[str]: a base class is evaluated at run time, and Python 3.9 has no `str | None`.
@@ -130,7 +134,8 @@ class ImagesScreen(StepScreen):
 
     def on_mount(self) -> None:
         table = self.query_one("#images", DataTable)
-        table.add_columns("Repository", "Tag", "Image ID", "Size", "Created")
+        # The header says the order, over the dates it follows.
+        table.add_columns("Repository", "Tag", "Image ID", "Size", "Newest first")
         self.query_one("#details-pane").border_title = "Details"
         self.block("looking for images…")
         self.load_images()
@@ -143,7 +148,7 @@ class ImagesScreen(StepScreen):
         except DbootError as error:
             self.post_message(EngineDown(str(error)))
             return
-        self.post_message(ImagesLoaded(sorted(images, key=sort_key)))
+        self.post_message(ImagesLoaded(listed_order(images)))
 
     @work(thread=True, exclusive=True, group="details")
     def load_details(self, ref: str) -> None:
@@ -292,7 +297,9 @@ class ImagesScreen(StepScreen):
 
     @on(Input.Submitted, "#filter")
     def filter_done(self) -> None:
-        self.query_one("#images").focus()
+        # What the nav line promises: "Enter: continue with" the highlighted image. Tab
+        # reaches the list, to pick another match.
+        self.action_next()
 
     def action_back(self) -> None:
         # Escape on the first step closes the filter; there is no step before this one.

@@ -27,7 +27,7 @@ from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Stati
 from app.format import human_bytes, number_arg
 from app.tui.backend import RunOptions
 from app.tui.screens.base import StepScreen
-from app.tui.widgets.chrome import Choice, Field, Tick
+from app.tui.widgets.chrome import Choice, ChoiceSet, Field, Tick
 from app.tui.wizard import Wizard
 from initstage.plan import DEFAULT_REMOTE_REVERT_MINUTES, KEEP_FILE
 from injector.errors import BadInput
@@ -146,7 +146,7 @@ class OptionsScreen(StepScreen):
         turned_off = chosen.no_revert or (not turned_on and self.engine_revert is None)
         with Horizontal(classes="option", id="revert-row"):
             yield Label("Revert timer", classes="option-name")
-            with RadioSet(id="opt-revert", compact=True, disabled=switch_off):
+            with ChoiceSet(id="opt-revert", compact=True, disabled=switch_off):
                 yield Choice("on", turned_on, id="revert-on")
                 yield Choice("off", turned_off, id="revert-off")
             yield Field(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.content import Content
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Input, Label, RadioButton
+from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet
 
 from app.tui.wizard import STEP_TITLES
 
@@ -78,8 +81,16 @@ def _plain_mark(button: Checkbox | RadioButton, mark: str) -> None:
     button.BUTTON_INNER = mark if button.value else " "
 
 
-class Tick(Checkbox):
-    """A checkbox whose mark is X when ticked and blank when not, in plain text too."""
+# Space toggles an option; Enter is the step's own key ("Enter: confirm"), never a toggle that
+# would change the run instead of going on with it.
+TOGGLE = Binding("space", "toggle_button", "Toggle", show=False)
+
+
+class Tick(Checkbox, inherit_bindings=False):
+    """A checkbox whose mark is X when ticked and blank when not, in plain text too; Space
+    toggles it, Enter goes to the step."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [TOGGLE]
 
     def render(self) -> Content:
         _plain_mark(self, "X")
@@ -92,3 +103,13 @@ class Choice(RadioButton):
     def render(self) -> Content:
         _plain_mark(self, "●")
         return super().render()
+
+
+class ChoiceSet(RadioSet, inherit_bindings=False):
+    """A radio set whose arrows move and Space presses; Enter goes to the step."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("down,right", "next_button", "Next option", show=False),
+        TOGGLE,
+        Binding("up,left", "previous_button", "Previous option", show=False),
+    ]

@@ -223,6 +223,8 @@ class ConsoleView(Widget, can_focus=True):
         terminal.cursor.x = min(terminal.cursor.x, columns - 1)
 
     def on_key(self, event: events.Key) -> None:
+        if self.fd is None:
+            return  # no sandbox to type to (ended): the wizard's keys work, Enter as the nav says
         application_cursor = APPLICATION_CURSOR_MODE in self.terminal.mode
         data = key_bytes(event.key, event.character, application_cursor=application_cursor)
         if data is None:
