@@ -13,7 +13,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 packages=(docker.io busybox-static cpio debootstrap qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev
           zstd tmux attr iproute2 util-linux python3 python3-venv python3-psutil gzip procps dmsetup sudo
           qemu-system-arm qemu-user-static binfmt-support gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-          openssh-client)
+          openssh-client fdisk dosfstools mtools ovmf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,6 +17,10 @@ is adding a ``Variant``. Two layers per variant, cached under ``.cache/vm/`` (gi
     ``scripts/build-tinybox.sh`` and docker-boot's sources as they are on disk now. Fast (about
     half a minute), rebuilt whenever any of those change, so every run tests the working tree.
 
+A firmware bed (``Variant.firmware``: x86_64-bios, x86_64-uefi) starts from another variant's
+base layer, adds ``grub-<firmware>-<hash>/tree`` (GRUB's platform package installed by the
+tree's own apt) and makes its disk a partitioned one with GRUB installed (``bootdisk.py``).
+
 Run ``python -m tests.vm.build [--variant arm64]`` to build (``--boot SCENARIO`` then boots it with
 the console on stdout). Needs root, debootstrap, e2fsprogs, qemu-utils, a C compiler for the
 guest with a static libc, a Docker engine, and for a foreign guest qemu-user-static.
@@ -132,6 +136,73 @@ ARM64 = GuestArch(
 
 
 @dataclass(frozen=True)
+class Partition:
+    """One filesystem of a firmware bed's disk, in disk order (the guest's /dev/vda1, vda2...)."""
+
+    mountpoint: str
+    fstype: str  # ext4 or vfat
+    sfdisk_type: str  # sfdisk's alias of the partition type: linux, uefi
+    size_mib: int = 0  # 0: what its files take, plus ROOT_ROOM_MIB for the root
+    options: str = "defaults"  # of its fstab line
+    fsck_pass: int = 2
+    bootable: bool = False  # the MBR's active flag, as Debian's installer sets it
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """How a firmware bed boots: QEMU's firmware, the disk's partition table and GRUB's platform,
+    installed into the guest's tree from Debian's mirror and run in a chroot of it, as on a
+    Debian installed on such a machine (tests/vm/bootdisk.py builds the disk)."""
+
+    name: str  # bios, uefi
+    label: str  # sfdisk's partition table: dos (MBR) or gpt
+    partitions: tuple[Partition, ...]
+    packages: str  # in tests/vm/: GRUB's platform package and what such a machine has with it
+    grub_install: tuple[str, ...]  # grub-install's options
+    grub_install_to_disk: bool  # BIOS: the whole disk's device follows (the MBR and its gap)
+    banner: str  # the firmware's first line on the serial console (a regular expression)
+    # OVMF: its code (a read-only pflash) and the template of each machine's own variable
+    # store (a writable pflash); empty for SeaBIOS, QEMU's default firmware.
+    code: str = ""
+    vars_template: str = ""
+    package: str = "seabios"  # the host's package of the firmware
+
+
+BIOS = Firmware(
+    name="bios",
+    label="dos",
+    partitions=(
+        Partition("/", "ext4", "linux", options="errors=remount-ro", fsck_pass=1, bootable=True),
+    ),
+    packages="packages-bios.txt",
+    grub_install=("--target=i386-pc",),
+    grub_install_to_disk=True,
+    # Through SeaBIOS's serial console, which QEMU turns on when there is no display.
+    banner=r"SeaBIOS \(version ",
+)
+UEFI = Firmware(
+    name="uefi",
+    label="gpt",
+    partitions=(
+        Partition("/boot/efi", "vfat", "uefi", size_mib=64, options="umask=0077", fsck_pass=1),
+        Partition("/boot", "ext4", "linux", size_mib=256),
+        Partition("/", "ext4", "linux", options="errors=remount-ro", fsck_pass=1),
+    ),
+    packages="packages-uefi.txt",
+    # The removable media path (EFI/BOOT/BOOTX64.EFI) is what a firmware boots with no boot
+    # entry in its NVRAM, and a new machine's NVRAM (a fresh copy of OVMF_VARS) has none.
+    grub_install=("--target=x86_64-efi", "--efi-directory=/boot/efi", "--removable", "--no-nvram"),
+    grub_install_to_disk=False,
+    # OVMF's boot manager, starting the removable path's loader (its own log goes elsewhere).
+    banner=r"BdsDxe: starting Boot[0-9A-F]{4} ",
+    # The 4 MiB builds: bookworm's 2 MiB OVMF_CODE.fd is the legacy one, gone after bookworm.
+    code="/usr/share/OVMF/OVMF_CODE_4M.fd",
+    vars_template="/usr/share/OVMF/OVMF_VARS_4M.fd",
+    package="ovmf",
+)
+
+
+@dataclass(frozen=True)
 class Variant:
     """One kind of test machine: its architecture, its tree's packages, what its disk carries."""
 
@@ -146,6 +217,10 @@ class Variant:
     # list (openssh-server, iproute2), systemd-networkd on DHCP, a test key in root's
     # authorized_keys (``VmBed.ssh_key``) and the rescue image's `docker save` in /root.
     remote: bool = False
+    # A firmware bed (issue 17 §4): a partitioned disk that boots through QEMU's firmware and
+    # the GRUB installed on it, not -kernel. Its tree is ``base``'s plus GRUB (a layer of its own).
+    firmware: Firmware | None = None
+    base: str = ""  # the variant whose base layer this one's tree starts from; "": its own
 
 
 VARIANTS: dict[str, Variant] = {
@@ -154,6 +229,18 @@ VARIANTS: dict[str, Variant] = {
         Variant("x86_64", X86_64, remote=True),
         # The arm64 scenarios are switch-busybox and rollback: no systemd image, no recovery.
         Variant("arm64", ARM64, systemd_root=False, recovery_init=False),
+        # The remote machine of x86_64, booted through SeaBIOS or OVMF and GRUB from its disk.
+        *(
+            Variant(
+                f"x86_64-{firmware.name}",
+                X86_64,
+                systemd_root=False,
+                remote=True,
+                firmware=firmware,
+                base="x86_64",
+            )
+            for firmware in (BIOS, UEFI)
+        ),
     )
 }
 DEFAULT = VARIANTS["x86_64"]
@@ -170,10 +257,33 @@ class VmBed:
     disk_seconds: float  # time spent building the final disk in this call; 0 when cached
     variant: Variant = field(default=DEFAULT)
     ssh_key: Path | None = None  # private key of root's authorized_keys (remote variants)
+    # A firmware bed's filesystems, in disk order, as the guest sees them; empty otherwise
+    filesystems: tuple[Filesystem, ...] = ()
 
     @property
     def arch(self) -> GuestArch:
         return self.variant.arch
+
+    @property
+    def firmware(self) -> Firmware | None:
+        return self.variant.firmware
+
+    def filesystem(self, mountpoint: str) -> Filesystem:
+        """The filesystem a firmware bed mounts at ``mountpoint`` ("/", "/boot", "/boot/efi")."""
+        for found in self.filesystems:
+            if found.mountpoint == mountpoint:
+                return found
+        raise KeyError(f"the {self.variant.name} bed mounts nothing at {mountpoint}")
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """One filesystem of a built firmware bed (its disk's ``layout.json``)."""
+
+    mountpoint: str
+    fstype: str
+    uuid: str  # as blkid and findmnt show it: a UUID for ext4, XXXX-XXXX for vfat
+    device: str  # the guest's partition: /dev/vda1, ...
 
 
 # --- Requirements ------------------------------------------------------------------------------
@@ -198,7 +308,21 @@ def required_tools(variant: Variant) -> dict[str, str]:
     if arch.binfmt:
         tools[arch.binfmt + "-static"] = "qemu-user-static binfmt-support"
         tools["update-binfmts"] = "binfmt-support"
+    if variant.firmware is not None:
+        # The partitioned disk (tests/vm/bootdisk.py); GRUB itself runs from the guest's tree.
+        tools.update({"sfdisk": "fdisk", "losetup": "mount", "partx": "util-linux"})
+        if any(part.fstype == "vfat" for part in variant.firmware.partitions):
+            tools.update({"mkfs.vfat": "dosfstools", "mcopy": "mtools"})
     return tools
+
+
+def missing_firmware(variant: Variant) -> set[str]:
+    """The host package of a firmware bed's firmware, if its files are missing (OVMF's)."""
+    firmware = variant.firmware
+    if firmware is None:
+        return set()
+    files = [name for name in (firmware.code, firmware.vars_template) if name]
+    return {firmware.package} if any(not Path(name).is_file() for name in files) else set()
 
 
 def check_requirements(variant: Variant = DEFAULT) -> None:
@@ -207,6 +331,7 @@ def check_requirements(variant: Variant = DEFAULT) -> None:
         raise BuildError("the VM test bed needs root (debootstrap, chroot, mkfs): run as root")
     missing = sorted(
         {pkg for tool, pkg in required_tools(variant).items() if shutil.which(tool) is None}
+        | missing_firmware(variant)
     )
     if missing:
         raise BuildError(
@@ -253,12 +378,19 @@ def _enabled(entry: Path) -> bool:
 
 
 def run(
-    cmd: list[str], what: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
+    cmd: list[str],
+    what: str,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
 ) -> str:
     """Run a build step; on failure, one line with the step, the exit status and the last error."""
     # The engine here only builds with the legacy builder (no BuildKit).
     env = {**(os.environ if env is None else env), "DOCKER_BUILDKIT": "0"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, input=stdin, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
         raise BuildError(f"{what} failed (exit {result.returncode}): {lines[-1]}")
@@ -295,8 +427,9 @@ def cache_lock() -> Iterator[None]:
 def prune(prefix: str, keep: Path, spare: int = 0) -> None:
     """Remove older cached layers of one kind: they are gigabytes and never used again. ``spare``
     newest others survive, for a concurrent session still booting overlays of its own disk."""
+    # Exactly <prefix>-<hash>: disk-x86_64's prune must spare disk-x86_64-uefi-<hash>.
     others = sorted(
-        (old for old in CACHE.glob(prefix + "-*") if old != keep and old.is_dir()),
+        (old for old in CACHE.glob(f"{prefix}-{'[0-9a-f]' * 16}") if old != keep and old.is_dir()),
         key=lambda path: path.stat().st_mtime,
         reverse=True,
     )
@@ -364,6 +497,48 @@ def build_base(variant: Variant, log: Log) -> tuple[Path, float]:
     return base, time.monotonic() - started
 
 
+def grub_key(base: Path, firmware: Firmware) -> str:
+    return digest(
+        [
+            ("base", base.name.encode()),
+            ("firmware", firmware.name.encode()),
+            *files_under(HERE, [firmware.packages]),
+            ("mirror", MIRROR.encode()),
+        ]
+    )
+
+
+def build_grub_tree(base: Path, firmware: Firmware, log: Log) -> tuple[Path, float]:
+    """A copy of the base tree with GRUB's platform package for ``firmware`` installed from
+    Debian's mirror by the tree's own apt: the Debian such a machine runs. A layer of its own,
+    ``grub-<firmware>-<hash>/tree``, so the disk layer above it needs no network."""
+    layer = CACHE / f"grub-{firmware.name}-{grub_key(base, firmware)}"
+    if (layer / ".complete").exists():
+        return layer, 0.0
+    started = time.monotonic()
+    shutil.rmtree(layer, ignore_errors=True)
+    layer.mkdir(parents=True)
+    tree = layer / "tree"
+    packages = [
+        line.strip()
+        for line in (HERE / firmware.packages).read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    log(f"installing {' '.join(packages)} into a copy of the base tree (apt, {MIRROR})")
+    run(["cp", "-a", "--reflink=auto", str(base / "tree"), str(tree)], "copy of the base tree")
+    # No terminal: debconf must not ask for grub-pc's install devices (the disk build installs).
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for apt in (["update"], ["install", "-y", "--no-install-recommends", *packages], ["clean"]):
+        what = f"apt-get {apt[0]} in the guest tree"
+        run(["chroot", str(tree), "apt-get", "-q", *apt], what, env=apt_env)
+    for lists in (tree / "var/lib/apt/lists").iterdir():
+        if lists.is_file():
+            lists.unlink()
+    (layer / ".complete").touch()
+    prune(f"grub-{firmware.name}", layer)
+    return layer, time.monotonic() - started
+
+
 LEGACY_LAYER = re.compile(r"(base|disk|wheels)-[0-9a-f]{16}")
 
 
@@ -398,6 +573,7 @@ def disk_key(base: Path, variant: Variant = DEFAULT) -> str:
             *([("rescue", rescue_image_id().encode())] if variant.remote else []),
             ("variant", repr(variant).encode()),
             *files_under(HERE, ["build.py", "guest", "image"]),
+            *(files_under(HERE, ["bootdisk.py"]) if variant.firmware else []),
             *files_under(REPO, ["scripts/build-tinybox.sh", *GUEST_TEST_MODULES]),
             *(("src/" + name, content) for name, content in files_under(REPO, SOURCE_PATHS)),
         ]
@@ -742,8 +918,13 @@ def build_disk(base: Path, variant: Variant, log: Log) -> tuple[Path, float]:
             save_systemd_root(base / "tree", tree / "root/systemd-root.tar", variant)
         if variant.remote:
             make_remote_machine(tree, disk_dir / SSH_KEY_NAME, log)
-        log("mkfs.ext4 -d")
-        make_ext4(tree, disk)
+        if variant.firmware is not None:
+            from tests.vm.bootdisk import make_boot_disk
+
+            make_boot_disk(tree, disk, variant, log)
+        else:
+            log("mkfs.ext4 -d")
+            make_ext4(tree, disk)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     (disk_dir / ".complete").touch()
@@ -752,17 +933,33 @@ def build_disk(base: Path, variant: Variant, log: Log) -> tuple[Path, float]:
 
 
 def build(log: Log = print, variant: Variant = DEFAULT) -> VmBed:
-    """Build (or reuse) both layers of one variant and return the bed. Raises BuildError."""
+    """Build (or reuse) the layers of one variant and return the bed. Raises BuildError."""
     check_requirements(variant)
     with cache_lock():
         prune_legacy()
         if variant.remote:
             rescue_image()
-        base, base_seconds = build_base(variant, log)
-        disk, disk_seconds = build_disk(base, variant, log)
+        base, base_seconds = build_base(VARIANTS[variant.base] if variant.base else variant, log)
+        tree_layer = base
+        if variant.firmware is not None:
+            tree_layer, grub_seconds = build_grub_tree(base, variant.firmware, log)
+            base_seconds += grub_seconds
+        disk, disk_seconds = build_disk(tree_layer, variant, log)
     ssh_key = disk.parent / SSH_KEY_NAME if variant.remote else None
+    filesystems: tuple[Filesystem, ...] = ()
+    if variant.firmware is not None:
+        from tests.vm.bootdisk import read_layout
+
+        filesystems = read_layout(disk)
     return VmBed(
-        base / "vmlinuz", base / "initrd.img", disk, base_seconds, disk_seconds, variant, ssh_key
+        base / "vmlinuz",
+        base / "initrd.img",
+        disk,
+        base_seconds,
+        disk_seconds,
+        variant,
+        ssh_key,
+        filesystems,
     )
 
 
