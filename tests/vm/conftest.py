@@ -65,6 +65,18 @@ def arm64_bed(request: pytest.FixtureRequest) -> build.VmBed:
     return bed_for(request, "arm64")
 
 
+@pytest.fixture(scope="session")
+def bios_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    """The x86_64 remote machine on an MBR disk, booted by SeaBIOS and the GRUB on its disk."""
+    return bed_for(request, "x86_64-bios")
+
+
+@pytest.fixture(scope="session")
+def uefi_bed(request: pytest.FixtureRequest) -> build.VmBed:
+    """The x86_64 remote machine on a GPT disk (ESP, /boot, root), booted by OVMF and GRUB."""
+    return bed_for(request, "x86_64-uefi")
+
+
 @pytest.fixture(scope="session", params=["x86_64", "arm64"])
 def each_arch_bed(request: pytest.FixtureRequest) -> build.VmBed:
     """For a scenario that must hold on every architecture: one run per bed."""
@@ -82,19 +94,53 @@ def vm_timing(request: pytest.FixtureRequest) -> Iterator[Timing]:
         TIMINGS.append(timing)
 
 
-def wait_ready(vm: Machine, timing: Timing) -> ConsoleLine:
-    """Boot to the scenario unit's ready marker: systemd reached multi-user.target first."""
-    ready = vm.wait_for(READY.format(scenario=re.escape(vm.scenario)), BOOT_TIMEOUT)
-    reached = vm.find(r"Reached target .*(multi-user\.target|Multi-User System)")
+def wait_ready(vm: Machine, timing: Timing | None, *, after: int = -1) -> ConsoleLine:
+    """Boot to the scenario unit's ready marker: systemd reached multi-user.target first.
+    ``after``: a console line before this boot (a reboot's), then no timing is recorded."""
+    ready = vm.wait_for(READY.format(scenario=re.escape(vm.scenario)), BOOT_TIMEOUT, after=after)
+    reached = vm.find(r"Reached target .*(multi-user\.target|Multi-User System)", after=after)
     # Its status line may be cut by a kernel message on a busy console: then systemd's answer
     # in the marker says the same.
     seen = reached is not None and reached.index < ready.index
     assert seen or marker_value(ready, "multi-user") == "active", (
         "the ready marker came before systemd reported multi-user.target"
     )
-    timing.values["boot_host_s"] = ready.seconds
-    timing.values["boot_guest_uptime_s"] = float(marker_value(ready, "uptime"))
+    if timing is not None and after == -1:
+        timing.values["boot_host_s"] = ready.seconds
+        timing.values["boot_guest_uptime_s"] = float(marker_value(ready, "uptime"))
     return ready
+
+
+@dataclass(frozen=True)
+class FirmwareBoot:
+    """One boot of a firmware bed, as its console showed it: the firmware, then GRUB, then the
+    kernel that GRUB started."""
+
+    firmware: ConsoleLine  # Firmware.banner
+    grub: ConsoleLine  # GRUB's menu
+    loading: ConsoleLine  # GRUB's "Loading Linux VERSION ..."
+    kernel: ConsoleLine  # the kernel's "Command line: BOOT_IMAGE=..."
+
+    @property
+    def command_line(self) -> str:
+        return self.kernel.text.split("Command line: ", 1)[1].strip()
+
+
+GRUB_MENU = r"GNU GRUB +version \S+"
+GRUB_LOADS_LINUX = r"Loading Linux \S+ \.\.\."
+KERNEL_FROM_GRUB = r"Command line: BOOT_IMAGE=\S+ "
+
+
+def wait_firmware_boot(vm: Machine, *, after: int = -1) -> FirmwareBoot:
+    """A firmware bed's boot chain on the console, in order, after line ``after`` (the first
+    boot by default; give a line before a reboot for the next one)."""
+    firmware = vm.bed.firmware
+    assert firmware is not None, f"{vm.bed.variant.name} boots with -kernel, not a firmware"
+    banner = vm.wait_for(firmware.banner, BOOT_TIMEOUT, after=after)
+    grub = vm.wait_for(GRUB_MENU, BOOT_TIMEOUT, after=banner.index)
+    loading = vm.wait_for(GRUB_LOADS_LINUX, BOOT_TIMEOUT, after=grub.index)
+    kernel = vm.wait_for(KERNEL_FROM_GRUB, BOOT_TIMEOUT, after=loading.index)
+    return FirmwareBoot(banner, grub, loading, kernel)
 
 
 def marker_value(line: ConsoleLine, key: str) -> str:

@@ -2,6 +2,11 @@
 
 Each ``Machine`` boots the built disk through its own qcow2 overlay (the raw disk stays
 pristine, so scenarios cannot pollute each other) with the scenario on the kernel command line.
+A firmware bed (``VmBed.firmware``) boots instead through QEMU's firmware (SeaBIOS, or OVMF with
+the machine's own copy of its variable store) and the GRUB on its disk, with no -kernel; the
+scenario then rides in an SMBIOS OEM string. The overlay and that variable store are the
+machine's ``Storage``: a new Machine given the same Storage boots the same machine again after
+QEMU was killed (a power cut).
 The serial console is a unix socket that QEMU waits on before starting the CPU, so no byte is
 lost: a reader thread timestamps every line (host monotonic clock), appends it to
 ``console.log`` and wakes whoever waits for a marker. Writing to the socket types on the console.
@@ -50,8 +55,32 @@ class ConsoleLine:
     text: str
 
 
+@dataclass(frozen=True)
+class Storage:
+    """What a machine keeps across power cycles: its disk, a qcow2 overlay of the bed's disk (the
+    cached disk stays pristine), and on UEFI its NVRAM, a copy of OVMF's variable store."""
+
+    overlay: Path
+    efi_vars: Path | None = None
+
+    @classmethod
+    def create(cls, bed: VmBed, directory: Path) -> Storage:
+        """A new machine's: an empty overlay, and OVMF's variable store as shipped."""
+        overlay = directory / "overlay.qcow2"
+        backing = ["-b", str(bed.disk), "-F", "raw"]
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(overlay)], check=True
+        )
+        firmware = bed.firmware
+        if firmware is None or not firmware.vars_template:
+            return cls(overlay)
+        efi_vars = directory / "efi-vars.fd"
+        shutil.copyfile(firmware.vars_template, efi_vars)
+        return cls(overlay, efi_vars)
+
+
 class Machine:
-    """One QEMU boot of the test bed. Use as a context manager: it always kills QEMU on exit."""
+    """One QEMU run of the test bed. Use as a context manager: it always kills QEMU on exit."""
 
     def __init__(
         self,
@@ -63,12 +92,16 @@ class Machine:
         cpus: int = 2,
         ssh: bool = False,
         reboot: bool = False,
+        storage: Storage | None = None,
     ) -> None:
         """``ssh``: a NIC on QEMU's user network (DHCP), the guest's port 22 forwarded from
         127.0.0.1:``ssh_port`` only, and its port ``GUEST_CHECK_PORT`` (for `dboot switch
         --ssh-check`) from 127.0.0.1:``check_port``. ``reboot``: a guest reboot restarts it
-        (by default QEMU exits), with the same kernel command line and the same overlay."""
+        (by default QEMU exits), with the same kernel command line and the same overlay.
+        ``storage``: boot that disk overlay (and NVRAM) again, as another Machine left it;
+        by default a new one in ``workdir``, then ``self.storage``."""
         self.bed, self.scenario, self.workdir = bed, scenario, workdir
+        self.storage = storage
         self.memory_mb, self.cpus = memory_mb, cpus
         self.ssh_port = free_loopback_port() if ssh else None
         self.check_port = free_loopback_port() if ssh else None
@@ -104,10 +137,14 @@ class Machine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def qemu_command(self, overlay: Path, console: Path) -> list[str]:
+    @property
+    def started(self) -> float:
+        """When QEMU started (``time.monotonic()``): ``ConsoleLine.seconds`` count from here."""
+        return self._started
+
+    def qemu_command(self, storage: Storage, console: Path) -> list[str]:
         # Option/value pairs, one per line.
         arch = self.bed.arch
-        kernel_args = KERNEL_ARGS.format(console=arch.console)
         return [
             arch.qemu,
             *arch.qemu_machine,
@@ -118,15 +155,39 @@ class Machine:
             *("-nodefaults", "-nographic"),
             *(() if self.reboot else ("-no-reboot",)),
             *self.nic_options(),
-            *("-kernel", str(self.bed.kernel)),
-            *("-initrd", str(self.bed.initrd)),
-            *("-append", f"{kernel_args} dboot.test={self.scenario}"),
-            *("-drive", f"if=virtio,format=qcow2,file={overlay}"),
+            *self.boot_options(storage),
             # Entropy from the host (see base.sh: virtio_rng is in the initramfs).
             *("-device", "virtio-rng-pci"),
             *("-chardev", f"socket,id=console,path={console},server=on,wait=on"),
             *("-serial", "chardev:console"),
         ]
+
+    def boot_options(self, storage: Storage) -> tuple[str, ...]:
+        """The kernel and scenario on QEMU's command line, or a firmware and its boot disk."""
+        firmware = self.bed.firmware
+        if firmware is None:
+            kernel_args = KERNEL_ARGS.format(console=self.bed.arch.console)
+            return (
+                *("-kernel", str(self.bed.kernel)),
+                *("-initrd", str(self.bed.initrd)),
+                *("-append", f"{kernel_args} dboot.test={self.scenario}"),
+                *("-drive", f"if=virtio,format=qcow2,file={storage.overlay}"),
+            )
+        pflash: tuple[str, ...] = ()
+        if firmware.code:
+            assert storage.efi_vars is not None, f"no variable store for {firmware.name}"
+            pflash = (
+                *("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}"),
+                *("-drive", f"if=pflash,format=raw,unit=1,file={storage.efi_vars}"),
+            )
+        return (
+            *pflash,
+            # Read by the guest's dboot-vm-scenario from /sys/firmware/dmi/entries/11-*/raw.
+            *("-smbios", f"type=11,value=dboot.test={self.scenario}"),
+            *("-drive", f"if=none,id=disk,format=qcow2,file={storage.overlay}"),
+            # First in the boot order QEMU hands the firmware (OVMF honours it).
+            *("-device", "virtio-blk-pci,drive=disk,bootindex=0"),
+        )
 
     def nic_options(self) -> tuple[str, ...]:
         if self.ssh_port is None:
@@ -135,19 +196,22 @@ class Machine:
         # host's loopback (and DHCP, served by QEMU itself) still work.
         forward = f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
         forward += f",hostfwd=tcp:127.0.0.1:{self.check_port}-:{GUEST_CHECK_PORT}"
-        return ("-nic", f"user,model=virtio-net-pci,restrict=on,{forward}")
+        if self.bed.firmware is None:
+            return ("-nic", f"user,model=virtio-net-pci,restrict=on,{forward}")
+        # No option ROM (iPXE): the firmware has no network boot to load and try.
+        return (
+            *("-netdev", f"user,id=net,restrict=on,{forward}"),
+            *("-device", "virtio-net-pci,netdev=net,romfile="),
+        )
 
     def start(self) -> None:
-        overlay = self.workdir / "overlay.qcow2"
-        backing = ["-b", str(self.bed.disk), "-F", "raw"]
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(overlay)], check=True
-        )
+        if self.storage is None:
+            self.storage = Storage.create(self.bed, self.workdir)
         console = self._sockdir / "console.sock"
         stderr = (self.workdir / "qemu.stderr").open("wb")
         self._started = time.monotonic()
         self._proc = subprocess.Popen(
-            self.qemu_command(overlay, console),
+            self.qemu_command(self.storage, console),
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,

@@ -57,12 +57,12 @@ def test_each_variant_has_its_own_layers_and_tools():
 
 
 def test_arm64_machine_boots_virt_with_the_pl011_console(tmp_path):
-    from tests.vm.machine import Machine
+    from tests.vm.machine import Machine, Storage
 
     arm = build.VARIANTS["arm64"]
     bed = build.VmBed(Path("k"), Path("i"), Path("d"), 0.0, 0.0, arm)
     machine = Machine(bed, "rollback", tmp_path)
-    command = machine.qemu_command(tmp_path / "o", tmp_path / "c")
+    command = machine.qemu_command(Storage(tmp_path / "o"), tmp_path / "c")
     machine.stop()  # removes its socket directory; QEMU never started
     assert command[:5] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on"]
     append = command[command.index("-append") + 1]
