@@ -27,7 +27,8 @@ and say ``<ready>`` once nothing but their parking system call is left to run:
 ``epoll-echo``  ``epoll_wait`` on stdin, then read and echo;
 ``wait4``       the rehearsal's own ``wait`` (with a service to wait for);
 ``nanosleep``   a relative nanosleep: interrupted, the kernel restarts it as restart_syscall;
-``sleep``       ``time.sleep``: an absolute clock_nanosleep, which restarts as itself;
+``sleep``       an absolute clock_nanosleep (``time.sleep``'s from Python 3.11), which restarts
+                as itself;
 ``busy``        spinning in userspace, with a getpid(2) now and then;
 ``spin``        spinning in userspace without ever making a system call.
 """
@@ -38,7 +39,6 @@ import ctypes
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 from injector.rehearsal import standin
@@ -50,6 +50,7 @@ READY = b"<ready>"
 READ_ECHO, EPOLL_ECHO, WAIT4 = "read-echo", "epoll-echo", "wait4"
 SLEEP_RELATIVE, SLEEP_ABSOLUTE, BUSY, SPIN = "nanosleep", "sleep", "busy", "spin"
 EPOLL_CTL_ADD, EPOLLIN = 1, 1
+CLOCK_MONOTONIC, TIMER_ABSTIME = 1, 1
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -122,8 +123,13 @@ def nanosleep() -> None:
 
 
 def sleep() -> None:
+    # Through libc: Python's own time.sleep is this only from 3.11 (before, it waits in select).
+    deadline = (ctypes.c_long * 2)()
+    libc.clock_gettime(CLOCK_MONOTONIC, deadline)
+    deadline[0] += 3600
     tell(READY)
-    time.sleep(3600)
+    while libc.clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, deadline, None) != 0:
+        pass  # EINTR: a handler runs here; then back to sleep until the same deadline
 
 
 def busy() -> None:
