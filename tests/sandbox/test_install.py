@@ -20,7 +20,9 @@ pytestmark = pytest.mark.root
 @pytest.fixture(scope="module")
 def isolated_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("isolated") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # --upgrade-deps: the pip that ensurepip brings can be old (Python 3.9's: 23.0), and its
+    # resolver takes many minutes over our dependencies; pipx keeps a current one too.
+    subprocess.run([sys.executable, "-m", "venv", "--upgrade-deps", str(venv)], check=True)
     subprocess.run(
         [str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", str(PROJECT)],
         check=True,
