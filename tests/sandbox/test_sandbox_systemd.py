@@ -13,6 +13,7 @@ import pty
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,8 +27,7 @@ from tests.sandbox.test_switch import nothing_left_behind  # noqa: F401 (a fixtu
 
 pytestmark = pytest.mark.root
 
-REPO = Path(__file__).resolve().parents[2]
-DBOOT = REPO / ".venv" / "bin" / "dboot"
+DBOOT = Path(sys.executable).with_name("dboot")  # the install of the Python under test
 TARGET_TIMEOUT = 120.0
 EXEC_LINE = "exec ['/sbin/init']"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
