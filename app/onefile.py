@@ -179,8 +179,9 @@ def why_not_private(path: str) -> str | None:
 
 def why_parent_unsafe(path: str) -> tuple[str, str] | None:
     """The first directory above ``path`` that someone other than us (or root) could change,
-    with why: whoever can rename an entry there could swap in code of their own."""
-    parent = os.path.dirname(os.path.abspath(path))
+    with why: whoever can rename an entry there could swap in code of their own. Those still
+    to be made are made by us, below the nearest that exists."""
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     while True:
         info = os.stat(parent)
         if info.st_uid not in (0, os.geteuid()):

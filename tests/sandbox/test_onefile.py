@@ -23,6 +23,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ CLEAN_ENV = {
 }
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 MACHINES = {"x86_64": 62, "aarch64": 183}  # ELF e_machine
+NOBODY = 65534
 TOP_LEVEL = {"textual", "docker", "psutil", "python-ptrace", "zstandard", "pyte"}
 TRANSITIVE = {"rich", "requests", "urllib3", "certifi", "idna", "charset-normalizer", "pygments"}
 TRANSITIVE |= {"markdown-it-py", "mdurl", "platformdirs", "typing-extensions", "wcwidth"}
@@ -453,3 +455,24 @@ def test_a_new_build_removes_the_old_ones_nobody_runs(
         os.close(holder)
     left = sorted(path.name for path in cache.iterdir())
     assert left == sorted([running.name, f"{built['build'][:16]}-{target_of('/usr/bin/python3')}"])
+
+
+def test_a_user_not_root_gets_a_cache_of_its_own(built: dict[str, Any]) -> None:
+    """Not root: the copy goes under the user's ~/.cache (made with its parents); ``check``
+    then says in one line that it needs root, as the installed dboot does."""
+    home = Path(tempfile.mkdtemp(prefix="dboot-onefile-user-"))
+    try:
+        os.chown(home, NOBODY, NOBODY)
+        home.chmod(0o755)
+        copy = home / "dboot"
+        shutil.copy(ONEFILE, copy)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        env = {**CLEAN_ENV, "HOME": str(home / "home")}
+        usage = run(*as_nobody, "/usr/bin/python3", "-I", str(copy), "--help", env=env)
+        assert usage.returncode == 0, usage.stderr
+        cache = home / "home" / ".cache" / "dboot-onefile"
+        assert cache.stat().st_uid == NOBODY and stat.S_IMODE(cache.stat().st_mode) == 0o700
+        check = run(*as_nobody, "/usr/bin/python3", "-I", str(copy), "check", "tinybox", env=env)
+        one_line_error(check, 2, "root")
+    finally:
+        shutil.rmtree(home)
