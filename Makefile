@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 export DBOOT_REHEARSAL_ONLY := 1
 
-.PHONY: setup demo test test-fast test-vm lint bench rescue-image
+.PHONY: setup demo test test-fast test-vm lint bench rescue-image dist
 
 setup:
 	./scripts/setup.sh
@@ -39,3 +39,10 @@ bench: setup
 # the disk tools, by debootstrap and `docker import` (no registry). Cached under .cache/rescue/.
 rescue-image:
 	./scripts/build-rescue-image.sh
+
+# dist/: a wheel and an sdist, and dist/dboot, the single file to copy onto a server (it runs on
+# the host's own python3, CPython 3.9-3.13 on x86_64 or aarch64). Its wheels come from PyPI the
+# first time and are cached under .cache/onefile/: later builds need no network.
+dist: setup
+	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	$(PY) scripts/build-onefile.py --out dist/dboot

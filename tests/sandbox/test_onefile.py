@@ -476,3 +476,20 @@ def test_a_user_not_root_gets_a_cache_of_its_own(built: dict[str, Any]) -> None:
         one_line_error(check, 2, "root")
     finally:
         shutil.rmtree(home)
+
+
+def test_the_file_holds_our_code_as_the_wheel_does(built: dict[str, Any], tmp_path: Path) -> None:
+    """The build collects our packages itself (no wheel needed first): the same files as the
+    wheel ``make dist`` builds beside it, package data included."""
+    result = run(
+        sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(tmp_path),
+        str(REPO), env={**CLEAN_ENV, "PATH": f"{Path(sys.executable).parent}:{CLEAN_ENV['PATH']}"},
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("docker_boot-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {name for name in archive.namelist() if ".dist-info/" not in name}
+    with zipfile.ZipFile(ONEFILE) as archive:
+        held = {name[len("code/") :] for name in archive.namelist() if name.startswith("code/")}
+    assert held == packaged
