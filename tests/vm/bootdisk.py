@@ -9,7 +9,8 @@ already holds GRUB's platform package from the ``grub-<firmware>`` layer) into `
 4. the image on a loop device with its partitions: ``losetup --partscan``, then ``partx --add``
    when the kernel read no table itself (this project's CI kernel has no MBR or GPT parser);
 5. ext4 made from the files (``mkfs.ext4 -d``), FAT made empty;
-6. the filesystems mounted as the guest mounts them, and in a chroot of them the tree's own
+6. in a child process with a mount namespace of its own (``python -m tests.vm.bootdisk``), the
+   filesystems mounted as the guest mounts them, and in a chroot of them the tree's own
    ``grub-install`` and ``update-grub``, with a private ``/dev`` holding the loop devices and the
    ``/dev/disk/by-uuid`` links udev would make (without them update-grub writes
    ``root=/dev/loopNpM``, which the guest has not; the build checks for ``root=UUID=``);
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +38,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.vm.build import BuildError, Filesystem, Firmware, Log, Partition, Variant, run
+from tests.vm.build import (
+    REPO,
+    VARIANTS,
+    BuildError,
+    Filesystem,
+    Firmware,
+    Log,
+    Partition,
+    Variant,
+    run,
+)
 
 LAYOUT = "layout.json"
 MIB = 2**20
@@ -107,19 +119,12 @@ def make_boot_disk(tree: Path, image: Path, variant: Variant, log: Log) -> None:
         split_tree(tree, planned)
         planned = [size(entry) for entry in planned]
         write_partition_table(image, firmware, planned)
-        with ExitStack() as stack:
-            disk = stack.enter_context(loop_device(image, len(planned)))
+        with loop_device(image, len(planned)) as disk:
             for entry in planned:
                 make_filesystem(entry, partition_device(disk, entry))
             root = parts_dir / "mnt"
             root.mkdir()
-            mount_guest_filesystems(stack, root, disk, planned)
-            prepare_chroot(stack, root, disk, planned)
-            install_grub(root, firmware, disk, root_uuid(planned), log)
-            for entry in planned:
-                if entry.partition.fstype == "vfat":
-                    staged = root / entry.partition.mountpoint.lstrip("/")
-                    copy_into_fat(staged, partition_device(disk, entry))
+            install_grub_privately(variant, disk, root, planned, log)
     finally:
         # Never delete through a mount that failed to go (the chroot's /proc and /sys).
         if not mounted_under(parts_dir):
@@ -338,13 +343,57 @@ def in_chroot(root: Path, command: list[str]) -> str:
     return run(["chroot", str(root), *command], f"{command[0]} in the guest tree", env=CHROOT_ENV)
 
 
-def install_grub(root: Path, firmware: Firmware, disk: str, root_fs_uuid: str, log: Log) -> None:
+def install_grub_privately(
+    variant: Variant, disk: str, root: Path, planned: list[Planned], log: Log
+) -> None:
+    """Mount the disk's filesystems at ``root`` and install GRUB in a chroot of them, in a child
+    process with a mount namespace of its own (``main`` below). No one else sees those mounts,
+    so nothing else can hold them busy (a recursive grep in /proc did), and they all go with
+    the child whatever happens to it."""
+    firmware = variant.firmware
+    assert firmware is not None
+    target = [disk] if firmware.grub_install_to_disk else []
+    log(f"grub-install {' '.join([*firmware.grub_install, *target])}, update-grub (chroot)")
+    uuids = [entry.uuid for entry in planned]
+    spec = {"variant": variant.name, "disk": disk, "root": str(root), "uuids": uuids}
+    run(
+        ["unshare", "--mount", "--propagation", "private",
+         sys.executable, "-m", "tests.vm.bootdisk", json.dumps(spec)],
+        "GRUB's install in a chroot of the disk (tests/vm/bootdisk.py)",
+        cwd=REPO,
+    )  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    """In a private mount namespace: mount, install GRUB, fill the ESP, unmount."""
+    spec = json.loads(argv[0])
+    firmware = VARIANTS[spec["variant"]].firmware
+    assert firmware is not None
+    disk, root = spec["disk"], Path(spec["root"])
+    planned = [
+        Planned(part, number, spec["uuids"][number - 1], root)
+        for number, part in enumerate(firmware.partitions, start=1)
+    ]
+    try:
+        with ExitStack() as stack:
+            mount_guest_filesystems(stack, root, disk, planned)
+            prepare_chroot(stack, root, disk, planned)
+            install_grub(root, firmware, disk, root_uuid(planned))
+            for entry in planned:
+                if entry.partition.fstype == "vfat":
+                    staged = root / entry.partition.mountpoint.lstrip("/")
+                    copy_into_fat(staged, partition_device(disk, entry))
+    except BuildError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+def install_grub(root: Path, firmware: Firmware, disk: str, root_fs_uuid: str) -> None:
     """The tree's own grub-install and update-grub, then a check that grub.cfg finds the root
     by UUID (the guest has no /dev/loop*)."""
     target = [disk] if firmware.grub_install_to_disk else []
-    log(f"grub-install {' '.join([*firmware.grub_install, *target])} (chroot)")
     in_chroot(root, ["grub-install", *firmware.grub_install, *target])
-    log("update-grub (chroot)")
     in_chroot(root, ["update-grub"])
     config = (root / "boot/grub/grub.cfg").read_text()
     if f"root=UUID={root_fs_uuid}" not in config or "root=/dev/loop" in config:
@@ -388,3 +437,7 @@ def read_layout(image: Path) -> tuple[Filesystem, ...]:
     """The filesystems of a built firmware bed's disk, in disk order."""
     layout = json.loads((image.parent / LAYOUT).read_text())
     return tuple(Filesystem(**entry) for entry in layout["filesystems"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
