@@ -368,14 +368,23 @@ def missing_info(missing: dict[str, str], libs: dict[str, Any]) -> dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "dist" / "dboot")
-    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "onefile")
+    parser.add_argument("--out", type=Path, default=REPO / "dist" / "dboot", help="dist/dboot")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("DBOOT_ONEFILE_CACHE", REPO / ".cache" / "onefile")),
+        help="where the wheels are kept (default: .cache/onefile, or $DBOOT_ONEFILE_CACHE)",
+    )
     parser.add_argument(
         "--targets",
         default=",".join(f"cp{p.replace('.', '')}-{m}" for m in MACHINES for p in PYTHONS),
         help="comma-separated, e.g. cp311-x86_64 (default: CPython 3.9-3.13 on x86_64, aarch64)",
     )
-    parser.add_argument("--index-url", default=os.environ.get("DBOOT_WHEEL_INDEX", DEFAULT_INDEX))
+    parser.add_argument(
+        "--index-url",
+        default=os.environ.get("DBOOT_WHEEL_INDEX", DEFAULT_INDEX),
+        help=f"where pip finds the wheels (default: {DEFAULT_INDEX}, or $DBOOT_WHEEL_INDEX)",
+    )
     parser.add_argument("--force", action="store_true", help="build even if up to date")
     args = parser.parse_args()
     build(args.out, args.targets.split(","), args.cache, args.index_url, args.force)
