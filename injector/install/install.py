@@ -57,7 +57,14 @@ class InstallOptions(SwitchOptions):
 
 
 def tree_name(image_id: str, image: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", image.split(":", 1)[-1] if ":" in image else image)
+    """A readable, unique directory name: the image's name (an archive's file name without
+    its suffixes), then the first 12 hex digits of its id."""
+    kind, _, rest = image.partition(":")
+    if kind in ("docker-archive", "rootfs") and rest:
+        name = os.path.basename(rest).split(".")[0]
+    else:
+        name = image.rsplit("/", 1)[-1].split(":")[0]
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
     short = image_id.split(":")[-1][:12]
     return f"{base.strip('-.')[:40] or 'image'}-{short}"
 

@@ -21,6 +21,7 @@ from disk, the reboots, from the deadline to the old system's ready marker, the 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +94,15 @@ def install(vm: Machine, remote: Remote, run: Run, options: str, init: str) -> t
     return before, started
 
 
+def own_key(bed: VmBed, workdir: Path) -> Path:
+    """The bed's test key, copied: a long scenario must not depend on the cache's copy."""
+    assert bed.ssh_key is not None
+    key = workdir / "id_ed25519"
+    shutil.copyfile(bed.ssh_key, key)
+    key.chmod(0o600)
+    return key
+
+
 def state(remote: Remote) -> dict[str, object]:
     data = json.loads(remote.output(STATE))
     assert isinstance(data, dict)
@@ -100,9 +110,8 @@ def state(remote: Remote) -> dict[str, object]:
 
 
 def kept_machine(bed: VmBed, workdir: Path, run: Run) -> Run:
-    assert bed.ssh_key is not None
     with Machine(bed, SCENARIO, workdir, ssh=True, reboot=True) as vm:
-        remote = Remote(vm, bed.ssh_key, workdir)
+        remote = Remote(vm, own_key(bed, workdir), workdir)
         log_in(vm, remote)
         before, started = install(vm, remote, run, "--revert-after 3", "/sbin/init")
         login = log_in(vm, remote, after=before, old=False)
@@ -136,9 +145,8 @@ def kept_machine(bed: VmBed, workdir: Path, run: Run) -> Run:
 
 def unkept_machine(bed: VmBed, workdir: Path, run: Run, init: str, minutes: int) -> Run:
     """Installed on probation, never kept: back to the old system by itself."""
-    assert bed.ssh_key is not None
     with Machine(bed, SCENARIO, workdir, ssh=True, reboot=True) as vm:
-        remote = Remote(vm, bed.ssh_key, workdir)
+        remote = Remote(vm, own_key(bed, workdir), workdir)
         log_in(vm, remote)
         before, started = install(vm, remote, run, f"--revert-after {minutes}", init)
         if init == "/sbin/init":
