@@ -9,7 +9,7 @@ Three machines side by side (module fixture ``runs``), each on a fresh overlay o
   (run from the old system's files at /sysroot) and a reboot: the old system, unchanged (a
   manifest of its /etc, /usr and /var/lib/dpkg taken before the install matches).
 - ``uefi-unkept`` (OVMF, GRUB on a GPT disk with an ESP and a separate /boot): the same
-  install with `--revert-after 1`, a login into the new system, nobody keeps it: the keeper
+  install with `--revert-after 2`, the new system up to multi-user, nobody keeps it: the keeper
   reboots at the deadline and the old system is back by itself.
 - ``bios-init-exits``: an image whose init exits at once (`/bin/false`): the kernel panics,
   the shim's kernel.panic=10 restarts the machine, and the old system is back with nobody
@@ -148,14 +148,10 @@ def unkept_machine(bed: VmBed, workdir: Path, run: Run, init: str, minutes: int)
     with Machine(bed, SCENARIO, workdir, ssh=True, reboot=True) as vm:
         remote = Remote(vm, own_key(bed, workdir), workdir)
         log_in(vm, remote)
-        before, started = install(vm, remote, run, f"--revert-after {minutes}", init)
-        if init == "/sbin/init":
-            login = log_in(vm, remote, after=before, old=False)
-            run.timing.values["install_to_new_login_host_s"] = login - started
-            run.facts["new_root"] = remote.output(ROOT_FACTS).strip()
-            run.states.append(state(remote))
+        before, _started = install(vm, remote, run, f"--revert-after {minutes}", init)
         # The first boot after the install is the shim's probation boot: from its "choice"
-        # line on, nobody touches the machine until the old system is back.
+        # line on, nobody touches the machine until the old system is back. (No login into
+        # the new system: under a loaded TCG host it may not come before the deadline.)
         choice = vm.wait_for(r"dboot-stage: \S+ choice: ", BOOT_TIMEOUT, after=before)
         run.facts["choice"] = choice.text
         # The keeper's reboot, or the kernel's own restart after a panic (kernel.panic=10).
@@ -166,6 +162,11 @@ def unkept_machine(bed: VmBed, workdir: Path, run: Run, init: str, minutes: int)
             fatal=None,
         )
         run.facts["restart"] = restart.text
+        started = vm.find(r"dboot-stage: \S+ exec \['/sbin/init'\]", after=choice.index)
+        up = vm.find(r"Reached target .*(Multi-User System|multi-user)", after=choice.index)
+        run.facts["new_system_up"] = (
+            "yes" if started and up and started.index < up.index < restart.index else "no"
+        )
         back = wait_ready(vm, None, after=restart.index)
         run.timing.values["restart_to_old_ready_host_s"] = back.seconds - restart.seconds
         remote.wait_login(BOOT_TIMEOUT, root_fs="ext4")
@@ -183,7 +184,7 @@ def runs(
 ) -> Iterator[dict[str, Future[Run]]]:
     jobs = {
         "bios-kept": (bios_bed, lambda b, w, r: kept_machine(b, w, r)),
-        "uefi-unkept": (uefi_bed, lambda b, w, r: unkept_machine(b, w, r, "/sbin/init", 1)),
+        "uefi-unkept": (uefi_bed, lambda b, w, r: unkept_machine(b, w, r, "/sbin/init", 2)),
         "bios-init-exits": (bios_bed, lambda b, w, r: unkept_machine(b, w, r, "/bin/false", 1)),
     }
     with ThreadPoolExecutor(len(jobs), thread_name_prefix="vm-install") as pool:
@@ -226,8 +227,8 @@ def test_bios_install_kept_then_reverted_on_purpose(runs: dict[str, Future[Run]]
 def test_uefi_install_not_kept_goes_back_by_itself(runs: dict[str, Future[Run]]) -> None:
     run = result(runs, "uefi-unkept")
     facts = run.facts
-    assert facts["new_root"].endswith("installed"), facts
     assert "probation" in facts["choice"]
+    assert facts["new_system_up"] == "yes", facts  # the rescue system reached multi-user
     assert "installed" not in facts["after_revert"]
     assert run.states[-1]["state"] == "reverted"
     assert "not kept in time" in str(run.states[-1]["reason"])
