@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 export DBOOT_REHEARSAL_ONLY := 1
 
-.PHONY: setup demo test test-fast test-vm lint bench rescue-image dist
+.PHONY: setup demo test test-fast test-vm test-pythons lint bench rescue-image dist
 
 setup:
 	./scripts/setup.sh
@@ -15,9 +15,17 @@ demo: setup
 	-$(VENV)/bin/dboot check tinybox /sbin/init
 	$(VENV)/bin/dboot-tui --rehearse
 
-# Every tier, the QEMU one included. pytest exits 5 when no test ran: that fails too.
+# Every tier, the QEMU one included; then the unit and sandbox tiers on the oldest and the
+# newest supported Python (3.9, 3.13), each in its venv under .cache/py, made first so that a
+# missing interpreter fails at once. pytest exits 5 when no test ran: that fails too.
 test: setup
+	./scripts/python-matrix.sh setup
 	$(PY) -m pytest -p no:cacheprovider
+	./scripts/python-matrix.sh test
+
+# The unit and sandbox tiers on Python 3.9 and 3.13 alone (scripts/python-matrix.sh).
+test-pythons: setup
+	./scripts/python-matrix.sh test
 
 # The tiers without QEMU, for a quick loop.
 test-fast: setup
