@@ -81,15 +81,10 @@ def run_install(options: InstallOptions) -> Iterator[Event]:
 
         yield StepStarted("preflight", "Checking the image, the disk and the boot chain")
         report = check.gather(source, index, options.init_argv, modules=options.modules)
-        report.notices[:] = [
-            _for_install(n) for n in report.notices if not NOT_FOR_INSTALL.match(n.code)
-        ]
-        chain = bootchain.read_boot_chain()
-        installed = _installed_state(deploy.Disk())
-        needed = index.estimated_bytes + bootchain.SPACE_MARGIN_BYTES
-        if report.modules is not None:
-            needed += report.modules.total_bytes
-        preflight.add_notices(report, bootchain.notices(chain, needed, installed))
+        facts = install_facts(report, index.estimated_bytes)
+        chain, needed = facts.chain, facts.needed_bytes
+        report.notices[:] = []
+        preflight.add_notices(report, facts.notices)
         yield from preflight.report_events(report)
         yield Fact("install", "boot_chain", chain.describe())
         blocking = [n for n in report.notices if n.level == "blocker"]
@@ -119,6 +114,29 @@ def run_install(options: InstallOptions) -> Iterator[Event]:
             yield Log("rebooting through the host's init")
             reboot_through_init()
         yield Finished("installed", detail="the next boot starts the image on probation")
+
+
+@dataclasses.dataclass
+class InstallFacts:
+    """What an install adds to a switch's preflight report: the boot chain found, the bytes
+    it needs on the root filesystem, and its verdicts (the switch's that apply to an
+    install, then the boot chain's). ``dboot install`` and the wizard judge by this alone."""
+
+    chain: BootChain
+    needed_bytes: int
+    notices: list[Notice]
+
+
+def install_facts(report: preflight.Report, image_bytes: int) -> InstallFacts:
+    """Read this machine's boot chain and judge an install of the image ``report`` is about
+    (``image_bytes``: its file index's estimate). ``report`` itself is left as it is."""
+    chain = bootchain.read_boot_chain()
+    needed = image_bytes + bootchain.SPACE_MARGIN_BYTES
+    if report.modules is not None:
+        needed += report.modules.total_bytes
+    found = [_for_install(n) for n in report.notices if not NOT_FOR_INSTALL.match(n.code)]
+    found += bootchain.notices(chain, needed, _installed_state(deploy.Disk()))
+    return InstallFacts(chain, needed, found)
 
 
 def write_install(
