@@ -60,6 +60,7 @@ from injector.events import (
 )
 
 if TYPE_CHECKING:
+    from injector.install.install import InstallOptions
     from injector.switch import SwitchOptions
     from injector.teach import Pause
 
@@ -515,15 +516,22 @@ def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
     else:
         if args.image is None:
             raise BadInput("install needs an IMAGE", "e.g. `dboot install debian:12 /sbin/init`")
-        if not args.init:
-            args.init = [install.DEFAULT_INIT]
-        options = switch_options(args, out, install.InstallOptions)
-        assert isinstance(options, install.InstallOptions)
-        options.reboot = not args.no_reboot
-        events = install.run_install(options)
+        events = install.run_install(install_options(args, out))
     for event in events:
         renderer.render(event)
     return EXIT_OK
+
+
+def install_options(args: argparse.Namespace, out: TextIO) -> InstallOptions:
+    """The engine's options for `dboot install IMAGE [INIT [ARG...]]` (INIT: /sbin/init)."""
+    from injector.install import install
+
+    if not args.init:
+        args.init = [install.DEFAULT_INIT]
+    options = switch_options(args, out, install.InstallOptions)
+    assert isinstance(options, install.InstallOptions)
+    options.reboot = not args.no_reboot
+    return options
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:

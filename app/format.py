@@ -76,8 +76,9 @@ def size_arg(size: int) -> str:
 
 
 def command_line(options: SwitchOptions) -> list[str]:
-    """The `dboot rehearse|switch` words that give the engine these very options: only the
-    options that differ from the engine's defaults, then IMAGE, INIT and its argv.
+    """The `dboot rehearse|switch|install` words that give the engine these very options
+    (``InstallOptions``: install): only the options that differ from the engine's defaults,
+    then IMAGE, INIT and its argv.
     ``shlex.join`` of it is ready to paste into a shell. Options a rehearsal does not take
     (carry-over, the keeper's, --target-pid...) are left out of its line; the wizard's own typed
     confirmation has no word (`dboot switch` asks for the hostname itself). A teaching
@@ -91,7 +92,10 @@ def command_line(options: SwitchOptions) -> list[str]:
     def changed(name: str) -> bool:
         return bool(getattr(options, name) != defaults[name])
 
-    words = ["dboot", "rehearse" if options.rehearse else "switch"]
+    from injector.install.install import InstallOptions
+
+    install = isinstance(options, InstallOptions)
+    words = ["dboot", "install" if install else "rehearse" if options.rehearse else "switch"]
     if options.rehearse and options.pause is not None:
         words.append("--teach")
     if changed("docker_host") and options.docker_host is not None:
@@ -119,6 +123,8 @@ def command_line(options: SwitchOptions) -> list[str]:
             words += ["--ssh-check", str(options.ssh_check)]
         if options.dry_run:
             words.append("--dry-run")
+        if isinstance(options, InstallOptions) and not options.reboot:
+            words.append("--no-reboot")
         if options.target_pid is not None:
             words += ["--target-pid", str(options.target_pid)]
     if options.force:

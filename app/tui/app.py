@@ -15,6 +15,7 @@ from textual.app import App
 from app.tui.backend import Backend
 from app.tui.screens.base import StepScreen
 from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.destination import DestinationScreen
 from app.tui.screens.images import ImagesScreen
 from app.tui.screens.init import InitScreen
 from app.tui.screens.options import OptionsScreen
@@ -32,6 +33,13 @@ STEPS: tuple[Callable[[Wizard], StepScreen], ...] = (
     ProcessesScreen,
     OptionsScreen,
 )
+
+
+def steps_for(wizard: Wizard) -> tuple[Callable[[Wizard], StepScreen], ...]:
+    """The steps this wizard walks: the Destination step too where it may install."""
+    return (*STEPS, DestinationScreen) if wizard.asks_destination else STEPS
+
+
 # Back from a finished run lands here: change the init command (or Escape once more for the
 # image) and go again.
 AFTER_RUN_STEP = 1
@@ -54,13 +62,14 @@ class DbootApp(App[None]):
 
     @work(exclusive=True, group="wizard")
     async def walk(self) -> None:
-        """The one loop: Images → Init → Resources → Processes → Options → Confirm → Run,
-        with Back."""
+        """The one loop: Images → Init → Resources → Processes → Options (→ Destination)
+        → Confirm → Run, with Back."""
+        steps = steps_for(self.wizard)
         stack: list[StepScreen] = []
         index = 0
         while True:
             if index == len(stack):
-                screen = STEPS[index](self.wizard)
+                screen = steps[index](self.wizard)
                 outcome = screen.wait_outcome()
                 await self.push_screen(screen)
                 stack.append(screen)
@@ -71,7 +80,7 @@ class DbootApp(App[None]):
                 stack.pop()
                 index -= 1
                 continue
-            if index + 1 < len(STEPS):
+            if index + 1 < len(steps):
                 index += 1
                 continue
             choice = await self.push_screen_wait(ConfirmScreen(self.wizard))
@@ -84,9 +93,12 @@ class DbootApp(App[None]):
             index = AFTER_RUN_STEP
 
     async def run_once(self, choice: Outcome) -> None:
-        # Rehearse-only mode never builds a switch request, whatever the modal said.
+        # Rehearse-only mode never builds a real request, whatever the modal said; an install
+        # is one only where the Destination step chose it.
+        install = self.wizard.install_chosen if choice is Outcome.INSTALL else None
+        real = choice is Outcome.SWITCH or install is not None
         request = self.wizard.request(
-            rehearse=choice is not Outcome.SWITCH or self.wizard.rehearse_only
+            rehearse=not real or self.wizard.rehearse_only, install=install
         )
         screen = RunScreen(self.wizard, request)
         outcome = screen.wait_outcome()

@@ -27,6 +27,7 @@ from injector.events import Event, Notice
 if TYPE_CHECKING:
     from injector.access.sshcheck import GoCallback
     from injector.image.sources import ImageDetails, ImageSource, ImageSummary
+    from injector.install.install import InstallFacts, InstallOptions
     from injector.preflight.preflight import ProcessInfo, Report
     from injector.switch import SwitchOptions
     from injector.teach import PauseHook
@@ -71,9 +72,22 @@ class RunOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class InstallChoices:
+    """The Destination step's choices for an install (`dboot install`): the image on this
+    machine's disk, the old system kept as the way back. The engine judges the values."""
+
+    # Minutes of probation for the first boot; None with no_revert: --no-revert.
+    revert_after: float | None = None
+    no_revert: bool = False
+    # Off: --no-reboot, the user reboots when ready.
+    reboot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class RunRequest:
     """What the Confirm modal decided: which image, which init, rehearsal or the real thing,
-    and the Options step's choices."""
+    and the Options step's choices; ``install``: the Destination step's install instead of
+    a switch to RAM."""
 
     image: str
     init_argv: list[str]
@@ -87,6 +101,8 @@ class RunRequest:
     pause: PauseHook | None = dataclasses.field(default=None, compare=False, repr=False)
     # A real switch's login check: the Run screen's LoginWaiter; None: wait for a login only.
     ssh_check_go: GoCallback | None = dataclasses.field(default=None, compare=False, repr=False)
+    # A real run that installs the image on this machine's disk (never a rehearsal's).
+    install: InstallChoices | None = None
 
 
 class Backend(Protocol):
@@ -134,7 +150,13 @@ class Backend(Protocol):
 
     def switch_options(self, request: RunRequest) -> SwitchOptions:
         """The engine's options for this request, checked by the engine's own rules:
-        ``BadInput`` says in one line what is wrong with a value and how to fix it."""
+        ``BadInput`` says in one line what is wrong with a value and how to fix it. An
+        install's are ``InstallOptions``."""
+        ...
+
+    def install_facts(self, ref: str, report: Report) -> InstallFacts:
+        """What an install of the image would find on this machine: its boot chain, the
+        space it needs, and the engine's verdicts. Reads this machine; changes nothing."""
         ...
 
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
@@ -205,6 +227,8 @@ def engine_options(
     """The engine's ``SwitchOptions`` for a request, built (and so checked) by the engine:
     its ``__post_init__`` and its size parser raise ``BadInput`` for a bad value. The
     wizard-wide settings (``dboot-tui --state-dir``...) fill what the request leaves open."""
+    if request.install is not None and not request.rehearse:
+        return install_options(request, request.install, docker_host, state_dir)
     with _engine_module():
         from injector import switch
         from injector.ramroot.rootfs import parse_size
@@ -234,6 +258,35 @@ def engine_options(
             ssh_check=chosen.ssh_check,
             target_pid=target_pid,
         )
+    if state_dir is not None:
+        options.state_dir = state_dir
+    return options
+
+
+def install_options(
+    request: RunRequest,
+    install: InstallChoices,
+    docker_host: str | None = None,
+    state_dir: Path | None = None,
+) -> InstallOptions:
+    """The engine's ``InstallOptions`` (`dboot install`): the Options step's carry-over and
+    kernel modules, the Destination step's probation and reboot. The rest of the Options
+    step (grace, tmpfs, API mounts, the stop, sshd, the login check) is the RAM switch's:
+    an install kills nothing and injects nothing, its reboot is the host init's own."""
+    with _engine_module():
+        from injector.install.install import InstallOptions
+    options = InstallOptions(
+        image=request.image,
+        init_argv=list(request.init_argv),
+        docker_host=docker_host,
+        modules=request.options.modules,
+        carry=request.options.carry,
+        revert_after=install.revert_after,
+        no_revert=install.no_revert,
+        # The wizard's Confirm modal asked for the typed hostname already.
+        yes=True,
+        reboot=install.reboot,
+    )
     if state_dir is not None:
         options.state_dir = state_dir
     return options
@@ -350,6 +403,12 @@ class EngineBackend:
             mode = "target"
         return switch.blockers(report, mode)
 
+    def install_facts(self, ref: str, report: Report) -> InstallFacts:
+        with _engine_module():
+            from injector.install import install
+        index = self._with_source(ref, lambda source: source.scan())
+        return install.install_facts(report, index.estimated_bytes)
+
     # --- the run ---------------------------------------------------------------------------
     def switch_options(self, request: RunRequest) -> SwitchOptions:
         return engine_options(
@@ -363,6 +422,9 @@ class EngineBackend:
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         with _engine_module():
             from injector import labmode, switch
+        if request.install is not None and not request.rehearse:
+            yield from self.install(request, request.install)
+            return
         # Defence in depth: the engine refuses too, but the wizard never even asks. A
         # --target-pid run replaces a namespace's PID 1, checked again here: that pid may
         # have ended, and its number been reused, since the wizard started.
@@ -391,6 +453,24 @@ class EngineBackend:
         finally:
             if source is not None:
                 source.close()
+
+    def install(self, request: RunRequest, choices: InstallChoices) -> Iterator[Event]:
+        """`dboot install` of the request's image onto this machine's disk."""
+        with _engine_module():
+            from injector import labmode
+            from injector.install import install
+        # Defence in depth, as for a switch: the engine refuses in lab mode too, but the
+        # wizard never even asks. --target-pid is a lab's namespace: its disk is this one's.
+        if self.target_pid is not None:
+            raise SafetyRefusal(
+                "an install writes this machine's disk: --target-pid only aims a switch",
+                "switch the namespace's PID 1 instead, or start dboot-tui without --target-pid",
+            )
+        labmode.refuse("this machine's disk and boot chain will not be changed", "choose Rehearse")
+        options = install_options(request, choices, self.docker_host, self.state_dir)
+        # The install reads the image itself, from its own source: the wizard's goes.
+        self.close()
+        yield from install.run_install(options)
 
     # --- host ------------------------------------------------------------------------------
     def hostname(self) -> str:

@@ -23,7 +23,8 @@ DEFAULT_LOG = Path("/var/log/dboot-tui.log")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dboot-tui",
-        description="A guided wizard: pick an image, check it fits, then rehearse or switch.",
+        description="A guided wizard: pick an image, check it fits, then rehearse, switch, or"
+        " install it on this machine's disk.",
     )
     parser.add_argument(
         "--rehearse",

@@ -11,6 +11,7 @@ from injector.events import Event, Notice, Progress
 
 if TYPE_CHECKING:
     from injector.image.sources import ImageDetails, ImageSummary
+    from injector.install.install import InstallFacts
     from injector.preflight.preflight import Report
 
 
@@ -104,4 +105,14 @@ class RunEnded(Message):
 
     def __init__(self, error: str | None) -> None:
         super().__init__()
+        self.error = error
+
+
+class InstallFactsRead(Message):
+    """What an install would find on this machine (``Backend.install_facts``), or why it
+    could not be read."""
+
+    def __init__(self, facts: InstallFacts | None, error: str | None) -> None:
+        super().__init__()
+        self.facts = facts
         self.error = error

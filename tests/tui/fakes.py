@@ -29,6 +29,8 @@ from injector.events import (
     StepStarted,
 )
 from injector.image.sources import ImageDetails, ImageSummary
+from injector.install.bootchain import BootChain, RootFilesystem
+from injector.install.install import InstallFacts
 from injector.preflight.preflight import (
     Pid1Facts,
     ProcessInfo,
@@ -288,6 +290,86 @@ def rehearsal_events(request: RunRequest) -> list[Event]:
     ]
 
 
+# What an install of tinybox finds on the sample host: UEFI and GRUB, a separate /boot and an
+# ESP, the root filesystem with room to spare. Mocked: the real read_boot_chain() reads this
+# machine, which differs from one test machine to the next.
+INSTALL_NEEDS = 258 * MiB + 2_400_000
+REMOTE_WARNING = Notice(
+    "warning",
+    "session-remote-no-ssh",
+    "you are connected over SSH and the image has no SSH server",
+    "use a console, or an image with sshd",
+)
+NO_SPACE = Notice(
+    "blocker",
+    "install-no-space",
+    "the install needs 260 MiB on /dev/vda1 and 120 MiB are free",
+    "free space on the root filesystem, or use a smaller image",
+)
+
+
+def sample_boot_chain() -> BootChain:
+    return BootChain(
+        firmware="UEFI",
+        bootloader="GRUB",
+        kernel="/boot/vmlinuz-6.1.0-28-amd64",
+        initramfs="/boot/initrd.img-6.1.0-28-amd64",
+        boot_partition="/dev/vda2",
+        esp="/boot/efi",
+        kernel_cmdline="BOOT_IMAGE=/vmlinuz-6.1.0-28-amd64 root=UUID=4f1c0ffe ro quiet",
+        init_path="/sbin/init",
+        init_target="/lib/systemd/systemd",
+        init_is_link=True,
+        root=RootFilesystem("/dev/vda1", "ext4", "4f1c0ffe", "rw,relatime", 18 * GiB),
+        interpreter="/usr/bin/python3",
+        interpreter_version="3.11",
+    )
+
+
+def install_events(request: RunRequest) -> list[Event]:
+    """What `dboot install` of tinybox yields on the sample host (injector.install.install's
+    steps, plan lines and ending), up to the moment it asks the host's init to reboot."""
+    init = " ".join(request.init_argv)
+    tree = "/dboot/trees/tinybox-c091039dc091"
+    plan = [
+        "space: 260 MiB needed, 18432 MiB free on /dev/vda1 (ext4)",
+        "new /etc/fstab:",
+        "  UUID=4f1c0ffe / ext4 rw,relatime 0 1",
+        "  /dev/vda2 /boot ext4 defaults 0 2",
+        f"new system: {tree} on the root filesystem, init {init}",
+        "old system: stays whole where it is; from the new system it is at /sysroot",
+        "going back: `dboot install --revert` from either system, then reboot",
+    ]
+    total = 2_400_000
+    return [
+        StepStarted("source", f"Reading image {request.image}"),
+        StepDone("source", f"213 files, init {request.init_argv[0]} found"),
+        StepStarted("preflight", "Checking the image, the disk and the boot chain"),
+        REMOTE_WARNING,
+        Fact("install", "boot_chain", sample_boot_chain().describe()[:3]),
+        StepDone("preflight", "0 blockers"),
+        StepStarted("plan", "The install's plan"),
+        *[Notice("info", "install-plan", line) for line in plan],
+        StepDone("plan", f"tree {tree}, 260 MiB"),
+        StepStarted("tree", f"Copying the image into {tree}"),
+        *[Progress("tree", done, total) for done in (0, 1_200_000, total)],
+        Log("carry-over: /etc/ssh/ssh_host_ed25519_key"),
+        StepDone("tree", f"{tree} complete and flushed"),
+        StepStarted("shim", "Writing the boot shim and the boot state"),
+        StepDone("shim", "state: probation, kept only if /run/dboot/keep exists within 10 min"),
+        StepStarted("commit", "Pointing /sbin/init at the boot shim"),
+        StepDone("commit", "/sbin/init -> /dboot/boot/init; old: /lib/systemd/systemd"),
+        Notice(
+            "info",
+            "install-next",
+            "after the reboot, within 10 min: ssh -o HostKeyAlias=labhost root@10.0.2.15"
+            " touch /run/dboot/keep",
+        ),
+        Notice("info", "install-next", "without it the machine boots the old system again"),
+        Finished("installed", detail="the next boot starts the image on probation"),
+    ]
+
+
 @dataclasses.dataclass
 class FakeBackend:
     """Fixed images, report and events. ``engine_down`` makes list_images fail."""
@@ -310,6 +392,10 @@ class FakeBackend:
     # Set by a test: "sshd accepted a login" during the login check. What go answered: went.
     login: threading.Event = dataclasses.field(default_factory=threading.Event)
     went: list[bool] = dataclasses.field(default_factory=list)
+    # The install's verdicts on the sample host (None: a remote session's warning alone).
+    install_notices: list[Notice] | None = None
+    # How many times the boot chain was read (install_facts).
+    facts_read: int = 0
 
     def list_images(self) -> list[ImageSummary]:
         if self.engine_down is not None:
@@ -373,8 +459,16 @@ class FakeBackend:
         # The engine's own options and rules: the Options step's checks are not faked.
         return engine_options(request, target_pid=self.target_pid)
 
+    def install_facts(self, ref: str, report: Report) -> InstallFacts:
+        self.facts_read += 1
+        notices = [REMOTE_WARNING] if self.install_notices is None else self.install_notices
+        return InstallFacts(sample_boot_chain(), INSTALL_NEEDS, list(notices))
+
     def run(self, request: RunRequest, last_words: Callable[[str], None]) -> Iterator[Event]:
         self.requests.append(request)
+        if request.install is not None and not request.rehearse:
+            yield from install_events(request)
+            return
         for event in rehearsal_events(request):
             if isinstance(event, StepStarted) and event.step == "inject" and not request.rehearse:
                 yield from self.login_check(request)

@@ -12,6 +12,8 @@ from textual.pilot import Pilot
 from textual.screen import Screen
 from textual.widgets import RadioButton, RadioSet
 
+from app.tui.screens.destination import DestinationScreen
+from app.tui.screens.options import OptionsScreen
 from app.tui.screens.run import RunScreen
 
 
@@ -65,8 +67,20 @@ async def wait_for_run_end(pilot: Pilot[Any], timeout: float = 10) -> None:
 
 async def take_the_options(pilot: Pilot[Any]) -> None:
     """On the Options step: keep the defaults, turning the revert timer on where the engine
-    asks for a choice (a remote session's real switch), then Enter."""
+    asks for a choice (a remote session's real switch), then Enter; and where the wizard
+    asks for the destination next, keep running from RAM."""
     if pilot.app.screen.query_one("#opt-revert", RadioSet).pressed_button is None:
         pilot.app.screen.query_one("#revert-on", RadioButton).value = True
         await settle(pilot)
     await press(pilot, "enter")
+    await run_from_ram(pilot)
+
+
+async def run_from_ram(pilot: Pilot[Any]) -> None:
+    """Just after Enter on the Options step: where the Destination step follows (a wizard
+    that may install on this machine), keep its default, Run from RAM, with Enter."""
+    app = pilot.app
+    await wait_until(pilot, lambda: not isinstance(app.screen, OptionsScreen), 10, "Next")
+    if isinstance(app.screen, DestinationScreen):
+        assert app.screen.query_one("#dest-ram", RadioButton).value
+        await press(pilot, "enter")

@@ -21,6 +21,7 @@ from app.tui.widgets.login_check import LoginCheckScreen
 from tests.tui.fakes import HOSTNAME, FakeBackend, SteppingClock
 from tests.tui.helpers import (
     press,
+    run_from_ram,
     screen_text,
     settle,
     wait_for_run_end,
@@ -51,6 +52,7 @@ async def to_the_login_check(pilot: Pilot[Any]) -> None:
     await settle(pilot)
     pilot.app.screen.set_focus(None)
     await press(pilot, "enter")
+    await run_from_ram(pilot)
     await wait_for_screen(pilot, ConfirmScreen)
     await press(pilot, *HOSTNAME, "enter")
     await wait_for_screen(pilot, LoginCheckScreen)
@@ -84,6 +86,7 @@ async def test_a_remote_switch_checks_a_login_on_port_2222_by_default_and_enter_
         assert command_shown(app) == line
         app.screen.set_focus(None)
         await press(pilot, "enter")
+        await run_from_ram(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         await press(pilot, *HOSTNAME, "enter")
         await wait_for_screen(pilot, LoginCheckScreen)
@@ -159,6 +162,7 @@ async def test_the_login_check_can_be_turned_off_and_has_its_port_judged_by_the_
         )
         app.screen.set_focus(None)
         await press(pilot, "enter")
+        await run_from_ram(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         await press(pilot, *HOSTNAME, "enter")
         await wait_for_run_end(pilot)

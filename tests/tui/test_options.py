@@ -28,6 +28,7 @@ from app.tui.wizard import STEP_TITLES
 from tests.tui.fakes import FakeBackend, SteppingClock
 from tests.tui.helpers import (
     press,
+    run_from_ram,
     screen_text,
     settle,
     take_the_options,
@@ -169,6 +170,7 @@ async def test_a_remote_switch_asks_for_the_revert_timer_and_names_it_on_the_com
         await set_field(pilot, "#opt-revert-minutes", "30")
         app.screen.set_focus(None)
         await press(pilot, "enter")
+        await run_from_ram(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         await press(pilot, *"labhost", "enter")
         await wait_for_screen(pilot, RunScreen)
@@ -280,6 +282,7 @@ async def test_enter_on_an_option_goes_on_and_space_toggles_it() -> None:
         await press(pilot, "space")  # presses the highlighted choice: on
         assert app.screen.query_one("#revert-on", RadioButton).value
         await press(pilot, "enter")
+        await run_from_ram(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         confirm = app.screen
         assert isinstance(confirm, ConfirmScreen)
@@ -352,8 +355,12 @@ async def test_enter_on_an_empty_processes_table_moves_on() -> None:
 
 
 async def test_every_steps_title_fits_at_80_columns_and_a_narrow_one_keeps_its_own() -> None:
-    full = " › ".join(f"{number} {title}" for number, title in enumerate(STEP_TITLES, 1))
-    app = make(FakeBackend(lab=False), rehearse_only=False)
+    # Seven steps: a real switch with no Destination step (--target-pid's is a namespace's).
+    # The eight of a wizard that may install: tests/tui/test_destination.py.
+    app = make(FakeBackend(lab=False, target_pid=4242), rehearse_only=False)
+    titles = app.wizard.step_titles
+    assert len(titles) == len(STEP_TITLES) - 1
+    full = " › ".join(f"{number} {title}" for number, title in enumerate(titles, 1))
     async with app.run_test(size=SIZE) as pilot:
         shown: list[str] = []
         await to_processes(pilot)

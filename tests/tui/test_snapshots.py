@@ -15,6 +15,7 @@ from textual.widgets import Checkbox, Input, RadioButton
 
 from app.tui.app import DbootApp, create_app
 from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.destination import DestinationScreen
 from app.tui.screens.images import ImagesScreen, OpenFileScreen
 from app.tui.screens.init import InitScreen
 from app.tui.screens.options import OptionsScreen
@@ -24,6 +25,7 @@ from app.tui.screens.run import RunScreen
 from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
 from tests.tui.helpers import (
     press,
+    run_from_ram,
     screen_text,
     settle,
     take_the_options,
@@ -213,6 +215,7 @@ def test_confirm_switch_with_its_command_line(snap_compare: SnapCompare) -> None
         await settle(pilot)
         screen.set_focus(None)
         await press(pilot, "enter")
+        await run_from_ram(pilot)
         await wait_for_screen(pilot, ConfirmScreen)
         await settle(pilot)
 
@@ -247,6 +250,60 @@ def test_confirm_switch_typed(snap_compare: SnapCompare) -> None:
         await press(pilot, *HOSTNAME)
 
     assert snap_compare(real_switch(), run_before=typed)
+
+
+# The Destination step (issue 17 §1), in a wizard that may install: lab mode off on the fake
+# engine, whose boot chain is fixed data. Nothing is installed.
+async def destination(pilot: Pilot[Any]) -> None:
+    await options(pilot)
+    pilot.app.screen.query_one("#revert-off", RadioButton).value = True  # the switch's timer
+    await settle(pilot)
+    pilot.app.screen.set_focus(None)
+    await press(pilot, "enter")
+    await wait_for_screen(pilot, DestinationScreen)
+    await settle(pilot)
+
+
+async def install_chosen(pilot: Pilot[Any]) -> None:
+    await destination(pilot)
+    await press(pilot, "down", "space")
+    pilot.app.screen.query_one("#install-revert-on", RadioButton).value = True
+    await settle(pilot)
+
+
+def test_destination_run_from_ram(snap_compare: SnapCompare) -> None:
+    assert snap_compare(real_switch(), run_before=destination)
+
+
+def test_destination_install(snap_compare: SnapCompare) -> None:
+    assert snap_compare(real_switch(), run_before=install_chosen)
+
+
+def test_confirm_install(snap_compare: SnapCompare) -> None:
+    async def confirming(pilot: Pilot[Any]) -> None:
+        await install_chosen(pilot)
+        pilot.app.screen.set_focus(None)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, *HOSTNAME)
+
+    assert snap_compare(real_switch(), run_before=confirming)
+
+
+def test_run_installed(snap_compare: SnapCompare) -> None:
+    async def installed(pilot: Pilot[Any]) -> None:
+        await install_chosen(pilot)
+        pilot.app.screen.set_focus(None)
+        await press(pilot, "enter")
+        await wait_for_screen(pilot, ConfirmScreen)
+        await press(pilot, *HOSTNAME, "enter")
+        await wait_for_screen(pilot, RunScreen)
+        await wait_for_run_end(pilot, 10)
+        await settle(pilot)
+
+    backend = FakeBackend(lab=False)
+    assert snap_compare(make(backend, rehearse_only=False), run_before=installed)
+    assert [request.install is not None for request in backend.requests] == [True]
 
 
 def test_run_in_flight(snap_compare: SnapCompare) -> None:

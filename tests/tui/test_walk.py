@@ -13,6 +13,7 @@ from textual.widgets import Button, DataTable, Input, RichLog
 from app.tui.app import DbootApp, create_app
 from app.tui.backend import EngineBackend, RunOptions, RunRequest
 from app.tui.screens.confirm import ConfirmScreen
+from app.tui.screens.destination import DestinationScreen
 from app.tui.screens.images import ImagesScreen, OpenFileScreen
 from app.tui.screens.init import InitScreen
 from app.tui.screens.options import OptionsScreen
@@ -26,6 +27,7 @@ from injector.preflight.preflight import Report
 from tests.tui.fakes import HOSTNAME, IMAGES, FakeBackend, MiB, SteppingClock
 from tests.tui.helpers import (
     press,
+    run_from_ram,
     screen_text,
     settle,
     take_the_options,
@@ -427,6 +429,7 @@ async def test_when_blockers_leave_only_a_rehearsal_enter_rehearses() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await to_options(pilot)
         await press(pilot, "enter")
+        await run_from_ram(pilot)  # an install needs no ptrace: the Destination step is asked
         await wait_for_screen(pilot, ConfirmScreen)
         assert "Switch is off: ptrace of PID 1 is denied" in screen_text(app)
         assert app.focused is not None and app.focused.id == "confirm-rehearse"
@@ -486,13 +489,14 @@ async def test_escape_while_typing_the_hostname_cancels() -> None:
         screen = await to_real_confirm(pilot)
         await press(pilot, *HOSTNAME)
         assert screen.query_one("#confirm-hostname", Input).value == HOSTNAME
+        # Back to the step under the modal: the Destination step, where it may install.
         await press(pilot, "escape")
-        await wait_for_screen(pilot, OptionsScreen)
+        await wait_for_screen(pilot, DestinationScreen)
         # Back again: Cancel too, with the mouse's button.
         await press(pilot, "n")
         await wait_for_screen(pilot, ConfirmScreen)
         app.screen.query_one("#confirm-cancel", Button).press()
-        await wait_for_screen(pilot, OptionsScreen)
+        await wait_for_screen(pilot, DestinationScreen)
     assert backend.requests == []
 
 

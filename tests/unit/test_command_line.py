@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from app.cli import parse_command_line, switch_options
+from app.cli import install_options, parse_command_line, switch_options
 from app.format import command_line, number_arg, size_arg
-from app.tui.backend import RunOptions, RunRequest, engine_options
+from app.tui.backend import InstallChoices, RunOptions, RunRequest, engine_options
+from injector.install.install import InstallOptions
 from injector.switch import SwitchOptions
 
 # Fields no command line word sets: callbacks and hooks, the wizard's own confirmation, the
@@ -181,3 +182,86 @@ def test_the_wizards_login_check_reaches_the_engine_and_reads_back(chosen: RunOp
     words = command_line(options)
     assert ("--ssh-check" in words) == (chosen.ssh_check is not None)
     assert compared(read_back(words)) == compared(options), shlex.join(words)
+
+
+# --- `dboot install` (issue 17 §1): the wizard's Destination step replays as this line ---
+
+
+def read_back_install(words: list[str]) -> InstallOptions:
+    """What `dboot install` makes of the words, as pasted into a shell."""
+    assert words[:2] == ["dboot", "install"]
+    pasted = shlex.split(shlex.join(words))
+    return install_options(parse_command_line(pasted[1:]), io.StringIO())
+
+
+INSTALL_VARIANTS = [
+    {},
+    {"revert_after": 10.0},
+    {"revert_after": 2.5},
+    {"no_revert": True},
+    {"reboot": False},
+    {"carry": False, "modules": False},
+    {"no_revert": True, "reboot": False, "state_dir": Path("/run/other dir")},
+    {"docker_host": "unix:///run/docker.sock", "force": True},
+    {"dry_run": True, "revert_after": 30.0},
+]
+
+
+@pytest.mark.parametrize(
+    "changes", INSTALL_VARIANTS, ids=lambda changes: ",".join(changes) or "defaults"
+)
+def test_an_installs_command_line_reads_back_as_the_same_options(changes: dict[str, Any]) -> None:
+    options = InstallOptions(image="tinybox:latest", init_argv=INIT, **changes)
+    words = command_line(options)
+    assert ("--no-reboot" in words) == (not options.reboot)
+    assert compared(read_back_install(words)) == compared(options), shlex.join(words)
+
+
+@pytest.mark.parametrize(
+    "install",
+    [
+        InstallChoices(revert_after=10.0),
+        InstallChoices(revert_after=45.0, reboot=False),
+        InstallChoices(no_revert=True),
+    ],
+    ids=["timer", "timer-no-reboot", "no-timer"],
+)
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        RunOptions(),
+        RunOptions(
+            grace=9.0,
+            tmpfs_size="512M",
+            api_mounts=False,
+            modules=False,
+            carry=False,
+            ssh=True,
+            revert_after=30.0,
+            ssh_check=2222,
+        ),
+    ],
+    ids=["default-options", "changed-options"],
+)
+def test_the_wizards_install_reaches_the_engine_and_reads_back(
+    install: InstallChoices, chosen: RunOptions
+) -> None:
+    request = RunRequest(
+        "tinybox:latest", ["/sbin/init"], rehearse=False, options=chosen, install=install
+    )
+    options = engine_options(request)
+    assert isinstance(options, InstallOptions)
+    # The Options step's carry-over and modules reach the install, the Destination step's
+    # probation and reboot too; the RAM switch's own choices (grace, tmpfs, API mounts,
+    # sshd, the login check, the switch's timer) are not an install's and stay out.
+    assert (options.carry, options.modules) == (chosen.carry, chosen.modules)
+    assert (options.revert_after, options.no_revert) == (install.revert_after, install.no_revert)
+    assert options.reboot == install.reboot and options.yes
+    plain = InstallOptions(image="tinybox:latest", init_argv=["/sbin/init"])
+    for name in ("grace", "tmpfs_size", "api_mounts", "ssh", "ssh_check", "target_pid"):
+        assert getattr(options, name) == getattr(plain, name), name
+    words = command_line(options)
+    assert compared(read_back_install(words)) == compared(options), shlex.join(words)
+    # A rehearsal of the same choices is no install: the Confirm modal's Rehearse.
+    rehearsal = engine_options(dataclasses.replace(request, rehearse=True))
+    assert not isinstance(rehearsal, InstallOptions) and rehearsal.rehearse

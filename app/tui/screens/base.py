@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header
+from textual.widgets import Button, Footer, Header, Static
 
 from app.tui.widgets.chrome import NavBar, StepIndicator
-from app.tui.wizard import Outcome, Wizard
+from app.tui.wizard import STEP_TITLES, Outcome, Wizard
+from injector.errors import BadInput
 
 
 class StepScreen(Screen[None]):
     """One step of the wizard. Subclasses compose ``body`` and call ``block``/``unblock``."""
 
+    # Its index in ``STEP_TITLES``.
     STEP: ClassVar[int] = 0
     NEXT_LABEL: ClassVar[str] = "Next ▸"
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -53,7 +56,7 @@ class StepScreen(Screen[None]):
     # --- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        yield StepIndicator(self.STEP)
+        yield StepIndicator(self.wizard.step_titles, STEP_TITLES[self.STEP])
         with Vertical(id="body"):
             yield from self.body()
         yield NavBar(back=self.STEP > 0, next_label=self.NEXT_LABEL)
@@ -64,13 +67,26 @@ class StepScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.title = "docker-boot"
-        self.sub_title = "REHEARSAL ONLY" if self.wizard.rehearse_only else "switch or rehearse"
+        if self.wizard.rehearse_only:
+            self.sub_title = "REHEARSAL ONLY"
+        elif self.wizard.asks_destination:
+            self.sub_title = "switch, install or rehearse"
+        else:
+            self.sub_title = "switch or rehearse"
 
     # --- Next enabled or not, and why -----------------------------------------------------
     def block(self, reason: str) -> None:
         self.blocked_reason = reason
         self.query_one(NavBar).show(reason, blocked=True)
         self.refresh_bindings()
+
+    def refused(self, refused: BadInput, error: Static, command: Static, first: str) -> None:
+        """A value the engine refused: its one line in ``error``, no command line in
+        ``command`` until ``first`` is done, and Next off with the cause."""
+        error.update(Text(f"✗ {refused}", style="bold red"))
+        error.display = True
+        command.update(Text(f"({first} first)", style="dim"))
+        self.block(f"✗ {refused.cause}")
 
     def unblock(self, hint: str = "") -> None:
         self.blocked_reason = None

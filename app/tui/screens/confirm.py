@@ -1,5 +1,7 @@
-"""Step 6: the modal that says plainly what cannot be undone, and gives the same run as a
-`dboot` command line, ready to copy: one wizard run can be replayed from a script.
+"""The confirmation: the modal that says plainly what cannot be undone, and gives the same
+run as a `dboot` command line, ready to copy: one wizard run can be replayed from a script.
+Where the Destination step chose an install, the real run on offer is that install (`dboot
+install`).
 
 For a real switch the hostname field has the focus: what the user types lands there, Switch
 stays off until it matches exactly, and Enter in it either switches or says what is wrong;
@@ -21,9 +23,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from app.format import number_arg
+from app.tui.backend import InstallChoices
 from app.tui.screens.options import COPY_KEY, copy_command
 from app.tui.widgets.chrome import Field
 from app.tui.wizard import Outcome, Wizard
+from initstage.plan import KEEP_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,8 @@ REHEARSE_KEY = "ctrl+r"
 
 
 def consequences(wizard: Wizard) -> Text:
+    if wizard.install_chosen is not None:
+        return install_consequences(wizard, wizard.install_chosen)
     choices = wizard.choices
     init = " ".join(choices.init_argv)
     target = wizard.backend.switch_target()
@@ -57,6 +64,38 @@ def consequences(wizard: Wizard) -> Text:
     return text
 
 
+def install_consequences(wizard: Wizard, install: InstallChoices) -> Text:
+    choices = wizard.choices
+    facts = choices.install_facts
+    init_path = facts.chain.init_path if facts is not None else "the kernel's init path"
+    root = facts.chain.root if facts is not None else None
+    where = f" on {root.device}" if root is not None else ""
+    text = Text()
+    text.append("An install changes what this machine boots. ", style="bold red")
+    text.append(
+        f"{choices.image} is copied beside the old system{where}, then {init_path} is"
+        " repointed at the boot shim: from the next boot on, the machine starts the image's"
+        f" `{' '.join(choices.init_argv)}`. Only a revert undoes that; the old system stays"
+        " whole on the disk as the way back (`dboot install --revert`). "
+    )
+    if install.no_revert:
+        text.append("No revert timer: the first boot is kept at once. ")
+    else:
+        minutes = install.revert_after or wizard.install_revert_default() or 0
+        text.append(
+            f"Without {KEEP_FILE} within {number_arg(minutes)} min of the first boot, the old"
+            " system comes back by itself. "
+        )
+    text.append(
+        "This machine reboots when it is done.\n\n"
+        if install.reboot
+        else "Reboot it yourself when it is done.\n\n"
+    )
+    text.append("A rehearsal ", style="bold green")
+    text.append("runs the image from RAM in a sandbox: does its init start? Nothing is written.")
+    return text
+
+
 class ConfirmScreen(ModalScreen[Outcome]):
     # The first match in screen order: the hostname field when a real switch is on offer
     # (it comes before the buttons), else Rehearse.
@@ -73,9 +112,12 @@ class ConfirmScreen(ModalScreen[Outcome]):
         super().__init__()
         self.wizard = wizard
         self.hostname = wizard.backend.hostname()
+        # The Destination step's install, where it chose one: the real run on offer.
+        self.install = wizard.install_chosen
+        self.verb = "install" if self.install is not None else "switch"
         self.refusal = self.switch_refusal()
-        # The Options step checked these options: the engine accepted them there.
-        self.command_line = wizard.command_line()
+        # The Options (and Destination) step checked these options: the engine accepted them.
+        self.command_line = wizard.command_line(install=self.install)
         logger.info("equivalent command line: %s", self.command_line)
 
     def switch_refusal(self) -> str | None:
@@ -83,13 +125,19 @@ class ConfirmScreen(ModalScreen[Outcome]):
         if self.wizard.rehearse_only:
             return f"Switch is off: {self.wizard.rehearse_only_reason}."
         blockers = self.wizard.choices.switch_blockers
+        if self.install is not None:
+            facts = self.wizard.choices.install_facts
+            found = facts.notices if facts is not None else []
+            blockers = [n for n in found if n.level == "blocker"]
+            if facts is None:
+                return "Install is off: this machine's boot chain was not read."
         if blockers:
-            return "Switch is off: " + "; ".join(n.message for n in blockers)
+            return f"{self.verb.capitalize()} is off: " + "; ".join(n.message for n in blockers)
         return None
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm"):
-            yield Label("[b]Rehearse or switch?[/b]", id="confirm-title")
+            yield Label(f"[b]Rehearse or {self.verb}?[/b]", id="confirm-title")
             # Scrolls rather than pushing the hostname field and the buttons off an 80x24
             # screen when the command line is long (many options, a long archive path).
             with VerticalScroll(id="confirm-scroll", can_focus=False):
@@ -97,7 +145,8 @@ class ConfirmScreen(ModalScreen[Outcome]):
                 yield Static(self.command_text(), id="confirm-command")
             if self.refusal is None:
                 yield Label(
-                    f"To switch for real, type the hostname [b]{self.hostname}[/b] and press Enter:"
+                    f"To {self.verb} for real, type the hostname [b]{self.hostname}[/b] and"
+                    " press Enter:"
                 )
                 # No placeholder: a dimmed hostname in the field would read as already typed.
                 yield Field(id="confirm-hostname", compact=True)
@@ -111,7 +160,11 @@ class ConfirmScreen(ModalScreen[Outcome]):
                 yield Button("Cancel", id="confirm-cancel", compact=True)
                 yield Button("Rehearse", id="confirm-rehearse", variant="success", compact=True)
                 yield Button(
-                    "Switch", id="confirm-switch", variant="error", disabled=True, compact=True
+                    self.verb.capitalize(),
+                    id="confirm-switch",
+                    variant="error",
+                    disabled=True,
+                    compact=True,
                 )
 
     def command_text(self) -> Text:
@@ -133,14 +186,15 @@ class ConfirmScreen(ModalScreen[Outcome]):
     def hint(self, value: str) -> Text:
         """What Enter would do now, before the user presses it."""
         if value == self.hostname:
-            return Text(f"✓ {self.hostname}: Enter switches for real.", style="bold green")
+            does = "installs" if self.install is not None else "switches"
+            return Text(f"✓ {self.hostname}: Enter {does} for real.", style="bold green")
         key = REHEARSE_KEY.replace("ctrl+", "^").upper()
         return Text(f"{key} rehearses, with no typing; Escape cancels.", style="dim")
 
     def mismatch(self, value: str) -> Text:
         """Why Enter did not switch, in one line."""
         if not value:
-            why = f"Nothing typed: type {self.hostname} to switch"
+            why = f"Nothing typed: type {self.hostname} to {self.verb}"
         elif value.strip() == self.hostname:
             why = f"{value!r} has spaces around it: type just {self.hostname}"
         elif value.lower() == self.hostname.lower():
@@ -158,7 +212,7 @@ class ConfirmScreen(ModalScreen[Outcome]):
     def hostname_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         if self.switch_allowed():
-            self.dismiss(Outcome.SWITCH)
+            self.dismiss(self.real_outcome())
         else:
             self.query_one("#confirm-status", Static).update(self.mismatch(event.value))
 
@@ -169,9 +223,12 @@ class ConfirmScreen(ModalScreen[Outcome]):
         if event.button.id == "confirm-rehearse":
             self.dismiss(Outcome.REHEARSE)
         elif event.button.id == "confirm-switch" and self.switch_allowed():
-            self.dismiss(Outcome.SWITCH)
+            self.dismiss(self.real_outcome())
         else:
             self.dismiss(Outcome.BACK)
+
+    def real_outcome(self) -> Outcome:
+        return Outcome.INSTALL if self.install is not None else Outcome.SWITCH
 
     def action_cancel(self) -> None:
         self.dismiss(Outcome.BACK)

@@ -277,10 +277,7 @@ class OptionsScreen(StepScreen):
             options = self.read()
             line = self.wizard.command_line(options)
         except BadInput as refused:
-            error.update(Text(f"✗ {refused}", style="bold red"))
-            error.display = True
-            command.update(Text("(fix the option above first)", style="dim"))
-            self.block(f"✗ {refused.cause}")
+            self.refused(refused, error, command, "fix the option above")
             return
         error.display = False
         self.wizard.choices.options = options

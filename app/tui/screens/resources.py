@@ -94,6 +94,8 @@ class ResourcesScreen(StepScreen):
         choices.report = message.report
         choices.rehearsal_blockers = message.rehearsal_blockers
         choices.switch_blockers = message.switch_blockers
+        # An install's facts were judged for the report before (its image, its size).
+        choices.install_facts = None
         self.show_report(message.report)
 
     def show_report(self, report: Report) -> None:

@@ -1,4 +1,5 @@
-"""Step 6: the run itself, rendered from the engine's event stream as it happens.
+"""The last step: the run itself (a rehearsal, a switch or an install), rendered from the
+engine's event stream as it happens.
 
 The whole ``backend.run`` iteration happens in ONE worker thread: ptrace requests belong
 to the thread that attached, so the injection must never hop between threads.
@@ -25,7 +26,7 @@ from app.tui.progress import EtaClock, ProgressThrottle
 from app.tui.screens.base import StepScreen
 from app.tui.widgets.console import ConsoleView
 from app.tui.widgets.login_check import LoginWaiter
-from app.tui.widgets.run_panels import StepList, TeachingPanel
+from app.tui.widgets.run_panels import INSTALL_LESSONS, StepList, TeachingPanel
 from app.tui.wizard import Outcome, Wizard
 from initstage.console import VT_NUMBER
 from injector.errors import DbootError
@@ -45,6 +46,10 @@ from injector.events import (
 
 logger = logging.getLogger(__name__)
 
+# An install's notices that are lines to read, not verdicts: its plan, and what to do after
+# its reboot (injector.install.install).
+PLAN_CODES = ("install-plan", "install-next")
+
 
 def expect_next(init_argv: list[str]) -> str:
     return (
@@ -63,6 +68,17 @@ def target_next(init_argv: list[str]) -> str:
     )
 
 
+def install_next(request: RunRequest) -> str:
+    """What the Run screen says before an install writes anything."""
+    reboot = request.install is not None and request.install.reboot
+    return (
+        "Nothing is written until the plan is shown. Then the image is copied beside the old "
+        "system, and the last step repoints the kernel's init at the boot shim: until then "
+        "the old system boots as always. "
+        + ("Then this machine reboots into the image." if reboot else "Then reboot when ready.")
+    )
+
+
 def how_it_ended(event: Finished, init_argv: list[str]) -> str:
     """The console's last line: how the rehearsed init ended."""
     if event.detail.startswith("stopped"):
@@ -75,7 +91,7 @@ class RunScreen(StepScreen):
     the focus while the rehearsal runs, and takes the whole body then (F6 gives the steps
     back); F8 ends an init that never exits; once it ended, r rehearses again."""
 
-    STEP = 6
+    STEP = 7
     NEXT_LABEL = "Quit"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "next", "Quit"),
@@ -93,6 +109,8 @@ class RunScreen(StepScreen):
         self.running = True
         self.eta = EtaClock(wizard.clock)
         self.throttle = ProgressThrottle()
+        # An install's "after the reboot" lines replaced the panel's first words.
+        self.after_reboot = False
 
     def body(self) -> ComposeResult:
         with Horizontal(id="run-top"):
@@ -128,12 +146,17 @@ class RunScreen(StepScreen):
             console.border_title = "What to expect next"
             console.write(
                 Text(
-                    "Nothing has changed yet: everything up to the injection "
+                    install_next(self.request)
+                    if self.request.install is not None
+                    else "Nothing has changed yet: everything up to the injection "
                     "is undone if it fails.",
                     style="dim",
                 )
             )
         what = "Rehearsing" if rehearse else "Switching to"
+        if self.request.install is not None:
+            what = "Installing"
+            self.query_one(TeachingPanel).lessons = INSTALL_LESSONS
         self.block(f"{what} {self.request.image}…")
         self.drive(self.request)
 
@@ -187,7 +210,14 @@ class RunScreen(StepScreen):
             section, key, value = event.section, event.key, event.value
             if section == "pid1" and key in ("pid", "exe"):
                 teach.identity(key, str(value))
-            self.log_line(f"{section}.{key} = {value}", "dim")
+            if isinstance(value, list):  # one fact a line: the boot chain
+                self.log_line(f"{section}.{key}:", "dim")
+                for line in value:
+                    self.log_line(f"  {line}", "dim")
+            else:
+                self.log_line(f"{section}.{key} = {value}", "dim")
+        elif isinstance(event, Notice) and event.code in PLAN_CODES:
+            self.plan_line(event)
         elif isinstance(event, Notice):
             fix = f" → {event.fix}" if event.fix else ""
             self.log_line(f"{event.level}: {event.message}{fix}", "yellow")
@@ -219,6 +249,8 @@ class RunScreen(StepScreen):
             # Once the console has its smaller size back: pyte wraps what is written then.
             note = how_it_ended(event, self.request.init_argv)
             self.call_after_refresh(self.query_one(ConsoleView).note, note)
+        elif event.outcome == "installed":
+            self.log_line(f"Installed: {event.detail}.", "bold green")
         else:
             self.log_line(f"Finished: {event.outcome}. {event.detail}", "bold green")
         if event.outcome == "injected":
@@ -226,6 +258,19 @@ class RunScreen(StepScreen):
             console = self.query_one("#run-console", RichLog)
             console.clear()
             console.write(Text(target_next(self.request.init_argv), style="bold"))
+
+    def plan_line(self, event: Notice) -> None:
+        """An install's plan (what it will write, and where) and what to do after its
+        reboot: lines to read, in the log; the latter also in "What to expect next"."""
+        if event.code == "install-plan":
+            self.log_line(event.message)
+            return
+        self.log_line(event.message, "bold")
+        console = self.query_one("#run-console", RichLog)
+        if not self.after_reboot:
+            console.clear()
+            self.after_reboot = True
+        console.write(Text(event.message, style="bold"))
 
     def on_last_words(self, message: LastWords) -> None:
         # The last thing this terminal shows before the init stage takes it away.

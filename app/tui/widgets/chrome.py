@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from rich.text import Text
@@ -12,38 +13,43 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet
 
-from app.tui.wizard import STEP_TITLES
-
 
 class StepIndicator(Widget):
     """'1 Images › 2 Init › …' with the current step highlighted and the done ones dimmed.
 
-    Every title when they fit the width; when they do not (a narrow terminal), the other
-    steps by number only, so the current step's title is never cut."""
+    Every title when they fit the width. When they do not (a narrow terminal, or the eight
+    steps of a wizard that may install at 80 columns), the steps farthest from the current
+    one are shown by number only, the earlier first: the current step's title is never cut,
+    and its neighbours keep theirs as long as they can."""
 
-    def __init__(self, current: int) -> None:
+    def __init__(self, titles: Sequence[str], current: str) -> None:
         super().__init__(id="step-indicator")
-        self.current = current
+        self.titles = tuple(titles)
+        self.current = self.titles.index(current)
 
     def render(self) -> Text:
-        full = self.line(self.current, numbers_only=False)
-        if full.cell_len <= self.size.width:
-            return full
-        return self.line(self.current, numbers_only=True)
+        named = set(range(len(self.titles)))
+        farthest_first = sorted(named, key=lambda number: (-abs(number - self.current), number))
+        line = self.line(named)
+        for number in farthest_first:
+            if line.cell_len <= self.size.width or number == self.current:
+                break
+            named.discard(number)
+            line = self.line(named)
+        return line
 
-    @staticmethod
-    def line(current: int, *, numbers_only: bool) -> Text:
+    def line(self, named: set[int]) -> Text:
         text = Text(" ")
-        for number, title in enumerate(STEP_TITLES):
+        for number, title in enumerate(self.titles):
             if number:
                 text.append(" › ", style="dim")
             label = f"{number + 1} {title}"
-            if number == current:
+            if number == self.current:
                 text.append(f" {label} ", style="bold reverse")
                 continue
-            if numbers_only:
+            if number not in named:
                 label = str(number + 1)
-            text.append(label, style="green" if number < current else "dim")
+            text.append(label, style="green" if number < self.current else "dim")
         return text
 
 

@@ -26,6 +26,21 @@ STEP_LESSONS = {
     "tmpfs, detaches the old root and execs the new init.",
 }
 
+# The same for an install (`dboot install`): nothing runs from RAM, nothing is injected.
+INSTALL_LESSONS = {
+    "source": "Reading the image's file list: the sizes give the space the install needs "
+    "on the disk. Nothing is written yet.",
+    "preflight": "Facts first (the root filesystem and its free space, the boot chain, the "
+    "old system's python3 for the boot shim), then verdicts.",
+    "plan": "What the install will write, and where. Nothing is written yet.",
+    "tree": "The image goes into a .partial- directory beside the old system, with the "
+    "carry-over, the kernel's modules and a new fstab; flushed, then renamed.",
+    "shim": "The boot shim and its state go into /dboot. The old system still boots: the "
+    "kernel's init path is not changed yet.",
+    "commit": "One rename() repoints the kernel's init path at the boot shim: from the next "
+    "boot on, the image starts, on probation.",
+}
+
 STATE_MARKS = {"running": ("▶", "bold yellow"), "done": ("✓", "green"), "failed": ("✗", "bold red")}
 
 
@@ -103,11 +118,13 @@ class TeachingPanel(Widget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.lesson = "Nothing has happened yet: the engine is starting."
+        # What each engine step is explained by (an install has its own).
+        self.lessons = STEP_LESSONS
         self.pid1: dict[str, str] = {}
         self.injection: Injection | None = None
 
     def step(self, step: str, title: str) -> None:
-        self.lesson = STEP_LESSONS.get(step, title)
+        self.lesson = self.lessons.get(step, title)
         self.refresh(layout=True)
 
     def identity(self, key: str, value: str) -> None:
