@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [options] IMAGE [INIT [ARG...]]",
         epilog=INIT_RULE + " An INIT given here is checked against the image.",
     )
+    add_stop_options(check)
     check.add_argument("image", metavar="IMAGE")
     check.set_defaults(handler=cmd_check)
 
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=INIT_RULE,
         )
         sub.add_argument("--force", action="store_true", help=FORCE_HELP)
+        if name != "install":  # its reboot is the init's own (systemctl reboot): graceful
+            add_stop_options(sub)
         if name == "install":
             sub.add_argument(
                 "--no-reboot", action="store_true", help="install, then leave the reboot to you"
@@ -243,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=cmd_status)
     return parser
+
+
+def add_stop_options(parser: argparse.ArgumentParser) -> None:
+    from injector.stop.plan import DEFAULT_CEILING_CAP, DEFAULT_STOP_MODE, STOP_MODES
+
+    parser.add_argument(
+        "--stop",
+        choices=STOP_MODES,
+        default=DEFAULT_STOP_MODE,
+        help="graceful (default): before the injection the host's init stops its services in"
+        " its own order, with their stop commands and timeouts (a rehearsal: the stand-in's);"
+        " signal: leave everything to the stage's SIGTERM and SIGKILL",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the ceiling of the whole graceful stop; past it the switch goes on and names"
+        f" what did not stop (default: what the units allow, at most {DEFAULT_CEILING_CAP:g})",
+    )
 
 
 def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
@@ -356,7 +379,12 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     require_root()
     with open_source(args.image, args.docker_host) as source:
         report = check(
-            source, args.init, tmpfs_size=args.tmpfs_size, modules=not args.no_modules
+            source,
+            args.init,
+            tmpfs_size=args.tmpfs_size,
+            modules=not args.no_modules,
+            stop_mode=args.stop,
+            stop_timeout=args.stop_timeout,
         ).report
     if args.json:
         for event in preflight.report_events(report):
@@ -404,6 +432,8 @@ def print_report(report: Any, image: str, out: TextIO) -> None:
             f"; your chain: {' <- '.join(chain)}",
             file=out,
         )
+    if report.stop is not None:
+        print_stop_plan(report.stop, report.processes, out)
     pid1 = report.pid1
     ptrace_state = "ptrace allowed" if pid1.ptrace_allowed else pid1.ptrace_reason
     print(f"  PID 1    {pid1.exe} ({ptrace_state})", file=out)
@@ -412,6 +442,40 @@ def print_report(report: Any, image: str, out: TextIO) -> None:
     for notice in report.notices:
         print_notice(notice, out)
     print("verdict: " + ("BLOCKED" if report.blocked else "ok to switch"), file=out)
+
+
+def print_stop_plan(plan: Any, processes: Any, out: TextIO) -> None:
+    """The graceful stop: the units in order with their timeouts, the worst case, what stays
+    running, and how many processes are left to the stage's signals."""
+    from injector.stop.plan import kept_by_reason
+    from injector.units import duration_text
+
+    if not plan.manager:
+        print(f"  stop     {plan.note}", file=out)
+        return
+    if plan.mode == "signal":
+        print(f"  stop     --stop=signal: {plan.manager} stops nothing", file=out)
+    elif plan.units:
+        print(
+            f"  stop     {plan.manager} stops {len(plan.units)} units first, in order"
+            f" (worst case {duration_text(plan.worst_case)}, ceiling"
+            f" {duration_text(plan.ceiling)}):",
+            file=out,
+        )
+        for unit in plan.units:
+            print(
+                f"           {unit.step:>2}. {unit.name}  {duration_text(unit.timeout)}"
+                f"  {unit.command}",
+                file=out,
+            )
+    for why, names in kept_by_reason(plan):
+        print(f"  kept     {', '.join(names)}: {why}", file=out)
+    left = [process for process in processes if not plan.fate(process.service).startswith("stop")]
+    print(
+        f"  signals  {len(left)} of {len(processes)} processes are left to the stage's SIGTERM"
+        " and SIGKILL",
+        file=out,
+    )
 
 
 def _address_text(item: Any) -> str:
@@ -483,6 +547,8 @@ def switch_options(
         tmpfs_size=args.tmpfs_size,
         api_mounts=not args.no_api_mounts,
         modules=not args.no_modules,
+        service_stop=getattr(args, "stop", "graceful"),
+        stop_timeout=getattr(args, "stop_timeout", None),
         carry=not getattr(args, "no_carry", False),
         ssh=getattr(args, "ssh", False),
         revert_after=getattr(args, "revert_after", None),

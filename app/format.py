@@ -4,6 +4,7 @@ durations. No Textual; sizes are the engine's own rule (its notices print them t
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,11 @@ def short_id(image_id: str) -> str:
 
 def short_created(created: str) -> str:
     """ISO 8601 (any offset) -> 'YYYY-MM-DD HH:MM' in UTC; unparsable text is shown as is."""
+    # Without the fraction of a second (the engine gives nanoseconds) and with "+00:00" for
+    # "Z": what fromisoformat reads before Python 3.11 too.
+    plain = re.sub(r"(:\d\d)\.\d+", r"\1", created, count=1).replace("Z", "+00:00")
     try:
-        moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(plain)
     except ValueError:
         return created
     if moment.tzinfo is None:
@@ -110,6 +114,10 @@ def command_line(options: SwitchOptions) -> list[str]:
         words.append("--no-api-mounts")
     if not options.modules:
         words.append("--no-modules")
+    if changed("service_stop"):
+        words.append(f"--stop={options.service_stop}")
+    if options.stop_timeout is not None:
+        words += ["--stop-timeout", number_arg(options.stop_timeout)]
     if not options.rehearse:
         if not options.carry:
             words.append("--no-carry")

@@ -18,6 +18,8 @@ from injector.image.imageindex import ImageIndex
 from injector.image.sources import ImageDetails, ImageSource, scan_events
 from injector.inject.nsenter import Streamed
 from injector.preflight import preflight
+from injector.stop import step as stopping
+from injector.stop.plan import DEFAULT_STOP_MODE, StopMode
 
 # Told (bytes read, bytes in all) while an archive is read.
 ReadProgress = Callable[[int, int], None]
@@ -70,10 +72,16 @@ def gather(
     tmpfs_size: int | None = None,
     modules: bool = True,
     mem_available: int | None = None,
+    stop_mode: StopMode | None = DEFAULT_STOP_MODE,
+    stop_timeout: float | None = None,
+    stop_kinds: list[str] | None = None,
 ) -> preflight.Report:
     """The preflight report for running ``init_argv`` from this image in ``target_pid``'s
-    place. The source is passed on: whether the init can run here is read from its files."""
-    return preflight.gather(
+    place. The source is passed on: whether the init can run here is read from its files.
+    The report's stop plan is the host's init's for this machine's PID 1, the stand-in's for
+    a rehearsal's sandbox (``stop_kinds``: its services), none for another namespace's;
+    ``stop_mode`` None: no stop plan at all (a run that stops nothing before an injection)."""
+    report = preflight.gather(
         index,
         init_argv,
         target_pid=target_pid,
@@ -82,6 +90,16 @@ def gather(
         modules=modules,
         mem_available=mem_available,
     )
+    if stop_mode is None:
+        return report
+    if stop_kinds is not None:
+        plan = stopping.standin_plan(stop_kinds, stop_mode, stop_timeout)
+    elif target_pid == 1:
+        plan = stopping.host_plan(stop_mode, stop_timeout)
+    else:
+        plan = stopping.target_plan(stop_mode, stop_timeout)
+    preflight.set_stop_plan(report, plan)
+    return report
 
 
 def read(source: ImageSource, init_argv: list[str], progress: ReadProgress | None) -> ImageRead:
@@ -102,6 +120,8 @@ def check(
     tmpfs_size: int | None = None,
     modules: bool = True,
     mem_available: int | None = None,
+    stop_mode: StopMode = DEFAULT_STOP_MODE,
+    stop_timeout: float | None = None,
 ) -> CheckResult:
     """The whole pipeline on an opened source (the caller closes it): read, check the
     init, gather. An empty ``init_argv`` gathers the report without an init check."""
@@ -114,5 +134,7 @@ def check(
         tmpfs_size=tmpfs_size,
         modules=modules,
         mem_available=mem_available,
+        stop_mode=stop_mode,
+        stop_timeout=stop_timeout,
     )
     return CheckResult(source, image.details, image.index, report)

@@ -77,6 +77,8 @@ from injector.ramroot.rootfs import RamRoot, add_host_files
 from injector.rootonly import first_not_root_only
 from injector.runlog import RunLog, default_log_file
 from injector.signals import ending_signals_raise, signals_deferred
+from injector.stop import step as stopping
+from injector.stop.plan import DEFAULT_STOP_MODE, StopMode, check_stop_options
 from injector.testhooks import pause_point
 
 if TYPE_CHECKING:
@@ -130,6 +132,12 @@ class SwitchOptions:
     # The rehearsal sandbox's stand-in services: a count of the default mix, or explicit kinds.
     services: int = 3
     service_kinds: list[str] | None = None
+    # The graceful stop (issue 19; not ``stop``, the rehearsal's end below): "graceful" has the
+    # host's init (a rehearsal's stand-in) stop its services its own way before the injection,
+    # "signal" leaves them to the stage's signals. ``stop_timeout`` bounds that whole stop
+    # (None: what the units allow, at most 5 minutes).
+    service_stop: StopMode = DEFAULT_STOP_MODE
+    stop_timeout: float | None = None
     # "capture": the sandbox's console comes back as Console events (wizard, --json, pipes);
     # "relay": the sandbox gets this terminal, so a rehearsed shell can be used by hand.
     # "pty": the sandbox gets a pty of its own, whose master end a ConsoleAttached event
@@ -151,6 +159,7 @@ class SwitchOptions:
         """Every rule about the options alone, checked up front: before any image is read."""
         preflight.check_init_argv(self.init_argv)
         statedir.check_state_dir_path(Path(self.state_dir))
+        check_stop_options(self.service_stop, self.stop_timeout)
         if self.pause is not None and not self.rehearse:
             raise SafetyRefusal(
                 "teaching pauses are for rehearsals: a real switch never waits on a UI",
@@ -380,6 +389,9 @@ def _switch_target(
         target_pid=target,
         tmpfs_size=options.tmpfs_size,
         modules=options.modules,
+        stop_mode=options.service_stop,
+        stop_timeout=options.stop_timeout,
+        stop_kinds=sandbox.kinds if sandbox is not None else None,
     )
     tmpfs_size = report.ram.tmpfs_size
     remote = report.session.remote and mode == "switch"
@@ -477,6 +489,7 @@ def _switch_target(
         if listener is not None:
             listener.start()  # in the sandbox's state dir, mounted by the copy
         python, argv, envp = _stage_command(target, plan_path)
+        yield from _stop_services(options, target, sandbox, undo, teacher)
         yield StepStarted("inject", f"Injecting execve into pid {target}")
         if mode == "switch" and options.last_words is not None:
             options.last_words(
@@ -681,6 +694,8 @@ class _Undo:
     # The directories this run made there, outermost first, its own subdirectory last.
     dirs_made: list[Path] = dataclasses.field(default_factory=list)
     committed: bool = False  # set from the injection thread at the register swap
+    # The graceful stop's undo: the init starts again what it stopped (injector.stop.step).
+    services: Callable[[], list[str]] | None = None
 
     def run(self, why: str) -> list[str]:
         """Undo everything, logging why and what; returns the lines logged."""
@@ -690,7 +705,9 @@ class _Undo:
             if self.namespace_pid is not None and self.dirs_made:
                 lines += _undo_state(self.namespace_pid, self.dirs_made)
             lines += _swapon(self.swaps)
-        self.swaps = []
+            if self.services is not None:
+                lines += self.services()
+        self.swaps, self.services = [], None
         for line in lines:
             self.runlog.write(f"undone: {line}")
         self.runlog.write("undo finished: the target is as it was")
@@ -725,6 +742,50 @@ def _undo_state(target: int, dirs_made: list[Path]) -> list[str]:
         )
 
     return nsenter.run_in_mount_namespace(target, undo)
+
+
+def _stop_services(
+    options: SwitchOptions,
+    target: int,
+    sandbox: Sandbox | None,
+    undo: _Undo,
+    teacher: teach.Teacher | None,
+) -> Iterator[Event]:
+    """The graceful stop, the last step before the injection: the host's init (a rehearsal's
+    stand-in) stops its services its own way, in its order, within the ceiling; what is
+    still running after it gets the stage's signals. Undone (started again) with the rest
+    when the run is called off before the commit."""
+    plan = stopping.run_plan(options.mode, options.service_stop, options.stop_timeout, sandbox)
+    if not plan.stops:
+        why = "--stop=signal" if options.service_stop == "signal" else plan.note or "none up"
+        yield Log(f"graceful stop: nothing for an init to stop ({why}); the stage's signals")
+        return
+    if teacher is not None:
+        from injector import teach  # teaching rehearsals only: start-up time
+
+        teacher(teach.Pause("host", "stop", teach.stop_call(plan, target), target))
+    whose = "the sandbox's" if sandbox is not None else f"{plan.manager}'s"
+    yield StepStarted("stop", f"Stopping {whose} services in order (ceiling {plan.ceiling:g} s)")
+    undo.services = stopping.Restart(plan.manager, [unit.name for unit in plan.units])
+    outcome = yield from stopping.stop(plan, sandbox)
+    yield Fact("stop", "stopped", [[name, round(at, 3)] for name, at in outcome.stopped])
+    yield Fact("stop", "left", outcome.left)
+    yield Fact("stop", "seconds", round(outcome.seconds, 3))
+    detail = f"{len(outcome.stopped)} of {len(outcome.asked)} stopped in {outcome.seconds:.1f} s"
+    if outcome.left:
+        names = ", ".join(outcome.left)
+        yield Notice(
+            "warning",
+            "stop-left",
+            f"still running after the graceful stop: {names}; the stage's SIGTERM, then"
+            " SIGKILL end them",
+            f"their stop took longer than their own timeout or the ceiling ({plan.ceiling:g} s):"
+            " --stop-timeout gives them more",
+            scope=plan.scope,
+        )
+        detail += f"; left for the signals: {names}"
+    yield StepDone("stop", detail)
+    pause_point("stopped")
 
 
 def _swapon(paths: list[str]) -> list[str]:

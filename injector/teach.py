@@ -30,11 +30,14 @@ from initstage.mounts import unescape_octal
 from initstage.teachpause import execve_text
 from injector.inject.arch import ARCHES, Arch
 from injector.preflight import procinfo
+from injector.stop.plan import StopPlan
 
 logger = logging.getLogger(__name__)
 
 Side = Literal["host", "stage"]
-HOST_STEPS = ("source", "preflight", "copy", "seize", "interrupt", "entry-stop", "swap", "execve")
+HOST_STEPS = (
+    "source", "preflight", "copy", "stop", "seize", "interrupt", "entry-stop", "swap", "execve",
+)  # fmt: skip
 STAGE_STEPS = teachpause.STEPS
 SOCKET_NAME = "teach.sock"
 ACCEPT_POLL = 0.2  # seconds between looks at whether the listener was closed
@@ -57,6 +60,13 @@ LESSONS: Mapping[str, tuple[str, str]] = {
         "A tmpfs sized to fit is mounted in the sandbox's mount namespace and the image is "
         "unpacked into it, with owners, modes and times exact. Then the plan for the init "
         "stage is written beside it.",
+    ),
+    "stop": (
+        "The graceful stop",
+        "Before anything is killed, the init stops its services its own way: the last "
+        "started first, each with its stop command and its own timeout, the whole within a "
+        "ceiling. On a real machine that is systemd, sysvinit or runit; here the stand-in. "
+        "What ignores it is left to the stage's signals.",
     ),
     "seize": (
         "Seize PID 1",
@@ -241,6 +251,13 @@ def copy_call(root: Path, size: int) -> str:
         f'mount("dboot", "{root}", "tmpfs", 0, "size={size},mode=0755,uid=0,gid=0"); '
         "then per file openat, write, fchownat, utimensat"
     )
+
+
+def stop_call(plan: StopPlan, pid: int) -> str:
+    """The stand-in's stop order (teaching is for rehearsals); on a machine with systemd it
+    would be `systemctl stop --no-block --job-mode=ignore-requirements -- UNIT...`."""
+    order = ", ".join(unit.name for unit in plan.units)
+    return f'send(control, "stop {plan.ceiling:g}"); kill({pid}, SIGUSR2): then {order}'
 
 
 def describe(pause: Pause) -> list[str]:

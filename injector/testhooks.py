@@ -10,6 +10,7 @@ instead (a terminal closed meanwhile then fails the next write with EIO). Withou
 The phases, in the order a switch meets them:
 - ``copy``: inside the namespace worker, the RAM root mounted and filled, no plan yet;
 - ``prepared``: still there, the plan written too;
+- ``stopped``: the graceful stop done (the host's services stopped), nothing injected yet;
 - ``before-seize``: the RAM root and the plan in place, PID 1 not yet traced;
 - ``entry-stop``: PID 1 stopped at a syscall entry under us, nothing of ours written;
 - ``swapped``: our block written below its stack and execve swapped into its registers;
@@ -27,7 +28,7 @@ from pathlib import Path
 
 PAUSE_ENV = "DBOOT_TEST_PAUSE"
 PAUSE_SECONDS_ENV = "DBOOT_TEST_PAUSE_SECONDS"  # pause this long, then go on (default: forever)
-PHASES = ("copy", "prepared", "before-seize", "entry-stop", "swapped", "exec-wait")
+PHASES = ("copy", "prepared", "stopped", "before-seize", "entry-stop", "swapped", "exec-wait")
 # `dboot install`'s, in its order (injector.install): a partial tree made, filled, renamed to
 # its final name; the shim written (a reinstall: its old package set aside first); the state
 # written; the init path committed.

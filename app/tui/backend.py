@@ -59,6 +59,10 @@ class RunOptions:
     tmpfs_size: str = ""
     api_mounts: bool = True
     modules: bool = True
+    # The graceful stop (--stop, --stop-timeout): the init (a rehearsal's stand-in) stops its
+    # services first; off: --stop=signal. The ceiling in seconds; None: what the units allow.
+    graceful_stop: bool = True
+    stop_timeout: float | None = None
     # A real switch's only (a rehearsal takes none of them, as `dboot rehearse` takes none).
     carry: bool = True
     ssh: bool = False
@@ -242,6 +246,8 @@ def engine_options(
         tmpfs_size=parse_size(chosen.tmpfs_size) if chosen.tmpfs_size.strip() else tmpfs_size,
         api_mounts=chosen.api_mounts,
         modules=chosen.modules,
+        service_stop="graceful" if chosen.graceful_stop else "signal",
+        stop_timeout=chosen.stop_timeout,
         # The wizard's Confirm modal asked for the typed hostname already.
         yes=True,
         # A teaching rehearsal (`dboot rehearse --teach`); a real switch never pauses.

@@ -30,6 +30,7 @@ from injector.preflight import execcheck, procinfo
 from injector.preflight.procinfo import PROC, SwapDevice, Unreadable
 from injector.ramroot.kmodules import ModulesFacts, gather_modules
 from injector.ramroot.rootfs import HostFile, host_files, tmpfs_size_for
+from injector.stop.plan import StopPlan, plan_facts, plan_notices
 from injector.units import human_bytes
 
 __all__ = [
@@ -203,6 +204,8 @@ class Report:
     kernel_machine: str = ""  # uname -m
     # The network, DNS, SSH session and SSH access (None: not gathered).
     access: AccessFacts | None = None
+    # What the init stops before the injection, in which order (None: not gathered).
+    stop: StopPlan | None = None
 
     @property
     def blocked(self) -> bool:
@@ -643,6 +646,18 @@ def _verdicts(report: Report, index: IndexView) -> list[Notice]:
     return _sorted(notices)
 
 
+def set_stop_plan(report: Report, plan: StopPlan) -> None:
+    """The graceful stop's plan, and what it says, into the report. A process the init
+    stops its own way is no longer one that is killed holding files open for writing: the
+    warning about those is judged again, on what the plan leaves to the signals."""
+    report.stop = plan
+    left = [p for p in report.processes if not plan.fate(p.service).startswith("stop")]
+    writers: list[Notice] = []
+    _process_verdicts(left, writers)
+    kept = [notice for notice in report.notices if notice.code != "processes-writing"]
+    report.notices = _sorted(kept + writers + plan_notices(plan))
+
+
 def add_notices(report: Report, notices: list[Notice]) -> None:
     """Verdicts the run's options add (``--no-carry``), in their place by level."""
     report.notices = _sorted(report.notices + notices)
@@ -912,6 +927,8 @@ def report_events(report: Report) -> Iterator[Event]:
     yield Fact("host_files", "files", [dataclasses.asdict(item) for item in report.host_files])
     if report.access is not None:
         yield from _dataclass_facts("access", report.access)
+    if report.stop is not None:
+        yield from plan_facts(report.stop)
     yield Fact("preflight", "unreadable", list(report.unreadable))
     yield from report.notices
 

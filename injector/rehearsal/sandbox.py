@@ -54,6 +54,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -82,6 +83,8 @@ CONSOLE_DRAIN_TIMEOUT = 5.0
 RELAY_IDLE = 0.05
 CGROUP_EMPTY_TIMEOUT = 5.0
 CGROUP_PREFIX = "dboot-rehearsal-"
+STOP_RESEND = 0.2  # seconds between stop signals until the stand-in answers
+STOP_ANSWER_MARGIN = 5.0  # past the ceiling, before a silent stand-in is given up on
 _cgroup_numbers = itertools.count(1)
 
 
@@ -315,6 +318,8 @@ class Sandbox:
         self._console_changed = threading.Condition()
         self._console_closed = False
         self.pid_namespace = ""
+        # Our end of the stand-in's control socket: its stop orders (see stop_services).
+        self._control: socket.socket | None = None
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -350,12 +355,13 @@ class Sandbox:
     def _start(self) -> int:
         self.cgroup = DelegatedCgroup.make()
         ready_read, ready_write = os.pipe()
+        self._control, standin_control = socket.socketpair()
         failure: list[BaseException] = []
 
         def own() -> None:
             try:
                 _unshare_pid_namespace_for_this_thread()
-                process = self._spawn(ready_write)
+                process = self._spawn(ready_write, standin_control.fileno())
                 try:
                     self._pidfd = os.pidfd_open(process.pid)
                 except OSError:
@@ -368,6 +374,7 @@ class Sandbox:
                 return
             finally:
                 os.close(ready_write)
+                standin_control.close()
                 self._spawned.set()
             self._status, self.exit_signal = _wait_for_exit(process)
             self._exited.set()
@@ -395,7 +402,7 @@ class Sandbox:
             os.close(ready_read)
         return self._check_isolated()
 
-    def _spawn(self, ready_fd: int) -> subprocess.Popen[bytes]:
+    def _spawn(self, ready_fd: int, control_fd: int) -> subprocess.Popen[bytes]:
         assert self.cgroup is not None
         dropped = ",".join(f"-{name}" for name in hermetic.DROPPED_CAPABILITIES)
         argv = [
@@ -412,6 +419,7 @@ class Sandbox:
             "--zombie-period", str(self.zombie_period),
             "--idle", self.idle,
             "--ready-fd", str(ready_fd),
+            "--control-fd", str(control_fd),
             "--cgroup", str(self.cgroup.path),
         ]  # fmt: skip
         capture = self.console == "capture"
@@ -428,7 +436,7 @@ class Sandbox:
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(ready_fd,),
+                pass_fds=(ready_fd, control_fd),
                 start_new_session=self.console != "pty",  # pty: setsid --ctty does it
                 env={**os.environ, hermetic.CONTAINER_VARIABLE: hermetic.CONTAINER_NAME},
             )
@@ -510,6 +518,9 @@ class Sandbox:
         self._join_console()
         if self._process is not None and self._process.stdin is not None:
             self._process.stdin.close()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -546,6 +557,36 @@ class Sandbox:
     def service_pids(self) -> list[int]:
         """Host pids of the stand-in's services."""
         return sorted(self.services())
+
+    def stop_services(self, ceiling: float) -> Iterator[str]:
+        """Give the stand-in its stop order (see ``standin``): its answer, line by line as
+        it comes, up to its last, ``done SECONDS``. The signal is sent again every
+        ``STOP_RESEND`` seconds until the first answer: one that lands just before PID 1
+        enters its wait is only acted on when the next one interrupts that wait."""
+        if self._control is None or self._pidfd is None:
+            raise BadInput("the sandbox is not started", "call start() first")
+        self._control.sendall(f"stop {ceiling:.3f}\n".encode())
+        deadline = time.monotonic() + ceiling + STOP_ANSWER_MARGIN
+        pending, answered = b"", False
+        while time.monotonic() < deadline:
+            if not answered:
+                signal.pidfd_send_signal(self._pidfd, standin.STOP_SIGNAL)
+            readable, _, _ = select.select([self._control], [], [], STOP_RESEND)
+            if not readable:
+                continue
+            chunk = self._control.recv(4096)
+            if not chunk:
+                return  # the stand-in is gone
+            answered = True
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+                if line.startswith(b"done"):
+                    return
+        raise EnvironmentFailure(
+            f"the sandbox's stand-in did not finish its stop order within {ceiling:.1f} s",
+            "check the machine's load, or rehearse with --stop=signal",
+        )
 
     # -- console --------------------------------------------------------------------------
 

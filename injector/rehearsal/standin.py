@@ -12,6 +12,15 @@ real host:
                   reaps it (a buggy daemon): its zombies pile up under it, at most
                   ``MAX_ZOMBIES``; when it dies they are reparented to PID 1, which reaps them;
     ``plain``     exits on SIGTERM like a well-behaved daemon;
+    ``slow``      on SIGTERM takes ``SLOW_STOP_SECONDS`` to write its state, then exits (a
+                  database's shutdown checkpoint);
+- given ``--control-fd``, it obeys a **stop order** (the rehearsal's graceful stop, issue 19):
+  the host writes ``stop CEILING`` on that socket and sends ``STOP_SIGNAL``; PID 1 stops its
+  services as an init would, in the reverse of their start order, each with SIGTERM and its
+  own timeout (``STOP_TIMEOUTS``), the whole bounded by the ceiling, and answers a line per
+  service, named ``svc-KIND-N`` (the Nth started): ``stopped NAME PID SECONDS``, or ``left
+  NAME PID timeout|ceiling`` (still running, for the stage's signals); then ``done SECONDS``.
+  Then it idles again;
 - it then idles in ``wait4(-1)``, where ptrace finds it: it reaps every child and orphan
   and says so (``--idle wait``, the one mode a rehearsal uses).
   ``main`` takes the table of idle modes: the tests run this same program with their own
@@ -46,7 +55,18 @@ from initstage import hermetic, linux
 
 MAX_ZOMBIES = 5
 KMSG_NODE = ("kmsg", 1, 11)
-SERVICE_KINDS = ("stubborn", "zombies", "plain")
+SERVICE_KINDS = ("stubborn", "zombies", "plain", "slow")
+# The stop order: each kind's own timeout (seconds), and how it stops.
+STOP_TIMEOUTS = {"stubborn": 1.0, "zombies": 2.0, "plain": 2.0, "slow": 2.0}
+SLOW_STOP_SECONDS = 0.5
+STOP_COMMANDS = {
+    "stubborn": "SIGTERM, which it ignores",
+    "zombies": "SIGTERM",
+    "plain": "SIGTERM",
+    "slow": f"SIGTERM, then {SLOW_STOP_SECONDS:g} s writing its state",
+}
+STOP_SIGNAL = signal.SIGUSR2
+STOP_POLL = 0.005
 READY_LINE = "ready"
 
 
@@ -71,8 +91,16 @@ def become_service(kind: str) -> None:
     become_child()
     if kind == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif kind == "slow":
+        signal.signal(signal.SIGTERM, stop_slowly)
     with open("/proc/self/comm", "w") as comm:
         comm.write(f"svc-{kind}")
+
+
+def stop_slowly(signum: int, frame: object) -> None:
+    """A ``slow`` service's SIGTERM: its state written (time passes), then a clean exit."""
+    time.sleep(SLOW_STOP_SECONDS)
+    os._exit(0)
 
 
 def serve(kind: str, zombie_period: float) -> None:
@@ -158,6 +186,76 @@ def harden(cgroup: str | None) -> None:
         hermetic.bind_console(terminal, "/dev/console")
 
 
+class StopOrders:
+    """PID 1's side of the stop order: the services it started (kind, pid), in start order,
+    and the socket the orders come on. ``__call__`` is the STOP_SIGNAL handler."""
+
+    def __init__(self, control_fd: int, services: list[tuple[str, int]]) -> None:
+        self.control = socket.socket(fileno=control_fd)
+        self.control.setblocking(False)
+        self.services = services
+
+    def __call__(self, signum: int, frame: object) -> None:
+        try:
+            order = self.control.recv(256).decode()
+        except BlockingIOError:
+            return  # a repeated signal (the host's, until we answer): no new order
+        words = order.split()
+        if len(words) != 2 or words[0] != "stop":
+            self.reply(f"refused {order.strip()!r}")
+            return
+        self.stop_all(float(words[1]))
+
+    def stop_all(self, ceiling: float) -> None:
+        started = time.monotonic()
+        deadline = started + ceiling
+        self.reply(f"begin {len(self.services)}")
+        for number, (kind, pid) in reversed(list(enumerate(self.services, 1))):
+            name = service_name(kind, number)
+            bound = min(STOP_TIMEOUTS[kind], deadline - time.monotonic())
+            if bound <= 0:
+                self.reply(f"left {name} {pid} ceiling")
+                continue
+            say(f"stop order: {name} (pid {pid}): SIGTERM, {bound:.1f} s to stop")
+            os.kill(pid, signal.SIGTERM)
+            status = wait_for_exit(pid, bound)
+            if status is None:
+                say(f"stop order: {name} (pid {pid}) still runs after {bound:.1f} s")
+                why = "timeout" if bound >= STOP_TIMEOUTS[kind] else "ceiling"
+                self.reply(f"left {name} {pid} {why}")
+                continue
+            say(f"stop order: {name} (pid {pid}) stopped ({describe(status)})")
+            self.reply(f"stopped {name} {pid} {time.monotonic() - started:.3f}")
+        self.reply(f"done {time.monotonic() - started:.3f}")
+
+    def reply(self, line: str) -> None:
+        self.control.setblocking(True)
+        try:
+            self.control.sendall(f"{line}\n".encode())
+        finally:
+            self.control.setblocking(False)
+
+
+def service_name(kind: str, number: int) -> str:
+    """How the stop order names a service: its kind and its place in the start order."""
+    return f"svc-{kind}-{number}"
+
+
+def wait_for_exit(pid: int, timeout: float) -> int | None:
+    """Reap ``pid`` once it exits within ``timeout`` seconds: its wait status, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0  # reaped already (by the idle loop): it is gone
+        if reaped:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(STOP_POLL)
+
+
 def ignore(signum: int, frame: object) -> None:
     """A handler that does nothing: SIGCHLD then wakes pause() (SIG_DFL would not)."""
 
@@ -178,6 +276,7 @@ def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
     parser.add_argument("--idle", choices=sorted(idles), default="wait")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--cgroup", help="the delegated cgroup (a host path) to join")
+    parser.add_argument("--control-fd", type=int, help="the socket stop orders come on")
     args = parser.parse_args()
     kinds = [kind for kind in args.services.split(",") if kind]
 
@@ -193,6 +292,8 @@ def main(idles: Mapping[str, Callable[[], None]] = IDLES) -> None:
     pids = spawn_services(kinds, args.zombie_period, args.ready_fd)
     listing = "".join(f" {kind}={pid}" for kind, pid in zip(kinds, pids))
     say(f"pid 1 on {socket.gethostname()}, {len(pids)} services{listing}")
+    if args.control_fd is not None:
+        signal.signal(STOP_SIGNAL, StopOrders(args.control_fd, list(zip(kinds, pids))))
     os.write(args.ready_fd, f"{READY_LINE}\n".encode())
     os.close(args.ready_fd)
 

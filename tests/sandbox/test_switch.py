@@ -142,7 +142,8 @@ def test_rehearsal_reports_the_injection_and_stage_steps(nothing_left_behind: No
     assert injection.interrupted_syscall
     assert injection.registers_before["rip"] == injection.registers_after["rip"]
     done = [event.step for event in events if isinstance(event, StepDone)]
-    assert done == ["source", "preflight", "ramroot", "inject", "stage"]
+    # The stand-in's stop order comes last before the injection (issue 19).
+    assert done == ["source", "preflight", "ramroot", "stop", "inject", "stage"]
     stage_lines = [line for line in console(events) if line.startswith("dboot-stage:")]
     assert any("step 5/8" in line and "pivot_root" in line for line in stage_lines)
 

@@ -17,6 +17,7 @@ import pytest
 
 from injector import teach
 from injector.events import Console, Event, Finished
+from injector.stop.plan import StopMode
 from injector.switch import SwitchOptions, run
 from tests.images import TINYBOX, build_tinybox
 
@@ -33,8 +34,8 @@ def tinybox() -> str:
     return build_tinybox()
 
 
-def rehearse(hook: teach.PauseHook) -> list[Event]:
-    options = SwitchOptions(image=IMAGE, init_argv=INIT, rehearse=True, pause=hook)
+def rehearse(hook: teach.PauseHook, stop: StopMode = "graceful") -> list[Event]:
+    options = SwitchOptions(IMAGE, INIT, rehearse=True, pause=hook, service_stop=stop)
     return list(run(options))
 
 
@@ -61,13 +62,15 @@ def test_every_pause_in_order_and_the_stage_waits_for_its_go() -> None:
             time.sleep(HOLD)
             alive[pause.step] = (before, len(others(pause)))
 
-    events = rehearse(hook)
+    # --stop=signal: the stage's own signals meet all three services (a graceful stop would
+    # have stopped two of them first; test_graceful_stop.py teaches that one).
+    events = rehearse(hook, stop="signal")
 
     last = events[-1]
     assert isinstance(last, Finished) and last.exit_status == 0
     assert "hi-1" in [event.text for event in events if isinstance(event, Console)]
     assert [(p.side, p.step) for p in pauses] == [
-        *(("host", step) for step in teach.HOST_STEPS),
+        *(("host", step) for step in teach.HOST_STEPS if step != "stop"),
         *(("stage", step) for step in teach.STAGE_STEPS),
     ]
     # Held at SIGTERM, the three services live on: the signal waits for the go.
@@ -127,7 +130,7 @@ def test_dboot_rehearse_teach_prints_each_pause_and_waits_for_enter() -> None:
     assert done.returncode == 0, done.stderr
     headers = [line for line in done.stderr.splitlines() if line.startswith("── ")]
     expected = [
-        *(f"host {n}/8" for n in range(1, 9)),
+        *(f"host {n}/9" for n in range(1, 10)),
         *(f"stage {n}/6" for n in range(1, 7)),
     ]
     assert [line.split(":")[0].removeprefix("── ") for line in headers] == expected
@@ -140,5 +143,5 @@ def test_dboot_rehearse_teach_with_no_input_goes_on_without_pauses() -> None:
     done = dboot_rehearse_teach("")
     assert done.returncode == 0, done.stderr
     headers = [line for line in done.stderr.splitlines() if line.startswith("── ")]
-    assert headers == ["── host 1/8: Reading the image ──"]
+    assert headers == ["── host 1/9: Reading the image ──"]
     assert "hi-1" in done.stdout + done.stderr

@@ -40,6 +40,7 @@ from injector.preflight.preflight import (
     processes_by_service,
 )
 from injector.preflight.procinfo import SwapDevice
+from injector.stop.plan import INIT_PLUMBING, Candidate, KeptUnit, StopPlan, make_plan
 from injector.switch import SwitchOptions
 
 MiB = 1 << 20
@@ -236,6 +237,30 @@ def sample_report(
     )
 
 
+def sample_stop_plan() -> StopPlan:
+    """The sample host's graceful stop, as systemd would order it: cron and the application's
+    database clients first, PostgreSQL after them; the session's sshd and the journal stay."""
+    return make_plan(
+        "systemd",
+        "graceful",
+        [
+            Candidate("cron.service", 90.0, "its stop signal (SIGTERM)"),
+            Candidate(
+                "postgresql.service",
+                3600.0,
+                "ExecStop=/usr/bin/pg_ctlcluster --skip-systemctl-redirect -m fast 15-main stop",
+                phases=2,
+                after=frozenset({"cron.service"}),
+            ),
+        ],
+        [
+            KeptUnit("ssh.service", "your session runs in it"),
+            KeptUnit("systemd-journald.service", INIT_PLUMBING),
+        ],
+        None,
+    )
+
+
 def rehearsal_events(request: RunRequest) -> list[Event]:
     """What a run of tinybox yields, in the engine's step order (a real switch stops at the
     injection: the init stage kills this very process right after)."""
@@ -392,6 +417,8 @@ class FakeBackend:
     # Set by a test: "sshd accepted a login" during the login check. What go answered: went.
     login: threading.Event = dataclasses.field(default_factory=threading.Event)
     went: list[bool] = dataclasses.field(default_factory=list)
+    # The graceful stop's plan the report carries (None: none, as before issue 19).
+    stop_plan: StopPlan | None = None
     # The install's verdicts on the sample host (None: a remote session's warning alone).
     install_notices: list[Notice] | None = None
     # How many times the boot chain was read (install_facts).
@@ -441,11 +468,13 @@ class FakeBackend:
         return None
 
     def check(self, ref: str, init_argv: list[str]) -> Report:
-        return sample_report(
+        report = sample_report(
             mem_available=self.mem_available,
             processes=self.processes,
             image_has_ssh=self.image_has_ssh,
         )
+        report.stop = self.stop_plan
+        return report
 
     def blockers(self, report: Report, *, rehearse: bool) -> list[Notice]:
         host_only = ("swap", "process", "session", "pid1")

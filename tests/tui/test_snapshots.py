@@ -22,7 +22,7 @@ from app.tui.screens.options import OptionsScreen
 from app.tui.screens.processes import ProcessesScreen
 from app.tui.screens.resources import ResourcesScreen
 from app.tui.screens.run import RunScreen
-from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock
+from tests.tui.fakes import HOSTNAME, FakeBackend, MiB, SteppingClock, sample_stop_plan
 from tests.tui.helpers import (
     press,
     run_from_ram,
@@ -181,6 +181,11 @@ def test_resources_ram_blocker(snap_compare: SnapCompare) -> None:
 
 def test_processes(snap_compare: SnapCompare) -> None:
     assert snap_compare(make(), run_before=processes)
+
+
+def test_processes_in_the_graceful_stops_order(snap_compare: SnapCompare) -> None:
+    # Issue 19: what the init stops first, in its order, then what it keeps, then the rest.
+    assert snap_compare(make(FakeBackend(stop_plan=sample_stop_plan())), run_before=processes)
 
 
 def test_options(snap_compare: SnapCompare) -> None:

@@ -107,7 +107,7 @@ async def test_each_pause_shows_until_space_or_enter() -> None:
         await rehearsing(pilot)
         await wait_until(pilot, showing(app, SWAP), 10, "the swap pause")
         text = screen_text(app)
-        assert "The register swap" in text and "host 7/8" in text
+        assert "The register swap" in text and "host 8/9" in text
         assert "* orig_rax  61 wait4 → 59 execve" in text
         assert "ptrace(PTRACE_SETREGSET, 4242, NT_PRSTATUS, &iov)" in text
         await press(pilot, "space")
@@ -224,6 +224,7 @@ PAUSE_TEXTS = {
     "source": "read(fd, buf, 1 MiB)",
     "preflight": 'open("/proc/meminfo")',
     "copy": 'mount("dboot"',
+    "stop": 'send(control, "stop ',
     "seize": "ptrace(PTRACE_SEIZE,",
     "interrupt": "ptrace(PTRACE_INTERRUPT,",
     "entry-stop": "ptrace(PTRACE_GETREGSET,",

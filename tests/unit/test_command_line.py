@@ -90,6 +90,11 @@ VARIANTS = [
     # The wizard's remote session: timer chosen, the login check on its default port.
     {"revert_after": 10.0, "ssh_check": 2222, "carry": True},
     {"no_revert": True, "ssh_check": 2200, "target_pid": 4242},
+    # The graceful stop (issue 19): rehearsals take it too (the stand-in's stop order).
+    {"service_stop": "signal"},
+    {"stop_timeout": 12.5},
+    {"stop_timeout": 0.0},
+    {"service_stop": "signal", "stop_timeout": 300.0, "grace": 10.0},
 ]
 
 
@@ -181,6 +186,29 @@ def test_the_wizards_login_check_reaches_the_engine_and_reads_back(chosen: RunOp
     assert options.ssh_check == chosen.ssh_check
     words = command_line(options)
     assert ("--ssh-check" in words) == (chosen.ssh_check is not None)
+    assert compared(read_back(words)) == compared(options), shlex.join(words)
+
+
+@pytest.mark.parametrize("rehearse", [False, True], ids=["switch", "rehearse"])
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        RunOptions(graceful_stop=False),
+        RunOptions(stop_timeout=42.0),
+        RunOptions(graceful_stop=False, stop_timeout=0.0),
+    ],
+    ids=["signal", "ceiling", "signal-and-ceiling"],
+)
+def test_the_wizards_stop_choice_reaches_the_engine_and_reads_back(
+    chosen: RunOptions, rehearse: bool
+) -> None:
+    # The graceful stop is a rehearsal's too (the stand-in's stop order): both lines say it.
+    request = RunRequest("tinybox:latest", ["/sbin/init"], rehearse=rehearse, options=chosen)
+    options = engine_options(request)
+    assert options.service_stop == ("graceful" if chosen.graceful_stop else "signal")
+    assert options.stop_timeout == chosen.stop_timeout
+    words = command_line(options)
+    assert ("--stop=signal" in words) == (not chosen.graceful_stop)
     assert compared(read_back(words)) == compared(options), shlex.join(words)
 
 

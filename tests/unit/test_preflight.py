@@ -704,6 +704,7 @@ def test_report_to_json(tmp_path: Path) -> None:
         "image_architecture",
         "kernel_machine",
         "access",
+        "stop",
         "blocked",
     ]
     assert data["processes"][4]["writing"][0].endswith("/data/base.db")

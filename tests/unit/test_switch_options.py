@@ -20,6 +20,9 @@ from injector.switch import SwitchOptions
         ({"grace": math.nan}, "grace period nan s"),
         ({"init_argv": []}, "no init command given"),
         ({"init_argv": ["sbin/init"]}, "init 'sbin/init' is not an absolute path"),
+        ({"service_stop": "gentle"}, "--stop=gentle is not a stop mode"),
+        ({"stop_timeout": -1.0}, "stop timeout -1 s is not between 0 and 3600 s"),
+        ({"stop_timeout": math.inf}, "stop timeout inf s is not between 0 and 3600 s"),
     ],
 )
 def test_bad_options_are_refused_when_made(given: dict[str, object], words: str) -> None:

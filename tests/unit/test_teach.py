@@ -87,7 +87,9 @@ def test_pause_texts_name_the_call_and_the_position() -> None:
     assert (
         pause.syscall == "ptrace(PTRACE_SEIZE, 4242, 0, PTRACE_O_TRACESYSGOOD|PTRACE_O_TRACEEXEC)"
     )
-    assert pause.position == "host 4/8"
+    assert pause.position == "host 5/9"  # after the graceful stop (issue 19)
+    stop = teach.Pause("host", "stop", "")
+    assert stop.position == "host 4/9" and stop.title == "The graceful stop"
     assert pause.title == "Seize PID 1"
     assert teach.Pause("stage", "pivot_root", "").position == "stage 4/6"
     long_argv = ["python3", "-c", "x" * 500, "/run/dboot/plan.json"]

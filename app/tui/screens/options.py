@@ -31,6 +31,7 @@ from app.tui.widgets.chrome import Choice, ChoiceSet, Field, Tick
 from app.tui.wizard import Wizard
 from initstage.plan import DEFAULT_REMOTE_REVERT_MINUTES, KEEP_FILE
 from injector.errors import BadInput
+from injector.units import duration_text
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ class OptionsScreen(StepScreen):
                     "Default on: add this kernel's modules and firmware",
                     classes="option-help",
                 )
+            with Horizontal(classes="option", id="stop-row"):
+                yield Tick("Graceful stop", chosen.graceful_stop, id="opt-graceful", compact=True)
+                timeout = "" if chosen.stop_timeout is None else number_arg(chosen.stop_timeout)
+                yield Field(timeout, id="opt-stop-timeout", compact=True, placeholder="auto")
+                yield Static(self.stop_help(), classes="option-help")
             with Horizontal(classes="option"):
                 yield Tick(
                     "Carry-over", chosen.carry, id="opt-carry", compact=True, disabled=switch_off
@@ -196,6 +202,13 @@ class OptionsScreen(StepScreen):
             yield Field(port, id="opt-login-port", compact=True, disabled=unavailable)
             yield Static(help_text, classes="option-help")
 
+    def stop_help(self) -> str:
+        """What the graceful stop does here: the ceiling it would take by default."""
+        report = self.wizard.choices.report
+        plan = report.stop if report is not None else None
+        ceiling = f", ceiling auto: {duration_text(plan.ceiling)}" if plan and plan.units else ""
+        return f"Default on: the init stops its services first{ceiling}"
+
     def tmpfs_help(self) -> str:
         report = self.wizard.choices.report
         fits = f" ({human_bytes(report.ram.tmpfs_size)} here)" if report is not None else ""
@@ -242,6 +255,10 @@ class OptionsScreen(StepScreen):
                 f"login check port {text!r} is not a number", "give a TCP port, e.g. 2222"
             ) from None
 
+    def stop_timeout(self) -> float | None:
+        text = self.query_one("#opt-stop-timeout", Input).value
+        return read_number(text, "stop timeout", "seconds, e.g. 120") if text.strip() else None
+
     def read(self) -> RunOptions:
         """The options as the widgets hold them; ``BadInput`` for a number that is none."""
         revert_after, no_revert = self.revert_choice()
@@ -253,6 +270,8 @@ class OptionsScreen(StepScreen):
             tmpfs_size=self.query_one("#opt-tmpfs", Input).value.strip(),
             api_mounts=self.query_one("#opt-api", Checkbox).value,
             modules=self.query_one("#opt-modules", Checkbox).value,
+            graceful_stop=self.query_one("#opt-graceful", Checkbox).value,
+            stop_timeout=self.stop_timeout(),
             carry=self.query_one("#opt-carry", Checkbox).value,
             ssh=self.query_one("#opt-ssh", Checkbox).value,
             revert_after=revert_after,
@@ -278,6 +297,8 @@ class OptionsScreen(StepScreen):
             line = self.wizard.command_line(options)
         except BadInput as refused:
             self.refused(refused, error, command, "fix the option above")
+            # Below the options (more of them than 24 lines show), the line may be out of view.
+            self.call_after_refresh(error.scroll_visible)
             return
         error.display = False
         self.wizard.choices.options = options

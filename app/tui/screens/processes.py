@@ -11,9 +11,12 @@ from textual.widgets import Button, DataTable, Static
 
 from app.format import human_bytes, plural
 from app.tui.screens.base import StepScreen
+from injector.stop.plan import groups_in_stop_order
+from injector.units import duration_text
 
 if TYPE_CHECKING:
     from injector.preflight.preflight import ProcessInfo, Report
+    from injector.stop.plan import StopPlan
 
 COMMAND_WIDTH = 30
 
@@ -76,6 +79,8 @@ class ProcessesScreen(StepScreen):
             )
         else:
             text.append("A real switch kills all of them; a rehearsal none.", style="dim")
+        if report.stop is not None and report.processes:
+            text.append("\n" + stop_summary(report.stop), style="dim")
         self.query_one("#processes-summary", Static).update(text)
         session = report.session
         warning = self.query_one("#processes-warning", Static)
@@ -99,14 +104,15 @@ class ProcessesScreen(StepScreen):
         table.add_column("", key="note")
         # The engine groups (by systemd unit, unit-less processes last); we only draw.
         grouped = self.wizard.backend.processes_by_service(report.processes)
-        for service, processes in grouped.items():
+        # The graceful stop's order: what the init stops first, then what it keeps, the rest.
+        for service, processes, fate in groups_in_stop_order(grouped, report.stop):
             rss = sum(p.rss_bytes for p in processes)
             table.add_row(
                 Text("▾", style="bold"),
                 "",
                 Text(human_bytes(rss), style="bold", justify="right"),
                 Text(f"{service_name(service)} ({len(processes)})", style="bold cyan"),
-                "",
+                Text(fate, style="green" if fate.startswith("stop") else "dim"),
                 key=f"service:{service}",
             )
             for process in processes:
@@ -123,6 +129,19 @@ class ProcessesScreen(StepScreen):
     @on(DataTable.RowSelected, "#processes")
     def selected(self, event: DataTable.RowSelected) -> None:
         self.action_next()
+
+
+def stop_summary(plan: StopPlan) -> str:
+    """The graceful stop in one line, above the table its order sorts."""
+    if plan.stops:
+        return (
+            f"Graceful stop first: {plan.manager} stops {plural(len(plan.units), 'unit')} in"
+            f" {plural(plan.steps, 'step')} (worst case {duration_text(plan.worst_case)},"
+            f" ceiling {duration_text(plan.ceiling)}); the rest gets the signals."
+        )
+    if plan.mode == "signal" and plan.units:
+        return "--stop=signal: no graceful stop, every process gets SIGTERM, then SIGKILL."
+    return plan.note or "Nothing for the init to stop: every process gets the signals."
 
 
 def _clip(command: str, width: int) -> str:
