@@ -225,12 +225,24 @@ class Variant:
     # the GRUB installed on it, not -kernel. Its tree is ``base``'s plus GRUB (a layer of its own).
     firmware: Firmware | None = None
     base: str = ""  # the variant whose base layer this one's tree starts from; "": its own
+    # The graceful stop's old machine (issue 19 §2): packages-db.txt on top (PostgreSQL 15,
+    # MariaDB 10.11 and their Python clients) and what tests/vm/dbbed.py adds to the disk.
+    databases: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
     variant.name: variant
     for variant in (
         Variant("x86_64", X86_64, remote=True),
+        # The remote machine of x86_64 with two busy databases: the graceful stop's proof.
+        Variant(
+            "x86_64-db",
+            X86_64,
+            systemd_root=False,
+            recovery_init=False,
+            remote=True,
+            databases=True,
+        ),
         # The arm64 scenarios are switch-busybox and rollback: no systemd image, no recovery.
         Variant("arm64", ARM64, systemd_root=False, recovery_init=False),
         # The remote machine of x86_64, booted through SeaBIOS or OVMF and GRUB from its disk.
@@ -447,8 +459,15 @@ def prune(prefix: str, keep: Path, spare: int = 0) -> None:
 REMOTE_PACKAGES = "packages-remote.txt"
 
 
+DB_PACKAGES = "packages-db.txt"
+
+
 def package_files(variant: Variant) -> list[str]:
-    return [variant.packages, *([REMOTE_PACKAGES] if variant.remote else [])]
+    return [
+        variant.packages,
+        *([REMOTE_PACKAGES] if variant.remote else []),
+        *([DB_PACKAGES] if variant.databases else []),
+    ]
 
 
 def base_key(variant: Variant = DEFAULT) -> str:
@@ -578,6 +597,7 @@ def disk_key(base: Path, variant: Variant = DEFAULT) -> str:
             ("variant", repr(variant).encode()),
             *files_under(HERE, ["build.py", "guest", "image"]),
             *(files_under(HERE, ["bootdisk.py"]) if variant.firmware else []),
+            *(files_under(HERE, ["dbbed.py"]) if variant.databases else []),
             *files_under(REPO, ["scripts/build-tinybox.sh", *GUEST_TEST_MODULES]),
             *(("src/" + name, content) for name, content in files_under(REPO, SOURCE_PATHS)),
         ]
@@ -922,6 +942,10 @@ def build_disk(base: Path, variant: Variant, log: Log) -> tuple[Path, float]:
             save_systemd_root(base / "tree", tree / "root/systemd-root.tar", variant)
         if variant.remote:
             make_remote_machine(tree, disk_dir / SSH_KEY_NAME, log)
+        if variant.databases:
+            from tests.vm.dbbed import make_database_machine
+
+            make_database_machine(tree, log)
         if variant.firmware is not None:
             from tests.vm.bootdisk import make_boot_disk
 
