@@ -83,7 +83,7 @@ class LoginWaiter:
 
     def __call__(self, command: str, done: threading.Event) -> bool:
         try:
-            go_on = wait_for_answer(self.app, LoginCheckScreen(command), until=done)
+            go_on = wait_for_answer(self.app, lambda: LoginCheckScreen(command), until=done)
         except AppGone:
             return False
         # None: a login was accepted (or sshd died: the engine tells which) before any key.

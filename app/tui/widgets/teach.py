@@ -174,13 +174,23 @@ class AppGone(Exception):
 
 
 def wait_for_answer(
-    app: App[Any], screen: ModalScreen[Answer], until: threading.Event | None = None
+    app: App[Any],
+    make_screen: Callable[[], ModalScreen[Answer]],
+    until: threading.Event | None = None,
 ) -> Answer | None:
-    """Show ``screen`` from a worker thread and block that thread until it is dismissed: its
-    answer. Once ``until`` is set first, the screen is closed and the answer is None.
-    ``AppGone`` when the wizard stops meanwhile. Never call it from the UI thread."""
+    """Show the screen ``make_screen()`` from a worker thread and block that thread until it is
+    dismissed: its answer. Once ``until`` is set first, the screen is closed and the answer is
+    None. ``AppGone`` when the wizard stops meanwhile. Never call it from the UI thread.
+
+    The screen is made on the UI thread: before Python 3.10, the asyncio lock a Textual screen
+    makes for itself wants the event loop of the thread it is made in, and a worker has none."""
     answered = threading.Event()
     answers: list[Answer | None] = []
+    screens: list[ModalScreen[Answer]] = []
+
+    def show() -> None:
+        screens.append(make_screen())
+        app.push_screen(screens[0], answer)
 
     def answer(result: Answer | None) -> None:
         answers.append(result)
@@ -189,13 +199,13 @@ def wait_for_answer(
     def close() -> None:
         if answered.is_set():
             return
-        if screen.is_current:
-            screen.dismiss(None)
+        if screens and screens[0].is_current:
+            screens[0].dismiss(None)
         else:
             answer(None)
 
     try:
-        app.call_from_thread(app.push_screen, screen, answer)
+        app.call_from_thread(show)
         while not answered.wait(ANSWER_POLL if until is None else UNTIL_POLL):
             if not app.is_running:
                 raise AppGone
@@ -215,7 +225,7 @@ class UiPauser:
 
     def __call__(self, pause: teach.Pause) -> None:
         try:
-            go_on = wait_for_answer(self.app, TeachScreen(pause))
+            go_on = wait_for_answer(self.app, lambda: TeachScreen(pause))
         except AppGone as error:
             raise teach.StopTeaching from error
         if not go_on:
