@@ -274,7 +274,13 @@ def _configured(interfaces: list[Interface]) -> list[Interface]:
 
 def networkd_unit(interface: Interface, routes: list[Route]) -> str:
     """A ``.network`` file matched by MAC: static addresses as they are, DHCP asking for the
-    same address where it was dynamic, gateways (on-link ones too) kept."""
+    same address where it was dynamic, gateways (on-link ones too) kept.
+
+    Never ``KeepConfiguration=yes`` or ``dhcp`` where a lease is involved: networkd then gives
+    every address it leases an infinite lifetime, and an address that outlives its lease
+    clashes with its next holder. With ``dhcp-on-stop`` networkd drops the address the stage
+    kept when it starts and asks the server for the same one at once (a gap of a DHCP
+    exchange, which TCP sessions ride out), and a later stop leaves the lease in place."""
     global_addresses = [item for item in interface.addresses if item.scope == "global"]
     dhcp4 = [item for item in global_addresses if item.dynamic and item.family == "inet"]
     dynamic6 = any(item.dynamic and item.family == "inet6" for item in global_addresses)
@@ -284,8 +290,7 @@ def networkd_unit(interface: Interface, routes: list[Route]) -> str:
         f"MACAddress={interface.mac}",
         "",
         "[Network]",
-        # What the kernel still has stays until a lease replaces it.
-        "KeepConfiguration=yes",
+        f"KeepConfiguration={'dhcp-on-stop' if dhcp4 or dynamic6 else 'static'}",
         f"DHCP={'ipv4' if dhcp4 else 'no'}",
         f"IPv6AcceptRA={'yes' if dynamic6 else 'no'}",
     ]

@@ -226,7 +226,7 @@ NETWORKD_ETH1 = """\
 MACAddress=52:54:00:ab:cd:ef
 
 [Network]
-KeepConfiguration=yes
+KeepConfiguration=static
 DHCP=no
 IPv6AcceptRA=no
 Address=192.0.2.7/24
@@ -255,6 +255,8 @@ def test_networkd_files_matched_by_mac(ram_root: Path) -> None:
     ]
     eth0 = (ram_root / "etc/systemd/network/10-dboot-eth0.network").read_text()
     assert "MACAddress=52:54:00:12:34:56\n" in eth0
+    # Not yes or dhcp: networkd would make the lease it gets never expire.
+    assert "KeepConfiguration=dhcp-on-stop\n" in eth0
     assert "DHCP=ipv4\nIPv6AcceptRA=yes\nAddress=192.0.2.7/24\n" in eth0
     assert "[DHCPv4]\nRequestAddress=10.0.2.15\n" in eth0
     assert "Gateway=" not in eth0  # both defaults of eth0 come back with DHCP and RAs
