@@ -242,9 +242,9 @@ def test_kept_rescue_system_stays_past_the_deadline(runs: dict[str, Future[Switc
     switched = result(runs, "keep")
     # --ssh-check: a login into the RAM root's sshd, same key and host key, before the commit.
     assert switched.facts["ssh_check"].startswith("rc=0 in-the-rescue-root"), switched.facts
-    assert re.search(r"login by root from \S+ \(publickey\) accepted", switched.dboot_output), (
-        switched.dboot_output
-    )
+    assert re.search(
+        r"login by root from \S+ \(publickey \S+ SHA256:\S+\) accepted", switched.dboot_output
+    ), switched.dboot_output
     assert switched.facts["root_fs"] == "tmpfs", switched.facts
     assert switched.facts["pid1"].endswith("/systemd"), switched.facts
     assert_reachable_as_before(switched)
