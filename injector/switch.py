@@ -348,43 +348,98 @@ def _run_in_state_dir(options: SwitchOptions, runlog: RunLog, work_dir: Path) ->
                 yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
                 if sandbox.console == "pty":
                     yield ConsoleAttached(sandbox.take_terminal())
-                target = sandbox.pid
-                yield from _switch_target(
-                    options, source, index, target, sandbox, runlog, work_dir, teacher, listener
-                )
+                run = _TargetRun(options, source, index, sandbox.pid, sandbox, runlog, work_dir)
+                run.teacher, run.listener = teacher, listener
+                yield from _switch_target(run)
         else:
             target = options.target_pid if options.target_pid is not None else 1
-            yield from _switch_target(options, source, index, target, None, runlog, work_dir)
+            yield from _switch_target(
+                _TargetRun(options, source, index, target, None, runlog, work_dir)
+            )
 
 
-def _switch_target(
-    options: SwitchOptions,
-    source: ImageSource,
-    index: ImageIndex,
-    target: int,
-    sandbox: Sandbox | None,
-    runlog: RunLog,
-    work_dir: Path,
-    teacher: teach.Teacher | None = None,
-    listener: teach.StageListener | None = None,
-) -> Iterator[Event]:
-    mode = options.mode
-    if teacher is not None:
-        from injector import teach  # teaching rehearsals only: start-up time
-    if mode != "switch" and not procinfo.is_pid1_of_its_namespace(target):
+@dataclasses.dataclass
+class _TargetRun:
+    """One run against one target PID 1: what the steps of :func:`_switch_target` share."""
+
+    options: SwitchOptions
+    source: ImageSource
+    index: ImageIndex
+    target: int
+    sandbox: Sandbox | None
+    runlog: RunLog
+    work_dir: Path
+    teacher: teach.Teacher | None = None
+    listener: teach.StageListener | None = None
+    # Set by the preflight: the image's SSH server for the keeper, the revert timer.
+    keeper_ssh: list[str] = dataclasses.field(default_factory=list)
+    revert_minutes: float | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return self.options.mode
+
+
+def _switch_target(run: _TargetRun) -> Iterator[Event]:
+    """The steps against one target, in order: each is a function of its own below."""
+    _refuse_a_target_that_is_not_a_pid1(run)
+    report = yield from _preflight(run)
+
+    # The confirmation: the last moment a real switch can be called off cheaply.
+    options = run.options
+    if run.mode == "switch" and not options.dry_run and not _confirmed(options, report):
+        raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
+
+    # From here until the commit point inside the injection, any failure or ending signal
+    # undoes what the steps did (disk swap, RAM root and plan, stopped services): the
+    # target is left exactly as it was.
+    undo = _Undo(run.runlog)
+    with _undone_before_the_commit(run, undo):
+        yield from _disk_swap_off(run, report, undo)
+        undo.namespace_pid = yield from _namespace_to_prepare_in(run)
+        yield from _copy_into_a_ram_root(run, report, undo)
+        if options.dry_run:
+            for line in undo.run("dry run"):
+                yield Log(line)
+            yield Finished("dry-run", detail="stopped before the injection; everything undone")
+            return
+        injection = yield from _stop_and_inject(run, undo)
+
+    # Past the point of no return: the target now runs the init stage.
+    target = run.target
+    yield injection.to_event()
+    yield StepDone("inject", f"pid {target} was in {injection.interrupted_syscall}; now the stage")
+    if run.sandbox is not None:
+        yield from _relay_until_exit(run.sandbox, options.stop)
+    elif run.mode == "target":
+        yield Finished("injected", detail=f"pid {target} now runs the init stage")
+    else:
+        yield Finished("switched")
+
+
+def _refuse_a_target_that_is_not_a_pid1(run: _TargetRun) -> None:
+    """Only the machine's own PID 1 is taken on trust; a lab or sandbox target must be the
+    PID 1 of its namespace, or the stage would refuse to run there (getpid() != 1)."""
+    if run.mode != "switch" and not procinfo.is_pid1_of_its_namespace(run.target):
         raise EnvironmentFailure(
-            f"pid {target} is not PID 1 of its own PID namespace",
+            f"pid {run.target} is not PID 1 of its own PID namespace",
             "--target-pid must name the PID 1 of a namespace (see NSpid in /proc/PID/status)",
         )
 
-    keeper_ssh = keeper_ssh_argv(index) if options.ssh else []
-    # --- Preflight: facts first, then verdicts. ---------------------------------------
-    if teacher is not None:
-        teacher(teach.Pause("host", "preflight", teach.preflight_call(target), target))
+
+def _preflight(run: _TargetRun) -> Generator[Event, None, preflight.Report]:
+    """Facts first, then verdicts; the blockers that apply to this mode stop the run here,
+    before anything is changed."""
+    options, mode, target, sandbox = run.options, run.mode, run.target, run.sandbox
+    run.keeper_ssh = keeper_ssh_argv(run.index) if options.ssh else []
+    if run.teacher is not None:
+        from injector import teach  # teaching rehearsals only: start-up time
+
+        run.teacher(teach.Pause("host", "preflight", teach.preflight_call(target), target))
     yield StepStarted("preflight", "Checking RAM, swap, processes and PID 1")
     report = check.gather(
-        source,
-        index,
+        run.source,
+        run.index,
         options.init_argv,
         target_pid=target,
         tmpfs_size=options.tmpfs_size,
@@ -393,18 +448,17 @@ def _switch_target(
         stop_timeout=options.stop_timeout,
         stop_kinds=sandbox.kinds if sandbox is not None else None,
     )
-    tmpfs_size = report.ram.tmpfs_size
     remote = report.session.remote and mode == "switch"
-    revert = options.revert_minutes(remote)
+    revert = run.revert_minutes = options.revert_minutes(remote)
     image_init = report.access.image_init if report.access is not None else None
     preflight.add_notices(
         report,
         carry_verdicts(remote, options.carry, revert)
         + revert_notices(revert)
-        + ssh_keeper_notices(keeper_ssh, image_init),
+        + ssh_keeper_notices(run.keeper_ssh, image_init),
     )
     yield from preflight.report_events(report)
-    yield Fact("keeper", "ssh_argv", keeper_ssh)
+    yield Fact("keeper", "ssh_argv", run.keeper_ssh)
     yield Fact("keeper", "revert_after_minutes", revert)
     blocking = blockers(report, mode)
     # No --force can make the kernel allow an attach: that is the environment, exit 2.
@@ -417,106 +471,105 @@ def _switch_target(
     yield StepDone(
         "preflight", f"{len(blocking)} blockers, {_count_warnings(report, mode)} warnings"
     )
+    return report
 
-    # --- Confirmation: the last moment a real switch can be called off cheaply. ---------
-    if mode == "switch" and not options.dry_run and not _confirmed(options, report):
-        raise SafetyRefusal("switch not confirmed", "type the hostname, or pass --yes")
 
-    # --- Disk swap off: its pages must come back into RAM while the old disk is still there.
-    # From here until the commit point, any failure or ending signal undoes what follows.
-    undo = _Undo(runlog)
-    if mode == "switch" and not options.dry_run:
-        yield StepStarted("swap", "Turning off disk swap")
-        try:
-            turned_off = preflight.swapoff_disk_swaps(report)
-        except BaseException as error:
-            undo.swaps = _swaps_off_now(report)  # those turned off before the failure
-            undo.run_before_commit(error)
-            raise
-        undo.swaps = turned_off
-        yield StepDone("swap", ", ".join(turned_off) or "no disk swap in use")
-
-    # --- RAM root and plan, prepared inside the target's mount namespace. ----------------
-    # From here until the commit point inside the injection, any failure or ending signal
-    # takes the RAM root and the plan away again, so the target is left exactly as it was.
-    plan_path = work_dir / PLAN_NAME
-    namespace_pid = target
+@contextlib.contextmanager
+def _undone_before_the_commit(run: _TargetRun, undo: _Undo) -> Iterator[None]:
+    """Whatever ends the steps inside (an error, an ending signal, a front-end that stops
+    reading) undoes them, unless the injection got past its commit point: then PID 1 may
+    be running the stage, which needs the RAM root and the plan, and they stay."""
     try:
-        try:
-            nsenter.shares_mount_namespace(target)
-        except EnvironmentFailure as error:
-            if not options.dry_run:
-                raise
-            # Some hosts hide PID 1's namespaces even from root (the same hosts deny its
-            # ptrace). A dry run still walks every step, in our own mount namespace, and
-            # says so.
-            namespace_pid = os.getpid()
-            yield Notice("warning", "namespace-hidden", f"{error.cause}; dry run prepared in ours")
-    except BaseException as error:
-        undo.run_before_commit(error)
-        raise
-    undo.namespace_pid = namespace_pid
-    try:
-        if teacher is not None:
-            call = teach.copy_call(work_dir / "root", tmpfs_size)
-            teacher(teach.Pause("host", "copy", call, target))
-        yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
-        prepare = _Prepare(options, source, tmpfs_size, work_dir, mode, report.modules)
-        prepare.keeper_ssh, prepare.revert_minutes = keeper_ssh, revert
-        if mode != "switch":
-            prepare.sandbox_netns = _own_network_namespace(target)
-        if listener is not None:
-            prepare.teach_socket = str(listener.stage_path)
-        prepared = nsenter.stream_in_mount_namespace(namespace_pid, prepare)
-        used = yield from _noting_what_is_made(prepared, undo)
-        estimate = report.ram.estimated_bytes  # the image, the kernel's modules and firmware
-        yield Fact("ram", "actual_bytes", used)
-        yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
-        yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
-        if options.ssh_check is not None:
-            from injector.access import sshcheck  # --ssh-check runs only: start-up time
-
-            root = work_dir / "root"
-            go = options.ssh_check_go
-            yield from sshcheck.proof(namespace_pid, root, options.ssh_check, report.access, go)
-
-        if options.dry_run:
-            for line in undo.run("dry run"):
-                yield Log(line)
-            yield Finished("dry-run", detail="stopped before the injection; everything undone")
-            return
-
-        if listener is not None:
-            listener.start()  # in the sandbox's state dir, mounted by the copy
-        python, argv, envp = _stage_command(target, plan_path)
-        yield from _stop_services(options, target, sandbox, undo, teacher)
-        yield StepStarted("inject", f"Injecting execve into pid {target}")
-        if mode == "switch" and options.last_words is not None:
-            options.last_words(
-                f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
-                f"dboot init stage. This terminal will now close; watch VT {VT_NUMBER} or the "
-                "serial console." + _keeper_words(keeper_ssh, revert)
-            )
-        injection = yield from _inject_live(target, python, argv, envp, undo, teacher)
+        yield
     except BaseException as error:
         if undo.committed:
-            runlog.write(
-                f"committed: PID {target} may be running the init stage; the RAM root and "
+            run.runlog.write(
+                f"committed: PID {run.target} may be running the init stage; the RAM root and "
                 f"the plan stay ({type(error).__name__}: {error})"
             )
         else:
             undo.run_before_commit(error)
         raise
 
-    # --- Past the point of no return: the target now runs the init stage. ---------------
-    yield injection.to_event()
-    yield StepDone("inject", f"pid {target} was in {injection.interrupted_syscall}; now the stage")
-    if sandbox is not None:
-        yield from _relay_until_exit(sandbox, options.stop)
-    elif mode == "target":
-        yield Finished("injected", detail=f"pid {target} now runs the init stage")
-    else:
-        yield Finished("switched")
+
+def _disk_swap_off(run: _TargetRun, report: preflight.Report, undo: _Undo) -> Iterator[Event]:
+    """Disk swap's pages must come back into RAM while the old disk is still there."""
+    if run.mode != "switch" or run.options.dry_run:
+        return
+    yield StepStarted("swap", "Turning off disk swap")
+    try:
+        undo.swaps = preflight.swapoff_disk_swaps(report)
+    except BaseException:
+        undo.swaps = _swaps_off_now(report)  # those turned off before the failure
+        raise
+    yield StepDone("swap", ", ".join(undo.swaps) or "no disk swap in use")
+
+
+def _namespace_to_prepare_in(run: _TargetRun) -> Generator[Event, None, int]:
+    """The PID whose mount namespace gets the RAM root and the plan: the target's, where
+    its stage will look for them."""
+    try:
+        nsenter.shares_mount_namespace(run.target)
+    except EnvironmentFailure as error:
+        if not run.options.dry_run:
+            raise
+        # Some hosts hide PID 1's namespaces even from root (the same hosts deny its
+        # ptrace). A dry run still walks every step, in our own mount namespace, and says so.
+        yield Notice("warning", "namespace-hidden", f"{error.cause}; dry run prepared in ours")
+        return os.getpid()
+    return run.target
+
+
+def _copy_into_a_ram_root(
+    run: _TargetRun, report: preflight.Report, undo: _Undo
+) -> Iterator[Event]:
+    """The image, the kernel's modules, the carried files and the plan, in a tmpfs made in
+    the target's mount namespace; then, with --ssh-check, a login into it."""
+    options, work_dir, tmpfs_size = run.options, run.work_dir, report.ram.tmpfs_size
+    assert undo.namespace_pid is not None
+    if run.teacher is not None:
+        from injector import teach  # teaching rehearsals only: start-up time
+
+        call = teach.copy_call(work_dir / "root", tmpfs_size)
+        run.teacher(teach.Pause("host", "copy", call, run.target))
+    yield StepStarted("ramroot", f"Copying the image into a {tmpfs_size >> 20} MiB tmpfs")
+    prepare = _Prepare(options, run.source, tmpfs_size, work_dir, run.mode, report.modules)
+    prepare.keeper_ssh, prepare.revert_minutes = run.keeper_ssh, run.revert_minutes
+    if run.mode != "switch":
+        prepare.sandbox_netns = _own_network_namespace(run.target)
+    if run.listener is not None:
+        prepare.teach_socket = str(run.listener.stage_path)
+    prepared = nsenter.stream_in_mount_namespace(undo.namespace_pid, prepare)
+    used = yield from _noting_what_is_made(prepared, undo)
+    estimate = report.ram.estimated_bytes  # the image, the kernel's modules and firmware
+    yield Fact("ram", "actual_bytes", used)
+    yield Fact("ram", "estimate_error", round((estimate - used) / max(used, 1), 4))
+    yield StepDone("ramroot", f"{used >> 20} MiB used in the tmpfs")
+    if options.ssh_check is not None:
+        from injector.access import sshcheck  # --ssh-check runs only: start-up time
+
+        go = options.ssh_check_go
+        root = work_dir / "root"
+        yield from sshcheck.proof(undo.namespace_pid, root, options.ssh_check, report.access, go)
+
+
+def _stop_and_inject(
+    run: _TargetRun, undo: _Undo
+) -> Generator[Event, None, ptrace.InjectionReport]:
+    """The host's services stopped their own way, then the execve into the target: the
+    last two steps, the second one with the commit point inside."""
+    if run.listener is not None:
+        run.listener.start()  # in the sandbox's state dir, mounted by the copy
+    python, argv, envp = _stage_command(run.target, run.work_dir / PLAN_NAME)
+    yield from _stop_services(run.options, run.target, run.sandbox, undo, run.teacher)
+    yield StepStarted("inject", f"Injecting execve into pid {run.target}")
+    if run.mode == "switch" and run.options.last_words is not None:
+        run.options.last_words(
+            f"Point of no return: {socket.gethostname()}'s PID 1 is about to become the "
+            f"dboot init stage. This terminal will now close; watch VT {VT_NUMBER} or the "
+            "serial console." + _keeper_words(run.keeper_ssh, run.revert_minutes)
+        )
+    return (yield from _inject_live(run.target, python, argv, envp, undo, run.teacher))
 
 
 def keeper_ssh_argv(index: ImageIndex) -> list[str]:
