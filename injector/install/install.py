@@ -36,8 +36,9 @@ from injector.ramroot.rootfs import add_host_files, write_etc_file
 from injector.switch import SwitchOptions, require_root
 from injector.testhooks import pause_point
 
-# The switch's verdicts that speak of RAM, swap and the injection: an install has none.
-NOT_FOR_INSTALL = re.compile(r"^(ram-|swap-|ptrace-|processes-writing)")
+# The switch's verdicts on what only a switch does: fill RAM, turn swap off, ptrace PID 1,
+# kill the writers, stop the services first.
+NOT_FOR_INSTALL = re.compile(r"^(ram-|swap-|ptrace-|processes-writing|stop-)")
 DEFAULT_INSTALL_REVERT_MINUTES = 10.0
 DEFAULT_INIT = "/sbin/init"
 
@@ -80,7 +81,10 @@ def run_install(options: InstallOptions) -> Iterator[Event]:
         yield StepDone("source", f"{index.file_count} files, init {options.init_argv[0]} found")
 
         yield StepStarted("preflight", "Checking the image, the disk and the boot chain")
-        report = check.gather(source, index, options.init_argv, modules=options.modules)
+        # An install stops nothing before it writes: the services stop at its reboot.
+        report = check.gather(
+            source, index, options.init_argv, modules=options.modules, stop_mode=None
+        )
         facts = install_facts(report, index.estimated_bytes)
         chain, needed = facts.chain, facts.needed_bytes
         report.notices[:] = []
@@ -134,7 +138,7 @@ def install_facts(report: preflight.Report, image_bytes: int) -> InstallFacts:
     needed = image_bytes + bootchain.SPACE_MARGIN_BYTES
     if report.modules is not None:
         needed += report.modules.total_bytes
-    found = [_for_install(n) for n in report.notices if not NOT_FOR_INSTALL.match(n.code)]
+    found = switch_verdicts_for_install(report.notices)
     found += bootchain.notices(chain, needed, _installed_state(deploy.Disk()))
     return InstallFacts(chain, needed, found)
 
@@ -287,11 +291,16 @@ def find_disk() -> deploy.Disk:
     return deploy.Disk()
 
 
-def _for_install(notice: Notice) -> Notice:
-    """A container's root is no disk any machine boots: what warns a switch blocks an install."""
-    if notice.code == "container-detected":
-        return dataclasses.replace(notice, level="blocker")
-    return notice
+def switch_verdicts_for_install(notices: list[Notice]) -> list[Notice]:
+    """The switch preflight's verdicts that speak of an install too, as an install weighs
+    them: a container's root is no disk any machine boots, so what warns a switch blocks."""
+    return [
+        dataclasses.replace(notice, level="blocker")
+        if notice.code == "container-detected"
+        else notice
+        for notice in notices
+        if not NOT_FOR_INSTALL.match(notice.code)
+    ]
 
 
 def _refuse_in_lab_mode() -> None:

@@ -45,6 +45,8 @@ def test_dry_run_shows_the_plan_and_writes_nothing() -> None:
             assert words in out, out
     else:
         assert "preflight found blockers" in result.stderr
+    # Nothing is stopped before an install writes: no stop plan among its verdicts.
+    assert "stops" not in out and "--stop=signal" not in out, out
     assert sorted(os.listdir("/")) == before  # no /dboot
     assert (os.readlink("/sbin/init") if os.path.islink("/sbin/init") else None) == init_before
 
