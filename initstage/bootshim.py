@@ -16,6 +16,8 @@ it was. Like ostree's ``prepare-root``, the shim then picks a tree and pivots in
    stage's own pivot, the API filesystems are mounted, and the stage's exec starts the
    keeper (whose revert timer reboots into the old system unless the new one is kept) and
    then the image's init.
+5. Either way, a reporter (:mod:`initstage.bootreport`) forked just before the exec adds the
+   system's addresses and failed units to the boot report once it is up.
 
 Any failure before the pivot boots the old system at once; any failure after it records
 the revert and restarts the machine, whose next boot is the old system's. Standard library
@@ -32,7 +34,7 @@ import sys
 import time
 from typing import NoReturn
 
-from initstage import bootstate, keeper, linux
+from initstage import bootreport, bootstate, keeper, linux
 from initstage.bootstate import BootState, Choice, StateError
 from initstage.console import StageLog
 from initstage.plan import Plan
@@ -134,6 +136,7 @@ class BootShim:
         else:
             old_init = argv0 = _old_init_from_entry()
         self.log(f"the old system: exec {old_init} ({why})")
+        bootreport.start(bootstate.REPORT_FILE, old_init, self.log)
         if self.root_was_read_only:
             # As the old init expects it, so that its own fsck and remount run as always.
             try:
@@ -176,6 +179,7 @@ class BootShim:
         stage.step(6, "API filesystems")
         stage.mount_api_filesystems(plan)
         stage.step(7, f"exec the image's init {plan.init_argv}")
+        bootreport.start(bootstate.SYSROOT + bootstate.REPORT_FILE, init, self.log)
         stage.exec_init(plan)
 
     def revert_after_failure(self, why: str) -> NoReturn:

@@ -64,6 +64,7 @@ def describe(status: dict[str, Any]) -> list[str]:
     if isinstance(report, dict):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.get("time", 0)))
         lines.append(f"last boot: {when}, the {report.get('booted')} system: {report.get('why')}")
+        lines += _came_up(report.get("up"))
         deadline = report.get("revert_deadline")
         if deadline and state == bootstate.PROBATION:
             lines.append(
@@ -75,6 +76,18 @@ def describe(status: dict[str, Any]) -> list[str]:
         lines.append(f"to keep it: touch {KEEP_FILE}")
     if state != bootstate.REVERTED:
         lines.append("to go back: dboot install --revert, then reboot")
+    return lines
+
+
+def _came_up(up: Any) -> list[str]:
+    """The reporter's half of the boot report (initstage.bootreport), once it wrote it."""
+    if not isinstance(up, dict):
+        return ["  not up yet, or never reported: the addresses come once the system is up"]
+    lines = [f"  came up: {up.get('state')} after {up.get('up_after_seconds')} s"]
+    lines.append(f"  addresses: {', '.join(up.get('addresses') or []) or 'none'}")
+    failed = up.get("failed_units")
+    if failed is not None:
+        lines.append(f"  failed units: {', '.join(failed) or 'none'}")
     return lines
 
 

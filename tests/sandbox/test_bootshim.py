@@ -91,7 +91,11 @@ class Bed:
         return installed
 
     def boot(
-        self, *kernel_args: str, entry: str = bootstate.SHIM_ENTRY, timeout: float = 60
+        self,
+        *kernel_args: str,
+        entry: str = bootstate.SHIM_ENTRY,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """PID 1 of new namespaces, chrooted into the disk as the kernel would exec it."""
         script = (
@@ -118,6 +122,7 @@ class Bed:
             capture_output=True,
             text=True,
             timeout=timeout,
+            env={**os.environ, **(env or {})},
         )
 
     def state(self) -> BootState:
@@ -209,6 +214,27 @@ def test_kept_boots_the_tree_without_a_deadline(bed: Bed) -> None:
     assert "No such file" in bed.read("run-dboot"), bed.read("run-dboot")
     assert "keeper" not in result.stderr
     assert bed.state().state == bootstate.KEPT
+
+
+def test_the_boot_report_gets_what_the_system_came_up_with(bed: Bed) -> None:
+    # The kernel command line's DBOOT_REPORT_SETTLE=0 (PID 1's environment): a shell init has
+    # no "up" of its own, so the reporter reads the addresses at once. The init waits for it.
+    wait = "for i in $(seq 100); do grep -q up_after /sysroot/dboot/last-boot.json && break;"
+    wait += " sleep 0.1; done"
+    bed.install(state=bootstate.KEPT, boots_left=0, new_init_action=wait)
+    result = bed.boot(env={"DBOOT_REPORT_SETTLE": "0"})
+    assert result.returncode == 0, result.stderr
+    report = bed.report()
+    assert report["booted"] == "new" and report["tree"] == TREE, report
+    up = report["up"]
+    assert isinstance(up, dict), report
+    assert up["state"] == "not systemd" and up["failed_units"] is None, up
+    # The sandbox shares this machine's network namespace: its global addresses, by name.
+    host = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True,
+                          text=True, check=True).stdout.split("\n")  # fmt: skip
+    expected = [f"{line.split()[1]} {line.split()[3]}" for line in host if line.split()]
+    assert sorted(up["addresses"]) == sorted(expected), (up, host)
+    assert "boot report: not systemd after 0 s; addresses: " in result.stderr, result.stderr
 
 
 def test_a_tree_without_its_init_boots_the_old_system_at_once(bed: Bed) -> None:

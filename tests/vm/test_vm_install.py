@@ -53,6 +53,8 @@ OLD_DBOOT = (
     "for d in proc sys dev; do mount --rbind /$d /sysroot/$d; done; chroot /sysroot dboot {args}"
 )
 KEEP_WAIT = 60.0
+REPORT = "/dboot/last-boot.json"
+REPORT_WAIT = 300.0  # the reporter writes once systemd is up (or gave up at its ceiling)
 REVERT_SLACK = 240.0  # beyond the deadline: the keeper's sync, the reboot, firmware and GRUB
 
 
@@ -109,6 +111,17 @@ def state(remote: Remote) -> dict[str, object]:
     return data
 
 
+def boot_report_once_up(remote: Remote) -> dict[str, object]:
+    """The installed system's last boot report, once its reporter added what came up."""
+    deadline = time.monotonic() + REPORT_WAIT
+    while True:
+        report = json.loads(remote.output(f"cat /sysroot{REPORT}"))
+        assert isinstance(report, dict)
+        if "up" in report or time.monotonic() > deadline:
+            return report
+        time.sleep(5)
+
+
 def kept_machine(bed: VmBed, workdir: Path, run: Run) -> Run:
     with Machine(bed, SCENARIO, workdir, ssh=True, reboot=True) as vm:
         remote = Remote(vm, own_key(bed, workdir), workdir)
@@ -130,6 +143,9 @@ def kept_machine(bed: VmBed, workdir: Path, run: Run) -> Run:
         remote.output("systemctl reboot --no-block")
         log_in(vm, remote, after=before, old=False)
         run.facts["after_kept_reboot"] = remote.output(ROOT_FACTS).strip()
+        run.facts["boot_report"] = json.dumps(boot_report_once_up(remote))
+        on_console = vm.find(r"dboot-stage: \S+ boot report: \S+ after \d+ s; addresses: ")
+        run.facts["boot_report_on_console"] = "yes" if on_console is not None else "no"
 
         revert = remote.run(OLD_DBOOT.format(args="install --revert --no-reboot"), timeout=300)
         run.facts["revert_output"] = revert.stdout + revert.stderr
@@ -214,6 +230,14 @@ def test_bios_install_kept_then_reverted_on_purpose(runs: dict[str, Future[Run]]
     assert run.states[0]["state"] == "probation" and run.states[0]["boots_left"] == 0
     assert run.states[1]["state"] == "kept", run.states
     assert "installed" in facts["after_kept_reboot"]  # kept across a reboot
+    # That boot's report: the tree, and once systemd was up its address and failed units.
+    report = json.loads(facts["boot_report"])
+    assert report["booted"] == "new" and report["tree"].startswith("/dboot/trees/"), report
+    up = report["up"]
+    assert up["state"] in ("running", "degraded"), up
+    assert any(address.endswith(" 10.0.2.15/24") for address in up["addresses"]), up
+    assert isinstance(up["failed_units"], list), up
+    assert facts["boot_report_on_console"] == "yes"
     assert "/sbin/init ->" in facts["revert_output"], facts["revert_output"]
     assert "installed" not in facts["after_revert"]
     assert facts["after_revert"].split()[:3] == [old_source, uuid, fstype]
