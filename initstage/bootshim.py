@@ -12,7 +12,8 @@ it was. Like ostree's ``prepare-root``, the shim then picks a tree and pivots in
 3. The old system: the root goes back to read-only if it was, and the old init is exec'd
    with the kernel's arguments, as if the shim had never been there.
 4. The new system: on probation a kernel panic restarts the machine (instead of hanging),
-   the disk's root is bound at ``/sysroot`` inside the tree, the tree becomes ``/`` by the
+   the drivers of its fstab's filesystems are loaded with the old system's modprobe (an
+   image seldom has one), the disk's root is bound at ``/sysroot`` inside the tree, the tree becomes ``/`` by the
    stage's own pivot, the API filesystems are mounted, and the stage's exec starts the
    keeper (whose revert timer reboots into the old system unless the new one is kept) and
    then the image's init.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import NoReturn
@@ -41,6 +43,10 @@ from initstage.plan import Plan
 from initstage.stage import Stage, describe_error, stay_alive_forever
 
 BOOT_LOG = "/var/log/dboot-boot.log"  # inside the new system
+MODPROBE_PATHS = ("/sbin/modprobe", "/usr/sbin/modprobe", "/bin/modprobe", "/usr/bin/modprobe")
+MODPROBE_TIMEOUT_SECONDS = 30.0
+NOT_A_DRIVER = frozenset({"swap", "none", "auto", "bind", "rbind"})
+FAT_DEFAULT_CHARSETS = ["nls_cp437", "nls_ascii", "nls_utf8"]
 ST_RDONLY = 1  # os.statvfs f_flag
 
 
@@ -157,6 +163,7 @@ class BootShim:
         sysroot = tree + bootstate.SYSROOT
         if os.path.islink(sysroot) or not os.path.isdir(sysroot):
             raise StateError(f"{sysroot} is not a directory: the install made one; reinstall")
+        self.load_filesystem_drivers(tree)
         linux.mount("/", sysroot, None, linux.MS_BIND)
         self.log(f"the disk's root bound at {bootstate.SYSROOT} in the new system")
         self.sysroot_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -182,6 +189,34 @@ class BootShim:
         bootreport.start(bootstate.SYSROOT + bootstate.REPORT_FILE, init, self.log)
         stage.exec_init(plan)
 
+    def load_filesystem_drivers(self, tree: str) -> None:
+        """Images seldom carry kmod, and without a modprobe in the new root the kernel loads
+        no driver for the mounts of its fstab (the ESP's vfat is a module on Debian's
+        kernels). The old system's modprobe, still at hand before the pivot, loads them."""
+        try:
+            with open(tree + "/etc/fstab") as fstab, open("/proc/filesystems") as known:
+                drivers = drivers_to_load(fstab.read(), known.read())
+        except OSError as error:
+            self.log(f"filesystem drivers: not read ({error}); the image's init loads its own")
+            return
+        modprobe = next((path for path in MODPROBE_PATHS if os.access(path, os.X_OK)), None)
+        if not drivers or modprobe is None:
+            self.log(f"filesystem drivers: {'none to load' if not drivers else 'no modprobe'}")
+            return
+        try:
+            done = subprocess.run(
+                [modprobe, "-q", "-a", *drivers],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=MODPROBE_TIMEOUT_SECONDS,
+                check=False,
+            )
+            outcome = "loaded" if done.returncode == 0 else f"exit {done.returncode}, some missing"
+        except (OSError, subprocess.SubprocessError) as error:
+            outcome = f"failed ({error})"
+        self.log(f"filesystem drivers for the new system's fstab: {' '.join(drivers)}: {outcome}")
+
     def revert_after_failure(self, why: str) -> NoReturn:
         """The new system cannot start: record it, then let the old one boot. Before the
         pivot it simply runs; after it the machine restarts."""
@@ -203,6 +238,30 @@ class BootShim:
         self.log(f"{why}: restarting into the old system")
         restart_machine(self.log)
         stay_alive_forever()
+
+
+def drivers_to_load(fstab: str, filesystems: str) -> list[str]:
+    """modprobe names for the filesystems ``fstab`` mounts that the kernel does not know yet
+    (``filesystems``: /proc/filesystems), with the code pages a FAT mount asks for."""
+    known = {line.split()[-1] for line in filesystems.splitlines() if line.split()}
+    drivers: list[str] = []
+    for line in fstab.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0].startswith("#") or words[1] == "/":
+            continue
+        kind, options = words[2], words[3].split(",") if len(words) > 3 else []
+        if kind in known or kind in NOT_A_DRIVER:
+            continue
+        drivers.append(f"fs-{kind}")
+        if kind in ("vfat", "msdos"):
+            # The kernel's default code page and character sets, or the ones the line names.
+            drivers += FAT_DEFAULT_CHARSETS
+            drivers += [
+                f"nls_cp{value}" if key == "codepage" else f"nls_{value}"
+                for key, _, value in (option.partition("=") for option in options)
+                if key in ("codepage", "iocharset") and value
+            ]
+    return list(dict.fromkeys(drivers))
 
 
 def restart_machine(log: StageLog) -> None:

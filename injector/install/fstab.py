@@ -5,9 +5,16 @@ The new system runs on the same disks: its ``/`` is the tree on the same root fi
 mounts are the old system's. So the old fstab is kept line for line, except the root line,
 which is written by UUID with pass 0: the root is mounted and in use when the new init reads
 it, and the old system's own boot checks the filesystem.
+
+Every other mount gets ``nofail``: an image may lack what one of them needs (a driver it
+cannot load without kmod, a tool, a key), and a mount that fails must not hold its first
+boot in emergency mode, unreachable, until the revert timer reboots it. It comes up, says
+which mount failed (its boot report names the failed units), and can be fixed over SSH.
 """
 
 from __future__ import annotations
+
+import re
 
 HEADER = (
     "# Made by `dboot install` from the old system's /etc/fstab: the same mounts, the root\n"
@@ -30,7 +37,22 @@ def new_fstab(old: str, uuid: str, device: str, fstype: str) -> str:
                 lines.append(root_line(uuid, device, fstype))
                 wrote_root = True
             continue
-        lines.append(line)
+        lines.append(_not_failing_the_boot(line, words))
     if not wrote_root:
         lines.append(root_line(uuid, device, fstype))
     return "\n".join(lines) + "\n"
+
+
+def _not_failing_the_boot(line: str, words: list[str]) -> str:
+    """The line with ``nofail`` among its options, its own spacing kept."""
+    if len(words) < 3 or words[0].startswith("#"):
+        return line
+    if len(words) == 3:
+        return f"{line.rstrip()} defaults,nofail"
+    options = words[3].split(",")
+    if "nofail" in options:
+        return line
+    pieces = re.split(r"(\s+)", line)
+    fields = [index for index, piece in enumerate(pieces) if piece and not piece.isspace()]
+    pieces[fields[3]] = ",".join([*options, "nofail"])
+    return "".join(pieces)

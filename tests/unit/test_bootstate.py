@@ -131,19 +131,24 @@ OLD_FSTAB = """\
 # /etc/fstab: static file system information.
 UUID=1111-root / ext4 errors=remount-ro 0 1
 UUID=2222-boot /boot ext4 defaults 0 2
-UUID=ABCD-EF01 /boot/efi vfat umask=0077 0 1
+UUID=ABCD-EF01	/boot/efi vfat umask=0077 0 1
 /swapfile none swap sw 0 0
+/dev/sdb1 /data xfs
+tmpfs /tmp tmpfs nofail,size=1g 0 0
 """
 
 
-def test_fstab_keeps_every_mount_and_writes_the_root_by_uuid() -> None:
+def test_fstab_keeps_every_mount_never_failing_the_boot_and_the_root_by_uuid() -> None:
+    # nofail: a mount the image cannot make (no kmod for vfat) must not hold it in emergency.
     fstab = new_fstab(OLD_FSTAB, "1111-root", "/dev/vda2", "ext4")
     lines = [line for line in fstab.splitlines() if line and not line.startswith("#")]
     assert lines == [
         "UUID=1111-root / ext4 defaults 0 0",
-        "UUID=2222-boot /boot ext4 defaults 0 2",
-        "UUID=ABCD-EF01 /boot/efi vfat umask=0077 0 1",
-        "/swapfile none swap sw 0 0",
+        "UUID=2222-boot /boot ext4 defaults,nofail 0 2",
+        "UUID=ABCD-EF01\t/boot/efi vfat umask=0077,nofail 0 1",
+        "/swapfile none swap sw,nofail 0 0",
+        "/dev/sdb1 /data xfs defaults,nofail",
+        "tmpfs /tmp tmpfs nofail,size=1g 0 0",
     ]
 
 
