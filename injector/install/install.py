@@ -244,13 +244,20 @@ def plan_lines(
 
 
 def after_reboot_lines(revert: float | None) -> list[str]:
+    """What to run from outside once the machine is back: the session's own server address
+    and port (SSH_CONNECTION), and the host key checked against the entry the client already
+    has for them, which the carried host keys match."""
     connection = os.environ.get("SSH_CONNECTION", "").split()
-    where = f"root@{connection[2]} -p {connection[3]}" if len(connection) == 4 else "root@HOST"
+    if len(connection) == 4:
+        address, port = connection[2].removeprefix("::ffff:"), connection[3]
+        alias = address if port == "22" else f"[{address}]:{port}"
+        ssh = f"ssh -p {port} -o HostKeyAlias={alias} root@{address}"
+    else:
+        ssh = "ssh root@HOST"
     if revert is None:
-        return [f"after the reboot: ssh {where} dboot status (no revert timer: kept at once)"]
+        return [f"after the reboot: {ssh} dboot status (no revert timer: kept at once)"]
     return [
-        f"after the reboot, within {revert:g} min: ssh -o HostKeyAlias=$(hostname)"
-        f" {where} touch /run/dboot/keep",
+        f"after the reboot, within {revert:g} min: {ssh} touch /run/dboot/keep",
         "without it the machine boots the old system again by itself",
     ]
 

@@ -387,7 +387,7 @@ def install_events(request: RunRequest) -> list[Event]:
         Notice(
             "info",
             "install-next",
-            "after the reboot, within 10 min: ssh -o HostKeyAlias=labhost root@10.0.2.15"
+            "after the reboot, within 10 min: ssh -p 22 -o HostKeyAlias=10.0.2.15 root@10.0.2.15"
             " touch /run/dboot/keep",
         ),
         Notice("info", "install-next", "without it the machine boots the old system again"),
