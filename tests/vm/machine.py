@@ -93,14 +93,19 @@ class Machine:
         ssh: bool = False,
         reboot: bool = False,
         storage: Storage | None = None,
+        vga: bool = False,
     ) -> None:
         """``ssh``: a NIC on QEMU's user network (DHCP), the guest's port 22 forwarded from
         127.0.0.1:``ssh_port`` only, and its port ``GUEST_CHECK_PORT`` (for `dboot switch
         --ssh-check`) from 127.0.0.1:``check_port``. ``reboot``: a guest reboot restarts it
         (by default QEMU exits), with the same kernel command line and the same overlay.
         ``storage``: boot that disk overlay (and NVRAM) again, as another Machine left it;
-        by default a new one in ``workdir``, then ``self.storage``."""
+        by default a new one in ``workdir``, then ``self.storage``. ``vga``: a standard VGA
+        card as well, the kernel's console on it first and on the serial port last (as cloud
+        kernels have it: /dev/console is the serial port), and QEMU's monitor to read it
+        (:meth:`vga_text`); x86 beds with QEMU's kernel only."""
         self.bed, self.scenario, self.workdir = bed, scenario, workdir
+        self.vga = vga
         self.storage = storage
         self.memory_mb, self.cpus = memory_mb, cpus
         self.ssh_port = free_loopback_port() if ssh else None
@@ -160,13 +165,42 @@ class Machine:
             *("-device", "virtio-rng-pci"),
             *("-chardev", f"socket,id=console,path={console},server=on,wait=on"),
             *("-serial", "chardev:console"),
+            *self.vga_options(),
         ]
+
+    def vga_options(self) -> tuple[str, ...]:
+        if not self.vga:
+            return ()
+        monitor = self._sockdir / "monitor.sock"
+        return ("-device", "VGA", "-monitor", f"unix:{monitor},server=on,wait=off")
+
+    def vga_text(self) -> list[str]:
+        """The VGA text window (0xb8000, 32 KiB: every page vgacon may be showing), as lines
+        of 80 characters, read through QEMU's monitor from the guest's physical memory."""
+        assert self.vga, "a Machine(vga=True) only"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
+            monitor.connect(str(self._sockdir / "monitor.sock"))
+            monitor.settimeout(30)
+            _read_until_prompt(monitor)
+            monitor.sendall(b"xp /16384xh 0xb8000\n")
+            dump = _read_until_prompt(monitor)
+        cells = [
+            int(value, 16)
+            for line in dump.splitlines()
+            if re.match(r"^[0-9a-f]+: 0x", line.strip())
+            for value in line.split(":", 1)[1].split()
+        ]
+        text = "".join(chr(cell & 0xFF) if 0x20 <= cell & 0xFF < 0x7F else " " for cell in cells)
+        return [text[start : start + 80].rstrip() for start in range(0, len(text), 80)]
 
     def boot_options(self, storage: Storage) -> tuple[str, ...]:
         """The kernel and scenario on QEMU's command line, or a firmware and its boot disk."""
         firmware = self.bed.firmware
         if firmware is None:
-            kernel_args = KERNEL_ARGS.format(console=self.bed.arch.console)
+            console = self.bed.arch.console
+            kernel_args = KERNEL_ARGS.format(
+                console=f"tty0 console={console}" if self.vga else console
+            )
             return (
                 *("-kernel", str(self.bed.kernel)),
                 *("-initrd", str(self.bed.initrd)),
@@ -376,3 +410,14 @@ def boot_interactively(bed: VmBed, scenario: str, timeout: float = 900) -> int:
                 return vm.wait_exit(30)
         print(f"build-vm: timeout after {timeout:.0f} s", file=sys.stderr)
         return 1
+
+
+def _read_until_prompt(monitor: socket.socket) -> str:
+    """QEMU's human monitor: everything up to its next "(qemu) " prompt."""
+    received = b""
+    while not received.endswith(b"(qemu) "):
+        chunk = monitor.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received.decode("ascii", "replace")

@@ -80,10 +80,14 @@ def failed_checks(vm: Machine, prefix: str, after: int) -> list[str]:
 
 def test_switch_systemd_machine_to_busybox_image(each_arch_bed: VmBed, tmp_path, vm_timing: Timing):
     """On every architecture of the bed (x86_64, arm64): the same image recipe, with the tree's
-    own busybox, and the same claims of its init."""
-    with Machine(each_arch_bed, "switch-busybox", tmp_path) as vm:
+    own busybox, and the same claims of its init. On x86_64 the machine has a VGA card too,
+    and /dev/console is the serial port (console=tty0 console=ttyS0, the last one wins, as on
+    cloud kernels): the stage's steps are on both, the VGA's VT 3 and the serial log."""
+    vga = each_arch_bed.arch.name == "x86_64"  # QEMU's VGA card is a PC's
+    with Machine(each_arch_bed, "switch-busybox", tmp_path, vga=vga) as vm:
         start = switch_started(vm, vm_timing)
         first = vm.wait_for(r"DBOOT-TEST: init-start uptime=", SWITCH_TIMEOUT, after=start.index)
+        screen = vm.vga_text() if vga else []
         done = vm.wait_for(r"DBOOT-TEST: done", 120, after=first.index)
         vm.wait_exit(POWEROFF_TIMEOUT)
 
@@ -112,6 +116,15 @@ def test_switch_systemd_machine_to_busybox_image(each_arch_bed: VmBed, tmp_path,
     )
     kmsg = [ln.text for ln in vm.lines[first.index : done.index] if "DBOOT-TEST: kmsg:" in ln.text]
     assert_stage_steps_in_order(kmsg)
+    if vga:
+        (tmp_path / "vga.txt").write_text("\n".join(screen) + "\n")
+        serial = stage_lines(vm, start, first)
+        assert any("console: VT 3 active" in line for line in serial), serial
+        # VT 3 is the stage's from step 2 on; what scrolled off may be gone from the card.
+        shown = [line for line in screen if STAGE in line]
+        steps = [int(m.group(1)) for line in shown if (m := re.search(r"step (\d+)/\d+", line))]
+        assert len(steps) >= 3 and steps == list(range(steps[0], steps[0] + len(steps))), shown
+        assert any(re.search(r"exec \[", line) for line in shown), shown
     record_injection(vm, vm_timing, start)
     # The injection report names the guest's architecture and the call systemd was stopped in.
     arch = each_arch_bed.arch.name
