@@ -13,10 +13,10 @@ it was. Like ostree's ``prepare-root``, the shim then picks a tree and pivots in
    with the kernel's arguments, as if the shim had never been there.
 4. The new system: on probation a kernel panic restarts the machine (instead of hanging),
    the drivers of its fstab's filesystems are loaded with the old system's modprobe (an
-   image seldom has one), the disk's root is bound at ``/sysroot`` inside the tree, the tree becomes ``/`` by the
-   stage's own pivot, the API filesystems are mounted, and the stage's exec starts the
-   keeper (whose revert timer reboots into the old system unless the new one is kept) and
-   then the image's init.
+   image seldom has one), the disk's root is bound at ``/sysroot`` inside the tree, the
+   tree becomes ``/`` by the stage's own pivot, the API filesystems are mounted, and the
+   stage's exec starts the keeper (whose revert timer reboots into the old system unless
+   the new one is kept) and then the image's init.
 5. Either way, a reporter (:mod:`initstage.bootreport`) forked just before the exec adds the
    system's addresses and failed units to the boot report once it is up.
 
