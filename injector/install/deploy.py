@@ -201,7 +201,7 @@ def old_init_for(disk: Disk, init_path: str) -> tuple[str, str]:
     if os.path.islink(path):
         old_init = disk.resolve(init_path)
         if old_init == disk.resolve(bootstate.SHIM_ENTRY):
-            raise FileExistsError(f"{init_path} already runs the boot shim")
+            return _old_init_of_the_last_install(disk, init_path)
         return old_init, os.readlink(path)
     link = disk.path(OLD_INIT_LINK)
     with contextlib.suppress(FileNotFoundError):
@@ -209,6 +209,25 @@ def old_init_for(disk: Disk, init_path: str) -> tuple[str, str]:
     os.link(path, link)
     _fsync_dir(disk.path(bootstate.SHIM_DIR))
     return OLD_INIT_LINK, ""
+
+
+def _old_init_of_the_last_install(disk: Disk, init_path: str) -> tuple[str, str]:
+    """The init path already runs the shim: a first boot that was not kept, or a revert
+    after a panic, leaves it so (the shim boots the old system from then on). A reinstall
+    takes the old init from that install's state, the one record of it."""
+    try:
+        state = bootstate.read_state(disk.path(bootstate.STATE_FILE))
+    except bootstate.StateError as error:
+        raise FileExistsError(
+            f"{init_path} already runs the boot shim and the last install's state, which names"
+            f" the old init, is unusable ({error})"
+        ) from error
+    if state.init_path != init_path:
+        raise FileExistsError(
+            f"{init_path} already runs the boot shim, but the last install's state is about"
+            f" {state.init_path}"
+        )
+    return state.old_init, state.old_link
 
 
 def commit(disk: Disk, init_path: str) -> None:

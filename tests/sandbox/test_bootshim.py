@@ -370,3 +370,29 @@ def test_a_reinstall_killed_between_the_shim_renames_boots_the_old_system(
     run_driver(bed.disk, archive)
     boot = bed.boot(entry="/sbin/init")
     assert "pid 1" in bed.read("new-ran"), boot.stderr
+
+
+def test_a_reinstall_after_a_first_boot_nobody_kept_needs_no_revert_first(
+    bed: Bed, tmp_path: Path
+) -> None:
+    # The first boot on probation is spent and not kept: the next boot is the old system's,
+    # while the init path still runs the shim. An install again must just work.
+    old_disk(bed)
+    archive = image_archive(tmp_path / "image.tar")
+    run_driver(bed.disk, archive)
+    bed.boot(entry="/sbin/init")
+    assert "pid 1" in bed.read("new-ran")
+    bed.boot(entry="/sbin/init")
+    assert bed.read("old-ran").startswith("old system: pid 1")
+    assert bed.state().state == bootstate.REVERTED
+    assert os.readlink(bed.disk / "sbin/init") != "/old-init"  # still the shim
+    for marker in ("old-ran", "new-ran"):
+        (bed.disk / marker).unlink()
+    run_driver(bed.disk, archive)
+    state = bed.state()
+    assert state.state == bootstate.PROBATION and state.old_init == "/old-init", state
+    boot = bed.boot(entry="/sbin/init")
+    assert "pid 1" in bed.read("new-ran") and bed.read("old-ran") == "", boot.stderr
+    # And the way back still leads to the old init.
+    deploy.uncommit(deploy.Disk(str(bed.disk)), bed.state())
+    assert os.readlink(bed.disk / "sbin/init") == "/old-init"
