@@ -61,6 +61,8 @@ class Cut:
     delay_s: float  # from the start of `dboot install` to the cut
     last_step: str = ""  # the install's last "==>" line before the cut
     finished: bool = False  # the install ended before the cut
+    exit_status: int | None = None  # the install's (ssh's), where it ended before the cut
+    output_tail: list[str] = dataclasses.field(default_factory=list)  # its last lines
     booted: list[str] = dataclasses.field(default_factory=list)  # the boots after it, in turn
 
 
@@ -81,7 +83,8 @@ def boot_to_the_old_system(
     for attempt in range(3):
         boot_dir = workdir / f"boot-{attempt}"
         boot_dir.mkdir(parents=True)
-        vm = Machine(bed, "remote", boot_dir, ssh=True, reboot=True, storage=storage)
+        # One vCPU: its work is light, and the install machines beside it need the host.
+        vm = Machine(bed, "remote", boot_dir, cpus=1, ssh=True, reboot=True, storage=storage)
         try:
             vm.start()
             wait_firmware_boot(vm)
@@ -125,7 +128,7 @@ def install_until_cut(vm: Machine, remote: Remote, cut: Cut, let_finish: bool) -
     reader.start()
     started = time.monotonic()
     try:
-        install.wait(timeout=600 if let_finish else cut.delay_s)
+        cut.exit_status = install.wait(timeout=600 if let_finish else cut.delay_s)
         cut.finished = True
     except subprocess.TimeoutExpired:
         if let_finish:
@@ -137,6 +140,7 @@ def install_until_cut(vm: Machine, remote: Remote, cut: Cut, let_finish: bool) -
     reader.join(timeout=10)
     if let_finish and install.returncode != 0:
         raise vm.error(f"the install failed (rc {install.returncode}):\n" + "\n".join(output))
+    cut.output_tail = output[-5:]
     steps = [match.group(1) for match in map(STEP.match, output) if match]
     cut.last_step = steps[-1] if steps else "(none yet)"
     return ran

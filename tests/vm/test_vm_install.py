@@ -1,7 +1,7 @@
 """Issue 17 §4: `dboot install` on machines that boot through firmware and the GRUB on their
 disk, over SSH as a remote user would, with host keys checked strictly across every reboot.
 
-Five machines at once (module fixture ``runs``), each on a fresh overlay of its bed:
+Five machines, four at a time (module fixture ``runs``), each on a fresh overlay of its bed:
 - ``bios-kept`` (SeaBIOS, GRUB on an MBR disk): `dboot install --revert-after 3` of the
   rescue image (systemd and sshd, no kernel), the reboot, a login into the installed system
   (its root is the tree on the same filesystem, by the same UUID), `touch /run/dboot/keep`,
@@ -236,7 +236,10 @@ def runs(
             bios_bed,
             functools.partial(power_cuts, machine=machine, time=install_time),
         )
-    with ThreadPoolExecutor(len(jobs), thread_name_prefix="vm-install") as pool:
+    # Four machines at a time: with five, a machine's firmware loading its kernel after a
+    # reboot was seen to take more than four minutes on two cores. The second power-cut
+    # machine starts when the init-exits one is done.
+    with ThreadPoolExecutor(4, thread_name_prefix="vm-install") as pool:
         futures = {}
         for name, (bed, job) in jobs.items():
             timing = Timing(f"install-{name}")
@@ -323,6 +326,9 @@ def test_every_power_cut_leaves_a_machine_that_boots_a_working_system(
     for cut in cuts:
         if cut.number == 0:
             assert cut.finished and cut.booted == ["new on probation", "old"], (SEED, cut)
+        # An install that ended before its cut ended well: a retry over what a cut left works.
+        if cut.finished:
+            assert cut.exit_status == 0, (SEED, cut)
 
 
 def test_ten_power_cuts_fell_at_ten_moments_of_the_install(runs: dict[str, Future[Run]]) -> None:
