@@ -352,12 +352,18 @@ def test_install_killed_at_each_step_boots_a_working_system(
         assert bed.state().boots_left == 0
 
 
-def test_a_reinstall_killed_between_the_shim_renames_boots_the_old_system(
-    bed: Bed, tmp_path: Path
-) -> None:
+def installed_once(bed: Bed, tmp_path: Path) -> Path:
+    """The old system's disk with the image installed on it; returns the image's archive."""
     old_disk(bed)
     archive = image_archive(tmp_path / "image.tar")
     run_driver(bed.disk, archive)
+    return archive
+
+
+def test_a_reinstall_killed_between_the_shim_renames_boots_the_old_system(
+    bed: Bed, tmp_path: Path
+) -> None:
+    archive = installed_once(bed, tmp_path)
     # Reverted on purpose, as `dboot install --revert` does it, then installed again.
     state = bed.state()
     deploy.uncommit(deploy.Disk(str(bed.disk)), state)
@@ -377,9 +383,7 @@ def test_a_reinstall_after_a_first_boot_nobody_kept_needs_no_revert_first(
 ) -> None:
     # The first boot on probation is spent and not kept: the next boot is the old system's,
     # while the init path still runs the shim. An install again must just work.
-    old_disk(bed)
-    archive = image_archive(tmp_path / "image.tar")
-    run_driver(bed.disk, archive)
+    archive = installed_once(bed, tmp_path)
     bed.boot(entry="/sbin/init")
     assert "pid 1" in bed.read("new-ran")
     bed.boot(entry="/sbin/init")
