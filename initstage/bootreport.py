@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from initstage.bootstate import write_atomically
 from initstage.netlink import RT_SCOPE_UNIVERSE, Rtnetlink
 
 UP_CEILING_SECONDS = 900.0
@@ -155,14 +156,7 @@ def add_to_report(path: str, outcome: Outcome) -> None:
     if not isinstance(report, dict):
         report = {}
     report["up"] = {**dataclasses.asdict(outcome), "host": socket.gethostname()}
-    temp = f"{path}.up.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, (json.dumps(report, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
+    write_atomically(path, json.dumps(report, indent=2) + "\n")
 
 
 def settle_seconds(environ: dict[str, str]) -> float:

@@ -131,7 +131,7 @@ class BootShim:
             "kernel_argv": self.kernel_argv,
         }
         try:
-            _write_small(bootstate.REPORT_FILE, json.dumps(report, indent=2) + "\n")
+            bootstate.write_atomically(bootstate.REPORT_FILE, json.dumps(report, indent=2) + "\n")
         except OSError as error:
             self.log(f"warning: no boot report ({error})")
 
@@ -269,17 +269,6 @@ def restart_machine(log: StageLog) -> None:
     host = keeper.LiveHost(log)
     log(f"sync: {host.sync()}")
     host.reboot()  # returns only if the kernel refused, which it logged
-
-
-def _write_small(path: str, text: str) -> None:
-    temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
 
 
 def _old_init_from_entry() -> str:

@@ -182,9 +182,14 @@ def read_state(path: str = STATE_FILE, *, dir_fd: int | None = None) -> BootStat
 
 
 def write_state(state: BootState, path: str = STATE_FILE, *, dir_fd: int | None = None) -> None:
-    """Atomically: a temp file, fsync, rename, fsync the directory. A power cut leaves the
-    old state or the new one, never half of one."""
+    """Atomically (:func:`write_atomically`): the old state or the new one, never half."""
     state.validate()
+    write_atomically(path, state.to_json(), dir_fd=dir_fd)
+
+
+def write_atomically(path: str, text: str, *, dir_fd: int | None = None) -> None:
+    """A temp file of this process's own, fsync, rename, fsync the directory: a reader (or a
+    power cut) finds the old file or the new one, never half of one."""
     directory, name = os.path.split(path)
     parent = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
@@ -195,7 +200,7 @@ def write_state(state: BootState, path: str = STATE_FILE, *, dir_fd: int | None 
         fd = os.open(temp, flags, 0o644, dir_fd=parent)
         try:
             os.fchmod(fd, 0o644)
-            os.write(fd, state.to_json().encode())
+            os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
