@@ -348,9 +348,12 @@ def _run_in_state_dir(options: SwitchOptions, runlog: RunLog, work_dir: Path) ->
                 yield Notice("info", "rehearsal-isolation", SHARED_WITH_HOST)
                 if sandbox.console == "pty":
                     yield ConsoleAttached(sandbox.take_terminal())
-                run = _TargetRun(options, source, index, sandbox.pid, sandbox, runlog, work_dir)
-                run.teacher, run.listener = teacher, listener
-                yield from _switch_target(run)
+                yield from _switch_target(
+                    _TargetRun(
+                        options, source, index, sandbox.pid, sandbox, runlog, work_dir,
+                        teacher=teacher, listener=listener,
+                    )
+                )  # fmt: skip
         else:
             target = options.target_pid if options.target_pid is not None else 1
             yield from _switch_target(
